@@ -1,0 +1,31 @@
+# warmpool: see README.md. `make test` is what CI runs.
+GO        ?= go
+BIN       := bin
+STATE     ?= $(CURDIR)/.state
+STATICCHECK := $(shell command -v staticcheck 2>/dev/null || echo $(shell $(GO) env GOPATH)/bin/staticcheck)
+
+.PHONY: all build deps test unit lint run clean
+
+all: build
+
+deps:
+	./scripts/deps.sh
+
+build:
+	$(GO) build -o $(BIN)/ ./cmd/...
+
+lint:
+	@out=$$(gofmt -l .); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
+	$(GO) vet ./...
+	$(STATICCHECK) ./...
+
+unit:
+	$(GO) test -race -timeout 15m ./...
+
+test: deps lint unit
+
+run: deps build
+	./scripts/run.sh
+
+clean:
+	rm -rf $(BIN)
