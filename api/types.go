@@ -1,0 +1,487 @@
+// Package api is warmpool's HTTP/JSON interface: the request and response
+// types whose JSON shapes are part of the external contract, the Backend the
+// daemon implements, the HTTP server that exposes a Backend, and the Go client
+// the CLI uses.
+//
+// JSON shapes may gain fields; no field is ever renamed or removed.
+package api
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"path/filepath"
+	"time"
+
+	"github.com/warmpool/warmpool/vm"
+)
+
+// Duration is a time.Duration that travels as a Go duration string ("2s",
+// "1h30m") so that scripts never have to guess the unit.
+type Duration time.Duration
+
+// Std returns d as a time.Duration.
+func (d Duration) Std() time.Duration { return time.Duration(d) }
+
+// String formats d like time.Duration does.
+func (d Duration) String() string { return time.Duration(d).String() }
+
+// MarshalJSON writes d as a duration string.
+func (d Duration) MarshalJSON() ([]byte, error) {
+	return json.Marshal(time.Duration(d).String())
+}
+
+// UnmarshalJSON accepts only a duration string; a bare number is rejected
+// because its unit would be a guess.
+func (d *Duration) UnmarshalJSON(b []byte) error {
+	var s string
+	if err := json.Unmarshal(b, &s); err != nil {
+		return fmt.Errorf("duration must be a string such as \"30s\", got %s", truncate(string(b), 40))
+	}
+	v, err := time.ParseDuration(s)
+	if err != nil {
+		return fmt.Errorf("duration %q: want a value such as \"30s\" or \"5m\"", truncate(s, 40))
+	}
+	*d = Duration(v)
+	return nil
+}
+
+func truncate(s string, n int) string {
+	if len(s) <= n {
+		return s
+	}
+	return s[:n] + "..."
+}
+
+// Limits on request values, checked by the server before a request reaches
+// the backend.
+const (
+	// MaxPoolSize bounds min and max of a pool.
+	MaxPoolSize = 1024
+	// MaxWait bounds ?wait= on acquire.
+	MaxWait = 10 * time.Minute
+	// DefaultWait is used when acquire has no ?wait=.
+	DefaultWait = 10 * time.Second
+	// MaxTTL bounds lease and hold TTLs.
+	MaxTTL = 30 * 24 * time.Hour
+	// MaxExecTimeout bounds ExecRequest.Timeout.
+	MaxExecTimeout = 24 * time.Hour
+	// MaxArgs bounds the number of argv and env entries of an exec.
+	MaxArgs = 4096
+	// MaxOwnerLen bounds owner labels.
+	MaxOwnerLen = 256
+	// MaxDataDiskMiB bounds a machine's data disk (1 TiB).
+	MaxDataDiskMiB = 1 << 20
+)
+
+// Timings says where the time of an acquire went.
+type Timings struct {
+	// WaitMS is the time spent waiting for a ready VM (0 on a hit).
+	WaitMS int64 `json:"wait_ms"`
+	// HandoffMS is the time to resume the VM and give it its identity.
+	HandoffMS int64 `json:"handoff_ms"`
+	// TotalMS is the whole acquire as the daemon saw it.
+	TotalMS int64 `json:"total_ms"`
+}
+
+// Lease is a VM handed to one tenant. Releasing it destroys the VM.
+type Lease struct {
+	ID    string `json:"id"`
+	Pool  string `json:"pool"`
+	VMID  string `json:"vm_id"`
+	Owner string `json:"owner,omitempty"`
+	// Address is the guest's network address, null when it has none.
+	Address   *string    `json:"address"`
+	CreatedAt time.Time  `json:"created_at"`
+	ExpiresAt *time.Time `json:"expires_at"`
+	Timings   Timings    `json:"timings"`
+}
+
+// PoolCounters are cumulative since the pool was created (or the daemon
+// started).
+type PoolCounters struct {
+	Acquired           uint64 `json:"acquired"`
+	Hits               uint64 `json:"hits"`
+	Waits              uint64 `json:"waits"`
+	Timeouts           uint64 `json:"timeouts"`
+	Evicted            uint64 `json:"evicted"`
+	ValidationFailures uint64 `json:"validation_failures"`
+}
+
+// Pool is a warm pool of one template.
+type Pool struct {
+	Name     string `json:"name"`
+	Template string `json:"template"`
+	Min      int    `json:"min"`
+	Max      int    `json:"max"`
+	// MaxAge is how long a warm VM may wait before it is replaced; 0 means
+	// forever.
+	MaxAge Duration `json:"max_age"`
+	// Ready VMs are validated and waiting; Restoring are on their way.
+	Ready     int `json:"ready"`
+	Restoring int `json:"restoring"`
+	// Leased counts live leases taken from this pool.
+	Leased int `json:"leased"`
+	// Generation changes whenever the template's snapshot changes.
+	Generation uint64       `json:"generation"`
+	Counters   PoolCounters `json:"counters"`
+}
+
+// PoolRequest creates or replaces a pool (PUT /v1/pools/{name}).
+type PoolRequest struct {
+	Template string   `json:"template"`
+	Min      int      `json:"min"`
+	Max      int      `json:"max"`
+	MaxAge   Duration `json:"max_age,omitempty"`
+}
+
+// Validate names the first field of r that is wrong.
+func (r PoolRequest) Validate() error {
+	if err := vm.ValidateName("template", r.Template); err != nil {
+		return err
+	}
+	if err := vm.ValidateRange("min", r.Min, 0, MaxPoolSize); err != nil {
+		return err
+	}
+	if err := vm.ValidateRange("max", r.Max, 1, MaxPoolSize); err != nil {
+		return err
+	}
+	if r.Min > r.Max {
+		return &vm.FieldError{Field: "min", Value: r.Min, Reason: fmt.Sprintf("must not exceed max (%d)", r.Max)}
+	}
+	if r.MaxAge < 0 {
+		return &vm.FieldError{Field: "max_age", Value: r.MaxAge, Reason: "must not be negative"}
+	}
+	return nil
+}
+
+// Template is a snapshot warm VMs are restored from.
+type Template struct {
+	Name      string `json:"name"`
+	VCPUs     int    `json:"vcpus"`
+	MemoryMiB int    `json:"memory_mib"`
+	// Image is the host directory of the guest image it was built from.
+	Image string `json:"image,omitempty"`
+	// Generation increases with every rebuild of the same name.
+	Generation   uint64    `json:"generation"`
+	SnapshotID   string    `json:"snapshot_id,omitempty"`
+	Provider     string    `json:"provider,omitempty"`
+	SharedMemory bool      `json:"shared_memory"`
+	CreatedAt    time.Time `json:"created_at"`
+}
+
+// TemplateRequest builds (or rebuilds) a template (POST /v1/templates).
+type TemplateRequest struct {
+	Name string `json:"name"`
+	// Image is an absolute host directory holding the guest image; empty
+	// means the daemon's default image.
+	Image     string `json:"image,omitempty"`
+	VCPUs     int    `json:"vcpus,omitempty"`      // 0: daemon default
+	MemoryMiB int    `json:"memory_mib,omitempty"` // 0: daemon default
+}
+
+// Validate names the first field of r that is wrong.
+func (r TemplateRequest) Validate() error {
+	if err := vm.ValidateName("name", r.Name); err != nil {
+		return err
+	}
+	if r.Image != "" && (!filepath.IsAbs(r.Image) || filepath.Clean(r.Image) != r.Image) {
+		return &vm.FieldError{Field: "image", Value: r.Image, Reason: "must be a clean absolute directory path"}
+	}
+	if r.VCPUs != 0 {
+		if err := vm.ValidateRange("vcpus", r.VCPUs, 1, vm.MaxVCPUs); err != nil {
+			return err
+		}
+	}
+	if r.MemoryMiB != 0 {
+		if err := vm.ValidateRange("memory_mib", r.MemoryMiB, vm.MinMemoryMiB, vm.MaxMemoryMiB); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// AcquireRequest is the optional body of POST /v1/pools/{name}/acquire.
+type AcquireRequest struct {
+	// Owner is a free-form label recorded with the lease.
+	Owner string `json:"owner,omitempty"`
+	// TTL destroys the lease's VM after this long; 0 means no expiry.
+	TTL Duration `json:"ttl,omitempty"`
+	// Wait comes from ?wait= and is how long to wait for a ready VM. The
+	// backend applies it to the wait only, so a hand-off that starts just
+	// before the deadline is not cut short.
+	Wait time.Duration `json:"-"`
+}
+
+// Validate names the first field of r that is wrong.
+func (r AcquireRequest) Validate() error {
+	if err := validateOwner(r.Owner); err != nil {
+		return err
+	}
+	if r.TTL < 0 || r.TTL.Std() > MaxTTL {
+		return &vm.FieldError{Field: "ttl", Value: r.TTL, Reason: "must be between 0s and " + MaxTTL.String()}
+	}
+	if r.Wait < 0 || r.Wait > MaxWait {
+		return &vm.FieldError{Field: "wait", Value: r.Wait, Reason: "must be between 0s and " + MaxWait.String()}
+	}
+	return nil
+}
+
+func validateOwner(owner string) error {
+	if len(owner) > MaxOwnerLen {
+		return &vm.FieldError{Field: "owner", Value: truncate(owner, 40), Reason: fmt.Sprintf("longer than %d bytes", MaxOwnerLen)}
+	}
+	for _, r := range owner {
+		if r < 0x20 || r == 0x7f {
+			return &vm.FieldError{Field: "owner", Value: owner, Reason: "must not contain control characters"}
+		}
+	}
+	return nil
+}
+
+// ExecRequest runs a command in a leased VM (POST /v1/leases/{id}/exec).
+type ExecRequest struct {
+	Argv []string `json:"argv"`
+	// Env entries are KEY=VALUE, added to the agent's environment.
+	Env []string `json:"env,omitempty"`
+	// Dir is the working directory inside the guest; empty means the agent's.
+	Dir string `json:"dir,omitempty"`
+	// Stdin is fed to the command, then closed.
+	Stdin []byte `json:"stdin,omitempty"`
+	// Timeout kills the command after this long; 0 means the daemon default.
+	Timeout Duration `json:"timeout,omitempty"`
+}
+
+// Validate names the first field of r that is wrong.
+func (r ExecRequest) Validate() error {
+	if len(r.Argv) == 0 || r.Argv[0] == "" {
+		return &vm.FieldError{Field: "argv", Value: r.Argv, Reason: "must name a command"}
+	}
+	if len(r.Argv) > MaxArgs {
+		return &vm.FieldError{Field: "argv", Value: len(r.Argv), Reason: fmt.Sprintf("more than %d entries", MaxArgs)}
+	}
+	if len(r.Env) > MaxArgs {
+		return &vm.FieldError{Field: "env", Value: len(r.Env), Reason: fmt.Sprintf("more than %d entries", MaxArgs)}
+	}
+	for _, kv := range r.Env {
+		if i := indexByte(kv, '='); i <= 0 {
+			return &vm.FieldError{Field: "env", Value: truncate(kv, 40), Reason: "must be KEY=VALUE"}
+		}
+	}
+	if r.Timeout < 0 || r.Timeout.Std() > MaxExecTimeout {
+		return &vm.FieldError{Field: "timeout", Value: r.Timeout, Reason: "must be between 0s and " + MaxExecTimeout.String()}
+	}
+	return nil
+}
+
+func indexByte(s string, c byte) int {
+	for i := 0; i < len(s); i++ {
+		if s[i] == c {
+			return i
+		}
+	}
+	return -1
+}
+
+// ExecFrame is one line of the newline-delimited JSON stream that answers
+// POST /v1/leases/{id}/exec. Output frames carry Stream ("stdout" or
+// "stderr") and Data (base64 in JSON); the last frame carries either
+// ExitCode or Error.
+type ExecFrame struct {
+	Stream   string `json:"stream,omitempty"`
+	Data     []byte `json:"data,omitempty"`
+	ExitCode *int   `json:"exit_code,omitempty"`
+	Error    *Error `json:"error,omitempty"`
+}
+
+// TemplateFrame is one line of the stream that answers POST /v1/templates
+// when the client sends "Accept: application/x-ndjson": progress lines, then
+// the template or an error.
+type TemplateFrame struct {
+	Progress string    `json:"progress,omitempty"`
+	Template *Template `json:"template,omitempty"`
+	Error    *Error    `json:"error,omitempty"`
+}
+
+// MachineSpec is the desired shape of a long-lived machine.
+type MachineSpec struct {
+	VCPUs     int `json:"vcpus"`
+	MemoryMiB int `json:"memory_mib"`
+	// DataDiskMiB is the size of the persistent data disk; 0 means none.
+	DataDiskMiB int `json:"data_disk_mib,omitempty"`
+	// Cmdline is appended to the guest kernel command line.
+	Cmdline string `json:"cmdline,omitempty"`
+	// IdleAfter shrinks the balloon after this long without activity or
+	// holds; SuspendAfter suspends the machine to a snapshot. nil means the
+	// daemon default, "0s" turns the step off.
+	IdleAfter    *Duration `json:"idle_after,omitempty"`
+	SuspendAfter *Duration `json:"suspend_after,omitempty"`
+}
+
+// MachineRequest sets a machine's desired spec (PUT /v1/machines/{name}) or
+// is the optional body of POST /v1/machines/{name}/ensure.
+type MachineRequest = MachineSpec
+
+// Validate names the first field of s that is wrong.
+func (s MachineSpec) Validate() error {
+	if err := vm.ValidateRange("vcpus", s.VCPUs, 1, vm.MaxVCPUs); err != nil {
+		return err
+	}
+	if err := vm.ValidateRange("memory_mib", s.MemoryMiB, vm.MinMemoryMiB, vm.MaxMemoryMiB); err != nil {
+		return err
+	}
+	if err := vm.ValidateRange("data_disk_mib", s.DataDiskMiB, 0, MaxDataDiskMiB); err != nil {
+		return err
+	}
+	if len(s.Cmdline) > 4096 {
+		return &vm.FieldError{Field: "cmdline", Value: truncate(s.Cmdline, 40), Reason: "longer than 4096 bytes"}
+	}
+	for _, r := range s.Cmdline {
+		if r < 0x20 || r == 0x7f {
+			return &vm.FieldError{Field: "cmdline", Value: s.Cmdline, Reason: "must not contain control characters"}
+		}
+	}
+	if s.IdleAfter != nil && *s.IdleAfter < 0 {
+		return &vm.FieldError{Field: "idle_after", Value: *s.IdleAfter, Reason: "must not be negative"}
+	}
+	if s.SuspendAfter != nil && *s.SuspendAfter < 0 {
+		return &vm.FieldError{Field: "suspend_after", Value: *s.SuspendAfter, Reason: "must not be negative"}
+	}
+	return nil
+}
+
+// Machine states as reported in Machine.State.
+const (
+	MachineNotExist  = "not_exist"
+	MachineCreating  = "creating"
+	MachineCreated   = "created"
+	MachineStarting  = "starting"
+	MachineRunning   = "running"
+	MachineIdle      = "idle"
+	MachineSuspended = "suspended"
+	MachineStopping  = "stopping"
+	MachineStopped   = "stopped"
+	MachineFailed    = "failed"
+)
+
+// Machine is a named long-lived VM managed by the daemon.
+type Machine struct {
+	Name  string      `json:"name"`
+	State string      `json:"state"`
+	Spec  MachineSpec `json:"spec"`
+	// Since is when the machine entered State.
+	Since     time.Time `json:"since"`
+	LastError *string   `json:"last_error"`
+	// Holds is the number of live holds keeping the machine awake.
+	Holds int `json:"holds"`
+	// BalloonMiB is the balloon target, null when no balloon is set.
+	BalloonMiB *int   `json:"balloon_mib"`
+	VMID       string `json:"vm_id,omitempty"`
+}
+
+// StopRequest is the optional body of POST /v1/machines/{name}/stop.
+type StopRequest struct {
+	// Force kills the VM without waiting for a graceful power-off.
+	Force bool `json:"force,omitempty"`
+}
+
+// HoldRequest is the body of POST /v1/machines/{name}/hold.
+type HoldRequest struct {
+	Owner string `json:"owner,omitempty"`
+	// TTL ends the hold after this long; 0 means until released.
+	TTL Duration `json:"ttl,omitempty"`
+}
+
+// Validate names the first field of r that is wrong.
+func (r HoldRequest) Validate() error {
+	if err := validateOwner(r.Owner); err != nil {
+		return err
+	}
+	if r.TTL < 0 || r.TTL.Std() > MaxTTL {
+		return &vm.FieldError{Field: "ttl", Value: r.TTL, Reason: "must be between 0s and " + MaxTTL.String()}
+	}
+	return nil
+}
+
+// Hold keeps a machine from idling or suspending while it lives.
+type Hold struct {
+	ID        string     `json:"id"`
+	Machine   string     `json:"machine"`
+	Owner     string     `json:"owner,omitempty"`
+	CreatedAt time.Time  `json:"created_at"`
+	ExpiresAt *time.Time `json:"expires_at"`
+}
+
+// Status is the daemon's summary (GET /v1/status).
+type Status struct {
+	Version  string `json:"version"`
+	Provider string `json:"provider"`
+	// Accel is the accelerator the provider uses ("kvm", "tcg"), if any.
+	Accel        string    `json:"accel,omitempty"`
+	Capabilities []string  `json:"capabilities"`
+	StateDir     string    `json:"state_dir"`
+	StartedAt    time.Time `json:"started_at"`
+	Templates    int       `json:"templates"`
+	Pools        int       `json:"pools"`
+	Leases       int       `json:"leases"`
+	Machines     int       `json:"machines"`
+	// VMs is every VM the daemon owns: warm, leased and machines.
+	VMs int `json:"vms"`
+}
+
+// Error is the JSON body of every error response, and the error the Client
+// returns for one.
+type Error struct {
+	Message string `json:"error"`
+	Code    string `json:"code"`
+	// Status is the HTTP status; it is not part of the body.
+	Status int `json:"-"`
+	// RetryAfter is the server's Retry-After hint, if any.
+	RetryAfter time.Duration `json:"-"`
+}
+
+func (e *Error) Error() string { return e.Message }
+
+// Is lets errors.Is(err, ErrNothingReady) and friends match errors that came
+// over the wire.
+func (e *Error) Is(target error) bool {
+	switch target {
+	case ErrNothingReady:
+		return e.Code == CodeNothingReady
+	case vm.ErrNotFound:
+		return e.Code == CodeNotFound
+	case vm.ErrInvalid:
+		return e.Code == CodeInvalidArgument
+	case vm.ErrInvalidState:
+		return e.Code == CodeConflict
+	case vm.ErrExhausted:
+		return e.Code == CodeExhausted
+	case vm.ErrUnsupported:
+		return e.Code == CodeUnsupported
+	}
+	return false
+}
+
+// Error codes, the "code" of an error body.
+const (
+	CodeInvalidArgument = "invalid_argument" // 400
+	CodeUnauthorized    = "unauthorized"     // 401
+	CodeNotFound        = "not_found"        // 404
+	CodeMethod          = "method_not_allowed"
+	CodeConflict        = "conflict"       // 409: vm.ErrInvalidState
+	CodeExhausted       = "exhausted"      // 409: vm.ErrExhausted
+	CodeTooLarge        = "body_too_large" // 413
+	CodeUnsupportedType = "unsupported_media_type"
+	CodeInternal        = "internal"      // 500
+	CodeUnsupported     = "unsupported"   // 501: vm.ErrUnsupported
+	CodeNothingReady    = "nothing_ready" // 503 + Retry-After
+	CodeUnavailable     = "unavailable"   // 503: the daemon is shutting down
+)
+
+// ErrNothingReady is what Backend.Acquire returns (wrapped or not) when no VM
+// became ready within the wait. The server answers 503 with Retry-After; the
+// client's error matches it with errors.Is.
+var ErrNothingReady = errors.New("nothing ready")
+
+// ErrShuttingDown is what a backend returns when it no longer takes work.
+var ErrShuttingDown = errors.New("daemon is shutting down")
