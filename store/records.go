@@ -1,0 +1,118 @@
+package store
+
+import (
+	"encoding/json"
+	"time"
+
+	"github.com/warmpool/warmpool/vm"
+)
+
+// The kinds of record the daemon keeps.
+var (
+	Templates = Kind[Template]{bucket: "templates"}
+	Pools     = Kind[Pool]{bucket: "pools"}
+	Leases    = Kind[Lease]{bucket: "leases"}
+	Machines  = Kind[Machine]{bucket: "machines"}
+	VMs       = Kind[VM]{bucket: "vms"}
+)
+
+var allBuckets = []string{"templates", "pools", "leases", "machines", "vms"}
+
+// Template is a built template: a snapshot that warm VMs are restored from.
+type Template struct {
+	Name     string      `json:"name"`
+	Snapshot vm.Snapshot `json:"snapshot"`
+	// Generation grows by one on every rebuild of the same name. A warm VM
+	// restored from an older generation is stale and is never handed out.
+	Generation  int       `json:"generation"`
+	ImageDigest string    `json:"image_digest,omitempty"`
+	VCPUs       int       `json:"vcpus"`
+	MemoryMiB   int       `json:"memory_mib"`
+	CreatedAt   time.Time `json:"created_at"`
+}
+
+// StoreKey is the template's name.
+func (t Template) StoreKey() string { return t.Name }
+
+// Pool is a pool's spec as the user set it (through the API or the config
+// file).
+type Pool struct {
+	Name     string        `json:"name"`
+	Template string        `json:"template"`
+	Min      int           `json:"min"`
+	Max      int           `json:"max"`
+	MaxAge   time.Duration `json:"max_age,omitempty"`
+	// LeaseTTL, when set, is the default lifetime of a lease from this pool.
+	LeaseTTL  time.Duration `json:"lease_ttl,omitempty"`
+	UpdatedAt time.Time     `json:"updated_at"`
+}
+
+// StoreKey is the pool's name.
+func (p Pool) StoreKey() string { return p.Name }
+
+// Lease is a VM handed to a tenant. It lives until released or expired,
+// across daemon restarts.
+type Lease struct {
+	ID    string `json:"id"`
+	Pool  string `json:"pool"`
+	VMID  string `json:"vm_id"`
+	Owner string `json:"owner,omitempty"`
+	// Template and Generation say what the VM was restored from.
+	Template   string    `json:"template,omitempty"`
+	Generation int       `json:"generation,omitempty"`
+	CreatedAt  time.Time `json:"created_at"`
+	// TTL is zero for a lease that lives until released.
+	TTL       time.Duration `json:"ttl,omitempty"`
+	ExpiresAt *time.Time    `json:"expires_at,omitempty"`
+}
+
+// StoreKey is the lease ID.
+func (l Lease) StoreKey() string { return l.ID }
+
+// Expired reports whether the lease has a deadline that has passed at now.
+func (l Lease) Expired(now time.Time) bool {
+	return l.ExpiresAt != nil && !now.Before(*l.ExpiresAt)
+}
+
+// Machine is a long-lived machine's record. Record is the lifecycle
+// manager's own record for it, kept opaque here so the store does not
+// depend on the layer above.
+type Machine struct {
+	Name      string          `json:"name"`
+	Record    json.RawMessage `json:"record"`
+	UpdatedAt time.Time       `json:"updated_at"`
+}
+
+// StoreKey is the machine's name.
+func (m Machine) StoreKey() string { return m.Name }
+
+// Role is what a VM owned by the daemon is for.
+type Role string
+
+const (
+	RoleWarm          Role = "warm"           // in a pool, waiting to be acquired
+	RoleLeased        Role = "leased"         // handed out; Lease names the lease
+	RoleTemplateBuild Role = "template-build" // booted to snapshot a template; never adopted
+	RoleMachine       Role = "machine"        // a long-lived machine; Machine names it
+)
+
+// VM is a VM the daemon owns. Every VM the provider runs for this state
+// directory has one record, written before the VM is used and removed after
+// it is destroyed, so a restart can tell what each VM was for.
+type VM struct {
+	ID         string `json:"id"`
+	Provider   string `json:"provider"`
+	Role       Role   `json:"role"`
+	Pool       string `json:"pool,omitempty"`
+	Template   string `json:"template,omitempty"`
+	Generation int    `json:"generation,omitempty"`
+	Lease      string `json:"lease,omitempty"`
+	Machine    string `json:"machine,omitempty"`
+	// SnapshotDir is the snapshot the VM was restored from; the template
+	// files there must stay while the VM lives (clones map them).
+	SnapshotDir string    `json:"snapshot_dir,omitempty"`
+	CreatedAt   time.Time `json:"created_at"`
+}
+
+// StoreKey is the provider's VM ID.
+func (v VM) StoreKey() string { return v.ID }
