@@ -1,0 +1,141 @@
+package server
+
+import (
+	"bufio"
+	"bytes"
+	"fmt"
+	"io"
+	"os"
+	"strconv"
+	"strings"
+	"time"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/warmpool/warmpool/agent/proto"
+)
+
+func bytesReader(b []byte) io.Reader { return bytes.NewReader(b) }
+
+func kernelRelease() string {
+	var u unix.Utsname
+	if err := unix.Uname(&u); err != nil {
+		return ""
+	}
+	return unix.ByteSliceToString(u.Release[:])
+}
+
+// SystemOptions returns Options whose effects act on the running kernel: the
+// ones the guest agent uses. They need root (CAP_SYS_ADMIN, CAP_SYS_TIME,
+// CAP_SYS_BOOT).
+func SystemOptions() Options {
+	return Options{
+		AddEntropy:  AddKernelEntropy,
+		SetTime:     setTime,
+		SetHostname: func(name string) error { return unix.Sethostname([]byte(name)) },
+		PowerOff:    powerOff,
+		Stats:       ReadProcStats,
+	}
+}
+
+// randPoolInfo mirrors struct rand_pool_info from <linux/random.h>; the
+// buffer follows the two counters directly.
+type randPoolInfo struct {
+	entropyCount int32
+	bufSize      int32
+	buf          [proto.MaxEntropy]byte
+}
+
+const (
+	ioctlRNDADDENTROPY = 0x40085203 // _IOW('R', 0x03, int[2])
+	ioctlRNDRESEEDCRNG = 0x5207     // _IO('R', 0x07), Linux 4.17+
+)
+
+// AddKernelEntropy mixes b into the kernel's input pool, crediting it as
+// entropy, and then forces the CRNG to reseed from the pool. Without the
+// reseed, clones restored from one snapshot would keep the identical CRNG
+// state they were frozen with until the next scheduled reseed.
+func AddKernelEntropy(b []byte) error {
+	if len(b) > proto.MaxEntropy {
+		return fmt.Errorf("entropy of %d bytes exceeds %d", len(b), proto.MaxEntropy)
+	}
+	f, err := os.OpenFile("/dev/urandom", os.O_WRONLY, 0)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	info := randPoolInfo{entropyCount: int32(len(b) * 8), bufSize: int32(len(b))}
+	copy(info.buf[:], b)
+	if _, _, errno := unix.Syscall(unix.SYS_IOCTL, f.Fd(), ioctlRNDADDENTROPY, uintptr(unsafe.Pointer(&info))); errno != 0 {
+		return fmt.Errorf("RNDADDENTROPY: %w", errno)
+	}
+	if _, _, errno := unix.Syscall(unix.SYS_IOCTL, f.Fd(), ioctlRNDRESEEDCRNG, 0); errno != 0 && errno != unix.EINVAL && errno != unix.ENOTTY {
+		return fmt.Errorf("RNDRESEEDCRNG: %w", errno)
+	}
+	return nil
+}
+
+func setTime(t time.Time) error {
+	tv := unix.NsecToTimeval(t.UnixNano())
+	return unix.Settimeofday(&tv)
+}
+
+func powerOff() error {
+	unix.Sync()
+	return unix.Reboot(unix.LINUX_REBOOT_CMD_POWER_OFF)
+}
+
+// ReadProcStats reads memory, uptime and load from /proc.
+func ReadProcStats() (proto.Stats, error) {
+	var st proto.Stats
+	f, err := os.Open("/proc/meminfo")
+	if err != nil {
+		return st, fmt.Errorf("read guest memory: %w", err)
+	}
+	defer f.Close()
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		key, rest, ok := strings.Cut(sc.Text(), ":")
+		if !ok {
+			continue
+		}
+		fields := strings.Fields(rest)
+		if len(fields) == 0 {
+			continue
+		}
+		v, err := strconv.ParseUint(fields[0], 10, 64)
+		if err != nil {
+			continue
+		}
+		switch key {
+		case "MemTotal":
+			st.MemTotalKiB = v
+		case "MemFree":
+			st.MemFreeKiB = v
+		case "MemAvailable":
+			st.MemAvailableKiB = v
+		}
+	}
+	if err := sc.Err(); err != nil {
+		return st, fmt.Errorf("read /proc/meminfo: %w", err)
+	}
+	var info unix.Sysinfo_t
+	if err := unix.Sysinfo(&info); err != nil {
+		return st, fmt.Errorf("sysinfo: %w", err)
+	}
+	st.Procs = int(info.Procs)
+	st.Load1 = float64(info.Loads[0]) / 65536
+	if up, err := os.ReadFile("/proc/uptime"); err == nil {
+		if f := strings.Fields(string(up)); len(f) > 0 {
+			if secs, err := strconv.ParseFloat(f[0], 64); err == nil {
+				st.UptimeMillis = int64(secs * 1000)
+			}
+		}
+	} else {
+		st.UptimeMillis = int64(info.Uptime) * 1000
+	}
+	st.Hostname, _ = os.Hostname()
+	st.UnixNano = time.Now().UnixNano()
+	return st, nil
+}
