@@ -1,0 +1,521 @@
+// Package fake is an in-memory vm.Provider for tests: VMs are records in a
+// map, snapshots are a small JSON file, and every operation can be slowed
+// down, made to fail or made to hang, so that callers can be tested against
+// the failures real hypervisors produce. It is safe for concurrent use.
+package fake
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"net"
+	"os"
+	"path/filepath"
+	"sort"
+	"strconv"
+	"sync"
+	"time"
+
+	"github.com/warmpool/warmpool/vm"
+)
+
+// Name is the provider name reported by Name and stamped on VMs and snapshots.
+const Name = "fake"
+
+// Op names one provider operation, for latency and fault injection.
+type Op string
+
+const (
+	OpCreate       Op = "create"
+	OpPause        Op = "pause"
+	OpResume       Op = "resume"
+	OpStop         Op = "stop"
+	OpDestroy      Op = "destroy"
+	OpInspect      Op = "inspect"
+	OpList         Op = "list"
+	OpSnapshot     Op = "snapshot"
+	OpRestore      Op = "restore"
+	OpSetBalloon   Op = "set-balloon"
+	OpBalloonStats Op = "balloon-stats"
+	OpDialAgent    Op = "dial-agent"
+)
+
+// ErrInjected is what an injected fault returns unless Fault.Err says otherwise.
+var ErrInjected = errors.New("injected fault")
+
+// Fault makes calls of one operation fail or hang. Failing calls have no
+// effect on the provider's state, like a hypervisor that refused the request.
+type Fault struct {
+	// FailNth fails the Nth call (counting from 1, over the provider's
+	// lifetime) of the operation. Zero disables it.
+	FailNth int
+	// FailFraction fails each call with this probability, drawn from the
+	// provider's seeded RNG so that a test is reproducible.
+	FailFraction float64
+	// Hang blocks every call until its context ends, then returns ctx.Err().
+	Hang bool
+	// Err is returned (wrapped) by failing calls; nil means ErrInjected.
+	Err error
+}
+
+// Hook runs in every call after its latency, with the ID the call is about:
+// the VM's (the new VM's for Create), the snapshot's for Restore, "" for
+// List. A non-nil error fails the call. It lets a test fail or slow down one stack but not another.
+type Hook func(ctx context.Context, op Op, target string) error
+
+// Options configure a Provider. The zero value is a provider with no
+// latency, no faults and no agent.
+type Options struct {
+	// CreateLatency and RestoreLatency are how long Create and Restore take.
+	CreateLatency  time.Duration
+	RestoreLatency time.Duration
+	// Latency adds per-operation delays, overriding the two above.
+	Latency map[Op]time.Duration
+	// Faults injects failures per operation.
+	Faults map[Op]Fault
+	// Seed seeds the RNG behind Fault.FailFraction.
+	Seed uint64
+	// Hook, when set, runs at the start of every call.
+	Hook Hook
+	// AgentHandler serves the guest side of every connection DialAgent
+	// returns. Nil means the provider has no agent channel: CapAgent is not
+	// advertised and DialAgent returns an error wrapping vm.ErrUnsupported.
+	AgentHandler func(net.Conn)
+}
+
+// Provider is the in-memory provider.
+type Provider struct {
+	mu        sync.Mutex
+	opts      Options
+	rng       *rand.Rand
+	calls     map[Op]int
+	vms       map[string]*machine
+	snapshots map[string]vm.Snapshot
+	seq       uint64
+}
+
+type machine struct {
+	vm      vm.VM
+	balloon int
+	conns   []net.Conn
+}
+
+var (
+	_ vm.Provider    = (*Provider)(nil)
+	_ vm.Snapshotter = (*Provider)(nil)
+	_ vm.Ballooner   = (*Provider)(nil)
+	_ vm.AgentDialer = (*Provider)(nil)
+)
+
+// New returns a provider configured by opts. opts' maps are copied.
+func New(opts Options) *Provider {
+	p := &Provider{
+		opts:      opts,
+		rng:       rand.New(rand.NewPCG(opts.Seed, opts.Seed^0x9e3779b97f4a7c15)),
+		calls:     make(map[Op]int),
+		vms:       make(map[string]*machine),
+		snapshots: make(map[string]vm.Snapshot),
+	}
+	p.opts.Latency = make(map[Op]time.Duration)
+	for op, d := range opts.Latency {
+		p.opts.Latency[op] = d
+	}
+	p.opts.Faults = make(map[Op]Fault)
+	for op, f := range opts.Faults {
+		p.opts.Faults[op] = f
+	}
+	return p
+}
+
+// Name implements vm.Provider.
+func (p *Provider) Name() string { return Name }
+
+// Capabilities implements vm.Provider.
+func (p *Provider) Capabilities() vm.Capabilities {
+	return vm.Capabilities{
+		vm.CapSnapshot: true,
+		vm.CapBalloon:  true,
+		vm.CapAgent:    p.opts.AgentHandler != nil,
+	}
+}
+
+// SetFault replaces the fault injected into op; the zero Fault clears it.
+func (p *Provider) SetFault(op Op, f Fault) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.opts.Faults[op] = f
+}
+
+// SetLatency replaces the delay of op.
+func (p *Provider) SetLatency(op Op, d time.Duration) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.opts.Latency[op] = d
+}
+
+// SetHook replaces the hook; nil removes it.
+func (p *Provider) SetHook(h Hook) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.opts.Hook = h
+}
+
+// Calls reports how many times op was called, failed calls included.
+func (p *Provider) Calls(op Op) int {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.calls[op]
+}
+
+// Kill makes a VM die as if its hypervisor process crashed: it becomes
+// stopped, its agent connections close, and it stays listed until Destroy.
+func (p *Provider) Kill(id string) error {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	m, ok := p.vms[id]
+	if !ok {
+		return fmt.Errorf("kill %s: %w", id, vm.ErrNotFound)
+	}
+	m.vm.Status = vm.StatusStopped
+	m.closeConns()
+	return nil
+}
+
+// AddSnapshot records a snapshot of spec without booting anything, so tests
+// can restore from it directly. The snapshot has no files.
+func (p *Provider) AddSnapshot(spec vm.Spec) vm.Snapshot {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.seq++
+	snap := vm.Snapshot{
+		ID:        "fake-snap-" + strconv.FormatUint(p.seq, 10),
+		Provider:  Name,
+		Spec:      spec,
+		CreatedAt: time.Now(),
+	}
+	p.snapshots[snap.ID] = snap
+	return snap
+}
+
+// begin counts the call and applies latency, hook and faults. It returns nil
+// when the call may go ahead.
+func (p *Provider) begin(ctx context.Context, op Op, target string) error {
+	if err := ctx.Err(); err != nil {
+		return fmt.Errorf("fake %s %s: %w", op, target, err)
+	}
+	p.mu.Lock()
+	p.calls[op]++
+	n := p.calls[op]
+	f := p.opts.Faults[op]
+	fail := f.FailNth == n || (f.FailFraction > 0 && p.rng.Float64() < f.FailFraction)
+	latency, ok := p.opts.Latency[op]
+	if !ok {
+		switch op {
+		case OpCreate:
+			latency = p.opts.CreateLatency
+		case OpRestore:
+			latency = p.opts.RestoreLatency
+		}
+	}
+	hook := p.opts.Hook
+	p.mu.Unlock()
+
+	if latency > 0 {
+		t := time.NewTimer(latency)
+		select {
+		case <-t.C:
+		case <-ctx.Done():
+			t.Stop()
+			return fmt.Errorf("fake %s %s: %w", op, target, ctx.Err())
+		}
+	}
+	if hook != nil {
+		if err := hook(ctx, op, target); err != nil {
+			return fmt.Errorf("fake %s %s: %w", op, target, err)
+		}
+	}
+	if f.Hang {
+		<-ctx.Done()
+		return fmt.Errorf("fake %s %s: hung: %w", op, target, ctx.Err())
+	}
+	if fail {
+		err := f.Err
+		if err == nil {
+			err = ErrInjected
+		}
+		return fmt.Errorf("fake %s %s (call %d): %w", op, target, n, err)
+	}
+	return nil
+}
+
+// placeholder lists a VM as creating while Create or Restore is in
+// progress, as a real provider lists a hypervisor process that is starting.
+func (p *Provider) placeholder(spec vm.Spec, snapshot string) string {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.seq++
+	id := "fake-" + strconv.FormatUint(p.seq, 10)
+	p.vms[id] = &machine{vm: vm.VM{
+		ID:        id,
+		Provider:  Name,
+		Spec:      spec,
+		Status:    vm.StatusCreating,
+		Snapshot:  snapshot,
+		CreatedAt: time.Now(),
+	}, balloon: spec.MemoryMiB}
+	return id
+}
+
+// finish moves a placeholder to status, or removes it when err is set.
+func (p *Provider) finish(id string, status vm.Status, err error) (vm.VM, error) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	m, ok := p.vms[id]
+	if !ok {
+		// Destroyed while starting: the caller must not get a VM that is gone.
+		if err == nil {
+			err = fmt.Errorf("%s destroyed while starting: %w", id, vm.ErrNotFound)
+		}
+		return vm.VM{}, err
+	}
+	if err != nil {
+		delete(p.vms, id)
+		return vm.VM{}, err
+	}
+	m.vm.Status = status
+	return m.vm, nil
+}
+
+// Create implements vm.Provider.
+func (p *Provider) Create(ctx context.Context, spec vm.Spec) (vm.VM, error) {
+	if err := spec.Validate(); err != nil {
+		return vm.VM{}, fmt.Errorf("fake create: %w", err)
+	}
+	if err := ctx.Err(); err != nil {
+		return vm.VM{}, fmt.Errorf("fake create: %w", err)
+	}
+	id := p.placeholder(spec, "")
+	return p.finish(id, vm.StatusRunning, p.begin(ctx, OpCreate, id))
+}
+
+// Restore implements vm.Snapshotter. The new VM is paused.
+func (p *Provider) Restore(ctx context.Context, snap vm.Snapshot) (vm.VM, error) {
+	if snap.ID == "" {
+		return vm.VM{}, fmt.Errorf("fake restore: %w", &vm.FieldError{Field: "snapshot", Value: snap.ID, Reason: "must not be empty"})
+	}
+	if err := ctx.Err(); err != nil {
+		return vm.VM{}, fmt.Errorf("fake restore from %s: %w", snap.ID, err)
+	}
+	p.mu.Lock()
+	known, ok := p.snapshots[snap.ID]
+	p.mu.Unlock()
+	if !ok {
+		return vm.VM{}, fmt.Errorf("fake restore from %s: snapshot %w", snap.ID, vm.ErrNotFound)
+	}
+	id := p.placeholder(known.Spec, snap.ID)
+	return p.finish(id, vm.StatusPaused, p.begin(ctx, OpRestore, snap.ID))
+}
+
+// transition applies change to a VM under the lock.
+func (p *Provider) transition(ctx context.Context, op Op, id string, change func(m *machine) error) error {
+	if err := p.begin(ctx, op, id); err != nil {
+		return err
+	}
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	m, ok := p.vms[id]
+	if !ok {
+		return fmt.Errorf("fake %s %s: %w", op, id, vm.ErrNotFound)
+	}
+	if err := change(m); err != nil {
+		return fmt.Errorf("fake %s %s: %w", op, id, err)
+	}
+	return nil
+}
+
+func invalidState(s vm.Status) error {
+	return fmt.Errorf("VM is %s: %w", s, vm.ErrInvalidState)
+}
+
+// Pause implements vm.Provider.
+func (p *Provider) Pause(ctx context.Context, id string) error {
+	return p.transition(ctx, OpPause, id, func(m *machine) error {
+		switch m.vm.Status {
+		case vm.StatusRunning, vm.StatusPaused:
+			m.vm.Status = vm.StatusPaused
+			return nil
+		}
+		return invalidState(m.vm.Status)
+	})
+}
+
+// Resume implements vm.Provider.
+func (p *Provider) Resume(ctx context.Context, id string) error {
+	return p.transition(ctx, OpResume, id, func(m *machine) error {
+		switch m.vm.Status {
+		case vm.StatusRunning, vm.StatusPaused:
+			m.vm.Status = vm.StatusRunning
+			return nil
+		}
+		return invalidState(m.vm.Status)
+	})
+}
+
+// Stop implements vm.Provider. The fake guest always powers off at once.
+func (p *Provider) Stop(ctx context.Context, id string, grace time.Duration) error {
+	return p.transition(ctx, OpStop, id, func(m *machine) error {
+		if m.vm.Status == vm.StatusCreating {
+			return invalidState(m.vm.Status)
+		}
+		m.vm.Status = vm.StatusStopped
+		m.closeConns()
+		return nil
+	})
+}
+
+// Destroy implements vm.Provider.
+func (p *Provider) Destroy(ctx context.Context, id string) error {
+	return p.transition(ctx, OpDestroy, id, func(m *machine) error {
+		m.closeConns()
+		delete(p.vms, id)
+		return nil
+	})
+}
+
+// Inspect implements vm.Provider.
+func (p *Provider) Inspect(ctx context.Context, id string) (vm.VM, error) {
+	var out vm.VM
+	err := p.transition(ctx, OpInspect, id, func(m *machine) error {
+		out = m.vm
+		return nil
+	})
+	return out, err
+}
+
+// List implements vm.Provider, oldest VM first.
+func (p *Provider) List(ctx context.Context) ([]vm.VM, error) {
+	if err := p.begin(ctx, OpList, ""); err != nil {
+		return nil, err
+	}
+	p.mu.Lock()
+	out := make([]vm.VM, 0, len(p.vms))
+	for _, m := range p.vms {
+		out = append(out, m.vm)
+	}
+	p.mu.Unlock()
+	sort.Slice(out, func(i, j int) bool {
+		if !out[i].CreatedAt.Equal(out[j].CreatedAt) {
+			return out[i].CreatedAt.Before(out[j].CreatedAt)
+		}
+		return out[i].ID < out[j].ID
+	})
+	return out, nil
+}
+
+// Snapshot implements vm.Snapshotter: it writes snapshot.json into dir.
+func (p *Provider) Snapshot(ctx context.Context, id string, dir string) (vm.Snapshot, error) {
+	if dir == "" {
+		return vm.Snapshot{}, fmt.Errorf("fake snapshot %s: %w", id, &vm.FieldError{Field: "dir", Value: dir, Reason: "must not be empty"})
+	}
+	var spec vm.Spec
+	err := p.transition(ctx, OpSnapshot, id, func(m *machine) error {
+		if m.vm.Status != vm.StatusPaused {
+			return invalidState(m.vm.Status)
+		}
+		spec = m.vm.Spec
+		return nil
+	})
+	if err != nil {
+		return vm.Snapshot{}, err
+	}
+	p.mu.Lock()
+	p.seq++
+	snap := vm.Snapshot{
+		ID:        "fake-snap-" + strconv.FormatUint(p.seq, 10),
+		Provider:  Name,
+		Dir:       dir,
+		Spec:      spec,
+		CreatedAt: time.Now(),
+	}
+	p.mu.Unlock()
+	data, err := json.MarshalIndent(snap, "", "  ")
+	if err != nil {
+		return vm.Snapshot{}, fmt.Errorf("fake snapshot %s: %w", id, err)
+	}
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return vm.Snapshot{}, fmt.Errorf("fake snapshot %s: %w", id, err)
+	}
+	if err := os.WriteFile(filepath.Join(dir, "snapshot.json"), data, 0o644); err != nil {
+		return vm.Snapshot{}, fmt.Errorf("fake snapshot %s: %w", id, err)
+	}
+	p.mu.Lock()
+	p.snapshots[snap.ID] = snap
+	p.mu.Unlock()
+	return snap, nil
+}
+
+// SetBalloon implements vm.Ballooner. The fake guest gives memory back at once.
+func (p *Provider) SetBalloon(ctx context.Context, id string, targetMiB int) error {
+	return p.transition(ctx, OpSetBalloon, id, func(m *machine) error {
+		if err := vm.ValidateRange("target_mib", targetMiB, 1, m.vm.Spec.MemoryMiB); err != nil {
+			return err
+		}
+		if m.vm.Status != vm.StatusRunning && m.vm.Status != vm.StatusPaused {
+			return invalidState(m.vm.Status)
+		}
+		m.balloon = targetMiB
+		return nil
+	})
+}
+
+// BalloonStats implements vm.Ballooner.
+func (p *Provider) BalloonStats(ctx context.Context, id string) (vm.BalloonStats, error) {
+	var st vm.BalloonStats
+	err := p.transition(ctx, OpBalloonStats, id, func(m *machine) error {
+		if m.vm.Status != vm.StatusRunning && m.vm.Status != vm.StatusPaused {
+			return invalidState(m.vm.Status)
+		}
+		st = vm.BalloonStats{
+			TargetMiB:    m.balloon,
+			ActualMiB:    m.balloon,
+			TotalMiB:     m.balloon,
+			FreeMiB:      m.balloon / 2,
+			AvailableMiB: m.balloon / 2,
+		}
+		return nil
+	})
+	return st, err
+}
+
+// DialAgent implements vm.AgentDialer over net.Pipe: the other end is served
+// by Options.AgentHandler in its own goroutine and is closed when the VM
+// stops, dies or is destroyed.
+func (p *Provider) DialAgent(ctx context.Context, id string) (net.Conn, error) {
+	if p.opts.AgentHandler == nil {
+		return nil, fmt.Errorf("fake dial agent %s: no agent handler configured: %w", id, vm.ErrUnsupported)
+	}
+	var host net.Conn
+	err := p.transition(ctx, OpDialAgent, id, func(m *machine) error {
+		if m.vm.Status != vm.StatusRunning {
+			return invalidState(m.vm.Status)
+		}
+		var guest net.Conn
+		host, guest = net.Pipe()
+		m.conns = append(m.conns, guest)
+		go p.opts.AgentHandler(guest)
+		return nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	return host, nil
+}
+
+func (m *machine) closeConns() {
+	for _, c := range m.conns {
+		_ = c.Close()
+	}
+	m.conns = nil
+}
