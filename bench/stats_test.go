@@ -1,10 +1,12 @@
 package bench
 
 import (
+	"bufio"
 	"bytes"
 	"encoding/json"
 	"encoding/xml"
 	"io"
+	"os"
 	"strings"
 	"testing"
 )
@@ -135,5 +137,33 @@ func TestTableJSONAndSVG(t *testing.T) {
 	// 4 latency rows with data, p50 and p99 each, plus 2 legend swatches.
 	if bars != 4*2+2 {
 		t.Errorf("SVG has %d bars, want %d", bars, 4*2+2)
+	}
+}
+
+func TestParseSmapsRollup(t *testing.T) {
+	in := `557fed109000-7fff79f19000 ---p 00000000 00:00 0                          [rollup]
+Rss:              180000 kB
+Pss:               54000 kB
+Pss_Dirty:           116 kB
+Shared_Clean:     130000 kB
+Private_Clean:      2000 kB
+Private_Dirty:     41000 kB
+`
+	m, err := parseSmapsRollup(bufio.NewScanner(strings.NewReader(in)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if m.PrivateKiB != 43000 || m.PssKiB != 54000 || m.RssKiB != 180000 {
+		t.Errorf("parsed %+v, want private 43000 (clean+dirty), pss 54000, rss 180000", m)
+	}
+	if _, err := parseSmapsRollup(bufio.NewScanner(strings.NewReader("Rss: 1 kB\n"))); err == nil {
+		t.Errorf("truncated smaps_rollup accepted")
+	}
+	self, err := readProcMemory(os.Getpid())
+	if err != nil {
+		t.Fatalf("read own smaps_rollup: %v", err)
+	}
+	if self.RssKiB <= 0 || self.PssKiB <= 0 {
+		t.Errorf("own memory %+v has no resident pages", self)
 	}
 }

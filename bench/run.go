@@ -1,0 +1,310 @@
+// Package bench measures the numbers users choose a warm pool on, side by
+// side in one run on one machine: cold boot, restore, warm acquire, bursts,
+// memory per warm VM, machine ensure and the pool's own overhead. Every
+// ratio compares numbers from the same run.
+package bench
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"runtime"
+	"sync"
+	"time"
+
+	"github.com/warmpool/warmpool/vm"
+)
+
+// Options configure a run. Zero values take defaults that depend on Quick.
+type Options struct {
+	// Provider is "qemu" (default) or "fake".
+	Provider string
+	// Quick takes few samples so that a run with real VMs stays under two
+	// minutes on a 2-core machine.
+	Quick bool
+	// StateDir is where the run keeps its VMs and template; a fresh
+	// directory is created inside it and removed at the end. Empty means the
+	// system's temporary directory.
+	StateDir string
+	// CacheDir keeps the guest image between runs (it is slow to build the
+	// first time). Empty means the user's cache directory.
+	CacheDir string
+	// Accel is passed to the QEMU provider: "auto", "kvm" or "tcg".
+	Accel string
+
+	// Samples is the number of measured runs of each latency scenario
+	// (restore, warm acquire); ColdSamples of cold boots, which are slow.
+	Samples     int
+	ColdSamples int
+	// WarmupRuns are run and thrown away before each latency scenario.
+	WarmupRuns int
+	// VCPUs and MemoryMiB shape every VM of the run.
+	VCPUs     int
+	MemoryMiB int
+	// PoolDepth is the depth of the pool the warm acquire draws from.
+	PoolDepth int
+	// BurstConcurrency (K) acquirers hit a pool of BurstDepth (D) at once,
+	// BurstRounds times.
+	BurstConcurrency int
+	BurstDepth       int
+	BurstRounds      int
+	// MemoryVMs is the number of warm VMs whose memory is measured.
+	MemoryVMs int
+	// OverheadConcurrency goroutines each acquire OverheadAcquires times from
+	// a pre-filled in-process pool.
+	OverheadConcurrency int
+	OverheadAcquires    int
+	// EnsureSamples measure ensure on a running machine; SuspendSamples
+	// measure ensure from suspended.
+	EnsureSamples  int
+	SuspendSamples int
+
+	// Progress receives one line per step; nil is silent.
+	Progress io.Writer
+	Logger   *slog.Logger
+}
+
+func (o Options) withDefaults() Options {
+	def := func(v *int, full, quick int) {
+		if *v <= 0 {
+			*v = full
+			if o.Quick {
+				*v = quick
+			}
+		}
+	}
+	if o.Provider == "" {
+		o.Provider = "qemu"
+	}
+	if o.Accel == "" {
+		o.Accel = "auto"
+	}
+	def(&o.Samples, 20, 6)
+	def(&o.ColdSamples, 5, 2)
+	def(&o.WarmupRuns, 1, 1)
+	def(&o.VCPUs, 1, 1)
+	def(&o.MemoryMiB, 256, 256)
+	def(&o.PoolDepth, 2, 2)
+	def(&o.BurstConcurrency, 16, 16)
+	def(&o.BurstDepth, 4, 4)
+	def(&o.BurstRounds, 3, 1)
+	def(&o.MemoryVMs, 8, 3)
+	def(&o.OverheadConcurrency, 64, 64)
+	def(&o.OverheadAcquires, 200, 20)
+	def(&o.EnsureSamples, 200, 50)
+	def(&o.SuspendSamples, 5, 2)
+	if o.Logger == nil {
+		o.Logger = slog.New(slog.DiscardHandler)
+	}
+	return o
+}
+
+func (o Options) config() Config {
+	return Config{
+		Samples: o.Samples, ColdSamples: o.ColdSamples, WarmupRuns: o.WarmupRuns,
+		VCPUs: o.VCPUs, MemoryMiB: o.MemoryMiB, PoolDepth: o.PoolDepth,
+		BurstConcurrency: o.BurstConcurrency, BurstDepth: o.BurstDepth, BurstRounds: o.BurstRounds,
+		MemoryVMs: o.MemoryVMs, OverheadConcurrency: o.OverheadConcurrency, OverheadAcquires: o.OverheadAcquires,
+		SuspendSamples: o.SuspendSamples,
+	}
+}
+
+func (o Options) validate() error {
+	switch o.Provider {
+	case "qemu", "fake":
+	default:
+		return &vm.FieldError{Field: "provider", Value: o.Provider, Reason: `must be "qemu" or "fake"`}
+	}
+	if err := vm.ValidateRange("vcpus", o.VCPUs, 1, vm.MaxVCPUs); err != nil {
+		return err
+	}
+	if err := vm.ValidateRange("memory_mib", o.MemoryMiB, vm.MinMemoryMiB, vm.MaxMemoryMiB); err != nil {
+		return err
+	}
+	if err := vm.ValidateRange("burst_depth", o.BurstDepth, 1, o.BurstConcurrency); err != nil {
+		return err
+	}
+	return nil
+}
+
+// env is what every scenario shares: one provider, one template, one state
+// directory, and the cleanups that must run however the run ends.
+type env struct {
+	opts     Options
+	provider vm.Provider
+	snaps    vm.Snapshotter
+	dialer   vm.AgentDialer
+	// bootSpec cold-boots the guest image; template was snapshotted from it.
+	bootSpec vm.Spec
+	template vm.Snapshot
+	stateDir string
+
+	mu       sync.Mutex
+	cleanups []cleanup
+}
+
+type cleanup struct {
+	what string
+	fn   func(context.Context) error
+}
+
+// defer_ registers fn to run at the end of the run, last registered first.
+func (e *env) onCleanup(what string, fn func(context.Context) error) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	e.cleanups = append(e.cleanups, cleanup{what, fn})
+}
+
+// cleanupAll runs every registered cleanup, then destroys whatever VM the
+// provider still lists: the provider's state lives in this run's own
+// directory, so everything it lists was started by this run.
+func (e *env) cleanupAll(ctx context.Context) error {
+	e.mu.Lock()
+	cs := e.cleanups
+	e.cleanups = nil
+	e.mu.Unlock()
+	var errs []error
+	for i := len(cs) - 1; i >= 0; i-- {
+		if err := cs[i].fn(ctx); err != nil {
+			errs = append(errs, fmt.Errorf("clean up %s: %w", cs[i].what, err))
+		}
+	}
+	if e.provider != nil {
+		vms, err := e.provider.List(ctx)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("list leftover VMs: %w", err))
+		}
+		for _, v := range vms {
+			if err := e.provider.Destroy(ctx, v.ID); err != nil && !errors.Is(err, vm.ErrNotFound) {
+				errs = append(errs, fmt.Errorf("destroy leftover VM %s: %w", v.ID, err))
+			}
+		}
+	}
+	return errors.Join(errs...)
+}
+
+func (e *env) progress(format string, args ...any) {
+	if e.opts.Progress == nil {
+		return
+	}
+	fmt.Fprintf(e.opts.Progress, format+"\n", args...)
+}
+
+// scenarioFunc measures one scenario and returns its rows.
+type scenarioFunc func(ctx context.Context, e *env) ([]Scenario, error)
+
+// Run measures every scenario and returns the report. VMs, pools, machines
+// and the run's state directory are removed before it returns, also when it
+// fails or ctx is cancelled. A scenario the provider cannot run (memory
+// without a hypervisor process, say) is reported as skipped with a reason;
+// a scenario that fails ends the run with its error.
+func Run(ctx context.Context, opts Options) (rep Report, err error) {
+	opts = opts.withDefaults()
+	if err := opts.validate(); err != nil {
+		return Report{}, fmt.Errorf("bench options: %w", err)
+	}
+	started := time.Now()
+	rep = Report{Provider: opts.Provider, Quick: opts.Quick, Started: started.UTC(), Host: hostInfo(), Config: opts.config()}
+
+	parent := opts.StateDir
+	if parent == "" {
+		parent = os.TempDir()
+	}
+	if err := os.MkdirAll(parent, 0o755); err != nil {
+		return Report{}, fmt.Errorf("bench state directory %s: %w", parent, err)
+	}
+	stateDir, err := os.MkdirTemp(parent, "warmpool-bench-")
+	if err != nil {
+		return Report{}, fmt.Errorf("bench state directory in %s: %w", parent, err)
+	}
+	e := &env{opts: opts, stateDir: stateDir}
+	defer func() {
+		// Cleanup must run even when ctx is already cancelled (Ctrl-C), but
+		// must not hang forever on a wedged hypervisor.
+		cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 2*time.Minute)
+		defer cancel()
+		cerr := e.cleanupAll(cctx)
+		if rerr := os.RemoveAll(stateDir); rerr != nil {
+			cerr = errors.Join(cerr, fmt.Errorf("remove bench state %s: %w", stateDir, rerr))
+		}
+		if cerr != nil {
+			err = errors.Join(err, cerr)
+		}
+	}()
+
+	if err := setup(ctx, e, &rep.Host); err != nil {
+		return Report{}, err
+	}
+
+	steps := []struct {
+		name string
+		fn   scenarioFunc
+	}{
+		{"cold boot", coldBoot},
+		{"restore", restoreToReady},
+		{"warm acquire", warmAcquire},
+		{"burst", burst},
+		{"memory", memory},
+		{"machine ensure", machineEnsure},
+		{"pool overhead", poolOverhead},
+	}
+	for i, step := range steps {
+		e.progress("[%d/%d] %s", i+1, len(steps), step.name)
+		rows, err := step.fn(ctx, e)
+		if err != nil {
+			return Report{}, fmt.Errorf("bench %s: %w", step.name, err)
+		}
+		rep.Scenarios = append(rep.Scenarios, rows...)
+		// Let the host settle between scenarios so that one scenario's
+		// teardown does not land in the next one's samples.
+		runtime.GC()
+	}
+	computeRatios(rep.Scenarios)
+	evaluateTargets(rep.Scenarios)
+	rep.Host.LoadAvgAfter = readLoadAvg()
+	rep.DurationSeconds = time.Since(started).Seconds()
+	return rep, nil
+}
+
+// measure runs fn warmup times without recording, then n times recording
+// how long each took.
+func measure(ctx context.Context, warmup, n int, fn func(ctx context.Context) (time.Duration, error)) ([]time.Duration, error) {
+	out := make([]time.Duration, 0, n)
+	for i := 0; i < warmup+n; i++ {
+		if err := ctx.Err(); err != nil {
+			return nil, err
+		}
+		d, err := fn(ctx)
+		if err != nil {
+			return nil, err
+		}
+		if i >= warmup {
+			out = append(out, d)
+		}
+	}
+	return out, nil
+}
+
+func latencyRow(id string, number int, title string, ds []time.Duration, warmup int, baseline string) Scenario {
+	return Scenario{ID: id, Number: number, Title: title, Unit: "ms", Summary: Summarize(millis(ds)), WarmupRuns: warmup, Baseline: baseline}
+}
+
+func skippedRow(id string, number int, title, unit, why string) Scenario {
+	return Scenario{ID: id, Number: number, Title: title, Unit: unit, Skipped: why}
+}
+
+// destroyQuietly destroys a VM on a context that outlives cancellation.
+func (e *env) destroy(ctx context.Context, id string) error {
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), time.Minute)
+	defer cancel()
+	if err := e.provider.Destroy(ctx, id); err != nil && !errors.Is(err, vm.ErrNotFound) {
+		return fmt.Errorf("destroy %s: %w", id, err)
+	}
+	return nil
+}
+
+func (e *env) subdir(name string) string { return filepath.Join(e.stateDir, name) }
