@@ -1,0 +1,155 @@
+package main
+
+import (
+	"bufio"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// moduleOrder lists the modules to load, one file name per line, in
+// dependency order. package guest writes it.
+const moduleOrder = "/lib/modules/warmpool.order"
+
+func runInit() error {
+	logf := func(format string, args ...any) { fmt.Fprintf(os.Stderr, "warmpool-init: "+format+"\n", args...) }
+	for _, m := range []struct{ source, target, fstype string }{
+		{"proc", "/proc", "proc"},
+		{"sysfs", "/sys", "sysfs"},
+		{"devtmpfs", "/dev", "devtmpfs"},
+	} {
+		if err := os.MkdirAll(m.target, 0o755); err != nil {
+			logf("mkdir %s: %v", m.target, err)
+		}
+		if err := unix.Mount(m.source, m.target, m.fstype, unix.MS_NOSUID|unix.MS_NOEXEC, ""); err != nil && !errors.Is(err, unix.EBUSY) {
+			logf("mount %s on %s: %v", m.fstype, m.target, err)
+		}
+	}
+	_ = os.MkdirAll("/dev/pts", 0o755)
+	_ = unix.Mount("devpts", "/dev/pts", "devpts", unix.MS_NOSUID|unix.MS_NOEXEC, "")
+	_ = os.MkdirAll("/dev/shm", 0o1777)
+	_ = unix.Mount("tmpfs", "/dev/shm", "tmpfs", unix.MS_NOSUID|unix.MS_NODEV, "")
+	if err := loadModules(logf); err != nil {
+		logf("%v", err)
+	}
+	if err := loopbackUp(); err != nil {
+		logf("bring up lo: %v", err)
+	}
+	_ = unix.Sethostname([]byte("warmpool"))
+	return superviseAgent(logf)
+}
+
+func loadModules(logf func(string, ...any)) error {
+	f, err := os.Open(moduleOrder)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("read module list: %w", err)
+	}
+	defer f.Close()
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		name := strings.TrimSpace(sc.Text())
+		if name == "" || strings.HasPrefix(name, "#") {
+			continue
+		}
+		path := filepath.Join(filepath.Dir(moduleOrder), name)
+		if err := insmod(path); err != nil {
+			logf("load module %s: %v", name, err)
+		}
+	}
+	return sc.Err()
+}
+
+func insmod(path string) error {
+	f, err := os.Open(path)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	raw, err := f.SyscallConn()
+	if err != nil {
+		return err
+	}
+	var loadErr error
+	if err := raw.Control(func(fd uintptr) { loadErr = unix.FinitModule(int(fd), "", 0) }); err != nil {
+		return err
+	}
+	if errors.Is(loadErr, unix.EEXIST) {
+		return nil
+	}
+	return loadErr
+}
+
+func loopbackUp() error {
+	fd, err := unix.Socket(unix.AF_INET, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return err
+	}
+	defer unix.Close(fd)
+	ifr, err := unix.NewIfreq("lo")
+	if err != nil {
+		return err
+	}
+	if err := unix.IoctlIfreq(fd, unix.SIOCGIFFLAGS, ifr); err != nil {
+		return err
+	}
+	ifr.SetUint16(ifr.Uint16() | unix.IFF_UP)
+	return unix.IoctlIfreq(fd, unix.SIOCSIFFLAGS, ifr)
+}
+
+// superviseAgent runs the agent as a child, restarts it if it dies, and reaps
+// every other process that ends up parented to PID 1.
+func superviseAgent(logf func(string, ...any)) error {
+	self, err := os.Executable()
+	if err != nil {
+		self = "/proc/self/exe"
+	}
+	start := func() int {
+		p, err := os.StartProcess(self, []string{self, "serve"}, &os.ProcAttr{
+			Dir:   "/",
+			Env:   guestEnv(),
+			Files: []*os.File{os.Stdin, os.Stdout, os.Stderr},
+		})
+		if err != nil {
+			logf("start agent: %v", err)
+			return 0
+		}
+		pid := p.Pid
+		// The reaper below collects it; the os.Process handle is not needed.
+		_ = p.Release()
+		return pid
+	}
+	agentPID := start()
+	for {
+		var status unix.WaitStatus
+		pid, err := unix.Wait4(-1, &status, 0, nil)
+		if errors.Is(err, unix.EINTR) {
+			continue
+		}
+		if err != nil {
+			// No children at all: the agent failed to start. Try again.
+			time.Sleep(time.Second)
+			agentPID = start()
+			continue
+		}
+		if pid == agentPID {
+			logf("agent exited (%v); restarting", describe(status))
+			time.Sleep(200 * time.Millisecond)
+			agentPID = start()
+		}
+	}
+}
+
+func describe(s unix.WaitStatus) string {
+	if s.Signaled() {
+		return "signal " + s.Signal().String()
+	}
+	return fmt.Sprintf("status %d", s.ExitStatus())
+}
