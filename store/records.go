@@ -24,11 +24,13 @@ type Template struct {
 	Snapshot vm.Snapshot `json:"snapshot"`
 	// Generation grows by one on every rebuild of the same name. A warm VM
 	// restored from an older generation is stale and is never handed out.
-	Generation  int       `json:"generation"`
-	ImageDigest string    `json:"image_digest,omitempty"`
-	VCPUs       int       `json:"vcpus"`
-	MemoryMiB   int       `json:"memory_mib"`
-	CreatedAt   time.Time `json:"created_at"`
+	Generation  int    `json:"generation"`
+	ImageDigest string `json:"image_digest,omitempty"`
+	// Image is the guest image directory it was built from.
+	Image     string    `json:"image,omitempty"`
+	VCPUs     int       `json:"vcpus"`
+	MemoryMiB int       `json:"memory_mib"`
+	CreatedAt time.Time `json:"created_at"`
 }
 
 // StoreKey is the template's name.
@@ -78,8 +80,10 @@ func (l Lease) Expired(now time.Time) bool {
 // manager's own record for it, kept opaque here so the store does not
 // depend on the layer above.
 type Machine struct {
-	Name      string          `json:"name"`
-	Record    json.RawMessage `json:"record"`
+	Name string `json:"name"`
+	// Spec is the desired spec callers recorded (the API's shape).
+	Spec      json.RawMessage `json:"spec,omitempty"`
+	Record    json.RawMessage `json:"record,omitempty"`
 	UpdatedAt time.Time       `json:"updated_at"`
 }
 
@@ -90,6 +94,7 @@ func (m Machine) StoreKey() string { return m.Name }
 type Role string
 
 const (
+	RoleNew           Role = "new"            // created, purpose not recorded yet; destroyed by a restart
 	RoleWarm          Role = "warm"           // in a pool, waiting to be acquired
 	RoleLeased        Role = "leased"         // handed out; Lease names the lease
 	RoleTemplateBuild Role = "template-build" // booted to snapshot a template; never adopted
