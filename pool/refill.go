@@ -1,0 +1,382 @@
+package pool
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"sync"
+	"time"
+
+	"github.com/warmpool/warmpool/events"
+	"github.com/warmpool/warmpool/vm"
+)
+
+// effects collects what a locked section decided to publish, so that events
+// go out after the lock is released.
+type effects struct {
+	events []events.Event
+}
+
+func (eff *effects) publish(e events.Event) { eff.events = append(eff.events, e) }
+
+func (p *Pool) publish(eff effects) {
+	for _, e := range eff.events {
+		p.cfg.Events.Publish(e)
+	}
+}
+
+// dispatch is the refill loop: it runs schedule whenever something changed,
+// a back-off or max-age deadline passed, or the sweep interval elapsed.
+func (p *Pool) dispatch() {
+	defer p.wg.Done()
+	sweep := time.NewTicker(p.cfg.SweepInterval)
+	defer sweep.Stop()
+	timer := time.NewTimer(time.Hour)
+	defer timer.Stop()
+	for {
+		if next := p.schedule(); next.IsZero() {
+			timer.Stop()
+		} else {
+			timer.Reset(time.Until(next))
+		}
+		select {
+		case <-p.ctx.Done():
+			return
+		case <-p.wake:
+		case <-sweep.C:
+		case <-timer.C:
+		}
+	}
+}
+
+// slotLimitLocked is how many restores one bucket may have in flight: all
+// slots when it is alone, otherwise one fewer per other bucket down to half
+// of them, so a stack whose restores hang cannot take every slot from the
+// others.
+func (p *Pool) slotLimitLocked() int {
+	reserve := min(len(p.order)-1, p.cfg.Parallelism/2)
+	return max(1, p.cfg.Parallelism-reserve)
+}
+
+// schedule replaces expired entries and starts restores, one bucket at a
+// time in round-robin order, until the slots are used up or no bucket needs
+// one. It returns the next time something will be due without a wake-up.
+func (p *Pool) schedule() time.Time {
+	var eff effects
+	defer func() { p.publish(eff) }()
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.closed {
+		return time.Time{}
+	}
+	now := time.Now()
+	var next time.Time
+	soonest := func(t time.Time) {
+		if !t.IsZero() && (next.IsZero() || t.Before(next)) {
+			next = t
+		}
+	}
+	for _, b := range p.order {
+		soonest(p.ageLocked(b, now, &eff))
+	}
+	n := len(p.order)
+	limit := p.slotLimitLocked()
+	for idle := 0; idle < n && p.inflight < p.cfg.Parallelism; {
+		p.rr %= n
+		b := p.order[p.rr]
+		p.rr++
+		switch {
+		case b.need() <= 0 || b.restoring >= limit:
+			idle++
+		case b.retryAt.After(now):
+			soonest(b.retryAt)
+			idle++
+		default:
+			p.startRestoreLocked(b)
+			idle = 0
+		}
+	}
+	return next
+}
+
+// ageLocked marks entries past MaxAge and destroys expired ones as long as
+// the bucket stays at or above its floor; the rest wait for their
+// replacements (make before break). It returns the next expiry.
+func (p *Pool) ageLocked(b *bucket, now time.Time, eff *effects) time.Time {
+	if b.spec.MaxAge <= 0 {
+		return time.Time{}
+	}
+	var next time.Time
+	for _, e := range b.ready {
+		if e.expired {
+			continue
+		}
+		exp := e.born.Add(b.spec.MaxAge)
+		if !now.Before(exp) {
+			e.expired = true
+			b.expired++
+		} else if next.IsZero() || exp.Before(next) {
+			next = exp
+		}
+	}
+	for b.expired > 0 && len(b.ready)+b.checking > b.spec.Min {
+		i := 0
+		for !b.ready[i].expired {
+			i++
+		}
+		e := b.removeAt(i)
+		p.evictLocked(b, e.vm.ID, ReasonMaxAge, eff)
+	}
+	return next
+}
+
+func (p *Pool) startRestoreLocked(b *bucket) {
+	b.restoring++
+	b.restoringCur++
+	p.inflight++
+	p.wg.Add(1)
+	go p.restore(b, b.gen, b.spec.Snapshot)
+}
+
+// restore makes one VM for b and delivers it, or records the failure and
+// backs the bucket off.
+func (p *Pool) restore(b *bucket, gen uint64, snap vm.Snapshot) {
+	defer p.wg.Done()
+	defer p.kick()
+	ctx, cancel := context.WithTimeout(p.ctx, p.cfg.RestoreTimeout)
+	defer cancel()
+	start := time.Now()
+	v, err := p.snap.Restore(ctx, snap)
+	made, invalid := err == nil, false
+	if made {
+		p.mu.Lock()
+		p.owned[v.ID] = b.name
+		p.mu.Unlock()
+		if p.cfg.OnVMCreated != nil {
+			p.cfg.OnVMCreated(b.name, v)
+		}
+		if verr := p.cfg.Validate(ctx, v); verr != nil {
+			invalid = true
+			err = fmt.Errorf("validate %s restored from %s: %w", v.ID, snap.ID, verr)
+		}
+	} else {
+		err = fmt.Errorf("restore pool %q from %s: %w", b.name, snap.ID, err)
+	}
+	now := time.Now()
+	elapsed := now.Sub(start)
+
+	var eff effects
+	p.mu.Lock()
+	b.restoring--
+	p.inflight--
+	current := gen == b.gen && !b.removed
+	if current {
+		b.restoringCur--
+	}
+	closed := p.closed
+	switch {
+	case closed:
+		// Shutdown destroys everything in owned once this returns.
+	case err != nil:
+		if invalid {
+			b.counters.ValidationFailures++
+			b.m.validation.Inc()
+			p.goDestroyLocked(b.name, v.ID)
+		}
+		if current {
+			delay := p.backoffLocked(b, now)
+			b.m.refillErrors.Inc()
+			eff.publish(events.Event{Kind: EventRefillErr, Subject: b.name, Detail: map[string]any{
+				"error": err.Error(), "failures": b.failures, "retry_in_ms": delay.Milliseconds(),
+			}})
+			p.log.Warn("pool refill failed", "pool", b.name, "err", err, "failures", b.failures, "retry_in", delay)
+		}
+	case !current:
+		reason := ReasonGeneration
+		if b.removed {
+			reason = ReasonRemoved
+		}
+		p.evictLocked(b, v.ID, reason, &eff)
+	default:
+		b.failures, b.retryAt = 0, time.Time{}
+		if b.restoreEWMA == 0 {
+			b.restoreEWMA = elapsed
+		} else {
+			b.restoreEWMA = (3*b.restoreEWMA + elapsed) / 4
+		}
+		b.m.restoreDuration.Observe(elapsed.Seconds())
+		p.deliverLocked(b, &entry{vm: v, gen: gen, born: now, checked: now})
+	}
+	p.mu.Unlock()
+	p.publish(eff)
+}
+
+// backoffLocked records a failure and returns how long b now waits before
+// its next restore: exponential with full jitter over its upper half.
+func (p *Pool) backoffLocked(b *bucket, now time.Time) time.Duration {
+	b.failures++
+	d := p.cfg.BackoffMax
+	if shift := b.failures - 1; shift < 30 {
+		if s := p.cfg.BackoffBase << shift; s > 0 && s < d {
+			d = s
+		}
+	}
+	d = d/2 + rand.N(d/2+1)
+	b.retryAt = now.Add(d)
+	return d
+}
+
+// evictLocked counts, announces and destroys (in the background) a VM the
+// pool no longer wants.
+func (p *Pool) evictLocked(b *bucket, id, reason string, eff *effects) {
+	p.recordEvictionLocked(b, id, reason, eff)
+	p.goDestroyLocked(b.name, id)
+}
+
+func (p *Pool) recordEvictionLocked(b *bucket, id, reason string, eff *effects) {
+	b.counters.Evicted++
+	b.m.evicted(reason)
+	eff.publish(events.Event{Kind: EventEvicted, Subject: b.name, Detail: map[string]any{
+		"vm": id, "reason": reason, "generation": b.gen,
+	}})
+	p.log.Info("evicting warm VM", "pool", b.name, "vm", id, "reason", reason)
+}
+
+// evictNow is evictLocked for callers that do not hold the lock.
+func (p *Pool) evictNow(b *bucket, id, reason string) {
+	var eff effects
+	p.mu.Lock()
+	p.evictLocked(b, id, reason, &eff)
+	p.mu.Unlock()
+	p.publish(eff)
+	p.kick()
+}
+
+// goDestroyLocked destroys id in the background. After Shutdown began it
+// does nothing: the VM is still in owned and Shutdown destroys it, and no
+// goroutine may join the wait group Shutdown is waiting on.
+func (p *Pool) goDestroyLocked(pool, id string) {
+	if p.closed {
+		return
+	}
+	p.wg.Add(1)
+	go func() {
+		defer p.wg.Done()
+		_ = p.destroy(context.Background(), pool, id)
+	}()
+}
+
+// destroy destroys one VM the pool owns; an already-gone VM counts as
+// destroyed. A VM that could not be destroyed stays in owned, so Shutdown
+// tries again.
+func (p *Pool) destroy(ctx context.Context, pool, id string) error {
+	ctx, cancel := context.WithTimeout(ctx, p.cfg.DestroyTimeout)
+	defer cancel()
+	if err := p.cfg.Provider.Destroy(ctx, id); err != nil && !errors.Is(err, vm.ErrNotFound) {
+		p.log.Warn("destroying warm VM failed", "pool", pool, "vm", id, "err", err)
+		return fmt.Errorf("destroy %s of pool %q: %w", id, pool, err)
+	}
+	p.mu.Lock()
+	_, owned := p.owned[id]
+	delete(p.owned, id)
+	p.mu.Unlock()
+	if owned && p.cfg.OnVMDestroyed != nil {
+		p.cfg.OnVMDestroyed(pool, id)
+	}
+	return nil
+}
+
+// destroyAll destroys ids of pool in parallel and joins the errors.
+func (p *Pool) destroyAll(ctx context.Context, pool string, ids []string) error {
+	var (
+		wg   sync.WaitGroup
+		mu   sync.Mutex
+		errs []error
+		sem  = make(chan struct{}, max(p.cfg.Parallelism, 4))
+	)
+	for _, id := range ids {
+		sem <- struct{}{}
+		wg.Go(func() {
+			defer func() { <-sem }()
+			if err := p.destroy(ctx, pool, id); err != nil {
+				mu.Lock()
+				errs = append(errs, err)
+				mu.Unlock()
+			}
+		})
+	}
+	wg.Wait()
+	return errors.Join(errs...)
+}
+
+// healthLoop validates every waiting VM once per HealthInterval.
+func (p *Pool) healthLoop() {
+	defer p.wg.Done()
+	t := time.NewTicker(p.cfg.HealthInterval)
+	defer t.Stop()
+	for {
+		select {
+		case <-p.ctx.Done():
+			return
+		case <-t.C:
+			p.checkRound(time.Now())
+		}
+	}
+}
+
+// checkRound validates, one at a time, every entry not checked since round.
+// An entry under check leaves the bucket so that an acquirer never gets a VM
+// whose agent channel the check is using; a waiting acquirer gets it as soon
+// as the check passes.
+func (p *Pool) checkRound(round time.Time) {
+	for p.ctx.Err() == nil {
+		b, e := p.nextToCheck(round)
+		if e == nil {
+			return
+		}
+		ctx, cancel := context.WithTimeout(p.ctx, p.cfg.RestoreTimeout)
+		err := p.cfg.Validate(ctx, e.vm)
+		cancel()
+
+		var eff effects
+		p.mu.Lock()
+		b.checking--
+		switch {
+		case p.closed:
+		case b.removed:
+			p.evictLocked(b, e.vm.ID, ReasonRemoved, &eff)
+		case e.gen != b.gen:
+			p.evictLocked(b, e.vm.ID, ReasonGeneration, &eff)
+		case err != nil:
+			b.counters.ValidationFailures++
+			b.m.validation.Inc()
+			p.log.Warn("warm VM failed health check", "pool", b.name, "vm", e.vm.ID, "err", err)
+			p.evictLocked(b, e.vm.ID, ReasonUnhealthy, &eff)
+		default:
+			e.checked = time.Now()
+			p.deliverLocked(b, e)
+		}
+		p.mu.Unlock()
+		p.publish(eff)
+		p.kick()
+	}
+}
+
+func (p *Pool) nextToCheck(round time.Time) (*bucket, *entry) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.closed {
+		return nil, nil
+	}
+	for _, b := range p.order {
+		for i, e := range b.ready {
+			if e.checked.Before(round) {
+				b.removeAt(i)
+				b.checking++
+				return b, e
+			}
+		}
+	}
+	return nil, nil
+}
