@@ -650,7 +650,7 @@ func (b *bucket) status() Status {
 }
 
 type gaugeState struct {
-	name                      string
+	name                     string
 	ready, target, restoring int
 }
 

@@ -164,13 +164,13 @@ type Counters struct {
 
 // Eviction reasons, used in events and the evictions metric.
 const (
-	ReasonMaxAge     = "max_age"     // older than the stack's MaxAge
-	ReasonUnhealthy  = "unhealthy"   // failed Validate in a health check or at hand-out
-	ReasonHandoff    = "handoff"     // Resume or Handoff failed at acquire
-	ReasonGeneration = "generation"  // restored from a snapshot the pool no longer uses
-	ReasonResized    = "resized"     // more ready than the new Max
-	ReasonRemoved    = "removed"     // the pool was unregistered
-	ReasonShutdown   = "shutdown"    // the pool shut down
+	ReasonMaxAge     = "max_age"    // older than the stack's MaxAge
+	ReasonUnhealthy  = "unhealthy"  // failed Validate in a health check or at hand-out
+	ReasonHandoff    = "handoff"    // Resume or Handoff failed at acquire
+	ReasonGeneration = "generation" // restored from a snapshot the pool no longer uses
+	ReasonResized    = "resized"    // more ready than the new Max
+	ReasonRemoved    = "removed"    // the pool was unregistered
+	ReasonShutdown   = "shutdown"   // the pool shut down
 )
 
 // Event kinds the pool publishes.
