@@ -1,0 +1,278 @@
+package daemon
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"reflect"
+	"slices"
+	"strings"
+	"time"
+
+	"gopkg.in/yaml.v3"
+
+	"github.com/warmpool/warmpool/api"
+	"github.com/warmpool/warmpool/vm"
+)
+
+// Config is the daemon's configuration file (YAML). Every key is optional;
+// command-line flags override the top-level ones. The `doc` tags are the
+// reference documentation: ConfigReference renders them and the README's
+// configuration section is checked against it.
+type Config struct {
+	// Listen is where the API is served.
+	Listen string `yaml:"listen" doc:"Where the API listens: unix:PATH or tcp:HOST:PORT. Default: unix socket warmpool.sock in the state directory (mode 0600). TCP requires token_file."`
+	// TokenFile holds the bearer token a TCP listener requires.
+	TokenFile string `yaml:"token_file" doc:"File holding the bearer token that clients of a TCP listener must send."`
+	// Provider picks the hypervisor.
+	Provider string `yaml:"provider" doc:"VM provider: qemu, firecracker or fake (in-memory, for tests)."`
+	// Accel is QEMU's accelerator choice.
+	Accel string `yaml:"accel" doc:"QEMU accelerator: auto (probe once, cached), kvm or tcg."`
+	// Image is the guest image directory templates are built from.
+	Image string `yaml:"image" doc:"Guest image directory (kernel + initramfs) for templates. Default: built on first use into the guest image cache (the one 'warmpool image build' fills)."`
+	// Firecracker holds that provider's binaries.
+	Firecracker FirecrackerConfig `yaml:"firecracker" doc:"Firecracker provider settings."`
+	// Intervals tune the background loops.
+	Intervals Intervals `yaml:"intervals" doc:"How often background loops run."`
+	// Limits bound what the daemon does at once.
+	Limits Limits `yaml:"limits" doc:"Limits on what the daemon does and accepts."`
+	// Templates are built at start when missing from the state.
+	Templates map[string]TemplateConfig `yaml:"templates" doc:"Templates to build at start when the state has none of that name, keyed by name."`
+	// Pools are created at start; a pool changed through the API keeps its
+	// API settings (the state wins over the file once a pool exists there).
+	Pools map[string]PoolConfig `yaml:"pools" doc:"Warm pools keyed by name. Created at start when the state has no pool of that name; changes made through the API persist and win."`
+	// Machines are recorded at start; they start on their first ensure.
+	Machines map[string]MachineConfig `yaml:"machines" doc:"Long-lived machines keyed by name; recorded at start, started by their first ensure."`
+}
+
+// FirecrackerConfig locates Firecracker's binaries.
+type FirecrackerConfig struct {
+	Binary string `yaml:"binary" doc:"Path of the firecracker binary. Default: found in PATH."`
+	Jailer string `yaml:"jailer" doc:"Path of the jailer binary; empty runs firecracker without it."`
+}
+
+// Intervals are the periods of the daemon's background loops.
+type Intervals struct {
+	Sweep      Duration `yaml:"sweep" doc:"How often pools refill and evict. Default 1s."`
+	Health     Duration `yaml:"health" doc:"How often warm VMs are validated. Default 30s."`
+	LeaseCheck Duration `yaml:"lease_check" doc:"How often expired leases are destroyed. Default 1s."`
+}
+
+// Limits bound the daemon's work.
+type Limits struct {
+	Parallelism  int      `yaml:"parallelism" doc:"VMs restored or destroyed at once across all pools. Default 2."`
+	MaxLeases    int      `yaml:"max_leases" doc:"Live leases the daemon hands out at most; 0 means no limit."`
+	LeaseTTL     Duration `yaml:"lease_ttl" doc:"TTL of a lease whose acquire names none; 0 means leases live until released."`
+	ExecTimeout  Duration `yaml:"exec_timeout" doc:"Timeout of an exec whose request names none. Default 10m."`
+	ShutdownWait Duration `yaml:"shutdown_wait" doc:"How long SIGTERM waits for in-flight requests before closing them. Default 30s."`
+}
+
+// TemplateConfig is a template to build at start.
+type TemplateConfig struct {
+	VCPUs     int    `yaml:"vcpus" doc:"vCPUs of the template and its clones. Default 1."`
+	MemoryMiB int    `yaml:"memory_mib" doc:"Memory of the template and its clones in MiB. Default 256."`
+	Image     string `yaml:"image" doc:"Guest image directory; default: the daemon's image."`
+}
+
+// PoolConfig is a pool to create at start.
+type PoolConfig struct {
+	Template string   `yaml:"template" doc:"Template the pool's VMs are restored from (required)."`
+	Min      int      `yaml:"min" doc:"Ready VMs the pool keeps at least."`
+	Max      int      `yaml:"max" doc:"Warm VMs the pool holds at most (required, >= min)."`
+	MaxAge   Duration `yaml:"max_age" doc:"Warm VMs older than this are replaced; 0 keeps them forever."`
+}
+
+// MachineConfig is a machine to record at start.
+type MachineConfig struct {
+	VCPUs        int       `yaml:"vcpus" doc:"vCPUs of the machine."`
+	MemoryMiB    int       `yaml:"memory_mib" doc:"Memory of the machine in MiB."`
+	DataDiskMiB  int       `yaml:"data_disk_mib" doc:"Size of its persistent data disk in MiB; 0 means none."`
+	Cmdline      string    `yaml:"cmdline" doc:"Appended to the guest kernel command line."`
+	IdleAfter    *Duration `yaml:"idle_after" doc:"Shrink the balloon after this long without activity or holds; 0s turns it off. Recorded with the machine; the daemon-wide idle policy applies for now."`
+	SuspendAfter *Duration `yaml:"suspend_after" doc:"Suspend to a snapshot after this long idle; 0s turns it off. Recorded with the machine; the daemon-wide idle policy applies for now."`
+}
+
+// Duration reads YAML duration strings such as "30s" or "5m".
+type Duration time.Duration
+
+// UnmarshalYAML accepts only duration strings, so that a bare number never
+// has to be guessed into a unit.
+func (d *Duration) UnmarshalYAML(n *yaml.Node) error {
+	var s string
+	if err := n.Decode(&s); err != nil || n.Tag != "!!str" {
+		return fmt.Errorf("line %d: duration must be a string such as \"30s\", got %q", n.Line, n.Value)
+	}
+	v, err := time.ParseDuration(s)
+	if err != nil {
+		return fmt.Errorf("line %d: duration %q: want a value such as \"30s\" or \"5m\"", n.Line, s)
+	}
+	if v < 0 {
+		return fmt.Errorf("line %d: duration %q must not be negative", n.Line, s)
+	}
+	*d = Duration(v)
+	return nil
+}
+
+// MarshalYAML writes d as a duration string.
+func (d Duration) MarshalYAML() (any, error) { return time.Duration(d).String(), nil }
+
+// Std is d as a time.Duration.
+func (d Duration) Std() time.Duration { return time.Duration(d) }
+
+func or[T comparable](v, def T) T {
+	var zero T
+	if v == zero {
+		return def
+	}
+	return v
+}
+
+// LoadConfig reads a config file. Unknown keys are errors, so a typo never
+// silently means "default".
+func LoadConfig(path string) (Config, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return Config{}, fmt.Errorf("read config: %w", err)
+	}
+	defer f.Close()
+	cfg, err := ParseConfig(f)
+	if err != nil {
+		return Config{}, fmt.Errorf("config %s: %w", path, err)
+	}
+	return cfg, nil
+}
+
+// ParseConfig decodes and validates a YAML config.
+func ParseConfig(r io.Reader) (Config, error) {
+	var cfg Config
+	dec := yaml.NewDecoder(io.LimitReader(r, 1<<20))
+	dec.KnownFields(true)
+	if err := dec.Decode(&cfg); err != nil && !errors.Is(err, io.EOF) {
+		return Config{}, err
+	}
+	if err := cfg.Validate(); err != nil {
+		return Config{}, err
+	}
+	return cfg, nil
+}
+
+// Validate names the first key of c that is wrong.
+func (c Config) Validate() error {
+	switch c.Provider {
+	case "", "qemu", "firecracker", "fake":
+	default:
+		return &vm.FieldError{Field: "provider", Value: c.Provider, Reason: "must be qemu, firecracker or fake"}
+	}
+	switch c.Accel {
+	case "", "auto", "kvm", "tcg":
+	default:
+		return &vm.FieldError{Field: "accel", Value: c.Accel, Reason: "must be auto, kvm or tcg"}
+	}
+	if c.Listen != "" && !strings.HasPrefix(c.Listen, "unix:") && !strings.HasPrefix(c.Listen, "tcp:") {
+		return &vm.FieldError{Field: "listen", Value: c.Listen, Reason: "must be unix:PATH or tcp:HOST:PORT"}
+	}
+	if err := vm.ValidateRange("limits.parallelism", c.Limits.Parallelism, 0, 64); err != nil {
+		return err
+	}
+	if err := vm.ValidateRange("limits.max_leases", c.Limits.MaxLeases, 0, 1<<20); err != nil {
+		return err
+	}
+	for _, name := range sortedKeys(c.Templates) {
+		t := c.Templates[name]
+		req := api.TemplateRequest{Name: name, Image: t.Image, VCPUs: t.VCPUs, MemoryMiB: t.MemoryMiB}
+		if err := req.Validate(); err != nil {
+			return fmt.Errorf("templates.%s: %w", name, err)
+		}
+	}
+	for _, name := range sortedKeys(c.Pools) {
+		p := c.Pools[name]
+		if err := vm.ValidateName("pool", name); err != nil {
+			return fmt.Errorf("pools: %w", err)
+		}
+		if err := p.request().Validate(); err != nil {
+			return fmt.Errorf("pools.%s: %w", name, err)
+		}
+	}
+	for _, name := range sortedKeys(c.Machines) {
+		if err := vm.ValidateName("machine", name); err != nil {
+			return fmt.Errorf("machines: %w", err)
+		}
+		if err := c.Machines[name].spec().Validate(); err != nil {
+			return fmt.Errorf("machines.%s: %w", name, err)
+		}
+	}
+	return nil
+}
+
+func (p PoolConfig) request() api.PoolRequest {
+	return api.PoolRequest{Template: p.Template, Min: p.Min, Max: p.Max, MaxAge: api.Duration(p.MaxAge)}
+}
+
+func (m MachineConfig) spec() api.MachineSpec {
+	s := api.MachineSpec{VCPUs: m.VCPUs, MemoryMiB: m.MemoryMiB, DataDiskMiB: m.DataDiskMiB, Cmdline: m.Cmdline}
+	if m.IdleAfter != nil {
+		d := api.Duration(*m.IdleAfter)
+		s.IdleAfter = &d
+	}
+	if m.SuspendAfter != nil {
+		d := api.Duration(*m.SuspendAfter)
+		s.SuspendAfter = &d
+	}
+	return s
+}
+
+func sortedKeys[V any](m map[string]V) []string {
+	keys := make([]string, 0, len(m))
+	for k := range m {
+		keys = append(keys, k)
+	}
+	slices.Sort(keys)
+	return keys
+}
+
+// ConfigReference is the configuration file reference as a Markdown table,
+// one row per key (nested keys dotted, keys under a name shown as <name>).
+// The README's configuration section must contain it verbatim.
+func ConfigReference() string {
+	var b bytes.Buffer
+	b.WriteString("| key | type | meaning |\n|---|---|---|\n")
+	writeReference(&b, "", reflect.TypeFor[Config]())
+	return b.String()
+}
+
+func writeReference(b *bytes.Buffer, prefix string, t reflect.Type) {
+	for i := range t.NumField() {
+		f := t.Field(i)
+		key := strings.Split(f.Tag.Get("yaml"), ",")[0]
+		if key == "" || key == "-" {
+			continue
+		}
+		path := prefix + key
+		ft := f.Type
+		typ := typeName(ft)
+		fmt.Fprintf(b, "| `%s` | %s | %s |\n", path, typ, f.Tag.Get("doc"))
+		switch {
+		case ft.Kind() == reflect.Struct:
+			writeReference(b, path+".", ft)
+		case ft.Kind() == reflect.Map && ft.Elem().Kind() == reflect.Struct:
+			writeReference(b, path+".<name>.", ft.Elem())
+		}
+	}
+}
+
+func typeName(t reflect.Type) string {
+	if t.Kind() == reflect.Pointer {
+		t = t.Elem()
+	}
+	switch {
+	case t == reflect.TypeFor[Duration]():
+		return "duration"
+	case t.Kind() == reflect.Map:
+		return "map"
+	case t.Kind() == reflect.Struct:
+		return "section"
+	}
+	return t.Kind().String()
+}

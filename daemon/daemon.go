@@ -1,0 +1,357 @@
+// Package daemon is warmpool's long-running process: it reads the
+// configuration, opens the durable state, picks a provider, reconciles the
+// VMs an earlier run left with what the state says, runs the pools and the
+// machine manager, and serves the HTTP API until its context ends.
+package daemon
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/warmpool/warmpool/api"
+	"github.com/warmpool/warmpool/events"
+	"github.com/warmpool/warmpool/guest"
+	"github.com/warmpool/warmpool/internal/paths"
+	"github.com/warmpool/warmpool/pool"
+	"github.com/warmpool/warmpool/store"
+	"github.com/warmpool/warmpool/vm"
+)
+
+// Options are the flags of `warmpool serve`. Set flags override the
+// configuration file.
+type Options struct {
+	ConfigFile string
+	StateDir   string
+	Listen     string
+	Provider   string
+	Accel      string
+	TokenFile  string
+	// StopAll makes shutdown destroy leased VMs and stop machines too;
+	// without it they keep running for the next start to adopt.
+	StopAll        bool
+	FirecrackerBin string
+	JailerBin      string
+	Logger         *slog.Logger
+
+	// provider replaces the one named by Provider (tests share one fake
+	// provider across daemon restarts this way).
+	provider vm.Provider
+	// ready, when set, receives the daemon once it serves.
+	ready func(*Daemon)
+}
+
+// Daemon is one running warmpool daemon. It implements api.Backend.
+type Daemon struct {
+	cfg      Config
+	stateDir string
+	log      *slog.Logger
+	st       *store.Store
+	prov     *ownedProvider
+	bus      *events.Bus
+	reg      *prometheus.Registry
+	pools    *pool.Pool
+	mach     *machines
+	started  time.Time
+	stopAll  bool
+	closing  atomic.Bool
+
+	// leaseMu guards leases, the live leases by ID.
+	leaseMu sync.Mutex
+	leases  map[string]*liveLease
+
+	// tplMu guards templates (by name) and builds (names being built).
+	tplMu     sync.Mutex
+	templates map[string]store.Template
+	buildMu   sync.Mutex
+
+	imageMu sync.Mutex
+	image   *guest.Image
+
+	bg sync.WaitGroup
+}
+
+// Run starts the daemon described by opts and serves until ctx ends, then
+// shuts down gracefully. It returns an error when the daemon could not
+// start or could not serve.
+func Run(ctx context.Context, opts Options) error {
+	d, srv, err := start(ctx, opts)
+	if err != nil {
+		return err
+	}
+	return d.serve(ctx, srv, opts)
+}
+
+// resolveConfig merges the config file and the flags.
+func resolveConfig(opts Options) (Config, string, error) {
+	var cfg Config
+	if opts.ConfigFile != "" {
+		var err error
+		if cfg, err = LoadConfig(opts.ConfigFile); err != nil {
+			return Config{}, "", err
+		}
+	}
+	set := func(dst *string, flag string) {
+		if flag != "" {
+			*dst = flag
+		}
+	}
+	set(&cfg.Listen, opts.Listen)
+	set(&cfg.Provider, opts.Provider)
+	set(&cfg.Accel, opts.Accel)
+	set(&cfg.TokenFile, opts.TokenFile)
+	set(&cfg.Firecracker.Binary, opts.FirecrackerBin)
+	set(&cfg.Firecracker.Jailer, opts.JailerBin)
+	cfg.Provider = or(cfg.Provider, "qemu")
+	cfg.Accel = or(cfg.Accel, "auto")
+	cfg.Intervals.Sweep = or(cfg.Intervals.Sweep, Duration(time.Second))
+	cfg.Intervals.Health = or(cfg.Intervals.Health, Duration(30*time.Second))
+	cfg.Intervals.LeaseCheck = or(cfg.Intervals.LeaseCheck, Duration(time.Second))
+	cfg.Limits.Parallelism = or(cfg.Limits.Parallelism, 2)
+	cfg.Limits.ExecTimeout = or(cfg.Limits.ExecTimeout, Duration(10*time.Minute))
+	cfg.Limits.ShutdownWait = or(cfg.Limits.ShutdownWait, Duration(30*time.Second))
+	if err := cfg.Validate(); err != nil {
+		return Config{}, "", err
+	}
+	stateDir := opts.StateDir
+	if stateDir == "" {
+		stateDir = paths.DefaultStateDir()
+	}
+	abs, err := filepath.Abs(stateDir)
+	if err != nil {
+		return Config{}, "", fmt.Errorf("state directory %s: %w", stateDir, err)
+	}
+	cfg.Listen = or(cfg.Listen, "unix:"+paths.Socket(abs))
+	if strings.HasPrefix(cfg.Listen, "tcp:") && cfg.TokenFile == "" {
+		return Config{}, "", &vm.FieldError{Field: "listen", Value: cfg.Listen, Reason: "a TCP listener requires --token-file"}
+	}
+	return cfg, abs, nil
+}
+
+func start(ctx context.Context, opts Options) (d *Daemon, srv *server, err error) {
+	cfg, stateDir, err := resolveConfig(opts)
+	if err != nil {
+		return nil, nil, err
+	}
+	log := opts.Logger
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	if err := os.MkdirAll(stateDir, 0o700); err != nil {
+		return nil, nil, fmt.Errorf("create state directory %s: %w", stateDir, err)
+	}
+	st, err := store.Open(stateDir)
+	if err != nil {
+		return nil, nil, err
+	}
+	d = &Daemon{
+		cfg:       cfg,
+		stateDir:  stateDir,
+		log:       log,
+		st:        st,
+		bus:       events.NewBus(),
+		reg:       prometheus.NewRegistry(),
+		started:   time.Now(),
+		stopAll:   opts.StopAll,
+		leases:    map[string]*liveLease{},
+		templates: map[string]store.Template{},
+	}
+	defer func() {
+		if err != nil {
+			d.abort()
+		}
+	}()
+	inner := opts.provider
+	if inner == nil {
+		if inner, err = newProvider(cfg, stateDir, log); err != nil {
+			return nil, nil, err
+		}
+	}
+	d.prov = &ownedProvider{inner: inner, st: st, log: log, snapshotOwner: d.snapshotOwner}
+	if err := d.loadTemplates(); err != nil {
+		return nil, nil, err
+	}
+	d.registerMetrics()
+	d.pools, err = pool.New(pool.Config{
+		Provider:       d.prov,
+		Parallelism:    cfg.Limits.Parallelism,
+		SweepInterval:  cfg.Intervals.Sweep.Std(),
+		HealthInterval: cfg.Intervals.Health.Std(),
+		Validate:       d.validateWarm,
+		Handoff:        d.handoff,
+		Registry:       d.reg,
+		Logger:         log.With("component", "pool"),
+		Events:         d.bus,
+		OnVMCreated:    d.onVMCreated,
+		OnVMDestroyed:  d.onVMDestroyed,
+	})
+	if err != nil {
+		return nil, nil, fmt.Errorf("start pools: %w", err)
+	}
+	if d.mach, err = d.newMachines(); err != nil {
+		return nil, nil, err
+	}
+	warm, err := d.reconcile(ctx)
+	if err != nil {
+		return nil, nil, fmt.Errorf("reconcile state with provider %s: %w", inner.Name(), err)
+	}
+	if err := d.mach.restore(ctx); err != nil {
+		return nil, nil, fmt.Errorf("restore machines: %w", err)
+	}
+	d.removeUnusedTemplateDirs()
+	if err := d.applyConfig(ctx); err != nil {
+		return nil, nil, err
+	}
+	d.adoptWarm(ctx, warm)
+	if err := d.checkAccounted(ctx); err != nil {
+		return nil, nil, err
+	}
+	srv, err = d.listen(cfg)
+	if err != nil {
+		return nil, nil, err
+	}
+	d.bg.Add(1)
+	go d.expireLeases(ctx)
+	log.Info("daemon started", "state", stateDir, "provider", inner.Name(), "listen", cfg.Listen,
+		"pools", len(d.pools.Pools()), "leases", len(d.leases))
+	return d, srv, nil
+}
+
+// abort releases what a failed start acquired, leaving every VM running for
+// the next attempt to reconcile.
+func (d *Daemon) abort() {
+	if d.pools != nil {
+		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+		_ = d.pools.Shutdown(ctx)
+		cancel()
+	}
+	if d.mach != nil {
+		d.mach.close()
+	}
+	d.bus.Close()
+	d.st.Close()
+}
+
+// serve runs the API until ctx ends, then shuts down: stop accepting, let
+// in-flight requests finish, destroy the warm VMs, keep leased VMs and
+// machines (or stop them too with StopAll).
+func (d *Daemon) serve(ctx context.Context, srv *server, opts Options) error {
+	errc := make(chan error, 1)
+	go func() { errc <- srv.serve() }()
+	if opts.ready != nil {
+		opts.ready(d)
+	}
+	var serveErr error
+	select {
+	case <-ctx.Done():
+	case serveErr = <-errc:
+		d.log.Error("API server failed", "err", serveErr)
+	}
+	d.log.Info("shutting down")
+	d.closing.Store(true)
+	sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), d.cfg.Limits.ShutdownWait.Std())
+	defer cancel()
+	if err := srv.shutdown(sctx); err != nil {
+		d.log.Warn("in-flight requests cut short", "err", err)
+	}
+	d.bg.Wait()
+	d.shutdown(sctx)
+	return serveErr
+}
+
+func (d *Daemon) shutdown(ctx context.Context) {
+	if err := d.pools.Shutdown(ctx); err != nil {
+		d.log.Warn("pool shutdown", "err", err)
+	}
+	if d.stopAll {
+		for _, l := range d.liveLeases() {
+			if err := d.Release(ctx, l.rec.ID); err != nil {
+				d.log.Warn("release lease at shutdown", "lease", l.rec.ID, "err", err)
+			}
+		}
+		d.mach.stopAll(ctx)
+	}
+	d.mach.close()
+	d.bus.Close()
+	if err := d.st.Close(); err != nil {
+		d.log.Warn("close state", "err", err)
+	}
+	d.log.Info("daemon stopped")
+}
+
+// applyConfig records the configuration file's templates, pools and
+// machines that the state does not have yet, and registers every pool.
+func (d *Daemon) applyConfig(ctx context.Context) error {
+	for _, name := range sortedKeys(d.cfg.Machines) {
+		if _, ok := d.mach.get(name); ok {
+			continue
+		}
+		if _, err := d.PutMachine(ctx, name, d.cfg.Machines[name].spec()); err != nil {
+			return fmt.Errorf("config machine %s: %w", name, err)
+		}
+	}
+	recorded, err := store.List(d.st, store.Pools)
+	if err != nil {
+		return err
+	}
+	have := map[string]bool{}
+	for _, p := range recorded {
+		have[p.Name] = true
+	}
+	for _, name := range sortedKeys(d.cfg.Pools) {
+		if have[name] {
+			continue
+		}
+		pc := d.cfg.Pools[name]
+		rec := store.Pool{Name: name, Template: pc.Template, Min: pc.Min, Max: pc.Max, MaxAge: pc.MaxAge.Std(), UpdatedAt: time.Now()}
+		if err := store.Put(d.st, store.Pools, rec); err != nil {
+			return err
+		}
+	}
+	if err := d.registerPools(); err != nil {
+		return err
+	}
+	var missing []string
+	for _, name := range sortedKeys(d.cfg.Templates) {
+		if _, ok := d.template(name); !ok {
+			missing = append(missing, name)
+		}
+	}
+	if len(missing) > 0 {
+		// Template builds take seconds to minutes; the API is up meanwhile
+		// and pools of these templates start filling when they are built.
+		d.bg.Add(1)
+		go func() {
+			defer d.bg.Done()
+			for _, name := range missing {
+				tc := d.cfg.Templates[name]
+				req := templateRequest(name, tc)
+				if _, err := d.BuildTemplate(ctx, req, func(step string) {
+					d.log.Info("building template", "template", name, "step", step)
+				}); err != nil {
+					if ctx.Err() != nil {
+						return
+					}
+					d.log.Error("build template from config", "template", name, "err", err)
+				}
+			}
+		}()
+	}
+	return nil
+}
+
+// checkOpen refuses new work once shutdown has begun.
+func (d *Daemon) checkOpen() error {
+	if d.closing.Load() {
+		return api.ErrShuttingDown
+	}
+	return nil
+}

@@ -1,0 +1,120 @@
+package daemon
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/warmpool/warmpool/api"
+	"github.com/warmpool/warmpool/pool"
+	"github.com/warmpool/warmpool/store"
+	"github.com/warmpool/warmpool/vm"
+)
+
+func stackSpec(p store.Pool, t store.Template) pool.StackSpec {
+	return pool.StackSpec{
+		Name:     p.Name,
+		Key:      vm.StackKey{Template: t.Name, VCPUs: t.VCPUs, MemoryMiB: t.MemoryMiB},
+		Snapshot: t.Snapshot,
+		Min:      p.Min,
+		Max:      p.Max,
+		MaxAge:   p.MaxAge,
+	}
+}
+
+// registerPools gives the pool manager every recorded pool whose template
+// exists, with that template's current snapshot.
+func (d *Daemon) registerPools() error {
+	recs, err := store.List(d.st, store.Pools)
+	if err != nil {
+		return err
+	}
+	for _, p := range recs {
+		t, ok := d.template(p.Template)
+		if !ok {
+			d.log.Warn("pool waits for its template", "pool", p.Name, "template", p.Template)
+			continue
+		}
+		if err := d.pools.Register(stackSpec(p, t)); err != nil {
+			return fmt.Errorf("register pool %s: %w", p.Name, err)
+		}
+	}
+	return nil
+}
+
+// SetPool implements api.Backend.
+func (d *Daemon) SetPool(ctx context.Context, name string, req api.PoolRequest) (api.Pool, error) {
+	if err := d.checkOpen(); err != nil {
+		return api.Pool{}, err
+	}
+	t, ok := d.template(req.Template)
+	if !ok {
+		return api.Pool{}, fmt.Errorf("set pool %s: template %s: %w (build it first)", name, req.Template, vm.ErrNotFound)
+	}
+	rec := store.Pool{Name: name, Template: req.Template, Min: req.Min, Max: req.Max, MaxAge: req.MaxAge.Std(), UpdatedAt: time.Now()}
+	if err := store.Put(d.st, store.Pools, rec); err != nil {
+		return api.Pool{}, fmt.Errorf("set pool %s: %w", name, err)
+	}
+	if err := d.pools.Register(stackSpec(rec, t)); err != nil {
+		return api.Pool{}, fmt.Errorf("set pool %s: %w", name, err)
+	}
+	return d.poolAPI(rec), nil
+}
+
+// DeletePool implements api.Backend.
+func (d *Daemon) DeletePool(ctx context.Context, name string) error {
+	if err := d.checkOpen(); err != nil {
+		return err
+	}
+	if _, err := store.Get(d.st, store.Pools, name); err != nil {
+		return fmt.Errorf("delete pool %s: %w", name, err)
+	}
+	if err := store.Delete(d.st, store.Pools, name); err != nil {
+		return fmt.Errorf("delete pool %s: %w", name, err)
+	}
+	if err := d.pools.Unregister(name); err != nil && !errors.Is(err, vm.ErrNotFound) {
+		return fmt.Errorf("delete pool %s: %w", name, err)
+	}
+	return nil
+}
+
+// Pools implements api.Backend.
+func (d *Daemon) Pools(ctx context.Context) ([]api.Pool, error) {
+	recs, err := store.List(d.st, store.Pools)
+	if err != nil {
+		return nil, err
+	}
+	out := make([]api.Pool, 0, len(recs))
+	for _, p := range recs {
+		out = append(out, d.poolAPI(p))
+	}
+	return out, nil
+}
+
+func (d *Daemon) poolAPI(p store.Pool) api.Pool {
+	out := api.Pool{Name: p.Name, Template: p.Template, Min: p.Min, Max: p.Max, MaxAge: api.Duration(p.MaxAge)}
+	if t, ok := d.template(p.Template); ok {
+		out.Generation = uint64(t.Generation)
+	}
+	for _, l := range d.liveLeases() {
+		if l.rec.Pool == p.Name {
+			out.Leased++
+		}
+	}
+	st, err := d.pools.Status(p.Name)
+	if err != nil {
+		return out
+	}
+	out.Ready, out.Restoring = st.Ready, st.Restoring
+	c := st.Counters
+	out.Counters = api.PoolCounters{
+		Acquired:           c.Acquired,
+		Hits:               c.Hits,
+		Waits:              c.Waits,
+		Timeouts:           c.Timeouts,
+		Evicted:            c.Evicted,
+		ValidationFailures: c.ValidationFailures,
+	}
+	return out
+}

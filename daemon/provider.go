@@ -1,0 +1,154 @@
+package daemon
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"time"
+
+	"github.com/warmpool/warmpool/store"
+	"github.com/warmpool/warmpool/vm"
+)
+
+// vmPurpose says what a VM about to be created is for. The daemon puts it in
+// the context of the call that creates the VM, so the VM's store record says
+// so from the moment it exists.
+type vmPurpose struct {
+	role    store.Role
+	machine string
+}
+
+type purposeKey struct{}
+
+func withPurpose(ctx context.Context, p vmPurpose) context.Context {
+	return context.WithValue(ctx, purposeKey{}, p)
+}
+
+// ownedProvider records every VM its inner provider creates or restores in
+// the store before handing it back, and removes the record once the VM is
+// destroyed. Pools, the template builder and the machine manager all create
+// VMs through it, so whatever crashes where, the next start finds each VM
+// either in the store (and knows what it was for) or in provider.List only
+// (and destroys it).
+type ownedProvider struct {
+	inner vm.Provider
+	st    *store.Store
+	log   *slog.Logger
+	// snapshotOwner maps a snapshot directory to the template and
+	// generation it belongs to.
+	snapshotOwner func(dir string) (template string, generation int)
+}
+
+var (
+	_ vm.Provider    = (*ownedProvider)(nil)
+	_ vm.Snapshotter = (*ownedProvider)(nil)
+	_ vm.Ballooner   = (*ownedProvider)(nil)
+	_ vm.AgentDialer = (*ownedProvider)(nil)
+)
+
+func (p *ownedProvider) Name() string                  { return p.inner.Name() }
+func (p *ownedProvider) Capabilities() vm.Capabilities { return p.inner.Capabilities() }
+
+func (p *ownedProvider) Create(ctx context.Context, spec vm.Spec) (vm.VM, error) {
+	v, err := p.inner.Create(ctx, spec)
+	if err != nil {
+		return v, err
+	}
+	return v, p.record(ctx, v, "")
+}
+
+func (p *ownedProvider) Restore(ctx context.Context, snap vm.Snapshot) (vm.VM, error) {
+	s, ok := p.inner.(vm.Snapshotter)
+	if !ok {
+		return vm.VM{}, fmt.Errorf("restore from %s: %w", snap.ID, vm.ErrUnsupported)
+	}
+	v, err := s.Restore(ctx, snap)
+	if err != nil {
+		return v, err
+	}
+	return v, p.record(ctx, v, snap.Dir)
+}
+
+// record writes the VM's record. When that fails the VM is destroyed: a VM
+// the store does not know about must not be used.
+func (p *ownedProvider) record(ctx context.Context, v vm.VM, snapshotDir string) error {
+	purpose, _ := ctx.Value(purposeKey{}).(vmPurpose)
+	rec := store.VM{
+		ID:          v.ID,
+		Provider:    p.inner.Name(),
+		Role:        purpose.role,
+		Machine:     purpose.machine,
+		SnapshotDir: snapshotDir,
+		CreatedAt:   time.Now(),
+	}
+	if rec.Role == "" {
+		rec.Role = store.RoleNew
+	}
+	if snapshotDir != "" && p.snapshotOwner != nil {
+		rec.Template, rec.Generation = p.snapshotOwner(snapshotDir)
+	}
+	err := store.Put(p.st, store.VMs, rec)
+	if err == nil {
+		return nil
+	}
+	dctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), time.Minute)
+	defer cancel()
+	if derr := p.inner.Destroy(dctx, v.ID); derr != nil {
+		p.log.Error("destroy VM that could not be recorded", "vm", v.ID, "err", derr)
+	}
+	return fmt.Errorf("record VM %s: %w", v.ID, err)
+}
+
+func (p *ownedProvider) Destroy(ctx context.Context, id string) error {
+	err := p.inner.Destroy(ctx, id)
+	if err == nil || errors.Is(err, vm.ErrNotFound) {
+		if derr := store.Delete(p.st, store.VMs, id); derr != nil {
+			p.log.Error("forget destroyed VM", "vm", id, "err", derr)
+		}
+	}
+	return err
+}
+
+func (p *ownedProvider) Pause(ctx context.Context, id string) error  { return p.inner.Pause(ctx, id) }
+func (p *ownedProvider) Resume(ctx context.Context, id string) error { return p.inner.Resume(ctx, id) }
+func (p *ownedProvider) Stop(ctx context.Context, id string, grace time.Duration) error {
+	return p.inner.Stop(ctx, id, grace)
+}
+func (p *ownedProvider) Inspect(ctx context.Context, id string) (vm.VM, error) {
+	return p.inner.Inspect(ctx, id)
+}
+func (p *ownedProvider) List(ctx context.Context) ([]vm.VM, error) { return p.inner.List(ctx) }
+
+func (p *ownedProvider) Snapshot(ctx context.Context, id, dir string) (vm.Snapshot, error) {
+	s, ok := p.inner.(vm.Snapshotter)
+	if !ok {
+		return vm.Snapshot{}, fmt.Errorf("snapshot %s: %w", id, vm.ErrUnsupported)
+	}
+	return s.Snapshot(ctx, id, dir)
+}
+
+func (p *ownedProvider) SetBalloon(ctx context.Context, id string, targetMiB int) error {
+	b, ok := p.inner.(vm.Ballooner)
+	if !ok {
+		return fmt.Errorf("balloon of %s: %w", id, vm.ErrUnsupported)
+	}
+	return b.SetBalloon(ctx, id, targetMiB)
+}
+
+func (p *ownedProvider) BalloonStats(ctx context.Context, id string) (vm.BalloonStats, error) {
+	b, ok := p.inner.(vm.Ballooner)
+	if !ok {
+		return vm.BalloonStats{}, fmt.Errorf("balloon of %s: %w", id, vm.ErrUnsupported)
+	}
+	return b.BalloonStats(ctx, id)
+}
+
+func (p *ownedProvider) DialAgent(ctx context.Context, id string) (net.Conn, error) {
+	d, ok := p.inner.(vm.AgentDialer)
+	if !ok {
+		return nil, fmt.Errorf("agent of %s: %w", id, vm.ErrUnsupported)
+	}
+	return d.DialAgent(ctx, id)
+}

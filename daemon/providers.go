@@ -1,0 +1,48 @@
+package daemon
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"path/filepath"
+
+	agentserver "github.com/warmpool/warmpool/agent/server"
+	"github.com/warmpool/warmpool/provider/fake"
+	"github.com/warmpool/warmpool/provider/firecracker"
+	"github.com/warmpool/warmpool/vm"
+)
+
+// newProvider builds the provider cfg names. Each keeps its VMs under
+// stateDir/vms so that VMs of different state directories never mix.
+func newProvider(cfg Config, stateDir string, log *slog.Logger) (vm.Provider, error) {
+	switch cfg.Provider {
+	case "qemu":
+		return newQEMU(cfg, stateDir, log)
+	case "firecracker":
+		opts := firecracker.Options{StateDir: stateDir, Binary: cfg.Firecracker.Binary, Logger: log.With("component", "firecracker")}
+		if cfg.Firecracker.Jailer != "" {
+			opts.JailerBinary = cfg.Firecracker.Jailer
+			opts.Jailer = &firecracker.JailerOptions{UID: os.Getuid(), GID: os.Getgid(), ChrootBase: filepath.Join(stateDir, "jail")}
+		}
+		p, err := firecracker.New(opts)
+		if err != nil {
+			return nil, fmt.Errorf("provider firecracker: %w", err)
+		}
+		return p, nil
+	case "fake":
+		return newFakeProvider(), nil
+	}
+	return nil, &vm.FieldError{Field: "provider", Value: cfg.Provider, Reason: "must be qemu, firecracker or fake"}
+}
+
+// newFakeProvider is the in-memory provider with the real agent server
+// answering every VM's agent connection in-process. Commands run by exec
+// run on the host: the fake is for tests and demos, not for isolation.
+func newFakeProvider() *fake.Provider {
+	state := agentserver.NewState()
+	return fake.New(fake.Options{AgentHandler: func(c net.Conn) {
+		_ = agentserver.Serve(context.Background(), c, agentserver.Options{State: state, Agent: "fake-agent"})
+	}})
+}

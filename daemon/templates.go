@@ -1,0 +1,219 @@
+package daemon
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/warmpool/warmpool/api"
+	"github.com/warmpool/warmpool/events"
+	"github.com/warmpool/warmpool/guest"
+	"github.com/warmpool/warmpool/store"
+)
+
+// Defaults of a template request that names no shape.
+const (
+	defaultTemplateVCPUs     = 1
+	defaultTemplateMemoryMiB = 256
+)
+
+func templateRequest(name string, tc TemplateConfig) api.TemplateRequest {
+	return api.TemplateRequest{Name: name, Image: tc.Image, VCPUs: tc.VCPUs, MemoryMiB: tc.MemoryMiB}
+}
+
+func (d *Daemon) loadTemplates() error {
+	tpls, err := store.List(d.st, store.Templates)
+	if err != nil {
+		return err
+	}
+	d.tplMu.Lock()
+	defer d.tplMu.Unlock()
+	for _, t := range tpls {
+		d.templates[t.Name] = t
+	}
+	return nil
+}
+
+func (d *Daemon) template(name string) (store.Template, bool) {
+	d.tplMu.Lock()
+	defer d.tplMu.Unlock()
+	t, ok := d.templates[name]
+	return t, ok
+}
+
+// snapshotOwner says which template generation a snapshot directory holds.
+func (d *Daemon) snapshotOwner(dir string) (string, int) {
+	d.tplMu.Lock()
+	defer d.tplMu.Unlock()
+	for _, t := range d.templates {
+		if t.Snapshot.Dir == dir {
+			return t.Name, t.Generation
+		}
+	}
+	return "", 0
+}
+
+func templateAPI(t store.Template) api.Template {
+	return api.Template{
+		Name:         t.Name,
+		VCPUs:        t.VCPUs,
+		MemoryMiB:    t.MemoryMiB,
+		Image:        t.Image,
+		Generation:   uint64(t.Generation),
+		SnapshotID:   t.Snapshot.ID,
+		Provider:     t.Snapshot.Provider,
+		SharedMemory: t.Snapshot.SharedMemory,
+		CreatedAt:    t.CreatedAt,
+	}
+}
+
+// Templates implements api.Backend.
+func (d *Daemon) Templates(ctx context.Context) ([]api.Template, error) {
+	d.tplMu.Lock()
+	defer d.tplMu.Unlock()
+	out := make([]api.Template, 0, len(d.templates))
+	for _, name := range sortedKeys(d.templates) {
+		out = append(out, templateAPI(d.templates[name]))
+	}
+	return out, nil
+}
+
+// guestImage loads the image in dir, or returns the daemon's default image
+// (built on first use into the shared guest image cache, the one `warmpool
+// image build` fills) when dir is empty.
+func (d *Daemon) guestImage(ctx context.Context, dir string, progress func(string)) (guest.Image, error) {
+	if d.prov.Name() == "fake" {
+		// The fake provider boots nothing; an image would only cost a
+		// kernel download.
+		return guest.Image{}, nil
+	}
+	dir = or(dir, d.cfg.Image)
+	if dir != "" {
+		return guest.Load(dir)
+	}
+	d.imageMu.Lock()
+	defer d.imageMu.Unlock()
+	if d.image != nil {
+		return *d.image, nil
+	}
+	img, err := guest.Build(ctx, guest.BuildOptions{Progress: func(step string, _, _ int64) {
+		if progress != nil {
+			progress(step)
+		}
+	}})
+	if err != nil {
+		return guest.Image{}, fmt.Errorf("guest image: %w", err)
+	}
+	d.image = &img
+	return img, nil
+}
+
+// BuildTemplate implements api.Backend. Each generation is built into its
+// own directory, templates/<name>/<generation>, because VMs restored from
+// the previous one may still map its files.
+func (d *Daemon) BuildTemplate(ctx context.Context, req api.TemplateRequest, progress func(string)) (api.Template, error) {
+	if err := d.checkOpen(); err != nil {
+		return api.Template{}, err
+	}
+	if progress == nil {
+		progress = func(string) {}
+	}
+	// Builds are CPU-heavy and few; one at a time keeps them from starving
+	// the pools.
+	d.buildMu.Lock()
+	defer d.buildMu.Unlock()
+	vcpus := or(req.VCPUs, defaultTemplateVCPUs)
+	mem := or(req.MemoryMiB, defaultTemplateMemoryMiB)
+	img, err := d.guestImage(ctx, req.Image, progress)
+	if err != nil {
+		return api.Template{}, fmt.Errorf("build template %s: %w", req.Name, err)
+	}
+	prev, _ := d.template(req.Name)
+	gen := prev.Generation + 1
+	dir := filepath.Join(d.stateDir, "templates", req.Name, strconv.Itoa(gen))
+	if err := os.RemoveAll(dir); err != nil {
+		return api.Template{}, fmt.Errorf("build template %s: clear %s: %w", req.Name, dir, err)
+	}
+	bctx := withPurpose(ctx, vmPurpose{role: store.RoleTemplateBuild})
+	t, err := buildTemplate(bctx, req.Name, d.prov, img, vcpus, mem, dir, progress)
+	if err != nil {
+		os.RemoveAll(dir)
+		return api.Template{}, fmt.Errorf("build template %s: %w", req.Name, err)
+	}
+	rec := store.Template{
+		Name:        req.Name,
+		Snapshot:    t.Snapshot,
+		Generation:  gen,
+		ImageDigest: t.ImageDigest,
+		Image:       img.Dir,
+		VCPUs:       vcpus,
+		MemoryMiB:   mem,
+		CreatedAt:   time.Now(),
+	}
+	if err := store.Put(d.st, store.Templates, rec); err != nil {
+		os.RemoveAll(dir)
+		return api.Template{}, fmt.Errorf("record template %s: %w", req.Name, err)
+	}
+	d.tplMu.Lock()
+	d.templates[req.Name] = rec
+	d.tplMu.Unlock()
+	d.bus.Publish(events.Event{Kind: "template.built", Subject: req.Name, Detail: map[string]any{"generation": gen}})
+	// Pools of this template move to the new snapshot; their warm VMs of
+	// the old one are replaced by the pool.
+	if err := d.registerPools(); err != nil {
+		d.log.Error("re-register pools after template build", "template", req.Name, "err", err)
+	}
+	d.removeUnusedTemplateDirs()
+	return templateAPI(rec), nil
+}
+
+// removeUnusedTemplateDirs deletes template generations that are neither
+// current nor the origin of a VM that still exists. It runs under buildMu
+// or before the API is up, so no build is writing a directory meanwhile.
+func (d *Daemon) removeUnusedTemplateDirs() {
+	keep := map[string]bool{}
+	d.tplMu.Lock()
+	for _, t := range d.templates {
+		keep[t.Snapshot.Dir] = true
+	}
+	d.tplMu.Unlock()
+	vms, err := store.List(d.st, store.VMs)
+	if err != nil {
+		d.log.Error("list VMs to clean up templates", "err", err)
+		return
+	}
+	for _, v := range vms {
+		if v.SnapshotDir != "" {
+			keep[v.SnapshotDir] = true
+		}
+	}
+	root := filepath.Join(d.stateDir, "templates")
+	names, _ := os.ReadDir(root)
+	for _, n := range names {
+		gens, _ := os.ReadDir(filepath.Join(root, n.Name()))
+		for _, g := range gens {
+			dir := filepath.Join(root, n.Name(), g.Name())
+			if keptBy(keep, dir) {
+				continue
+			}
+			d.log.Info("removing unused template generation", "dir", dir)
+			if err := os.RemoveAll(dir); err != nil {
+				d.log.Warn("remove template generation", "dir", dir, "err", err)
+			}
+		}
+	}
+}
+
+// keptBy reports whether dir holds one of the kept snapshot directories.
+func keptBy(keep map[string]bool, dir string) bool {
+	for k := range keep {
+		if k == dir || strings.HasPrefix(k, dir+string(filepath.Separator)) {
+			return true
+		}
+	}
+	return false
+}
