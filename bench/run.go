@@ -194,6 +194,9 @@ func (e *env) progress(format string, args ...any) {
 	fmt.Fprintf(e.opts.Progress, format+"\n", args...)
 }
 
+// testHookEnv, when set by a test, sees every run's environment.
+var testHookEnv func(*env)
+
 // scenarioFunc measures one scenario and returns its rows.
 type scenarioFunc func(ctx context.Context, e *env) ([]Scenario, error)
 
@@ -222,6 +225,9 @@ func Run(ctx context.Context, opts Options) (rep Report, err error) {
 		return Report{}, fmt.Errorf("bench state directory in %s: %w", parent, err)
 	}
 	e := &env{opts: opts, stateDir: stateDir}
+	if testHookEnv != nil {
+		testHookEnv(e)
+	}
 	defer func() {
 		// Cleanup must run even when ctx is already cancelled (Ctrl-C), but
 		// must not hang forever on a wedged hypervisor.
