@@ -239,6 +239,8 @@ func TestAcquireOnEmptyBucketNeverWaitsForSweep(t *testing.T) {
 	if err := p.Register(stack("lazy", snap, 0, 2)); err != nil {
 		t.Fatal(err)
 	}
+	settle := func() { time.Sleep(50 * time.Millisecond) } // let earlier wake-ups be consumed
+	settle()
 	l := acquire(t, p, "lazy")
 	if l.Timings.Wait <= 0 {
 		t.Errorf("acquire on an empty bucket reports no wait: %+v", l.Timings)
@@ -248,7 +250,9 @@ func TestAcquireOnEmptyBucketNeverWaitsForSweep(t *testing.T) {
 	if err := p.Register(stack("floor", snap, 1, 1)); err != nil {
 		t.Fatal(err)
 	}
+	waitReady(t, p, "floor", 1)
 	for range 3 {
+		settle()
 		acquire(t, p, "floor")
 	}
 	s := status(t, p, "lazy")
