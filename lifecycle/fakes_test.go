@@ -429,14 +429,15 @@ func (h *harness) waitState(name string, want State) Machine {
 	return m
 }
 
-// waitEvent returns the next event of kind about subject that matches ok.
+// waitEvent returns the next event of kind about subject (any when empty)
+// that matches ok, skipping the others.
 func (h *harness) waitEvent(subject, kind string, ok func(events.Event) bool) events.Event {
 	h.t.Helper()
 	timeout := time.After(20 * time.Second)
 	for {
 		select {
 		case e := <-h.sub.C:
-			if e.Subject == subject && e.Kind == kind && (ok == nil || ok(e)) {
+			if (subject == "" || e.Subject == subject) && e.Kind == kind && (ok == nil || ok(e)) {
 				return e
 			}
 		case <-timeout:

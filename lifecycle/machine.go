@@ -104,8 +104,9 @@ type machine struct {
 	quit       chan struct{}
 	exited     chan struct{}
 
-	mu   sync.Mutex
-	view Machine
+	mu        sync.Mutex
+	view      Machine
+	persisted Machine // last one given to OnChange
 
 	// owned by run
 	state        State
@@ -171,6 +172,7 @@ func newMachine(mgr *Manager, name string, in initial) *machine {
 	// A machine found broken at restore is being recovered.
 	mc.recovering = in.state == Failed
 	mc.view = mc.buildView()
+	mc.persisted = mc.view
 	return mc
 }
 
@@ -257,7 +259,7 @@ func (mc *machine) handle(c command) {
 			}
 		}
 		if mc.state == Running && mc.op == nil && len(mc.drift()) == 0 {
-			c.reply <- reply{machine: mc.buildView()}
+			c.reply <- reply{machine: mc.publish()}
 			return
 		}
 		mc.waiters = append(mc.waiters, c.reply)
@@ -271,7 +273,7 @@ func (mc *machine) handle(c command) {
 		mc.failWaiters(ErrStopped)
 		mc.emit("machine.stop_requested", map[string]any{"force": c.force})
 		if (mc.state == NotExist || mc.state == Stopped) && mc.op == nil {
-			c.reply <- reply{machine: mc.buildView()}
+			c.reply <- reply{machine: mc.publish()}
 			return
 		}
 		mc.stopWaiters = append(mc.stopWaiters, c.reply)
@@ -298,7 +300,7 @@ func (mc *machine) handle(c command) {
 		}
 		mc.holds = append(mc.holds, h)
 		mc.emit("machine.hold", map[string]any{"hold": h.ID, "owner": h.Owner, "holds": len(mc.holds)})
-		c.reply <- reply{machine: mc.buildView(), hold: h}
+		c.reply <- reply{machine: mc.publish(), hold: h}
 	case cmdUnhold:
 		i := mc.holdIndex(c.holdID)
 		if i < 0 {
@@ -308,7 +310,7 @@ func (mc *machine) handle(c command) {
 		mc.holds = append(mc.holds[:i:i], mc.holds[i+1:]...)
 		mc.activity(now)
 		mc.emit("machine.unhold", map[string]any{"hold": c.holdID, "holds": len(mc.holds)})
-		c.reply <- reply{machine: mc.buildView()}
+		c.reply <- reply{machine: mc.publish()}
 	case cmdTouch:
 		mc.activity(now)
 	}
@@ -549,28 +551,37 @@ func (mc *machine) buildView() Machine {
 	return v
 }
 
-// publish refreshes the view and tells the daemon when something worth
-// persisting changed (activity alone is not).
-func (mc *machine) publish() {
+// refresh updates what Get sees and returns it.
+func (mc *machine) refresh() Machine {
 	v := mc.buildView()
 	mc.mu.Lock()
-	old := mc.view
 	mc.view = v
 	mc.mu.Unlock()
+	return v
+}
+
+// publish refreshes the view and tells the daemon when something worth
+// persisting changed (activity alone is not). Answers to callers go out
+// after it, so what a caller was told is already persisted.
+func (mc *machine) publish() Machine {
+	v := mc.refresh()
 	if mc.cfg.OnChange == nil {
-		return
+		return v
 	}
-	old.LastActivity, v.LastActivity = time.Time{}, time.Time{}
+	old := mc.persisted
+	old.LastActivity = v.LastActivity
 	if !reflect.DeepEqual(old, v) {
-		mc.cfg.OnChange(mc.buildView())
+		mc.persisted = v
+		mc.cfg.OnChange(v)
 	}
+	return v
 }
 
 func (mc *machine) resolveWaiters() {
 	if len(mc.waiters) == 0 {
 		return
 	}
-	v := mc.buildView()
+	v := mc.publish()
 	for _, w := range mc.waiters {
 		w <- reply{machine: v}
 	}
@@ -581,7 +592,7 @@ func (mc *machine) failWaiters(err error) {
 	if len(mc.waiters) == 0 {
 		return
 	}
-	v := mc.buildView()
+	v := mc.publish()
 	for _, w := range mc.waiters {
 		w <- reply{machine: v, err: err}
 	}
@@ -592,7 +603,7 @@ func (mc *machine) resolveStop(err error) {
 	if len(mc.stopWaiters) == 0 {
 		return
 	}
-	v := mc.buildView()
+	v := mc.publish()
 	for _, w := range mc.stopWaiters {
 		w <- reply{machine: v, err: err}
 	}

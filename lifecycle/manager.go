@@ -106,7 +106,7 @@ func (m *Manager) Ensure(ctx context.Context, spec MachineSpec) (Machine, error)
 	if err := checkDataDiskNotShrunk(m.cfg.StateDir, spec); err != nil {
 		return Machine{}, wrapName("ensure", spec.Name, err)
 	}
-	mc, err := m.machine(spec.Name, true)
+	mc, err := m.machine(spec.Name, &spec)
 	if err != nil {
 		return Machine{}, wrapName("ensure", spec.Name, err)
 	}
@@ -122,7 +122,7 @@ func (m *Manager) Ensure(ctx context.Context, spec MachineSpec) (Machine, error)
 // it skips the graceful step and overtakes a graceful stop in progress. The
 // data disk stays; a suspended machine's snapshot is discarded.
 func (m *Manager) Stop(ctx context.Context, name string, force bool) error {
-	mc, err := m.machine(name, false)
+	mc, err := m.machine(name, nil)
 	if err != nil {
 		return wrapName("stop", name, err)
 	}
@@ -142,7 +142,7 @@ func (m *Manager) Hold(ctx context.Context, name, owner string, ttl time.Duratio
 	if len(owner) > maxOwnerLen {
 		return Hold{}, wrapName("hold", name, &vm.FieldError{Field: "owner", Value: owner[:32] + "...", Reason: "longer than 256 bytes"})
 	}
-	mc, err := m.machine(name, false)
+	mc, err := m.machine(name, nil)
 	if err != nil {
 		return Hold{}, wrapName("hold", name, err)
 	}
@@ -155,7 +155,7 @@ func (m *Manager) Hold(ctx context.Context, name, owner string, ttl time.Duratio
 
 // Unhold releases one hold. Releasing the last hold starts the idle clock.
 func (m *Manager) Unhold(name, holdID string) error {
-	mc, err := m.machine(name, false)
+	mc, err := m.machine(name, nil)
 	if err != nil {
 		return wrapName("unhold", name, err)
 	}
@@ -168,7 +168,7 @@ func (m *Manager) Unhold(name, holdID string) error {
 // Touch records activity on the machine (any API call about it counts) and
 // wakes it if idle. Unknown names are ignored.
 func (m *Manager) Touch(name string) {
-	mc, err := m.machine(name, false)
+	mc, err := m.machine(name, nil)
 	if err != nil {
 		return
 	}
@@ -180,7 +180,7 @@ func (m *Manager) Touch(name string) {
 
 // Get returns the machine's current view without waiting for its goroutine.
 func (m *Manager) Get(name string) (Machine, error) {
-	mc, err := m.machine(name, false)
+	mc, err := m.machine(name, nil)
 	if err != nil {
 		return Machine{}, wrapName("get", name, err)
 	}
@@ -231,8 +231,9 @@ func (m *Manager) Close(ctx context.Context) error {
 	}
 }
 
-// machine returns the named machine, creating it (in NotExist) if asked.
-func (m *Manager) machine(name string, create bool) (*machine, error) {
+// machine returns the named machine. With a spec, a missing machine is
+// added in NotExist and starts coming up at once.
+func (m *Manager) machine(name string, spec *MachineSpec) (*machine, error) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	if m.closed {
@@ -241,10 +242,10 @@ func (m *Manager) machine(name string, create bool) (*machine, error) {
 	if mc, ok := m.machines[name]; ok {
 		return mc, nil
 	}
-	if !create {
+	if spec == nil {
 		return nil, vm.ErrNotFound
 	}
-	mc := newMachine(m, name, initial{state: NotExist, want: DesiredRunning})
+	mc := newMachine(m, name, initial{state: NotExist, want: DesiredRunning, spec: *spec})
 	m.machines[name] = mc
 	m.start(mc)
 	return mc, nil

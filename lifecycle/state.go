@@ -70,12 +70,3 @@ func Transition(s State, ev Event) (State, error) {
 	}
 	return s, fmt.Errorf("machine in state %s cannot take %q: %w", s, ev, vm.ErrInvalidState)
 }
-
-// hasVM reports whether a VM process may exist in state s.
-func (s State) hasVM() bool {
-	switch s {
-	case Created, Starting, Running, Idle, Stopping, Failed, Stopped:
-		return true
-	}
-	return false
-}
