@@ -661,13 +661,26 @@ func TestFailingStackBacksOffAndRecovers(t *testing.T) {
 }
 
 func TestShutdownDuringInflightRestoresLeavesNoVMs(t *testing.T) {
-	prov := fake.New(fake.Options{RestoreLatency: 100 * time.Millisecond})
+	prov := fake.New(fake.Options{})
 	snap := prov.AddSnapshot(testSpec)
 	hang := prov.AddSnapshot(testSpec)
+	stubborn := prov.AddSnapshot(testSpec)
 	prov.SetHook(func(ctx context.Context, op fake.Op, target string) error {
-		if op == fake.OpRestore && target == hang.ID {
+		if op != fake.OpRestore {
+			return nil
+		}
+		switch target {
+		case hang.ID: // until cancelled
 			<-ctx.Done()
 			return ctx.Err()
+		case stubborn.ID: // finishes even though cancelled, as a real restore may
+			time.Sleep(100 * time.Millisecond)
+		default:
+			select {
+			case <-time.After(100 * time.Millisecond):
+			case <-ctx.Done():
+				return ctx.Err()
+			}
 		}
 		return nil
 	})
@@ -681,9 +694,12 @@ func TestShutdownDuringInflightRestoresLeavesNoVMs(t *testing.T) {
 	if err := p.Register(stack("hung", hang, 2, 2)); err != nil {
 		t.Fatal(err)
 	}
+	if err := p.Register(stack("stubborn", stubborn, 2, 2)); err != nil {
+		t.Fatal(err)
+	}
 	waitFor(t, "some ready and some restoring", func() bool {
 		s := status(t, p, "slow")
-		return s.Ready > 0 && s.Restoring > 0
+		return s.Ready > 0 && s.Restoring > 0 && status(t, p, "stubborn").Restoring > 0
 	})
 	waitCtx, cancelWait := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancelWait()

@@ -57,7 +57,7 @@ func Run(t *testing.T, newProvider func(t *testing.T) (vm.Provider, Fixture)) {
 	if fx.ConcurrentRestores <= 0 {
 		fx.ConcurrentRestores = 3
 	}
-	s := &suite{p: p, fx: fx, ids: make(map[string]bool)}
+	s := &suite{p: p, fx: fx, ids: make(map[string]bool), snapDir: t.TempDir()}
 	if err := fx.Spec.Validate(); err != nil {
 		t.Fatalf("Fixture.Spec is not valid: %v", err)
 	}
@@ -91,6 +91,9 @@ type suite struct {
 	ids  map[string]bool // every VM the suite saw, for cleanup
 	base vm.VM           // the cold-booted VM most subtests share
 	snap vm.Snapshot
+	// snapDir outlives the subtest that writes the snapshot because later
+	// subtests restore from it.
+	snapDir string
 }
 
 func (s *suite) ctx(t *testing.T) context.Context {
@@ -425,7 +428,7 @@ func (s *suite) testSnapshotRestore(t *testing.T) {
 	if err := s.p.Pause(ctx, base.ID); err != nil {
 		t.Fatalf("Pause: %v", err)
 	}
-	snap, err := sn.Snapshot(ctx, base.ID, t.TempDir())
+	snap, err := sn.Snapshot(ctx, base.ID, s.snapDir)
 	if err != nil {
 		t.Fatalf("Snapshot of paused %s: %v", base.ID, err)
 	}
