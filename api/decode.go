@@ -1,6 +1,7 @@
 package api
 
 import (
+	"encoding/base64"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -98,7 +99,13 @@ func decodeError(err error) *Error {
 		if field == "" {
 			return invalid(fmt.Sprintf("request body must be a JSON object, got %s", typ.Value))
 		}
+		if typ.Type == durationType {
+			return invalid(fmt.Sprintf("invalid %s: got %s, want a duration string such as \"30s\"", field, typ.Value))
+		}
 		return invalid(fmt.Sprintf("invalid %s: got %s, want %s", field, typ.Value, jsonKind(typ.Type.Kind().String())))
+	case errors.As(err, new(base64.CorruptInputError)):
+		// The decoder does not say which field; stdin is the only binary one.
+		return invalid("invalid stdin: not valid base64 (" + err.Error() + ")")
 	case errors.Is(err, io.ErrUnexpectedEOF):
 		return invalid("malformed JSON: body ends in the middle of a value")
 	}

@@ -11,6 +11,8 @@ import (
 	"errors"
 	"fmt"
 	"path/filepath"
+	"reflect"
+	"strconv"
 	"time"
 
 	"github.com/warmpool/warmpool/vm"
@@ -34,17 +36,21 @@ func (d Duration) MarshalJSON() ([]byte, error) {
 // UnmarshalJSON accepts only a duration string; a bare number is rejected
 // because its unit would be a guess.
 func (d *Duration) UnmarshalJSON(b []byte) error {
+	// An *json.UnmarshalTypeError gets the field name filled in by the
+	// decoder, so the client learns which duration was wrong.
 	var s string
 	if err := json.Unmarshal(b, &s); err != nil {
-		return fmt.Errorf("duration must be a string such as \"30s\", got %s", truncate(string(b), 40))
+		return &json.UnmarshalTypeError{Value: truncate(string(b), 40), Type: durationType}
 	}
 	v, err := time.ParseDuration(s)
 	if err != nil {
-		return fmt.Errorf("duration %q: want a value such as \"30s\" or \"5m\"", truncate(s, 40))
+		return &json.UnmarshalTypeError{Value: strconv.Quote(truncate(s, 40)), Type: durationType}
 	}
 	*d = Duration(v)
 	return nil
 }
+
+var durationType = reflect.TypeFor[Duration]()
 
 func truncate(s string, n int) string {
 	if len(s) <= n {

@@ -71,6 +71,13 @@ func (b *Backend) Calls() []string {
 	return slices.Clone(b.calls)
 }
 
+// ResetCalls forgets the recorded calls.
+func (b *Backend) ResetCalls() {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	b.calls = nil
+}
+
 func (b *Backend) call(name string) {
 	b.calls = append(b.calls, name)
 }
