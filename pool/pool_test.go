@@ -694,13 +694,14 @@ func TestShutdownDuringInflightRestoresLeavesNoVMs(t *testing.T) {
 	if err := p.Register(stack("hung", hang, 2, 2)); err != nil {
 		t.Fatal(err)
 	}
+	waitFor(t, "some ready and some restoring", func() bool {
+		s := status(t, p, "slow")
+		return s.Ready > 0 && s.Restoring > 0
+	})
 	if err := p.Register(stack("stubborn", stubborn, 2, 2)); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, "some ready and some restoring", func() bool {
-		s := status(t, p, "slow")
-		return s.Ready > 0 && s.Restoring > 0 && status(t, p, "stubborn").Restoring > 0
-	})
+	waitFor(t, "stubborn restores in flight", func() bool { return status(t, p, "stubborn").Restoring > 0 })
 	waitCtx, cancelWait := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancelWait()
 	waiterErr := make(chan error, 1)
