@@ -700,3 +700,96 @@ func TestCloseLeavesMachinesRunning(t *testing.T) {
 		t.Errorf("%d creates across a restart, want 1", creates)
 	}
 }
+
+func TestEnsureCallerGivingUpDoesNotAbortTheStart(t *testing.T) {
+	h := newHarness(t, nil)
+	gate := make(chan struct{})
+	h.p.createGate = gate
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() {
+		_, err := h.mgr.Ensure(ctx, baseSpec("dev"))
+		done <- err
+	}()
+	h.waitState("dev", Creating)
+	cancel()
+	if err := <-done; !errors.Is(err, context.Canceled) {
+		t.Fatalf("cancelled Ensure = %v", err)
+	}
+	close(gate)
+	h.waitState("dev", Running)
+}
+
+func TestStopSuspendedDiscardsSnapshotKeepsDisk(t *testing.T) {
+	h := newHarness(t, func(c *Config) { c.Idle.SuspendAfter = time.Hour })
+	spec := baseSpec("dev")
+	spec.DataDiskMiB = 8
+	h.ensure(spec)
+	h.clock.Advance(time.Hour)
+	sus := h.waitState("dev", Suspended)
+	if err := h.mgr.Stop(context.Background(), "dev", false); err != nil {
+		t.Fatal(err)
+	}
+	m, _ := h.mgr.Get("dev")
+	if m.State != Stopped || m.Snapshot != nil {
+		t.Errorf("after stop: state %s snapshot %v", m.State, m.Snapshot)
+	}
+	if _, err := os.Stat(sus.Snapshot.Dir); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("snapshot of a stopped machine kept: %v", err)
+	}
+	if _, err := os.Stat(filepath.Join(h.cfg.StateDir, "machines", "dev", "data.img")); err != nil {
+		t.Errorf("data disk: %v", err)
+	}
+	// Ensure boots it cold.
+	h.ensure(spec)
+	if creates, _, restores := h.p.counts(); creates != 2 || restores != 0 {
+		t.Errorf("creates %d restores %d, want 2 and 0", creates, restores)
+	}
+}
+
+func TestIdleWithoutBalloonOrSnapshotCapabilities(t *testing.T) {
+	h := newHarness(t, func(c *Config) {
+		c.Idle = IdlePolicy{ShrinkAfter: time.Minute, SuspendAfter: time.Hour, ReserveMiB: 64}
+	})
+	h.p.caps = vm.Capabilities{}
+	h.ensure(baseSpec("dev"))
+	h.clock.Advance(time.Minute)
+	idle := h.waitState("dev", Idle)
+	if idle.BalloonMiB != nil {
+		t.Errorf("balloon %d on a provider without balloon", *idle.BalloonMiB)
+	}
+	e := h.waitEvent("dev", "machine.idle", nil)
+	if e.Detail["reason"] == nil {
+		t.Errorf("idle event %v does not say why the balloon stayed", e.Detail)
+	}
+	h.clock.Advance(2 * time.Hour)
+	time.Sleep(10 * time.Millisecond)
+	if m, _ := h.mgr.Get("dev"); m.State != Idle {
+		t.Errorf("state %s without snapshot capability, want idle", m.State)
+	}
+	if _, snaps, _ := h.p.counts(); snaps != 0 {
+		t.Errorf("%d snapshots on a provider without snapshots", snaps)
+	}
+	// An ensure wakes it.
+	h.ensure(baseSpec("dev"))
+}
+
+func TestIdleShrinkNeedsToKnowGuestUse(t *testing.T) {
+	// No agent stats and a balloon without guest statistics: the manager
+	// must not guess a size.
+	h := newHarness(t, func(c *Config) { c.Idle = IdlePolicy{ShrinkAfter: time.Minute, ReserveMiB: 64} })
+	h.ensure(baseSpec("dev"))
+	h.clock.Advance(time.Minute)
+	e := h.waitEvent("dev", "machine.idle_failed", nil)
+	if e.Detail["step"] != "shrink" {
+		t.Errorf("idle_failed %v", e.Detail)
+	}
+	if m, _ := h.mgr.Get("dev"); m.State != Running || m.BalloonMiB != nil {
+		t.Errorf("after a failed shrink: state %s balloon %v", m.State, m.BalloonMiB)
+	}
+	h.p.mu.Lock()
+	defer h.p.mu.Unlock()
+	if len(h.p.balloonSets) != 0 {
+		t.Errorf("balloon set to %v without knowing guest use", h.p.balloonSets)
+	}
+}
