@@ -7,6 +7,29 @@
 // snapshot) run as operations in their own goroutine and report back, so a
 // forced stop, a Get or an Ensure on a running machine is answered at once
 // even while a graceful stop hangs.
+//
+// Events (subject = machine name):
+//
+//	machine.state            every transition: from, to, event, reason, vm_id
+//	machine.drift            fields: the spec fields that force a recreate
+//	machine.failed           error, attempt (a start failed or the VM broke)
+//	machine.recovering       attempt, delay_ms, delay, counted (false for a vanished VM)
+//	machine.recovered        vm_id, attempts
+//	machine.gave_up          attempts, error
+//	machine.vanished         vm_id (the provider lost the VM during start)
+//	machine.ping_failed      error, failures (below HealthFailures)
+//	machine.health_failed    error, failures, process_gone, vanished
+//	machine.idle             balloon_mib, guest_used_mib, reserve_mib
+//	machine.idle_failed      step (shrink|suspend), error
+//	machine.woke             memory_mib          machine.wake_failed  error
+//	machine.suspended        vm_id, snapshot_dir machine.resumed      vm_id
+//	machine.snapshot_discarded error (resume failed; the next start is cold)
+//	machine.stop_requested   force               machine.stop_forced  reason
+//	machine.hold / machine.unhold / machine.hold_expired   hold, owner, holds
+//	machine.restored         state, recorded_state, vm_id, reason
+//
+// Providers: Inspect must report StatusStopped (or ErrNotFound) once a guest
+// powered itself off, or graceful stops wait for StopTimeout and force.
 package lifecycle
 
 import (

@@ -3,6 +3,7 @@ package lifecycle
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
 	"os"
 	"path/filepath"
@@ -688,9 +689,20 @@ func TestCloseLeavesMachinesRunning(t *testing.T) {
 	if _, err := h.mgr.Ensure(ctx, baseSpec("dev")); !errors.Is(err, ErrClosed) {
 		t.Errorf("Ensure after Close = %v, want ErrClosed", err)
 	}
-	// A new manager takes the machine over as it is.
+	// A new manager takes the machine over as it is, from the record the
+	// daemon persisted as JSON.
+	h.mu.Lock()
+	b, err := json.Marshal(h.changes[len(h.changes)-1])
+	h.mu.Unlock()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var rec Record
+	if err := json.Unmarshal(b, &rec); err != nil {
+		t.Fatal(err)
+	}
 	h.newManager()
-	if err := h.mgr.Restore(ctx, []Record{m}); err != nil {
+	if err := h.mgr.Restore(ctx, []Record{rec}); err != nil {
 		t.Fatal(err)
 	}
 	if got := h.ensure(baseSpec("dev")); got.VMID != m.VMID {
