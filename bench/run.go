@@ -169,7 +169,10 @@ func (e *env) cleanupAll(ctx context.Context) error {
 	e.mu.Unlock()
 	var errs []error
 	for i := len(cs) - 1; i >= 0; i-- {
-		if err := cs[i].fn(ctx); err != nil {
+		start := time.Now()
+		err := cs[i].fn(ctx)
+		e.opts.Logger.Debug("bench cleanup", "what", cs[i].what, "took", time.Since(start), "err", err)
+		if err != nil {
 			errs = append(errs, fmt.Errorf("clean up %s: %w", cs[i].what, err))
 		}
 	}

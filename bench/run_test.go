@@ -83,7 +83,7 @@ func TestRunFakeQuickReportShape(t *testing.T) {
 		}
 	}
 	want := []string{"cold-boot", "restore", "warm-acquire", "burst", "burst-hit", "burst-wait",
-		"memory-private", "memory-pss", "pool-overhead"}
+		"memory-private", "memory-pss", "ensure-cold", "ensure-running", "ensure-suspended", "pool-overhead"}
 	for _, id := range want {
 		if !ran[id] {
 			t.Errorf("scenario %s missing from the report", id)
@@ -96,7 +96,7 @@ func TestRunFakeQuickReportShape(t *testing.T) {
 			t.Errorf("%s: skipped = %q, want the reason", id, s.Skipped)
 		}
 	}
-	for _, id := range []string{"cold-boot", "restore", "warm-acquire", "burst", "pool-overhead"} {
+	for _, id := range []string{"cold-boot", "restore", "warm-acquire", "burst", "ensure-cold", "ensure-running", "ensure-suspended", "pool-overhead"} {
 		if s, _ := rep.Scenario(id); s.Skipped != "" {
 			t.Errorf("%s skipped with the fake provider: %s", id, s.Skipped)
 		}
@@ -115,7 +115,7 @@ func TestRunFakeQuickReportShape(t *testing.T) {
 	for _, s := range rep.Scenarios {
 		targets += len(s.Targets)
 	}
-	if targets < 4 {
+	if targets < 6 {
 		t.Errorf("only %d targets evaluated, want every target whose scenario ran", targets)
 	}
 	if !strings.Contains(progress.String(), "[7/7]") {
