@@ -1,0 +1,573 @@
+package main
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"slices"
+	"strings"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	"github.com/warmpool/warmpool/api"
+	"github.com/warmpool/warmpool/events"
+	"github.com/warmpool/warmpool/vm"
+)
+
+func newTemplateCommand(g *globals) *cobra.Command {
+	cmd := &cobra.Command{Use: "template", Short: "Build and list templates (snapshots warm VMs are restored from)"}
+	var req api.TemplateRequest
+	build := &cobra.Command{
+		Use:   "build NAME",
+		Short: "Cold boot the guest image, wait for its agent and snapshot it as template NAME",
+		Args:  args("NAME"),
+		RunE: func(cmd *cobra.Command, a []string) error {
+			req.Name = a[0]
+			return g.withClient(func(c *api.Client) error {
+				p := newProgress(cmd.ErrOrStderr())
+				stop := p.spinWhile("building template " + req.Name)
+				t, err := c.BuildTemplate(cmd.Context(), req, func(step string) { p.spin(step) })
+				stop()
+				if err != nil {
+					return wrapf(err, "build template %s", req.Name)
+				}
+				return printTemplates(cmd.OutOrStdout(), g, []api.Template{t}, true)
+			})
+		},
+	}
+	build.Flags().StringVar(&req.Image, "image", "", "guest image directory (default: the daemon's image)")
+	build.Flags().IntVar(&req.VCPUs, "vcpus", 0, "vCPUs (default: the daemon's)")
+	build.Flags().IntVar(&req.MemoryMiB, "mem", 0, "memory in MiB (default: the daemon's)")
+	ls := &cobra.Command{
+		Use:     "ls",
+		Aliases: []string{"list"},
+		Short:   "List templates",
+		Args:    args(),
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			return g.withClient(func(c *api.Client) error {
+				ts, err := c.Templates(cmd.Context())
+				if err != nil {
+					return wrapf(err, "list templates")
+				}
+				return printTemplates(cmd.OutOrStdout(), g, ts, false)
+			})
+		},
+	}
+	cmd.AddCommand(build, ls)
+	return cmd
+}
+
+func printTemplates(w io.Writer, g *globals, ts []api.Template, single bool) error {
+	if g.json() {
+		if single {
+			return printJSON(w, ts[0])
+		}
+		return printJSON(w, ts)
+	}
+	t := newTable(w, "NAME", "VCPUS", "MEMORY", "GENERATION", "SHARED", "CREATED", "IMAGE")
+	for _, tm := range ts {
+		t.row(tm.Name, tm.VCPUs, fmt.Sprintf("%dMiB", tm.MemoryMiB), tm.Generation, tm.SharedMemory, age(tm.CreatedAt), tm.Image)
+	}
+	return t.flush()
+}
+
+func newPoolCommand(g *globals) *cobra.Command {
+	cmd := &cobra.Command{Use: "pool", Short: "Set, list and remove warm pools"}
+	var (
+		req    api.PoolRequest
+		maxAge time.Duration
+	)
+	set := &cobra.Command{
+		Use:   "set NAME --template T [--min N] [--max N] [--max-age D]",
+		Short: "Create or change pool NAME; the change persists",
+		Args:  args("NAME"),
+		RunE: func(cmd *cobra.Command, a []string) error {
+			if req.Template == "" {
+				return usagef("%s needs --template (see %s --help)", subPath(cmd), cmd.CommandPath())
+			}
+			if !cmd.Flags().Changed("max") {
+				req.Max = max(req.Min, 1)
+			}
+			req.MaxAge = api.Duration(maxAge)
+			return g.withClient(func(c *api.Client) error {
+				p, err := c.SetPool(cmd.Context(), a[0], req)
+				if err != nil {
+					return wrapf(err, "set pool %s", a[0])
+				}
+				return printPools(cmd.OutOrStdout(), g, []api.Pool{p}, true)
+			})
+		},
+	}
+	set.Flags().StringVar(&req.Template, "template", "", "template the pool's VMs are restored from (required)")
+	set.Flags().IntVar(&req.Min, "min", 1, "VMs kept ready")
+	set.Flags().IntVar(&req.Max, "max", 0, "most VMs kept ready (default: --min)")
+	set.Flags().DurationVar(&maxAge, "max-age", 0, "replace ready VMs older than this (0: never)")
+	ls := &cobra.Command{
+		Use:     "ls",
+		Aliases: []string{"list"},
+		Short:   "List pools with their depth and counters",
+		Args:    args(),
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			return g.withClient(func(c *api.Client) error {
+				ps, err := c.Pools(cmd.Context())
+				if err != nil {
+					return wrapf(err, "list pools")
+				}
+				return printPools(cmd.OutOrStdout(), g, ps, false)
+			})
+		},
+	}
+	rm := &cobra.Command{
+		Use:     "rm NAME",
+		Aliases: []string{"delete"},
+		Short:   "Remove pool NAME and destroy its ready VMs (leases stay)",
+		Args:    args("NAME"),
+		RunE: func(cmd *cobra.Command, a []string) error {
+			return g.withClient(func(c *api.Client) error {
+				if err := c.DeletePool(cmd.Context(), a[0]); err != nil {
+					return wrapf(err, "remove pool %s", a[0])
+				}
+				return nil
+			})
+		},
+	}
+	cmd.AddCommand(set, ls, rm)
+	return cmd
+}
+
+func printPools(w io.Writer, g *globals, ps []api.Pool, single bool) error {
+	if g.json() {
+		if single {
+			return printJSON(w, ps[0])
+		}
+		return printJSON(w, ps)
+	}
+	t := newTable(w, "NAME", "TEMPLATE", "READY", "RESTORING", "LEASED", "MIN", "MAX", "MAX-AGE", "GEN", "ACQUIRED", "HITS", "WAITS", "TIMEOUTS", "EVICTED")
+	for _, p := range ps {
+		maxAge := "-"
+		if p.MaxAge > 0 {
+			maxAge = p.MaxAge.String()
+		}
+		c := p.Counters
+		t.row(p.Name, p.Template, p.Ready, p.Restoring, p.Leased, p.Min, p.Max, maxAge, p.Generation,
+			c.Acquired, c.Hits, c.Waits, c.Timeouts, c.Evicted)
+	}
+	return t.flush()
+}
+
+func newAcquireCommand(g *globals) *cobra.Command {
+	var (
+		wait  time.Duration
+		ttl   time.Duration
+		owner string
+		quiet bool
+	)
+	cmd := &cobra.Command{
+		Use:   "acquire POOL [--wait D] [--ttl D]",
+		Short: "Take a ready VM from POOL and print its lease",
+		Long: `acquire takes a ready VM from POOL, waiting up to --wait for one, and prints
+the lease. When none is ready in time it exits with 75 (EX_TEMPFAIL).`,
+		Args: args("POOL"),
+		RunE: func(cmd *cobra.Command, a []string) error {
+			return g.withClient(func(c *api.Client) error {
+				stop := newProgress(cmd.ErrOrStderr()).spinWhile("acquiring from " + a[0])
+				l, err := c.Acquire(cmd.Context(), a[0], wait, api.AcquireRequest{Owner: owner, TTL: api.Duration(ttl)})
+				stop()
+				if err != nil {
+					return wrapf(err, "acquire from pool %s", a[0])
+				}
+				if quiet {
+					_, err := fmt.Fprintln(cmd.OutOrStdout(), l.ID)
+					return err
+				}
+				return printLeases(cmd.OutOrStdout(), g, []api.Lease{l}, true)
+			})
+		},
+	}
+	cmd.Flags().DurationVar(&wait, "wait", 0, "how long the daemon waits for a ready VM (default: the daemon's, 10s)")
+	cmd.Flags().DurationVar(&ttl, "ttl", 0, "destroy the VM after this long (0: until released)")
+	cmd.Flags().StringVar(&owner, "owner", "", "label recorded with the lease")
+	cmd.Flags().BoolVarP(&quiet, "quiet", "q", false, "print only the lease ID")
+	return cmd
+}
+
+func printLeases(w io.Writer, g *globals, ls []api.Lease, single bool) error {
+	if g.json() {
+		if single {
+			return printJSON(w, ls[0])
+		}
+		return printJSON(w, ls)
+	}
+	t := newTable(w, "LEASE", "POOL", "VM", "ADDRESS", "OWNER", "CREATED", "EXPIRES", "WAIT", "HANDOFF", "TOTAL")
+	for _, l := range ls {
+		t.row(l.ID, l.Pool, l.VMID, orDash(l.Address), l.Owner, age(l.CreatedAt), timeOrDash(l.ExpiresAt),
+			ms(l.Timings.WaitMS), ms(l.Timings.HandoffMS), ms(l.Timings.TotalMS))
+	}
+	return t.flush()
+}
+
+func ms(v int64) string { return fmt.Sprintf("%dms", v) }
+
+func newLeaseCommand(g *globals) *cobra.Command {
+	cmd := &cobra.Command{Use: "lease", Short: "List leases"}
+	cmd.AddCommand(&cobra.Command{
+		Use:     "ls",
+		Aliases: []string{"list"},
+		Short:   "List live leases",
+		Args:    args(),
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			return g.withClient(func(c *api.Client) error {
+				ls, err := c.Leases(cmd.Context())
+				if err != nil {
+					return wrapf(err, "list leases")
+				}
+				return printLeases(cmd.OutOrStdout(), g, ls, false)
+			})
+		},
+	})
+	return cmd
+}
+
+func newReleaseCommand(g *globals) *cobra.Command {
+	return &cobra.Command{
+		Use:   "release LEASE...",
+		Short: "Release leases: their VMs are destroyed (releasing twice is fine)",
+		Args: func(cmd *cobra.Command, a []string) error {
+			if len(a) == 0 {
+				return usagef("%s takes at least one LEASE", subPath(cmd))
+			}
+			return nil
+		},
+		RunE: func(cmd *cobra.Command, a []string) error {
+			return g.withClient(func(c *api.Client) error {
+				var errs []error
+				for _, id := range a {
+					if err := c.Release(cmd.Context(), id); err != nil {
+						errs = append(errs, wrapf(err, "release lease %s", id))
+					}
+				}
+				return errors.Join(errs...)
+			})
+		},
+	}
+}
+
+func newExecCommand(g *globals) *cobra.Command {
+	var (
+		req     api.ExecRequest
+		timeout time.Duration
+		stdin   bool
+	)
+	cmd := &cobra.Command{
+		Use:   "exec LEASE -- CMD [ARGS...]",
+		Short: "Run a command in a leased VM; output streams, the exit code passes through",
+		Args: func(cmd *cobra.Command, a []string) error {
+			if len(a) < 2 || (a[1] == "--" && len(a) < 3) {
+				return usagef("%s takes LEASE -- CMD [ARGS...]", subPath(cmd))
+			}
+			return nil
+		},
+		RunE: func(cmd *cobra.Command, a []string) error {
+			// Parsing stops at LEASE, so a "--" after it arrives as an argument.
+			req.Argv = a[1:]
+			if req.Argv[0] == "--" {
+				req.Argv = req.Argv[1:]
+			}
+			req.Timeout = api.Duration(timeout)
+			if stdin {
+				// Base64 grows the body by 4/3; stay under the server's limit.
+				const maxStdin = api.MaxBodyBytes * 3 / 4 * 9 / 10
+				b, err := io.ReadAll(io.LimitReader(cmd.InOrStdin(), maxStdin+1))
+				if err != nil {
+					return wrapf(err, "read stdin")
+				}
+				if len(b) > maxStdin {
+					return fmt.Errorf("stdin larger than %d bytes; copy big inputs into the VM another way", maxStdin)
+				}
+				req.Stdin = b
+			}
+			return g.withClient(func(c *api.Client) error {
+				code, err := c.Exec(cmd.Context(), a[0], req, cmd.OutOrStdout(), cmd.ErrOrStderr())
+				if err != nil {
+					return wrapf(err, "exec %s in lease %s", req.Argv[0], a[0])
+				}
+				if code != 0 {
+					if code < 0 || code > 255 {
+						code = 255
+					}
+					return &exitCodeError{code: code}
+				}
+				return nil
+			})
+		},
+	}
+	cmd.Flags().StringArrayVarP(&req.Env, "env", "e", nil, "KEY=VALUE added to the command's environment (repeatable)")
+	cmd.Flags().StringVarP(&req.Dir, "workdir", "w", "", "working directory inside the VM")
+	cmd.Flags().DurationVar(&timeout, "timeout", 0, "kill the command after this long (default: the daemon's)")
+	cmd.Flags().BoolVarP(&stdin, "stdin", "i", false, "send this process's stdin to the command")
+	// Flags after the command belong to it, not to warmpool.
+	cmd.Flags().SetInterspersed(false)
+	return cmd
+}
+
+func newMachineCommand(g *globals) *cobra.Command {
+	cmd := &cobra.Command{Use: "machine", Short: "Long-lived machines: ensure, list, stop, hold, follow events"}
+	var (
+		spec                    api.MachineSpec
+		idleAfter, suspendAfter time.Duration
+	)
+	ensure := &cobra.Command{
+		Use:   "ensure NAME [--vcpus N] [--mem MIB]",
+		Short: "Create, start or resume machine NAME and return when its agent answers",
+		Args:  args("NAME"),
+		RunE: func(cmd *cobra.Command, a []string) error {
+			name := a[0]
+			return g.withClient(func(c *api.Client) error {
+				f := cmd.Flags()
+				var req *api.MachineRequest
+				if f.Changed("vcpus") || f.Changed("mem") || f.Changed("disk") || f.Changed("cmdline") ||
+					f.Changed("idle-after") || f.Changed("suspend-after") {
+					// Start from the recorded spec so one flag changes one field.
+					cur, err := c.Machine(cmd.Context(), name)
+					if err != nil && !errors.Is(err, vm.ErrNotFound) {
+						return wrapf(err, "ensure machine %s", name)
+					}
+					merged := cur.Spec
+					if f.Changed("vcpus") || merged.VCPUs == 0 {
+						merged.VCPUs = spec.VCPUs
+					}
+					if f.Changed("mem") || merged.MemoryMiB == 0 {
+						merged.MemoryMiB = spec.MemoryMiB
+					}
+					if f.Changed("disk") {
+						merged.DataDiskMiB = spec.DataDiskMiB
+					}
+					if f.Changed("cmdline") {
+						merged.Cmdline = spec.Cmdline
+					}
+					if f.Changed("idle-after") {
+						d := api.Duration(idleAfter)
+						merged.IdleAfter = &d
+					}
+					if f.Changed("suspend-after") {
+						d := api.Duration(suspendAfter)
+						merged.SuspendAfter = &d
+					}
+					req = &merged
+				}
+				stop := newProgress(cmd.ErrOrStderr()).spinWhile("ensuring machine " + name)
+				m, err := c.EnsureMachine(cmd.Context(), name, req)
+				stop()
+				if err != nil {
+					if errors.Is(err, vm.ErrNotFound) && req == nil {
+						return fmt.Errorf("%w (give --vcpus and --mem to create it)", wrapf(err, "ensure machine %s", name))
+					}
+					return wrapf(err, "ensure machine %s", name)
+				}
+				return printMachines(cmd.OutOrStdout(), g, []api.Machine{m}, true)
+			})
+		},
+	}
+	ef := ensure.Flags()
+	ef.IntVar(&spec.VCPUs, "vcpus", 1, "vCPUs")
+	ef.IntVar(&spec.MemoryMiB, "mem", 512, "memory in MiB")
+	ef.IntVar(&spec.DataDiskMiB, "disk", 0, "persistent data disk in MiB (0: none)")
+	ef.StringVar(&spec.Cmdline, "cmdline", "", "extra guest kernel command line")
+	ef.DurationVar(&idleAfter, "idle-after", 0, "shrink the balloon after this long idle (0: off)")
+	ef.DurationVar(&suspendAfter, "suspend-after", 0, "suspend to a snapshot after this long idle (0: off)")
+
+	ls := &cobra.Command{
+		Use:     "ls",
+		Aliases: []string{"list"},
+		Short:   "List machines",
+		Args:    args(),
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			return g.withClient(func(c *api.Client) error {
+				ms, err := c.Machines(cmd.Context())
+				if err != nil {
+					return wrapf(err, "list machines")
+				}
+				return printMachines(cmd.OutOrStdout(), g, ms, false)
+			})
+		},
+	}
+
+	var force bool
+	stop := &cobra.Command{
+		Use:   "stop NAME [--force]",
+		Short: "Stop machine NAME, gracefully unless --force",
+		Args:  args("NAME"),
+		RunE: func(cmd *cobra.Command, a []string) error {
+			return g.withClient(func(c *api.Client) error {
+				done := newProgress(cmd.ErrOrStderr()).spinWhile("stopping machine " + a[0])
+				err := c.StopMachine(cmd.Context(), a[0], force)
+				done()
+				if err != nil {
+					return wrapf(err, "stop machine %s", a[0])
+				}
+				return nil
+			})
+		},
+	}
+	stop.Flags().BoolVar(&force, "force", false, "kill the VM without waiting for a graceful power-off")
+
+	var hreq api.HoldRequest
+	var ttl time.Duration
+	hold := &cobra.Command{
+		Use:   "hold NAME [--ttl D]",
+		Short: "Keep machine NAME from idling or suspending; prints the hold",
+		Args:  args("NAME"),
+		RunE: func(cmd *cobra.Command, a []string) error {
+			hreq.TTL = api.Duration(ttl)
+			return g.withClient(func(c *api.Client) error {
+				h, err := c.HoldMachine(cmd.Context(), a[0], hreq)
+				if err != nil {
+					return wrapf(err, "hold machine %s", a[0])
+				}
+				if g.json() {
+					return printJSON(cmd.OutOrStdout(), h)
+				}
+				t := newTable(cmd.OutOrStdout(), "HOLD", "MACHINE", "OWNER", "EXPIRES")
+				t.row(h.ID, h.Machine, h.Owner, timeOrDash(h.ExpiresAt))
+				return t.flush()
+			})
+		},
+	}
+	hold.Flags().DurationVar(&ttl, "ttl", 0, "end the hold after this long (0: until released)")
+	hold.Flags().StringVar(&hreq.Owner, "owner", "", "label recorded with the hold")
+
+	unhold := &cobra.Command{
+		Use:   "unhold NAME HOLD",
+		Short: "Release a hold on machine NAME",
+		Args:  args("NAME", "HOLD"),
+		RunE: func(cmd *cobra.Command, a []string) error {
+			return g.withClient(func(c *api.Client) error {
+				if err := c.ReleaseHold(cmd.Context(), a[0], a[1]); err != nil {
+					return wrapf(err, "release hold %s on machine %s", a[1], a[0])
+				}
+				return nil
+			})
+		},
+	}
+
+	evs := &cobra.Command{
+		Use:   "events [NAME]",
+		Short: "Follow machine events (of NAME only, when given) until interrupted",
+		Args:  optionalArg("NAME"),
+		RunE: func(cmd *cobra.Command, a []string) error {
+			filter := api.EventFilter{KindPrefix: "machine."}
+			if len(a) == 1 {
+				filter.Subject = a[0]
+			}
+			return followEvents(cmd, g, filter)
+		},
+	}
+	cmd.AddCommand(ensure, ls, stop, hold, unhold, evs)
+	return cmd
+}
+
+func printMachines(w io.Writer, g *globals, ms []api.Machine, single bool) error {
+	if g.json() {
+		if single {
+			return printJSON(w, ms[0])
+		}
+		return printJSON(w, ms)
+	}
+	t := newTable(w, "NAME", "STATE", "SINCE", "VCPUS", "MEMORY", "BALLOON", "DISK", "HOLDS", "LAST-ERROR")
+	for _, m := range ms {
+		balloon := "-"
+		if m.BalloonMiB != nil {
+			balloon = fmt.Sprintf("%dMiB", *m.BalloonMiB)
+		}
+		disk := "-"
+		if m.Spec.DataDiskMiB > 0 {
+			disk = fmt.Sprintf("%dMiB", m.Spec.DataDiskMiB)
+		}
+		t.row(m.Name, m.State, age(m.Since), m.Spec.VCPUs, fmt.Sprintf("%dMiB", m.Spec.MemoryMiB), balloon, disk, m.Holds, orDash(m.LastError))
+	}
+	return t.flush()
+}
+
+func newEventsCommand(g *globals) *cobra.Command {
+	var filter api.EventFilter
+	cmd := &cobra.Command{
+		Use:   "events [--subject NAME] [--kind PREFIX]",
+		Short: "Follow every event (pools, leases, machines) until interrupted",
+		Args:  args(),
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			return followEvents(cmd, g, filter)
+		},
+	}
+	cmd.Flags().StringVar(&filter.Subject, "subject", "", "only events about this pool, lease or machine")
+	cmd.Flags().StringVar(&filter.KindPrefix, "kind", "", "only events whose kind starts with this (e.g. pool.)")
+	return cmd
+}
+
+// followEvents prints events as they come: one JSON object per line with
+// -o json, else one aligned-enough line each (a table cannot be aligned
+// before its rows are known, and events never end).
+func followEvents(cmd *cobra.Command, g *globals, filter api.EventFilter) error {
+	return g.withClient(func(c *api.Client) error {
+		w := cmd.OutOrStdout()
+		err := c.Events(cmd.Context(), filter, nil, func(e events.Event) error {
+			if g.json() {
+				return printCompactJSON(w, e)
+			}
+			_, err := fmt.Fprintf(w, "%s  %-20s %-20s %s\n", e.Time.Local().Format("15:04:05.000"), e.Kind, e.Subject, formatDetail(e.Detail))
+			return err
+		})
+		if err != nil {
+			return wrapf(err, "follow events")
+		}
+		return nil
+	})
+}
+
+func formatDetail(d map[string]any) string {
+	if len(d) == 0 {
+		return ""
+	}
+	keys := make([]string, 0, len(d))
+	for k := range d {
+		keys = append(keys, k)
+	}
+	slices.Sort(keys)
+	parts := make([]string, 0, len(keys))
+	for _, k := range keys {
+		parts = append(parts, fmt.Sprintf("%s=%v", k, d[k]))
+	}
+	return strings.Join(parts, " ")
+}
+
+func newStatusCommand(g *globals) *cobra.Command {
+	return &cobra.Command{
+		Use:   "status",
+		Short: "Show the daemon's provider, state directory and counts",
+		Args:  args(),
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			return g.withClient(func(c *api.Client) error {
+				st, err := c.Status(cmd.Context())
+				if err != nil {
+					return wrapf(err, "status")
+				}
+				if g.json() {
+					return printJSON(cmd.OutOrStdout(), st)
+				}
+				return keyValues(cmd.OutOrStdout(),
+					"version", st.Version,
+					"provider", st.Provider,
+					"accel", st.Accel,
+					"capabilities", strings.Join(st.Capabilities, ", "),
+					"state dir", st.StateDir,
+					"up since", fmt.Sprintf("%s (%s)", st.StartedAt.Local().Format(time.RFC3339), age(st.StartedAt)),
+					"templates", st.Templates,
+					"pools", st.Pools,
+					"leases", st.Leases,
+					"machines", st.Machines,
+					"vms", st.VMs,
+				)
+			})
+		},
+	}
+}

@@ -1,0 +1,59 @@
+package main
+
+import (
+	"fmt"
+	"log/slog"
+
+	"github.com/spf13/cobra"
+
+	"github.com/warmpool/warmpool/daemon"
+)
+
+func newServeCommand(g *globals) *cobra.Command {
+	var (
+		opts     daemon.Options
+		logLevel string
+		logJSON  bool
+	)
+	cmd := &cobra.Command{
+		Use:   "serve [--config FILE] [--state DIR] [--listen unix:PATH|tcp:HOST:PORT] [--provider qemu|firecracker|fake]",
+		Short: "Run the daemon: warm pools, machines and the HTTP API",
+		Long: `serve runs the warmpool daemon in the foreground. It listens on
+warmpool.sock in the state directory (mode 0600) unless --listen says
+otherwise; a TCP listener requires --token-file. On SIGTERM or Ctrl-C it stops
+accepting, finishes in-flight requests, destroys warm VMs and keeps leased VMs
+and machines running for the next start to adopt (unless --stop-all).`,
+		Args: args(),
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			var level slog.Level
+			if err := level.UnmarshalText([]byte(logLevel)); err != nil {
+				return usagef("invalid --log-level %q: want debug, info, warn or error", logLevel)
+			}
+			hopts := &slog.HandlerOptions{Level: level}
+			if logJSON {
+				opts.Logger = slog.New(slog.NewJSONHandler(cmd.ErrOrStderr(), hopts))
+			} else {
+				opts.Logger = slog.New(slog.NewTextHandler(cmd.ErrOrStderr(), hopts))
+			}
+			opts.StateDir = g.stateDir
+			opts.TokenFile = g.tokenFile
+			if err := daemon.Run(cmd.Context(), opts); err != nil {
+				return fmt.Errorf("serve: %w", err)
+			}
+			return nil
+		},
+	}
+	f := cmd.Flags()
+	f.StringVar(&opts.ConfigFile, "config", "", "YAML configuration file (pools, templates, machines, limits)")
+	f.StringVar(&opts.Listen, "listen", "", "unix:PATH or tcp:HOST:PORT (default: unix socket in the state directory)")
+	f.StringVar(&opts.Provider, "provider", "", "VM provider: qemu, firecracker or fake (default: the config's, else qemu)")
+	f.StringVar(&opts.Accel, "accel", "", "QEMU accelerator: auto, kvm or tcg (default auto)")
+	f.BoolVar(&opts.StopAll, "stop-all", false, "on shutdown also destroy leased VMs and stop machines")
+	f.StringVar(&opts.FirecrackerBin, "firecracker-bin", "", "path of the firecracker binary")
+	f.StringVar(&opts.JailerBin, "jailer-bin", "", "path of the jailer binary")
+	f.StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")
+	f.BoolVar(&logJSON, "log-json", false, "log as JSON lines")
+	_ = cmd.RegisterFlagCompletionFunc("provider", fixedCompletion("qemu", "firecracker", "fake"))
+	_ = cmd.RegisterFlagCompletionFunc("accel", fixedCompletion("auto", "kvm", "tcg"))
+	return cmd
+}
