@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"runtime"
 	"sync"
 	"time"
 
@@ -41,6 +42,9 @@ func poolOverhead(ctx context.Context, e *env) ([]Scenario, error) {
 	if err := bp.Register(pool.StackSpec{Name: bp.name, Key: bp.key, Snapshot: snap, Min: 0, Max: total}); err != nil {
 		return nil, fmt.Errorf("lower the floor of pool %s: %w", bp.name, err)
 	}
+	// Collect the garbage of filling 1000s of entries now, not during the
+	// measurement.
+	runtime.GC()
 	ds, wall, hits, err := acquireConcurrently(ctx, bp, conc, per)
 	if err != nil {
 		return nil, err
