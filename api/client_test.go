@@ -107,6 +107,11 @@ func TestClientRoundTripOverUnixSocket(t *testing.T) {
 	if code, err = c.Exec(ctx, lease.ID, api.ExecRequest{Argv: []string{"exit", "42"}}, &stdout, &stderr); err != nil || code != 42 {
 		t.Fatalf("exec exit 42: code %d, err %v", code, err)
 	}
+	stdout.Reset()
+	_, err = c.Exec(ctx, lease.ID, api.ExecRequest{Argv: []string{"vanish"}}, &stdout, &stderr)
+	if !errors.Is(err, vm.ErrInvalidState) || stdout.String() != "partial\n" {
+		t.Fatalf("exec that fails after output: stdout %q, err %v; want the output and a conflict error", stdout.String(), err)
+	}
 	if _, err := c.Exec(ctx, "lease-404", api.ExecRequest{Argv: []string{"echo"}}, &stdout, &stderr); !errors.Is(err, vm.ErrNotFound) {
 		t.Fatalf("exec in unknown lease: %v, want not found", err)
 	}
@@ -331,5 +336,46 @@ func TestListen(t *testing.T) {
 			ln.Close()
 			t.Errorf("Listen(%q) succeeded", bad)
 		}
+	}
+}
+
+// TestLongRequestsOutliveServerTimeouts checks that an event stream keeps
+// working past the server's read and write timeouts (scaled down here).
+func TestLongRequestsOutliveServerTimeouts(t *testing.T) {
+	fake := apitest.New()
+	srv := api.NewHTTPServer(api.NewServer(api.ServerOptions{Backend: fake}))
+	srv.ReadTimeout, srv.WriteTimeout = 100*time.Millisecond, 100*time.Millisecond
+	ln, err := api.Listen("unix:" + filepath.Join(t.TempDir(), "s.sock"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	go srv.Serve(ln)
+	t.Cleanup(func() { srv.Close() })
+	c := api.NewClient(ln.Addr().String(), "")
+	defer c.Close()
+
+	subscribed := make(chan struct{})
+	got := make(chan events.Event, 1)
+	done := make(chan error, 1)
+	ctx, cancel := context.WithCancel(t.Context())
+	defer cancel()
+	go func() {
+		done <- c.Events(ctx, api.EventFilter{}, func() { close(subscribed) }, func(e events.Event) error {
+			got <- e
+			return nil
+		})
+	}()
+	<-subscribed
+	time.Sleep(500 * time.Millisecond) // well past both timeouts
+	fake.Bus.Publish(events.Event{Kind: "pool.refilled", Subject: "web"})
+	select {
+	case e := <-got:
+		if e.Kind != "pool.refilled" {
+			t.Fatalf("event %+v", e)
+		}
+	case err := <-done:
+		t.Fatalf("stream ended after the server's timeouts: %v", err)
+	case <-time.After(10 * time.Second):
+		t.Fatal("no event")
 	}
 }

@@ -302,10 +302,14 @@ func pathName(w http.ResponseWriter, r *http.Request, key, field string) (string
 	return v, true
 }
 
-// noDeadline lifts the server's write timeout for a response that may
-// legitimately take long (long-poll, streams).
+// noDeadline lifts the server's write timeout (and, for good measure, the
+// read deadline, which net/http clears itself once the body is read) for a
+// request that may legitimately take long: long-poll, streams.
 func noDeadline(w http.ResponseWriter) {
-	_ = http.NewResponseController(w).SetWriteDeadline(time.Time{}) // unsupported writers have no deadline to lift
+	rc := http.NewResponseController(w)
+	// Writers that do not support deadlines have none to lift.
+	_ = rc.SetReadDeadline(time.Time{})
+	_ = rc.SetWriteDeadline(time.Time{})
 }
 
 func (s *Server) healthz(w http.ResponseWriter, r *http.Request) {

@@ -20,7 +20,7 @@ import (
 // Backend is an in-memory api.Backend. Acquire hands out a lease when the
 // pool has Ready > 0 and fails with api.ErrNothingReady otherwise. Exec runs
 // a tiny built-in command set: "echo ARGS...", "fail" (writes to stderr),
-// "exit N".
+// "exit N", "vanish" (writes, then fails as if the VM died).
 type Backend struct {
 	mu        sync.Mutex
 	templates map[string]api.Template
@@ -234,6 +234,12 @@ func (b *Backend) Exec(ctx context.Context, leaseID string, req api.ExecRequest,
 	case "fail":
 		_, err := io.WriteString(stderr, "failing as asked\n")
 		return 1, err
+	case "vanish":
+		// Output, then the VM goes away mid-command.
+		if _, err := io.WriteString(stdout, "partial\n"); err != nil {
+			return -1, err
+		}
+		return -1, fmt.Errorf("lease %s: agent connection lost: %w", leaseID, vm.ErrInvalidState)
 	case "exit":
 		if len(req.Argv) < 2 {
 			return 0, nil
