@@ -1,10 +1,7 @@
 package bench
 
 import (
-	"context"
-	"fmt"
 	"os"
-	"os/exec"
 	"runtime"
 	"strconv"
 	"strings"
@@ -53,19 +50,6 @@ func kernelRelease() string {
 		return runtime.GOOS
 	}
 	return strings.TrimSpace(string(data))
-}
-
-// qemuVersion asks the binary itself, so the report names the QEMU that
-// actually ran even when several are installed.
-func qemuVersion(ctx context.Context, binary string) (string, error) {
-	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-	defer cancel()
-	out, err := exec.CommandContext(ctx, binary, "--version").Output()
-	if err != nil {
-		return "", fmt.Errorf("run %s --version: %w", binary, err)
-	}
-	line, _, _ := strings.Cut(string(out), "\n")
-	return strings.TrimSpace(strings.TrimPrefix(line, "QEMU emulator version ")), nil
 }
 
 func hostInfo() Host {

@@ -142,6 +142,10 @@ type env struct {
 	bootSpec vm.Spec
 	template vm.Snapshot
 	stateDir string
+	// accel is what the template VM's hypervisor ran with, if known.
+	accel string
+	// closeProvider lets go of the provider after the final sweep.
+	closeProvider func() error
 
 	mu       sync.Mutex
 	cleanups []cleanup
@@ -186,6 +190,12 @@ func (e *env) cleanupAll(ctx context.Context) error {
 				errs = append(errs, fmt.Errorf("destroy leftover VM %s: %w", v.ID, err))
 			}
 		}
+	}
+	if e.closeProvider != nil {
+		if err := e.closeProvider(); err != nil {
+			errs = append(errs, fmt.Errorf("close provider: %w", err))
+		}
+		e.closeProvider = nil
 	}
 	return errors.Join(errs...)
 }

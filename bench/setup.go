@@ -70,6 +70,7 @@ func snapshotTemplate(ctx context.Context, e *env, dir string) (vm.Snapshot, err
 		return vm.Snapshot{}, fmt.Errorf("boot template VM: %w", err)
 	}
 	defer e.destroy(ctx, v.ID) //nolint:errcheck // the final sweep retries
+	e.accel = accelOf(v.PID)
 	if err := agent.WaitReady(ctx, e.dialer, v.ID); err != nil {
 		return vm.Snapshot{}, fmt.Errorf("template VM %s: %w", v.ID, err)
 	}

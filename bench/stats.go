@@ -59,12 +59,3 @@ func millis(ds []time.Duration) []float64 {
 	}
 	return out
 }
-
-// nanos converts durations to nanoseconds as floats.
-func nanos(ds []time.Duration) []float64 {
-	out := make([]float64, len(ds))
-	for i, d := range ds {
-		out[i] = float64(d)
-	}
-	return out
-}
