@@ -70,7 +70,10 @@ func AddKernelEntropy(b []byte) error {
 	if _, _, errno := unix.Syscall(unix.SYS_IOCTL, f.Fd(), ioctlRNDADDENTROPY, uintptr(unsafe.Pointer(&info))); errno != 0 {
 		return fmt.Errorf("RNDADDENTROPY: %w", errno)
 	}
-	if _, _, errno := unix.Syscall(unix.SYS_IOCTL, f.Fd(), ioctlRNDRESEEDCRNG, 0); errno != 0 && errno != unix.EINVAL && errno != unix.ENOTTY {
+	// ENODATA: the CRNG is not initialised yet. It will be once enough
+	// entropy is credited (these bytes count), and it seeds from the pool
+	// then. EINVAL/ENOTTY: a kernel before 4.17.
+	if _, _, errno := unix.Syscall(unix.SYS_IOCTL, f.Fd(), ioctlRNDRESEEDCRNG, 0); errno != 0 && errno != unix.ENODATA && errno != unix.EINVAL && errno != unix.ENOTTY {
 		return fmt.Errorf("RNDRESEEDCRNG: %w", errno)
 	}
 	return nil
