@@ -95,7 +95,7 @@ func (b *builder) fetchKernel(ctx context.Context, pkg string) (*kernelTree, err
 	}
 	kernels, _ := filepath.Glob(filepath.Join(root, "boot", "vmlinuz-*"))
 	if len(kernels) != 1 {
-		return nil, fmt.Errorf("Debian package %s: want one boot/vmlinuz-*, found %d", pkg, len(kernels))
+		return nil, fmt.Errorf("kernel package %s: want one boot/vmlinuz-*, found %d", pkg, len(kernels))
 	}
 	release := strings.TrimPrefix(filepath.Base(kernels[0]), "vmlinuz-")
 	return &kernelTree{pkg: pkg, root: root, release: release, vmlinuz: kernels[0]}, nil
