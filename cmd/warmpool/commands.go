@@ -79,9 +79,10 @@ func newPoolCommand(g *globals) *cobra.Command {
 		maxAge time.Duration
 	)
 	set := &cobra.Command{
-		Use:   "set NAME --template T [--min N] [--max N] [--max-age D]",
-		Short: "Create or change pool NAME; the change persists",
-		Args:  args("NAME"),
+		Use:               "set NAME --template T [--min N] [--max N] [--max-age D]",
+		ValidArgsFunction: completeNames(g, poolNames),
+		Short:             "Create or change pool NAME; the change persists",
+		Args:              args("NAME"),
 		RunE: func(cmd *cobra.Command, a []string) error {
 			if req.Template == "" {
 				return usagef("%s needs --template (see %s --help)", subPath(cmd), cmd.CommandPath())
@@ -103,6 +104,9 @@ func newPoolCommand(g *globals) *cobra.Command {
 	set.Flags().IntVar(&req.Min, "min", 1, "VMs kept ready")
 	set.Flags().IntVar(&req.Max, "max", 0, "most VMs kept ready (default: --min)")
 	set.Flags().DurationVar(&maxAge, "max-age", 0, "replace ready VMs older than this (0: never)")
+	_ = set.RegisterFlagCompletionFunc("template", func(cmd *cobra.Command, _ []string, s string) ([]string, cobra.ShellCompDirective) {
+		return completeNames(g, templateNames)(cmd, nil, s)
+	})
 	ls := &cobra.Command{
 		Use:     "ls",
 		Aliases: []string{"list"},
@@ -119,10 +123,11 @@ func newPoolCommand(g *globals) *cobra.Command {
 		},
 	}
 	rm := &cobra.Command{
-		Use:     "rm NAME",
-		Aliases: []string{"delete"},
-		Short:   "Remove pool NAME and destroy its ready VMs (leases stay)",
-		Args:    args("NAME"),
+		Use:               "rm NAME",
+		ValidArgsFunction: completeNames(g, poolNames),
+		Aliases:           []string{"delete"},
+		Short:             "Remove pool NAME and destroy its ready VMs (leases stay)",
+		Args:              args("NAME"),
 		RunE: func(cmd *cobra.Command, a []string) error {
 			return g.withClient(func(c *api.Client) error {
 				if err := c.DeletePool(cmd.Context(), a[0]); err != nil {
@@ -164,8 +169,9 @@ func newAcquireCommand(g *globals) *cobra.Command {
 		quiet bool
 	)
 	cmd := &cobra.Command{
-		Use:   "acquire POOL [--wait D] [--ttl D]",
-		Short: "Take a ready VM from POOL and print its lease",
+		Use:               "acquire POOL [--wait D] [--ttl D]",
+		ValidArgsFunction: completeNames(g, poolNames),
+		Short:             "Take a ready VM from POOL and print its lease",
 		Long: `acquire takes a ready VM from POOL, waiting up to --wait for one, and prints
 the lease. When none is ready in time it exits with 75 (EX_TEMPFAIL).`,
 		Args: args("POOL"),
@@ -231,7 +237,10 @@ func newLeaseCommand(g *globals) *cobra.Command {
 
 func newReleaseCommand(g *globals) *cobra.Command {
 	return &cobra.Command{
-		Use:   "release LEASE...",
+		Use: "release LEASE...",
+		ValidArgsFunction: func(cmd *cobra.Command, a []string, s string) ([]string, cobra.ShellCompDirective) {
+			return completeNames(g, leaseIDs)(cmd, nil, s)
+		},
 		Short: "Release leases: their VMs are destroyed (releasing twice is fine)",
 		Args: func(cmd *cobra.Command, a []string) error {
 			if len(a) == 0 {
@@ -260,8 +269,9 @@ func newExecCommand(g *globals) *cobra.Command {
 		stdin   bool
 	)
 	cmd := &cobra.Command{
-		Use:   "exec LEASE -- CMD [ARGS...]",
-		Short: "Run a command in a leased VM; output streams, the exit code passes through",
+		Use:               "exec LEASE -- CMD [ARGS...]",
+		ValidArgsFunction: completeNames(g, leaseIDs),
+		Short:             "Run a command in a leased VM; output streams, the exit code passes through",
 		Args: func(cmd *cobra.Command, a []string) error {
 			if len(a) < 2 || (a[1] == "--" && len(a) < 3) {
 				return usagef("%s takes LEASE -- CMD [ARGS...]", subPath(cmd))
@@ -318,9 +328,10 @@ func newMachineCommand(g *globals) *cobra.Command {
 		idleAfter, suspendAfter time.Duration
 	)
 	ensure := &cobra.Command{
-		Use:   "ensure NAME [--vcpus N] [--mem MIB]",
-		Short: "Create, start or resume machine NAME and return when its agent answers",
-		Args:  args("NAME"),
+		Use:               "ensure NAME [--vcpus N] [--mem MIB]",
+		ValidArgsFunction: completeNames(g, machineNames),
+		Short:             "Create, start or resume machine NAME and return when its agent answers",
+		Args:              args("NAME"),
 		RunE: func(cmd *cobra.Command, a []string) error {
 			name := a[0]
 			return g.withClient(func(c *api.Client) error {
@@ -395,9 +406,10 @@ func newMachineCommand(g *globals) *cobra.Command {
 
 	var force bool
 	stop := &cobra.Command{
-		Use:   "stop NAME [--force]",
-		Short: "Stop machine NAME, gracefully unless --force",
-		Args:  args("NAME"),
+		Use:               "stop NAME [--force]",
+		ValidArgsFunction: completeNames(g, machineNames),
+		Short:             "Stop machine NAME, gracefully unless --force",
+		Args:              args("NAME"),
 		RunE: func(cmd *cobra.Command, a []string) error {
 			return g.withClient(func(c *api.Client) error {
 				done := newProgress(cmd.ErrOrStderr()).spinWhile("stopping machine " + a[0])
@@ -415,9 +427,10 @@ func newMachineCommand(g *globals) *cobra.Command {
 	var hreq api.HoldRequest
 	var ttl time.Duration
 	hold := &cobra.Command{
-		Use:   "hold NAME [--ttl D]",
-		Short: "Keep machine NAME from idling or suspending; prints the hold",
-		Args:  args("NAME"),
+		Use:               "hold NAME [--ttl D]",
+		ValidArgsFunction: completeNames(g, machineNames),
+		Short:             "Keep machine NAME from idling or suspending; prints the hold",
+		Args:              args("NAME"),
 		RunE: func(cmd *cobra.Command, a []string) error {
 			hreq.TTL = api.Duration(ttl)
 			return g.withClient(func(c *api.Client) error {
@@ -438,9 +451,10 @@ func newMachineCommand(g *globals) *cobra.Command {
 	hold.Flags().StringVar(&hreq.Owner, "owner", "", "label recorded with the hold")
 
 	unhold := &cobra.Command{
-		Use:   "unhold NAME HOLD",
-		Short: "Release a hold on machine NAME",
-		Args:  args("NAME", "HOLD"),
+		Use:               "unhold NAME HOLD",
+		ValidArgsFunction: completeNames(g, machineNames),
+		Short:             "Release a hold on machine NAME",
+		Args:              args("NAME", "HOLD"),
 		RunE: func(cmd *cobra.Command, a []string) error {
 			return g.withClient(func(c *api.Client) error {
 				if err := c.ReleaseHold(cmd.Context(), a[0], a[1]); err != nil {
@@ -452,9 +466,10 @@ func newMachineCommand(g *globals) *cobra.Command {
 	}
 
 	evs := &cobra.Command{
-		Use:   "events [NAME]",
-		Short: "Follow machine events (of NAME only, when given) until interrupted",
-		Args:  optionalArg("NAME"),
+		Use:               "events [NAME]",
+		ValidArgsFunction: completeNames(g, machineNames),
+		Short:             "Follow machine events (of NAME only, when given) until interrupted",
+		Args:              optionalArg("NAME"),
 		RunE: func(cmd *cobra.Command, a []string) error {
 			filter := api.EventFilter{KindPrefix: "machine."}
 			if len(a) == 1 {

@@ -343,3 +343,16 @@ func (s *syncBuffer) String() string {
 	defer s.mu.Unlock()
 	return s.b.String()
 }
+
+func TestCompletionAsksTheDaemon(t *testing.T) {
+	state := startDaemon(t, apitest.New())
+	r := cli(t, "", "--state", state, "__complete", "acquire", "")
+	if r.code != 0 || !strings.HasPrefix(r.stdout, "web\n") {
+		t.Fatalf("completing acquire: %+v, want the pool web", r)
+	}
+	// Without a daemon, completion offers nothing and does not fail.
+	r = cli(t, "", "--socket", filepath.Join(t.TempDir(), "none.sock"), "__complete", "acquire", "")
+	if r.code != 0 || strings.Contains(r.stdout, "web") {
+		t.Fatalf("completing without a daemon: %+v", r)
+	}
+}
