@@ -8,6 +8,8 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/prometheus/client_golang/prometheus"
+
 	"github.com/warmpool/warmpool/api"
 	"github.com/warmpool/warmpool/api/apitest"
 )
@@ -289,4 +291,24 @@ func TestPoolAndMachineJSONShapes(t *testing.T) {
 		"counters", []string{"acquired", "hits", "waits", "timeouts", "evicted", "validation_failures"})
 	check("/v1/machines", []string{"name", "state", "spec", "since", "last_error", "holds", "balloon_mib"},
 		"spec", []string{"vcpus", "memory_mib"})
+}
+
+func TestMetricsServesTheGivenRegistry(t *testing.T) {
+	reg := prometheus.NewRegistry()
+	c := prometheus.NewCounter(prometheus.CounterOpts{Name: "warmpool_test_acquires_total", Help: "test"})
+	reg.MustRegister(c)
+	c.Add(3)
+	srv := httptest.NewServer(api.NewServer(api.ServerOptions{Backend: apitest.New(), Gatherer: reg, Token: testToken}))
+	t.Cleanup(srv.Close)
+	req, _ := http.NewRequest("GET", srv.URL+"/metrics", nil)
+	req.Header.Set("Authorization", "Bearer "+testToken)
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	if resp.StatusCode != http.StatusOK || !strings.Contains(string(b), "warmpool_test_acquires_total 3") {
+		t.Fatalf("GET /metrics: %s\n%s", resp.Status, b)
+	}
 }
