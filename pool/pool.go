@@ -466,7 +466,7 @@ func (p *Pool) Acquire(ctx context.Context, name string) (*Lease, error) {
 			}
 		}
 		handoffStart := time.Now()
-		v, err := p.handOut(ctx, b, e)
+		v, err := p.handOut(ctx, b, e, hit)
 		if err != nil {
 			if errors.Is(err, ErrClosed) {
 				return nil, fmt.Errorf("acquire from pool %q: %w", name, err)
@@ -484,14 +484,6 @@ func (p *Pool) Acquire(ctx context.Context, name string) (*Lease, error) {
 			CreatedAt: now,
 			Timings:   Timings{Wait: waited, Handoff: now.Sub(handoffStart), Total: now.Sub(start)},
 		}
-		p.mu.Lock()
-		b.counters.Acquired++
-		if hit {
-			b.counters.Hits++
-		} else {
-			b.counters.Waits++
-		}
-		p.mu.Unlock()
 		if hit {
 			b.m.hit.Inc()
 		} else {
@@ -502,8 +494,8 @@ func (p *Pool) Acquire(ctx context.Context, name string) (*Lease, error) {
 	}
 }
 
-// take pops a ready entry or, when there is none, queues a waiter. Either
-// way the dispatcher is woken: the bucket is now below its target.
+// take pops a ready entry or, when there is none, queues a waiter, and wakes
+// the dispatcher when the bucket is now below its target.
 func (p *Pool) take(name string) (*bucket, *entry, *waiter, error) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
@@ -514,12 +506,15 @@ func (p *Pool) take(name string) (*bucket, *entry, *waiter, error) {
 	if !ok {
 		return nil, nil, nil, vm.ErrNotFound
 	}
-	defer p.kick()
 	if e := b.popLocked(); e != nil {
+		if b.need() > 0 {
+			p.kick()
+		}
 		return b, e, nil, nil
 	}
 	w := &waiter{ch: make(chan delivery, 1)}
 	b.waiters = append(b.waiters, w)
+	p.kick()
 	return b, nil, w, nil
 }
 
@@ -559,7 +554,7 @@ func (p *Pool) giveUp(ctx context.Context, b *bucket, w *waiter, waited time.Dur
 
 // handOut validates, resumes and hands off e, then transfers it from the
 // pool to the caller. On failure the VM is destroyed.
-func (p *Pool) handOut(ctx context.Context, b *bucket, e *entry) (vm.VM, error) {
+func (p *Pool) handOut(ctx context.Context, b *bucket, e *entry, hit bool) (vm.VM, error) {
 	v := e.vm
 	if err := p.cfg.Validate(ctx, v); err != nil {
 		p.mu.Lock()
@@ -590,6 +585,12 @@ func (p *Pool) handOut(ctx context.Context, b *bucket, e *entry) (vm.VM, error) 
 		return vm.VM{}, ErrClosed
 	}
 	delete(p.owned, v.ID)
+	b.counters.Acquired++
+	if hit {
+		b.counters.Hits++
+	} else {
+		b.counters.Waits++
+	}
 	p.mu.Unlock()
 	return v, nil
 }

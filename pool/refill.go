@@ -80,24 +80,36 @@ func (p *Pool) schedule() time.Time {
 	for _, b := range p.order {
 		soonest(p.ageLocked(b, now, &eff))
 	}
+	for p.inflight < p.cfg.Parallelism {
+		b := p.pickLocked(now, soonest)
+		if b == nil {
+			break
+		}
+		p.startRestoreLocked(b)
+	}
+	return next
+}
+
+// pickLocked returns the next bucket in round-robin order that needs a
+// restore and may start one now, or nil. Back-off deadlines of the buckets
+// it passes over go to soonest.
+func (p *Pool) pickLocked(now time.Time, soonest func(time.Time)) *bucket {
 	n := len(p.order)
 	limit := p.slotLimitLocked()
-	for idle := 0; idle < n && p.inflight < p.cfg.Parallelism; {
+	for range n {
 		p.rr %= n
 		b := p.order[p.rr]
 		p.rr++
-		switch {
-		case b.need() <= 0 || b.restoring >= limit:
-			idle++
-		case b.retryAt.After(now):
-			soonest(b.retryAt)
-			idle++
-		default:
-			p.startRestoreLocked(b)
-			idle = 0
+		if b.need() <= 0 || b.restoring >= limit {
+			continue
 		}
+		if b.retryAt.After(now) {
+			soonest(b.retryAt)
+			continue
+		}
+		return b
 	}
-	return next
+	return nil
 }
 
 // ageLocked marks entries past MaxAge and destroys expired ones as long as
@@ -132,18 +144,31 @@ func (p *Pool) ageLocked(b *bucket, now time.Time, eff *effects) time.Time {
 }
 
 func (p *Pool) startRestoreLocked(b *bucket) {
+	p.claimLocked(b)
+	p.wg.Add(1)
+	go p.restoreWorker(b, b.gen, b.spec.Snapshot)
+}
+
+func (p *Pool) claimLocked(b *bucket) {
 	b.restoring++
 	b.restoringCur++
 	p.inflight++
-	p.wg.Add(1)
-	go p.restore(b, b.gen, b.spec.Snapshot)
+}
+
+// restoreWorker holds one restore slot: it restores for b and then, instead
+// of handing the slot back to the dispatcher, goes straight on with the next
+// bucket in round-robin order that needs a VM, until none does.
+func (p *Pool) restoreWorker(b *bucket, gen uint64, snap vm.Snapshot) {
+	defer p.wg.Done()
+	for b != nil {
+		b, gen, snap = p.restore(b, gen, snap)
+	}
+	p.kick() // the dispatcher may have back-off or age deadlines to re-arm
 }
 
 // restore makes one VM for b and delivers it, or records the failure and
-// backs the bucket off.
-func (p *Pool) restore(b *bucket, gen uint64, snap vm.Snapshot) {
-	defer p.wg.Done()
-	defer p.kick()
+// backs the bucket off. It returns the next bucket to restore for, if any.
+func (p *Pool) restore(b *bucket, gen uint64, snap vm.Snapshot) (*bucket, uint64, vm.Snapshot) {
 	ctx, cancel := context.WithTimeout(p.ctx, p.cfg.RestoreTimeout)
 	defer cancel()
 	start := time.Now()
@@ -167,17 +192,19 @@ func (p *Pool) restore(b *bucket, gen uint64, snap vm.Snapshot) {
 	elapsed := now.Sub(start)
 
 	var eff effects
+	defer func() { p.publish(eff) }() // runs after the unlock below
 	p.mu.Lock()
+	defer p.mu.Unlock()
 	b.restoring--
 	p.inflight--
 	current := gen == b.gen && !b.removed
 	if current {
 		b.restoringCur--
 	}
-	closed := p.closed
 	switch {
-	case closed:
+	case p.closed:
 		// Shutdown destroys everything in owned once this returns.
+		return nil, 0, vm.Snapshot{}
 	case err != nil:
 		if invalid {
 			b.counters.ValidationFailures++
@@ -207,9 +234,16 @@ func (p *Pool) restore(b *bucket, gen uint64, snap vm.Snapshot) {
 		}
 		b.m.restoreDuration.Observe(elapsed.Seconds())
 		p.deliverLocked(b, &entry{vm: v, gen: gen, born: now, checked: now})
+		if b.expired > 0 {
+			p.kick() // a replacement arrived: an expired entry can go
+		}
 	}
-	p.mu.Unlock()
-	p.publish(eff)
+	next := p.pickLocked(now, func(time.Time) {})
+	if next == nil {
+		return nil, 0, vm.Snapshot{}
+	}
+	p.claimLocked(next)
+	return next, next.gen, next.spec.Snapshot
 }
 
 // backoffLocked records a failure and returns how long b now waits before

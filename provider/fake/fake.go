@@ -16,6 +16,7 @@ import (
 	"sort"
 	"strconv"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/warmpool/warmpool/vm"
@@ -85,22 +86,30 @@ type Options struct {
 	AgentHandler func(net.Conn)
 }
 
-// Provider is the in-memory provider.
+// Provider is the in-memory provider. Calls on different VMs do not contend
+// beyond a read lock, so the fake stays out of the way of benchmarks.
 type Provider struct {
-	mu        sync.Mutex
-	opts      Options
-	rng       *rand.Rand
-	calls     map[Op]int
+	settings sync.RWMutex // opts' faults, latencies and hook
+	opts     Options
+	rngMu    sync.Mutex
+	rng      *rand.Rand
+	calls    map[Op]*atomic.Int64 // fixed set of keys, written only in New
+
+	mu        sync.RWMutex // vms, snapshots, seq
 	vms       map[string]*machine
 	snapshots map[string]vm.Snapshot
 	seq       uint64
 }
 
 type machine struct {
+	mu      sync.Mutex
 	vm      vm.VM
+	gone    bool // destroyed while a call held a pointer to it
 	balloon int
 	conns   []net.Conn
 }
+
+var allOps = []Op{OpCreate, OpPause, OpResume, OpStop, OpDestroy, OpInspect, OpList, OpSnapshot, OpRestore, OpSetBalloon, OpBalloonStats, OpDialAgent}
 
 var (
 	_ vm.Provider    = (*Provider)(nil)
@@ -114,9 +123,12 @@ func New(opts Options) *Provider {
 	p := &Provider{
 		opts:      opts,
 		rng:       rand.New(rand.NewPCG(opts.Seed, opts.Seed^0x9e3779b97f4a7c15)),
-		calls:     make(map[Op]int),
+		calls:     make(map[Op]*atomic.Int64),
 		vms:       make(map[string]*machine),
 		snapshots: make(map[string]vm.Snapshot),
+	}
+	for _, op := range allOps {
+		p.calls[op] = new(atomic.Int64)
 	}
 	p.opts.Latency = make(map[Op]time.Duration)
 	for op, d := range opts.Latency {
@@ -143,39 +155,43 @@ func (p *Provider) Capabilities() vm.Capabilities {
 
 // SetFault replaces the fault injected into op; the zero Fault clears it.
 func (p *Provider) SetFault(op Op, f Fault) {
-	p.mu.Lock()
-	defer p.mu.Unlock()
+	p.settings.Lock()
+	defer p.settings.Unlock()
 	p.opts.Faults[op] = f
 }
 
 // SetLatency replaces the delay of op.
 func (p *Provider) SetLatency(op Op, d time.Duration) {
-	p.mu.Lock()
-	defer p.mu.Unlock()
+	p.settings.Lock()
+	defer p.settings.Unlock()
 	p.opts.Latency[op] = d
 }
 
 // SetHook replaces the hook; nil removes it.
 func (p *Provider) SetHook(h Hook) {
-	p.mu.Lock()
-	defer p.mu.Unlock()
+	p.settings.Lock()
+	defer p.settings.Unlock()
 	p.opts.Hook = h
 }
 
 // Calls reports how many times op was called, failed calls included.
 func (p *Provider) Calls(op Op) int {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	return p.calls[op]
+	if c, ok := p.calls[op]; ok {
+		return int(c.Load())
+	}
+	return 0
 }
 
 // Kill makes a VM die as if its hypervisor process crashed: it becomes
 // stopped, its agent connections close, and it stays listed until Destroy.
 func (p *Provider) Kill(id string) error {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	m, ok := p.vms[id]
-	if !ok {
+	m := p.machine(id)
+	if m == nil {
+		return fmt.Errorf("kill %s: %w", id, vm.ErrNotFound)
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.gone {
 		return fmt.Errorf("kill %s: %w", id, vm.ErrNotFound)
 	}
 	m.vm.Status = vm.StatusStopped
@@ -205,11 +221,15 @@ func (p *Provider) begin(ctx context.Context, op Op, target string) error {
 	if err := ctx.Err(); err != nil {
 		return fmt.Errorf("fake %s %s: %w", op, target, err)
 	}
-	p.mu.Lock()
-	p.calls[op]++
-	n := p.calls[op]
+	n := int(p.calls[op].Add(1))
+	p.settings.RLock()
 	f := p.opts.Faults[op]
-	fail := f.FailNth == n || (f.FailFraction > 0 && p.rng.Float64() < f.FailFraction)
+	fail := f.FailNth == n
+	if !fail && f.FailFraction > 0 {
+		p.rngMu.Lock()
+		fail = p.rng.Float64() < f.FailFraction
+		p.rngMu.Unlock()
+	}
 	latency, ok := p.opts.Latency[op]
 	if !ok {
 		switch op {
@@ -220,7 +240,7 @@ func (p *Provider) begin(ctx context.Context, op Op, target string) error {
 		}
 	}
 	hook := p.opts.Hook
-	p.mu.Unlock()
+	p.settings.RUnlock()
 
 	if latency > 0 {
 		t := time.NewTimer(latency)
@@ -273,6 +293,11 @@ func (p *Provider) finish(id string, status vm.Status, err error) (vm.VM, error)
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	m, ok := p.vms[id]
+	if ok {
+		m.mu.Lock()
+		defer m.mu.Unlock()
+		ok = !m.gone
+	}
 	if !ok {
 		// Destroyed while starting: the caller must not get a VM that is gone.
 		if err == nil {
@@ -308,9 +333,9 @@ func (p *Provider) Restore(ctx context.Context, snap vm.Snapshot) (vm.VM, error)
 	if err := ctx.Err(); err != nil {
 		return vm.VM{}, fmt.Errorf("fake restore from %s: %w", snap.ID, err)
 	}
-	p.mu.Lock()
+	p.mu.RLock()
 	known, ok := p.snapshots[snap.ID]
-	p.mu.Unlock()
+	p.mu.RUnlock()
 	if !ok {
 		return vm.VM{}, fmt.Errorf("fake restore from %s: snapshot %w", snap.ID, vm.ErrNotFound)
 	}
@@ -318,15 +343,24 @@ func (p *Provider) Restore(ctx context.Context, snap vm.Snapshot) (vm.VM, error)
 	return p.finish(id, vm.StatusPaused, p.begin(ctx, OpRestore, snap.ID))
 }
 
-// transition applies change to a VM under the lock.
+func (p *Provider) machine(id string) *machine {
+	p.mu.RLock()
+	defer p.mu.RUnlock()
+	return p.vms[id]
+}
+
+// transition applies change to a VM under the VM's own lock.
 func (p *Provider) transition(ctx context.Context, op Op, id string, change func(m *machine) error) error {
 	if err := p.begin(ctx, op, id); err != nil {
 		return err
 	}
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	m, ok := p.vms[id]
-	if !ok {
+	m := p.machine(id)
+	if m == nil {
+		return fmt.Errorf("fake %s %s: %w", op, id, vm.ErrNotFound)
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.gone {
 		return fmt.Errorf("fake %s %s: %w", op, id, vm.ErrNotFound)
 	}
 	if err := change(m); err != nil {
@@ -377,11 +411,17 @@ func (p *Provider) Stop(ctx context.Context, id string, grace time.Duration) err
 
 // Destroy implements vm.Provider.
 func (p *Provider) Destroy(ctx context.Context, id string) error {
-	return p.transition(ctx, OpDestroy, id, func(m *machine) error {
+	if err := p.transition(ctx, OpDestroy, id, func(m *machine) error {
 		m.closeConns()
-		delete(p.vms, id)
+		m.gone = true
 		return nil
-	})
+	}); err != nil {
+		return err
+	}
+	p.mu.Lock()
+	delete(p.vms, id)
+	p.mu.Unlock()
+	return nil
 }
 
 // Inspect implements vm.Provider.
@@ -399,12 +439,20 @@ func (p *Provider) List(ctx context.Context) ([]vm.VM, error) {
 	if err := p.begin(ctx, OpList, ""); err != nil {
 		return nil, err
 	}
-	p.mu.Lock()
-	out := make([]vm.VM, 0, len(p.vms))
+	p.mu.RLock()
+	machines := make([]*machine, 0, len(p.vms))
 	for _, m := range p.vms {
-		out = append(out, m.vm)
+		machines = append(machines, m)
 	}
-	p.mu.Unlock()
+	p.mu.RUnlock()
+	out := make([]vm.VM, 0, len(machines))
+	for _, m := range machines {
+		m.mu.Lock()
+		if !m.gone {
+			out = append(out, m.vm)
+		}
+		m.mu.Unlock()
+	}
 	sort.Slice(out, func(i, j int) bool {
 		if !out[i].CreatedAt.Equal(out[j].CreatedAt) {
 			return out[i].CreatedAt.Before(out[j].CreatedAt)
