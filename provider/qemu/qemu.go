@@ -887,3 +887,6 @@ func writeJSON(path string, v any) error {
 	}
 	return nil
 }
+
+// StateDir is the provider's absolute state directory.
+func (p *Provider) StateDir() string { return p.opts.StateDir }
