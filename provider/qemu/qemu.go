@@ -356,12 +356,12 @@ func (p *Provider) ramPath(dir, id string) string {
 
 // start creates the VM's directory, starts QEMU in its own session and
 // connects to its QMP socket. On failure nothing of the VM is left.
-func (p *Provider) start(ctx context.Context, rec record) (m *machine, err error) {
+func (p *Provider) start(ctx context.Context, rec record) (_ *machine, err error) {
 	dir := filepath.Join(p.vmsDir, rec.ID)
 	if err := os.Mkdir(dir, 0o700); err != nil {
 		return nil, fmt.Errorf("make vm dir: %w", err)
 	}
-	m = &machine{id: rec.ID, dir: dir, rec: rec, creating: true}
+	m := &machine{id: rec.ID, dir: dir, rec: rec, creating: true}
 	p.mu.Lock()
 	p.vms[rec.ID] = m
 	p.mu.Unlock()
