@@ -23,6 +23,7 @@ unit:
 	$(GO) test -race -timeout 15m ./...
 
 test: deps lint unit
+	$(GO) run ./cmd/warmpool bench --provider fake --quick -o json >/dev/null
 
 run: deps build
 	./scripts/run.sh
