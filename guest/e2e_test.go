@@ -8,6 +8,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -62,15 +63,21 @@ func TestBuildIsCachedAndDeterministic(t *testing.T) {
 	if len(steps) == 0 || steps[len(steps)-1] != "image up to date" {
 		t.Errorf("second build steps = %q, want it to end with the cached image", steps)
 	}
-	// A fresh cache with the same inputs gives the same bytes.
-	fresh, err := guest.Build(context.Background(), guest.BuildOptions{CacheDir: t.TempDir(), KernelPackage: img.KernelPackage})
+	// A fresh cache with the same inputs gives the same bytes. The kernel
+	// package is linked in rather than downloaded again.
+	fresh := filepath.Join(guest.DefaultCacheDir(), "test-fresh-"+strconv.Itoa(os.Getpid()))
+	t.Cleanup(func() { os.RemoveAll(fresh) })
+	if err := linkTree(filepath.Join(guest.DefaultCacheDir(), "kernels", img.KernelPackage), filepath.Join(fresh, "kernels", img.KernelPackage)); err != nil {
+		t.Fatal(err)
+	}
+	rebuilt, err := guest.Build(context.Background(), guest.BuildOptions{CacheDir: fresh, KernelPackage: img.KernelPackage})
 	if err != nil {
 		t.Fatal(err)
 	}
 	a, _ := os.ReadFile(img.Initrd)
-	b, _ := os.ReadFile(fresh.Initrd)
-	if fresh.Digest != img.Digest || !bytes.Equal(a, b) {
-		t.Errorf("rebuild in a fresh cache differs: digest %s vs %s, initrd equal %v", fresh.Digest, img.Digest, bytes.Equal(a, b))
+	b, _ := os.ReadFile(rebuilt.Initrd)
+	if rebuilt.Digest != img.Digest || !bytes.Equal(a, b) {
+		t.Errorf("rebuild in a fresh cache differs: digest %s vs %s, initrd equal %v", rebuilt.Digest, img.Digest, bytes.Equal(a, b))
 	}
 	for _, m := range []string{"virtio_mmio", "virtio_console", "virtio_balloon"} {
 		if !strings.Contains(strings.Join(img.Modules, " "), m) {
@@ -88,6 +95,29 @@ func TestBuildNamesMissingPackage(t *testing.T) {
 	if err == nil || !strings.Contains(err.Error(), "linux-image-0.0.0-nonexistent-amd64") {
 		t.Errorf("build with a missing kernel package = %v, want an error naming it", err)
 	}
+}
+
+// linkTree recreates the tree at src under dst with hard links.
+func linkTree(src, dst string) error {
+	return filepath.WalkDir(src, func(path string, d os.DirEntry, err error) error {
+		if err != nil {
+			return err
+		}
+		rel, _ := filepath.Rel(src, path)
+		target := filepath.Join(dst, rel)
+		switch {
+		case d.IsDir():
+			return os.MkdirAll(target, 0o755)
+		case d.Type()&os.ModeSymlink != 0:
+			link, err := os.Readlink(path)
+			if err != nil {
+				return err
+			}
+			return os.Symlink(link, target)
+		default:
+			return os.Link(path, target)
+		}
+	})
 }
 
 // qemuVM is a guest started directly with QEMU for these tests.
@@ -232,6 +262,22 @@ func TestAgentInQEMU(t *testing.T) {
 	if out, code := run(t, c, "sh", "-c", "echo out; echo err >&2; exit 7"); code != 7 || out != "out\n" {
 		t.Errorf("exec = %d %q, want 7 and out", code, out)
 	}
+	for range 3 {
+		start := time.Now()
+		if err := c.Ping(ctx); err != nil {
+			t.Fatal(err)
+		}
+		pingTime := time.Since(start)
+		start = time.Now()
+		run(t, c, "true")
+		t.Logf("ping %s, exec true %s", pingTime.Round(time.Microsecond), time.Since(start).Round(time.Microsecond))
+	}
+	// Orphans of executed commands are reaped by PID 1.
+	run(t, c, "sh", "-c", "sleep 0.2 & exit 0")
+	time.Sleep(2 * time.Second)
+	if out, _ := run(t, c, "sh", "-c", "grep -l '^State:.*Z' /proc/[0-9]*/status || true"); out != "" {
+		t.Errorf("zombies left in the guest: %s", out)
+	}
 	st, err := c.Stats(ctx)
 	if err != nil {
 		t.Fatal(err)
@@ -240,9 +286,11 @@ func TestAgentInQEMU(t *testing.T) {
 		t.Errorf("guest stats = %+v, want about 256 MiB of memory and an uptime", st)
 	}
 	when := time.Date(2030, 1, 2, 3, 4, 5, 0, time.UTC)
+	start := time.Now()
 	if err := c.Handoff(ctx, agent.HandoffRequest{Entropy: []byte("e2e entropy"), Time: when, Hostname: "leased-vm", Env: map[string]string{"LEASE_ID": "l-123"}}); err != nil {
 		t.Fatal(err)
 	}
+	t.Logf("handoff %s", time.Since(start).Round(time.Microsecond))
 	out, _ := run(t, c, "sh", "-c", `echo "$(hostname) $(date -u +%Y) $LEASE_ID"`)
 	if out != "leased-vm 2030 l-123\n" {
 		t.Errorf("after handoff guest says %q, want hostname, year and env from the handoff", out)
