@@ -15,23 +15,9 @@ import (
 // setupQEMU builds (or finds in the cache) the guest image, starts a QEMU
 // provider in the run's own state directory and makes the template.
 func setupQEMU(ctx context.Context, e *env, host *Host) error {
-	cache := e.opts.CacheDir
-	if cache == "" {
-		cache = guest.DefaultCacheDir()
-	}
-	e.progress("guest image (cache %s)", cache)
-	lastStep := ""
-	img, err := guest.Build(ctx, guest.BuildOptions{
-		CacheDir: cache,
-		Progress: func(step string, _, _ int64) {
-			if step != lastStep {
-				lastStep = step
-				e.progress("  %s", step)
-			}
-		},
-	})
+	img, err := guestImage(ctx, e)
 	if err != nil {
-		return fmt.Errorf("guest image: %w", err)
+		return err
 	}
 	p, err := qemu.New(qemu.Options{StateDir: e.subdir("qemu"), Accel: e.opts.Accel, Logger: e.opts.Logger})
 	if err != nil {
@@ -53,6 +39,32 @@ func setupQEMU(ctx context.Context, e *env, host *Host) error {
 	e.template = snap
 	host.Accel = e.accel
 	return nil
+}
+
+func guestImage(ctx context.Context, e *env) (guest.Image, error) {
+	if e.opts.ImageDir != "" {
+		e.progress("guest image %s", e.opts.ImageDir)
+		return guest.Load(e.opts.ImageDir)
+	}
+	cache := e.opts.CacheDir
+	if cache == "" {
+		cache = guest.DefaultCacheDir()
+	}
+	e.progress("guest image (cache %s)", cache)
+	lastStep := ""
+	img, err := guest.Build(ctx, guest.BuildOptions{
+		CacheDir: cache,
+		Progress: func(step string, _, _ int64) {
+			if step != lastStep {
+				lastStep = step
+				e.progress("  %s", step)
+			}
+		},
+	})
+	if err != nil {
+		return guest.Image{}, fmt.Errorf("guest image: %w", err)
+	}
+	return img, nil
 }
 
 // accelOf reads the accelerator a hypervisor process really runs with from

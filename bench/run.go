@@ -33,6 +33,9 @@ type Options struct {
 	// CacheDir keeps the guest image between runs (it is slow to build the
 	// first time). Empty means the user's cache directory.
 	CacheDir string
+	// ImageDir names a guest image built before (`warmpool image build
+	// --out DIR`); empty builds or reuses the one in CacheDir.
+	ImageDir string
 	// Accel is passed to the QEMU provider: "auto", "kvm" or "tcg".
 	Accel string
 

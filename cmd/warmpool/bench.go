@@ -76,6 +76,7 @@ Ctrl-C. --quick takes few samples (under two minutes with real VMs).`,
 	f.StringVar(&svgPath, "svg", "", "also write a latency chart (SVG) to this file")
 	f.BoolVar(&check, "check", false, "exit non-zero when a target is missed")
 	f.StringVar(&opts.StateDir, "bench-dir", "", "directory for the run's temporary VMs and template (default: system temp dir)")
+	f.StringVar(&opts.ImageDir, "image", "", "guest image `DIR` made by warmpool image build --out (default: build or reuse the cached one)")
 	f.StringVar(&opts.CacheDir, "image-cache", "", "guest image cache directory (default: user cache dir)")
 	f.StringVar(&opts.Accel, "accel", "auto", "QEMU accelerator: auto, kvm or tcg")
 	f.IntVar(&opts.Samples, "samples", 0, "measured runs per latency scenario (default 20, --quick 6)")
