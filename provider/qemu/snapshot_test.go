@@ -244,4 +244,3 @@ func statusOf(vms []vm.VM, id string) vm.Status {
 	}
 	return ""
 }
-

@@ -115,8 +115,8 @@ func Dial(ctx context.Context, path string) (*Conn, error) {
 	r := bufio.NewReaderSize(uc, 64<<10)
 	line, err := readLine(r)
 	stopped := stop()
-	if err == nil && !stopped {
-		err = ctx.Err()
+	if !stopped {
+		err = ctx.Err() // the read failed because ctx ended
 	}
 	if err != nil {
 		uc.Close()
