@@ -5,6 +5,7 @@
 package server
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -274,7 +275,7 @@ func (s *session) runExec(ctx context.Context, id uint64, e *proto.Exec) {
 	// A process group so that a timeout also kills what the command started.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
 	if len(e.Stdin) > 0 {
-		cmd.Stdin = bytesReader(e.Stdin)
+		cmd.Stdin = bytes.NewReader(e.Stdin)
 	}
 	stdout, err := cmd.StdoutPipe()
 	if err != nil {

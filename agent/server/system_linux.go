@@ -2,9 +2,7 @@ package server
 
 import (
 	"bufio"
-	"bytes"
 	"fmt"
-	"io"
 	"os"
 	"strconv"
 	"strings"
@@ -15,8 +13,6 @@ import (
 
 	"github.com/warmpool/warmpool/agent/proto"
 )
-
-func bytesReader(b []byte) io.Reader { return bytes.NewReader(b) }
 
 func kernelRelease() string {
 	var u unix.Utsname
