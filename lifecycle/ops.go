@@ -404,6 +404,11 @@ func (m *Manager) probeVM(v vm.VM) healthResult {
 	}
 	if err := callCtx(ctx, func(ctx context.Context) error { return m.cfg.Ping(ctx, v) }); err != nil {
 		r.err = fmt.Errorf("ping agent of vm %s: %w", v.ID, err)
+		// A crash makes the ping fail first; look again so that it counts
+		// as the process gone, not as one of several slow pings.
+		info, ierr := m.cfg.Provider.Inspect(ctx, v.ID)
+		r.vanished = errors.Is(ierr, vm.ErrNotFound)
+		r.gone = r.vanished || (ierr == nil && info.Status == vm.StatusStopped)
 	}
 	return r
 }
