@@ -14,15 +14,15 @@ import (
 )
 
 // idleForSuspend is the idle time after which benchmark machines suspend.
-// The manager runs on a manual clock, so it passes only when the bench
-// advances it: the machine never suspends in the middle of a measurement.
+// It is long so that it passes only when the bench advances the manager's
+// clock: a machine never suspends in the middle of a measurement.
 const idleForSuspend = time.Hour
 
 // machineEnsure is scenario 6: Ensure on a machine that does not exist
 // (cold start, the baseline), on one that runs, and on one the idle policy
 // suspended to a snapshot.
 func machineEnsure(ctx context.Context, e *env) ([]Scenario, error) {
-	clock := newManualClock(time.Now())
+	clock := newShiftClock()
 	bus := events.NewBus()
 	defer bus.Close()
 	failures := bus.Subscribe(16, func(ev events.Event) bool { return ev.Kind == "machine.idle_failed" })
@@ -78,11 +78,13 @@ func machineEnsure(ctx context.Context, e *env) ([]Scenario, error) {
 		return time.Since(start), nil
 	}
 
-	// Cold starts: a new machine each time. Only the first one stays up to
-	// be measured further; the others are stopped so they cost no CPU.
-	const kept = "bench-machine-0"
-	cold := make([]time.Duration, 0, e.opts.ColdSamples)
-	for i := 0; i < e.opts.ColdSamples; i++ {
+	// Cold starts: a new machine each time, suspended right after so that
+	// it costs no CPU while the next one boots. Each machine is suspended
+	// once and restored once: the same machine is not suspended a second
+	// time (see the report of issue 6 on re-suspending a restored machine).
+	machines := max(e.opts.ColdSamples, e.opts.SuspendSamples)
+	cold := make([]time.Duration, 0, machines)
+	for i := 0; i < machines; i++ {
 		name := fmt.Sprintf("bench-machine-%d", i)
 		namesMu.Lock()
 		names = append(names, name)
@@ -93,29 +95,32 @@ func machineEnsure(ctx context.Context, e *env) ([]Scenario, error) {
 		}
 		cold = append(cold, d)
 		e.progress("  ensure %s from nothing: %s", name, formatMillis(millis1(d)))
-		if name != kept {
+		if err := suspendIdle(ctx, mgr, clock, failures, name); err != nil {
+			return nil, err
+		}
+	}
+
+	// From suspended: every machine once. The first one stays up for the
+	// ensure-on-running measurement.
+	suspended := make([]time.Duration, 0, e.opts.SuspendSamples)
+	for i := 0; i < e.opts.SuspendSamples; i++ {
+		name := fmt.Sprintf("bench-machine-%d", i)
+		d, err := ensure(ctx, name)
+		if err != nil {
+			return nil, err
+		}
+		suspended = append(suspended, d)
+		e.progress("  ensure %s from suspended: %s", name, formatMillis(millis1(d)))
+		if i > 0 {
 			if err := mgr.Stop(ctx, name, true); err != nil {
 				return nil, err
 			}
 		}
 	}
 
+	const kept = "bench-machine-0"
 	running, err := measure(ctx, e.opts.WarmupRuns, e.opts.EnsureSamples, func(ctx context.Context) (time.Duration, error) {
 		return ensure(ctx, kept)
-	})
-	if err != nil {
-		return nil, err
-	}
-
-	suspended, err := measure(ctx, 0, e.opts.SuspendSamples, func(ctx context.Context) (time.Duration, error) {
-		if err := suspendIdle(ctx, mgr, clock, failures, kept); err != nil {
-			return 0, err
-		}
-		d, err := ensure(ctx, kept)
-		if err == nil {
-			e.progress("  ensure %s from suspended: %s", kept, formatMillis(millis1(d)))
-		}
-		return d, err
 	})
 	if err != nil {
 		return nil, err
@@ -131,8 +136,9 @@ func machineEnsure(ctx context.Context, e *env) ([]Scenario, error) {
 }
 
 // suspendIdle moves the manager's clock past the idle timeout and waits
-// until the machine has saved itself to a snapshot.
-func suspendIdle(ctx context.Context, mgr *lifecycle.Manager, clock *manualClock, failures *events.Subscription, name string) error {
+// until the machine has saved itself to a snapshot. Machines that were
+// suspended already stay so.
+func suspendIdle(ctx context.Context, mgr *lifecycle.Manager, clock *shiftClock, failures *events.Subscription, name string) error {
 	ctx, cancel := context.WithTimeout(ctx, readyTimeout)
 	defer cancel()
 	clock.Advance(idleForSuspend + time.Second)
@@ -169,65 +175,97 @@ func pingAgent(d vm.AgentDialer) func(ctx context.Context, v vm.VM) error {
 	}
 }
 
-// manualClock is a lifecycle.Clock whose time moves only in Advance.
-type manualClock struct {
+// shiftClock is a lifecycle.Clock that runs in real time (retry delays and
+// health ticks behave as they do in production) but can jump ahead in
+// Advance, so that the bench decides when a machine has been idle long
+// enough to suspend instead of waiting for it.
+type shiftClock struct {
 	mu     sync.Mutex
-	now    time.Time
-	timers map[*manualTimer]struct{}
+	offset time.Duration
+	timers map[*shiftTimer]struct{}
 }
 
-func newManualClock(start time.Time) *manualClock {
-	return &manualClock{now: start, timers: map[*manualTimer]struct{}{}}
+func newShiftClock() *shiftClock {
+	return &shiftClock{timers: map[*shiftTimer]struct{}{}}
 }
 
-func (c *manualClock) Now() time.Time {
+func (c *shiftClock) Now() time.Time {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	return c.now
+	return c.nowLocked()
 }
 
-func (c *manualClock) NewTimer(d time.Duration) lifecycle.Timer {
+func (c *shiftClock) nowLocked() time.Time { return time.Now().Add(c.offset) }
+
+func (c *shiftClock) NewTimer(d time.Duration) lifecycle.Timer {
 	return c.NewTimerAt(c.Now().Add(d))
 }
 
 // NewTimerAt implements lifecycle.AbsoluteClock.
-func (c *manualClock) NewTimerAt(at time.Time) lifecycle.Timer {
+func (c *shiftClock) NewTimerAt(at time.Time) lifecycle.Timer {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	t := &manualTimer{clock: c, at: at, ch: make(chan time.Time, 1)}
-	if !at.After(c.now) {
-		t.ch <- c.now
+	t := &shiftTimer{clock: c, at: at, ch: make(chan time.Time, 1)}
+	now := c.nowLocked()
+	if !at.After(now) {
+		t.ch <- now
 		return t
 	}
 	c.timers[t] = struct{}{}
+	t.real = time.AfterFunc(at.Sub(now), func() { c.fire(t) })
 	return t
 }
 
-// Advance moves time forward and fires every timer that came due.
-func (c *manualClock) Advance(d time.Duration) {
+// fire delivers t if it is still pending and due; a real timer that went
+// off just before an Advance re-armed it is re-armed again.
+func (c *shiftClock) fire(t *shiftTimer) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	c.now = c.now.Add(d)
+	if _, pending := c.timers[t]; !pending {
+		return
+	}
+	now := c.nowLocked()
+	if t.at.After(now) {
+		t.real.Reset(t.at.Sub(now))
+		return
+	}
+	delete(c.timers, t)
+	t.ch <- now
+}
+
+// Advance moves time forward and fires every timer that came due.
+func (c *shiftClock) Advance(d time.Duration) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.offset += d
+	now := c.nowLocked()
 	for t := range c.timers {
-		if !t.at.After(c.now) {
-			delete(c.timers, t)
-			t.ch <- c.now
+		if t.at.After(now) {
+			t.real.Reset(t.at.Sub(now))
+			continue
 		}
+		t.real.Stop()
+		delete(c.timers, t)
+		t.ch <- now
 	}
 }
 
-type manualTimer struct {
-	clock *manualClock
+type shiftTimer struct {
+	clock *shiftClock
 	at    time.Time
 	ch    chan time.Time
+	real  *time.Timer
 }
 
-func (t *manualTimer) C() <-chan time.Time { return t.ch }
+func (t *shiftTimer) C() <-chan time.Time { return t.ch }
 
-func (t *manualTimer) Stop() bool {
+func (t *shiftTimer) Stop() bool {
 	t.clock.mu.Lock()
 	defer t.clock.mu.Unlock()
 	_, pending := t.clock.timers[t]
 	delete(t.clock.timers, t)
+	if t.real != nil {
+		t.real.Stop()
+	}
 	return pending
 }

@@ -3,6 +3,7 @@ package main
 import (
 	"fmt"
 	"io"
+	"log/slog"
 	"os"
 	"os/signal"
 	"path/filepath"
@@ -24,6 +25,7 @@ func newBenchCommand() *cobra.Command {
 		svgPath  string
 		check    bool
 		progress bool
+		debug    bool
 	)
 	cmd := &cobra.Command{
 		Use:   "bench",
@@ -44,6 +46,9 @@ Ctrl-C. --quick takes few samples (under two minutes with real VMs).`,
 			defer stop()
 			if progress || isTerminal(cmd.ErrOrStderr()) {
 				opts.Progress = cmd.ErrOrStderr()
+			}
+			if debug {
+				opts.Logger = slog.New(slog.NewTextHandler(cmd.ErrOrStderr(), &slog.HandlerOptions{Level: slog.LevelDebug}))
 			}
 			rep, err := bench.Run(ctx, opts)
 			if err != nil {
@@ -72,6 +77,7 @@ Ctrl-C. --quick takes few samples (under two minutes with real VMs).`,
 	f := cmd.Flags()
 	f.StringVar(&opts.Provider, "provider", "qemu", "provider to measure: qemu or fake")
 	f.BoolVar(&opts.Quick, "quick", false, "few samples; finishes in under two minutes with real VMs")
+	f.BoolVar(&debug, "debug", false, "log what the provider, pools and machines do on stderr")
 	f.BoolVar(&progress, "progress", false, "print each step on stderr even when it is not a terminal")
 	f.StringVar(&svgPath, "svg", "", "also write a latency chart (SVG) to this file")
 	f.BoolVar(&check, "check", false, "exit non-zero when a target is missed")
