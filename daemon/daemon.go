@@ -7,6 +7,7 @@ package daemon
 import (
 	"context"
 	"fmt"
+	"io"
 	"log/slog"
 	"os"
 	"path/filepath"
@@ -56,13 +57,17 @@ type Daemon struct {
 	log      *slog.Logger
 	st       *store.Store
 	prov     *ownedProvider
-	bus      *events.Bus
-	reg      *prometheus.Registry
-	pools    *pool.Pool
-	mach     *machines
-	started  time.Time
-	stopAll  bool
-	closing  atomic.Bool
+	// provCloser lets go of the provider's connections to its VMs at
+	// shutdown (QEMU serves one QMP client at a time, so the next daemon
+	// could not reach them otherwise). Nil when the provider was passed in.
+	provCloser io.Closer
+	bus        *events.Bus
+	reg        *prometheus.Registry
+	pools      *pool.Pool
+	mach       *machines
+	started    time.Time
+	stopAll    bool
+	closing    atomic.Bool
 
 	// leaseMu guards leases, the live leases by ID.
 	leaseMu sync.Mutex
@@ -174,6 +179,7 @@ func start(ctx context.Context, opts Options) (d *Daemon, srv *server, err error
 		if inner, err = newProvider(cfg, stateDir, log); err != nil {
 			return nil, nil, err
 		}
+		d.provCloser, _ = inner.(io.Closer)
 	}
 	d.prov = &ownedProvider{inner: inner, st: st, log: log, snapshotOwner: d.snapshotOwner}
 	if err := d.loadTemplates(); err != nil {
@@ -236,8 +242,20 @@ func (d *Daemon) abort() {
 	if d.mach != nil {
 		d.mach.close()
 	}
+	d.closeProvider()
 	d.bus.Close()
 	d.st.Close()
+}
+
+// closeProvider drops the provider's connections to its VMs; the VMs keep
+// running for the next start.
+func (d *Daemon) closeProvider() {
+	if d.provCloser == nil {
+		return
+	}
+	if err := d.provCloser.Close(); err != nil {
+		d.log.Warn("close provider", "err", err)
+	}
 }
 
 // serve runs the API until ctx ends, then shuts down: stop accepting, let
@@ -280,6 +298,7 @@ func (d *Daemon) shutdown(ctx context.Context) {
 		d.mach.stopAll(ctx)
 	}
 	d.mach.close()
+	d.closeProvider()
 	d.bus.Close()
 	if err := d.st.Close(); err != nil {
 		d.log.Warn("close state", "err", err)
