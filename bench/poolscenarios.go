@@ -16,16 +16,25 @@ import (
 // poolWaitTimeout bounds waiting for a pool to reach its depth.
 const poolWaitTimeout = 5 * time.Minute
 
+// handoffTimes records how long each step of the hand-off took, so the
+// report can say where a slow acquire spends its time.
+type handoffTimes struct {
+	mu                  sync.Mutex
+	dial, handoff, ping []time.Duration
+}
+
 // handoff does what the daemon does when it leases a warm VM: fresh
 // entropy, the wall clock and a hostname through the agent, then a ping, so
 // that the measured acquire pays for the real hand-off.
-func handoff(d vm.AgentDialer) func(ctx context.Context, v vm.VM) error {
+func handoff(d vm.AgentDialer, times *handoffTimes) func(ctx context.Context, v vm.VM) error {
 	return func(ctx context.Context, v vm.VM) error {
+		t0 := time.Now()
 		c, err := agent.Dial(ctx, d, v.ID)
 		if err != nil {
 			return err
 		}
 		defer c.Close()
+		t1 := time.Now()
 		entropy := make([]byte, 32)
 		if _, err := rand.Read(entropy); err != nil {
 			return fmt.Errorf("entropy for %s: %w", v.ID, err)
@@ -33,8 +42,16 @@ func handoff(d vm.AgentDialer) func(ctx context.Context, v vm.VM) error {
 		if err := c.Handoff(ctx, agent.HandoffRequest{Entropy: entropy, Time: time.Now(), Hostname: v.ID}); err != nil {
 			return fmt.Errorf("hand off VM %s: %w", v.ID, err)
 		}
+		t2 := time.Now()
 		if err := c.Ping(ctx); err != nil {
 			return fmt.Errorf("ping VM %s after hand-off: %w", v.ID, err)
+		}
+		if times != nil {
+			times.mu.Lock()
+			times.dial = append(times.dial, t1.Sub(t0))
+			times.handoff = append(times.handoff, t2.Sub(t1))
+			times.ping = append(times.ping, time.Since(t2))
+			times.mu.Unlock()
 		}
 		return nil
 	}
@@ -134,7 +151,8 @@ func (bp *benchPool) release(ctx context.Context, l *pool.Lease) error {
 // warmAcquire is scenario 3: acquire from a full pool (every sample is a
 // hit) until a handed-off, pinged lease is returned.
 func warmAcquire(ctx context.Context, e *env) ([]Scenario, error) {
-	bp, err := e.newPool(ctx, "warm", e.opts.PoolDepth, e.provider, e.template, pool.Config{Handoff: handoff(e.dialer)})
+	var steps handoffTimes
+	bp, err := e.newPool(ctx, "warm", e.opts.PoolDepth, e.provider, e.template, pool.Config{Handoff: handoff(e.dialer, &steps)})
 	if err != nil {
 		return nil, err
 	}
@@ -173,6 +191,14 @@ func warmAcquire(ctx context.Context, e *env) ([]Scenario, error) {
 			row.Metrics = map[string]float64{}
 		}
 		row.Metrics["handoff_p50_ms"] = hs.P50
+		w := e.opts.WarmupRuns
+		steps.mu.Lock()
+		if len(steps.dial) > w {
+			row.Metrics["handoff_dial_p50_ms"] = Summarize(millis(steps.dial[w:])).P50
+			row.Metrics["handoff_call_p50_ms"] = Summarize(millis(steps.handoff[w:])).P50
+			row.Metrics["handoff_ping_p50_ms"] = Summarize(millis(steps.ping[w:])).P50
+		}
+		steps.mu.Unlock()
 	}
 	return []Scenario{row}, nil
 }
@@ -182,7 +208,7 @@ func warmAcquire(ctx context.Context, e *env) ([]Scenario, error) {
 // the pool is back to depth, as a burst of real tenants would.
 func burst(ctx context.Context, e *env) ([]Scenario, error) {
 	k, depth := e.opts.BurstConcurrency, e.opts.BurstDepth
-	bp, err := e.newPool(ctx, "burst", depth, e.provider, e.template, pool.Config{Handoff: handoff(e.dialer)})
+	bp, err := e.newPool(ctx, "burst", depth, e.provider, e.template, pool.Config{Handoff: handoff(e.dialer, nil)})
 	if err != nil {
 		return nil, err
 	}
