@@ -10,8 +10,8 @@ import (
 
 // Chart geometry in SVG user units.
 const (
-	chartWidth   = 860
-	labelWidth   = 250
+	chartWidth   = 900
+	labelWidth   = 310
 	valueGutter  = 70
 	rowHeight    = 34
 	barHeight    = 11
@@ -70,7 +70,7 @@ func (r Report) WriteSVG(w io.Writer) error {
 	for i, s := range rows {
 		y := chartTop + i*rowHeight
 		label := fmt.Sprintf("%d. %s (n=%d)", s.Number, s.Title, s.Count)
-		fmt.Fprintf(&b, `<text x="%d" y="%d">%s</text>`+"\n", chartPadLeft, y+barHeight+4, esc(truncate(label, 40)))
+		fmt.Fprintf(&b, `<text x="%d" y="%d">%s</text>`+"\n", chartPadLeft, y+barHeight+4, esc(truncate(label, 46)))
 		for j, bar := range []struct {
 			v     float64
 			color string
