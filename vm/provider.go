@@ -18,6 +18,7 @@ const (
 	CapAgent        Capability = "agent"         // implements AgentDialer
 	CapDataDisk     Capability = "data-disk"     // honours Spec.DataDisk
 	CapAdopt        Capability = "adopt"         // List finds VMs started by an earlier process
+	CapSuspend      Capability = "suspend"       // implements Suspender
 )
 
 // Capabilities is the set of optional features a provider has.
@@ -56,6 +57,27 @@ type Snapshotter interface {
 	Snapshot(ctx context.Context, id string, dir string) (Snapshot, error)
 	// Restore creates a new VM from snap and returns it paused.
 	Restore(ctx context.Context, snap Snapshot) (VM, error)
+}
+
+// Suspender saves a paused VM so that exactly one VM can later take its
+// place, data disk included: a machine idled to disk, not a template. A
+// template snapshot (Snapshotter.Snapshot) refuses VMs with a data disk,
+// because its clones would share one writable disk; a single-use snapshot
+// is restored once, after the VM it came from is gone, so the disk has one
+// writer at a time.
+//
+// The snapshot is restored with Snapshotter.Restore, which returns the VM
+// paused with the same data disk attached. Restore fails with
+// ErrInvalidState while the suspended VM's process still runs, and for every
+// restore after the first one that succeeded (the snapshot's memory may have
+// moved into the restored VM); a restore that failed may be tried again.
+type Suspender interface {
+	// Suspend writes a single-use snapshot (Snapshot.SingleUse) of a paused
+	// VM into dir (created if absent), with everything the guest wrote to
+	// its disks flushed to them. From then on the VM can only be stopped or
+	// destroyed: running it again would make its disk disagree with the
+	// snapshot's memory, so Resume fails with ErrInvalidState.
+	Suspend(ctx context.Context, id string, dir string) (Snapshot, error)
 }
 
 // Ballooner controls a VM's memory balloon.

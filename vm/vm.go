@@ -85,6 +85,10 @@ type Snapshot struct {
 	// SharedMemory is true when clones map the snapshot's memory file
 	// copy-on-write instead of loading a copy of it.
 	SharedMemory bool `json:"shared_memory,omitempty"`
+	// SingleUse marks a snapshot made by Suspender.Suspend: it restores one
+	// VM, once, in place of the suspended one, and is no template. Providers
+	// enforce this from their own files, not from this field.
+	SingleUse bool `json:"single_use,omitempty"`
 	// Meta carries provider-specific details needed to restore.
 	Meta map[string]string `json:"meta,omitempty"`
 }

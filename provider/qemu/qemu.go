@@ -86,7 +86,7 @@ type Options struct {
 }
 
 // Provider runs VMs with QEMU. It implements vm.Provider, vm.Snapshotter,
-// vm.Ballooner and vm.AgentDialer.
+// vm.Suspender, vm.Ballooner and vm.AgentDialer.
 type Provider struct {
 	opts    Options
 	log     *slog.Logger
@@ -106,6 +106,7 @@ var (
 	_ vm.Snapshotter = (*Provider)(nil)
 	_ vm.Ballooner   = (*Provider)(nil)
 	_ vm.AgentDialer = (*Provider)(nil)
+	_ vm.Suspender   = (*Provider)(nil)
 )
 
 // record is what a VM's directory says about it, for a later process.
@@ -116,6 +117,9 @@ type record struct {
 	Snapshot  string        `json:"snapshot,omitempty"`
 	Config    machineConfig `json:"config"`
 	TargetMiB int           `json:"balloon_target_mib,omitempty"`
+	// SuspendedTo is the single-use snapshot this VM was suspended to. Such
+	// a VM never runs again: its memory and disk now belong to the snapshot.
+	SuspendedTo string `json:"suspended_to,omitempty"`
 }
 
 // machine is one VM this process knows.
@@ -229,6 +233,7 @@ func (p *Provider) Capabilities() vm.Capabilities {
 		vm.CapAgent:        true,
 		vm.CapDataDisk:     true,
 		vm.CapAdopt:        true,
+		vm.CapSuspend:      true,
 	}
 }
 
@@ -356,7 +361,13 @@ func (p *Provider) ramPath(dir, id string) string {
 
 // start creates the VM's directory, starts QEMU in its own session and
 // connects to its QMP socket. On failure nothing of the VM is left.
-func (p *Provider) start(ctx context.Context, rec record) (_ *machine, err error) {
+func (p *Provider) start(ctx context.Context, rec record) (*machine, error) {
+	return p.startPrepared(ctx, rec, nil)
+}
+
+// startPrepared is start with prepare run in the new VM's directory before
+// QEMU starts (to put files there that QEMU opens).
+func (p *Provider) startPrepared(ctx context.Context, rec record, prepare func(dir string) error) (_ *machine, err error) {
 	dir := filepath.Join(p.vmsDir, rec.ID)
 	if err := os.Mkdir(dir, 0o700); err != nil {
 		return nil, fmt.Errorf("make vm dir: %w", err)
@@ -370,6 +381,11 @@ func (p *Provider) start(ctx context.Context, rec record) (_ *machine, err error
 			p.remove(m)
 		}
 	}()
+	if prepare != nil {
+		if err := prepare(dir); err != nil {
+			return nil, err
+		}
+	}
 	if err := writeJSON(filepath.Join(dir, recordFile), rec); err != nil {
 		return nil, err
 	}
@@ -736,6 +752,12 @@ func (p *Provider) runState(ctx context.Context, id, cmd string) error {
 	case vm.StatusRunning, vm.StatusPaused:
 	default:
 		return fmt.Errorf("%s qemu vm %s in state %s: %w", cmd, id, st, vm.ErrInvalidState)
+	}
+	m.mu.Lock()
+	suspendedTo := m.rec.SuspendedTo
+	m.mu.Unlock()
+	if cmd == "cont" && suspendedTo != "" {
+		return fmt.Errorf("resume qemu vm %s: suspended to snapshot %s, only that snapshot may run it again: %w", id, suspendedTo, vm.ErrInvalidState)
 	}
 	c, err := p.conn(ctx, m)
 	if err != nil {

@@ -56,10 +56,15 @@ func (p *Provider) Snapshot(ctx context.Context, id, dir string) (vm.Snapshot, e
 	m.mu.Lock()
 	rec := m.rec
 	m.mu.Unlock()
-	if rec.Config.DataDisk != "" {
-		return fail(fmt.Errorf("vm has a data disk, which clones would share: %w", vm.ErrUnsupported))
+	if rec.SuspendedTo != "" {
+		return fail(fmt.Errorf("vm was suspended to snapshot %s: %w", rec.SuspendedTo, vm.ErrInvalidState))
 	}
-	shared := p.opts.SnapshotMode == SnapshotShared && rec.Config.MemPath != ""
+	if rec.Config.DataDisk != "" {
+		return fail(fmt.Errorf("vm has a data disk, which clones would share (Suspend keeps it for a single restore): %w", vm.ErrUnsupported))
+	}
+	// Only a shared mapping has the guest's memory in the file; a clone's
+	// private mapping does not, so its RAM goes into the stream.
+	shared := p.opts.SnapshotMode == SnapshotShared && rec.Config.MemPath != "" && rec.Config.MemShared
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return fail(err)
 	}
@@ -195,6 +200,11 @@ func (p *Provider) Restore(ctx context.Context, snap vm.Snapshot) (vm.VM, error)
 	fail := func(err error) (vm.VM, error) {
 		return vm.VM{}, fmt.Errorf("restore qemu vm from snapshot %s in %s: %w", snap.ID, snap.Dir, err)
 	}
+	// Whether a snapshot is single-use is decided by its files, not by the
+	// caller's copy of it.
+	if filepath.IsAbs(snap.Dir) && isSuspendSnapshot(snap.Dir) {
+		return p.restoreSuspended(ctx, snap)
+	}
 	cfg, err := p.checkSnapshot(snap)
 	if err != nil {
 		return fail(err)
@@ -264,6 +274,13 @@ func (p *Provider) checkSnapshot(snap vm.Snapshot) (machineConfig, error) {
 		// state), so a clone needs it even though it does not boot it.
 		if _, err := os.Stat(f); err != nil {
 			return cfg, fmt.Errorf("template's guest image: %w", err)
+		}
+	}
+	if cfg.DataDisk != "" {
+		// Migration needs the same devices: without its disk the VM cannot
+		// come back.
+		if _, err := os.Stat(cfg.DataDisk); err != nil {
+			return cfg, fmt.Errorf("data disk: %w", err)
 		}
 	}
 	cfg.Incoming, cfg.MemShared, cfg.OwnsMem = true, false, false
