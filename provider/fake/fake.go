@@ -41,6 +41,7 @@ const (
 	OpSetBalloon   Op = "set-balloon"
 	OpBalloonStats Op = "balloon-stats"
 	OpDialAgent    Op = "dial-agent"
+	OpSuspend      Op = "suspend"
 )
 
 // ErrInjected is what an injected fault returns unless Fault.Err says otherwise.
@@ -103,6 +104,7 @@ type Provider struct {
 	vms       sync.Map // VM ID -> *machine
 	snapMu    sync.Mutex
 	snapshots map[string]vm.Snapshot
+	suspends  map[string]*suspendState // single-use snapshots by ID; made on first Suspend
 }
 
 // settings are the faults, latencies and hook in force; never modified once
@@ -119,9 +121,12 @@ type machine struct {
 	gone    bool // destroyed while a call held a pointer to it
 	balloon int
 	conns   []net.Conn
+	// suspendedTo is the single-use snapshot the VM was suspended to; such
+	// a VM never runs again.
+	suspendedTo string
 }
 
-var allOps = []Op{OpCreate, OpPause, OpResume, OpStop, OpDestroy, OpInspect, OpList, OpSnapshot, OpRestore, OpSetBalloon, OpBalloonStats, OpDialAgent}
+var allOps = []Op{OpCreate, OpPause, OpResume, OpStop, OpDestroy, OpInspect, OpList, OpSnapshot, OpRestore, OpSetBalloon, OpBalloonStats, OpDialAgent, OpSuspend}
 
 var (
 	_ vm.Provider    = (*Provider)(nil)
@@ -183,6 +188,7 @@ func (p *Provider) Name() string { return Name }
 func (p *Provider) Capabilities() vm.Capabilities {
 	return vm.Capabilities{
 		vm.CapSnapshot: true,
+		vm.CapSuspend:  true,
 		vm.CapBalloon:  true,
 		vm.CapAgent:    p.agent != nil,
 	}
@@ -355,8 +361,14 @@ func (p *Provider) Restore(ctx context.Context, snap vm.Snapshot) (vm.VM, error)
 	if !ok {
 		return vm.VM{}, fmt.Errorf("fake restore from %s: snapshot %w", snap.ID, vm.ErrNotFound)
 	}
+	release, err := p.claimSuspended(snap.ID)
+	if err != nil {
+		return vm.VM{}, fmt.Errorf("fake restore from %s: %w", snap.ID, err)
+	}
 	id := p.placeholder(known.Spec, snap.ID)
-	return p.finish(id, vm.StatusPaused, p.begin(ctx, OpRestore, snap.ID))
+	v, err := p.finish(id, vm.StatusPaused, p.begin(ctx, OpRestore, snap.ID))
+	release(err == nil, id)
+	return v, err
 }
 
 func (p *Provider) machine(id string) *machine {
@@ -404,6 +416,9 @@ func (p *Provider) Pause(ctx context.Context, id string) error {
 // Resume implements vm.Provider.
 func (p *Provider) Resume(ctx context.Context, id string) error {
 	return p.transition(ctx, OpResume, id, func(m *machine) error {
+		if m.suspendedTo != "" {
+			return fmt.Errorf("suspended to snapshot %s: %w", m.suspendedTo, vm.ErrInvalidState)
+		}
 		switch m.vm.Status {
 		case vm.StatusRunning, vm.StatusPaused:
 			m.vm.Status = vm.StatusRunning
