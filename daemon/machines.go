@@ -105,6 +105,9 @@ func (ms *machines) get(name string) (api.MachineSpec, bool) {
 }
 
 func (ms *machines) onChange(m lifecycle.Machine) {
+	if m.State == lifecycle.Stopped && m.VMID != "" {
+		ms.destroyStopped(m)
+	}
 	rec, err := json.Marshal(m)
 	if err != nil {
 		ms.d.log.Error("encode machine", "machine", m.Name, "err", err)
@@ -131,6 +134,19 @@ func (ms *machines) onChange(m lifecycle.Machine) {
 	})
 	if err != nil {
 		ms.d.log.Error("record machine", "machine", m.Name, "err", err)
+	}
+}
+
+// destroyStopped destroys the powered-off VM of a stopped machine. The
+// next ensure boots a new VM anyway (the data disk is kept apart), and until
+// then the dead VM would hold its directory and, under QEMU, its RAM file
+// in /dev/shm; destroying it also keeps the state's VMs equal to the
+// processes that run.
+func (ms *machines) destroyStopped(m lifecycle.Machine) {
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if err := ms.d.prov.Destroy(ctx, m.VMID); err != nil && !errors.Is(err, vm.ErrNotFound) {
+		ms.d.log.Warn("destroy VM of stopped machine", "machine", m.Name, "vm", m.VMID, "err", err)
 	}
 }
 

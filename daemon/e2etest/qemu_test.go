@@ -62,14 +62,17 @@ type daemon struct {
 	err    error
 }
 
-func startDaemon(t *testing.T, state string) *daemon {
+// startDaemon starts `warmpool serve` on state with extra flags and returns
+// once the daemon answers, which is after its restart reconciliation.
+func startDaemon(t *testing.T, state string, flags ...string) *daemon {
 	t.Helper()
+	start := time.Now()
 	logf, err := os.OpenFile(filepath.Join(state, "daemon.log"), os.O_CREATE|os.O_APPEND|os.O_WRONLY, 0o600)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer logf.Close()
-	cmd := exec.Command(warmpoolBin, "serve", "--state", state, "--provider", "qemu")
+	cmd := exec.Command(warmpoolBin, append([]string{"serve", "--state", state, "--provider", "qemu"}, flags...)...)
 	cmd.Stdout, cmd.Stderr = logf, logf
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
@@ -80,6 +83,7 @@ func startDaemon(t *testing.T, state string) *daemon {
 	deadline := time.Now().Add(2 * time.Minute)
 	for {
 		if _, err := cli(t, state, 10*time.Second, "status"); err == nil {
+			t.Logf("daemon %v answered %s after its start", flags, time.Since(start).Round(time.Millisecond))
 			return d
 		}
 		select {
@@ -152,8 +156,13 @@ type poolJSON struct {
 }
 
 type leaseJSON struct {
-	ID   string `json:"id"`
-	VMID string `json:"vm_id"`
+	ID      string `json:"id"`
+	VMID    string `json:"vm_id"`
+	Timings struct {
+		WaitMS    int64 `json:"wait_ms"`
+		HandoffMS int64 `json:"handoff_ms"`
+		TotalMS   int64 `json:"total_ms"`
+	} `json:"timings"`
 }
 
 func waitPool(t *testing.T, state, name string, ready int) {
@@ -284,6 +293,84 @@ func killStrays(state string) {
 	}
 }
 
+type machineJSON struct {
+	Name  string `json:"name"`
+	State string `json:"state"`
+	VMID  string `json:"vm_id"`
+}
+
+func machineState(t *testing.T, state, name string) machineJSON {
+	t.Helper()
+	var ms []machineJSON
+	if err := json.Unmarshal([]byte(mustCLI(t, state, time.Minute, "machine", "ls", "-o", "json")), &ms); err != nil {
+		t.Fatalf("machine ls output: %v", err)
+	}
+	for _, m := range ms {
+		if m.Name == name {
+			return m
+		}
+	}
+	t.Fatalf("machine ls does not list %s: %+v", name, ms)
+	return machineJSON{}
+}
+
+func acquire(t *testing.T, state, pool string) leaseJSON {
+	t.Helper()
+	start := time.Now()
+	var l leaseJSON
+	if err := json.Unmarshal([]byte(mustCLI(t, state, 2*time.Minute, "acquire", pool, "--wait", "60s", "-o", "json")), &l); err != nil || l.ID == "" {
+		t.Fatalf("acquire output: %v", err)
+	}
+	t.Logf("acquire through the CLI took %s; the daemon's timings: %+v", time.Since(start).Round(time.Millisecond), l.Timings)
+	return l
+}
+
+// processIDs returns the VM IDs (the provider's directory names in the
+// command lines) of state's QEMU processes.
+func processVMs(t *testing.T, state string) []string {
+	t.Helper()
+	var ids []string
+	for _, cmdline := range qemuProcesses(t, state) {
+		for _, f := range strings.Fields(cmdline) {
+			if strings.HasPrefix(f, "-name") {
+				continue
+			}
+			if after, ok := strings.CutPrefix(f, "warmpool-"); ok {
+				ids = append(ids, after)
+				break
+			}
+		}
+	}
+	slices.Sort(ids)
+	return ids
+}
+
+// waitProcesses waits until state's QEMU processes run exactly the VMs want.
+func waitProcesses(t *testing.T, state string, want ...string) {
+	t.Helper()
+	slices.Sort(want)
+	var got []string
+	for range 120 {
+		if got = processVMs(t, state); slices.Equal(got, want) {
+			return
+		}
+		time.Sleep(500 * time.Millisecond)
+	}
+	t.Errorf("QEMU processes run VMs %v, want %v", got, want)
+}
+
+// ramFiles lists the shared-memory files of state's VMs (QEMU's
+// memory-backend-file mem-path=...).
+func ramFiles(t *testing.T, ids []string) []string {
+	t.Helper()
+	var left []string
+	for _, id := range ids {
+		m, _ := filepath.Glob("/dev/shm/*" + id + "*")
+		left = append(left, m...)
+	}
+	return left
+}
+
 func TestQEMUDaemonSurvivesKill9(t *testing.T) {
 	if buildErr != nil {
 		if strings.Contains(buildErr.Error(), "function main is undeclared") {
@@ -311,15 +398,30 @@ func TestQEMUDaemonSurvivesKill9(t *testing.T) {
 		os.RemoveAll(state)
 	})
 
+	// Every VM ID ever seen, to check at the end that none left a RAM file.
+	seen := map[string]bool{}
+	see := func() {
+		for _, id := range processVMs(t, state) {
+			seen[id] = true
+		}
+	}
+	t.Cleanup(func() {
+		killStrays(state)
+		if left := ramFiles(t, slices.Collect(maps.Keys(seen))); len(left) > 0 {
+			t.Errorf("RAM files left behind: %v", left)
+			for _, f := range left {
+				os.Remove(f)
+			}
+		}
+	})
+
 	d := startDaemon(t, state)
 	mustCLI(t, state, 15*time.Minute, "template", "build", "base", "--vcpus", "1", "--mem", "256")
 	mustCLI(t, state, time.Minute, "pool", "set", "py", "--template", "base", "--min", "2", "--max", "3")
 	waitPool(t, state, "py", 2)
+	see()
 
-	var l1 leaseJSON
-	if err := json.Unmarshal([]byte(mustCLI(t, state, 2*time.Minute, "acquire", "py", "--wait", "60s", "-o", "json")), &l1); err != nil || l1.ID == "" {
-		t.Fatalf("acquire output: %v", err)
-	}
+	l1 := acquire(t, state, "py")
 	if out := mustCLI(t, state, time.Minute, "exec", l1.ID, "--", "echo", "hello from the guest"); out != "hello from the guest\n" {
 		t.Errorf("exec output %q", out)
 	}
@@ -329,28 +431,71 @@ func TestQEMUDaemonSurvivesKill9(t *testing.T) {
 	mustCLI(t, state, time.Minute, "release", l1.ID)
 	mustCLI(t, state, time.Minute, "release", l1.ID) // idempotent
 
-	var l2 leaseJSON
-	if err := json.Unmarshal([]byte(mustCLI(t, state, 2*time.Minute, "acquire", "py", "--wait", "60s", "-o", "json")), &l2); err != nil || l2.ID == "" {
-		t.Fatalf("acquire output: %v", err)
+	// A machine boots from the daemon's guest image and is recorded.
+	start := time.Now()
+	var m machineJSON
+	if err := json.Unmarshal([]byte(mustCLI(t, state, 5*time.Minute, "machine", "ensure", "dev", "--vcpus", "1", "--mem", "256", "-o", "json")), &m); err != nil {
+		t.Fatalf("machine ensure output: %v", err)
 	}
+	t.Logf("machine ensure (cold boot) took %s", time.Since(start).Round(time.Millisecond))
+	if m.State != "running" || m.VMID == "" {
+		t.Errorf("machine after ensure: %+v, want running with a VM", m)
+	}
+
 	waitPool(t, state, "py", 2)
+	l2 := acquire(t, state, "py")
+	waitPool(t, state, "py", 2)
+	see()
 	assertProcessesMatchState(t, state)
 
-	// kill -9 with a lease held and VMs warm.
+	// kill -9 with a lease held, VMs warm and a machine running.
 	d.kill()
-	if len(qemuProcesses(t, state)) < 3 {
+	if len(qemuProcesses(t, state)) < 4 {
 		t.Errorf("VMs did not outlive the daemon: %v", qemuProcesses(t, state))
 	}
 	d = startDaemon(t, state)
 	if out := mustCLI(t, state, time.Minute, "exec", l2.ID, "--", "hostname"); strings.TrimSpace(out) != l2.ID {
 		t.Errorf("hostname of the kept lease's VM = %q, want the lease ID %s", out, l2.ID)
 	}
+	if got := machineState(t, state, "dev"); got.State != "running" || got.VMID != m.VMID {
+		t.Errorf("machine after the restart: %+v, want running on the same VM %s", got, m.VMID)
+	}
 	waitPool(t, state, "py", 2)
+	see()
 	assertProcessesMatchState(t, state)
 
+	mustCLI(t, state, 2*time.Minute, "machine", "stop", "dev")
+	if got := machineState(t, state, "dev"); got.State != "stopped" {
+		t.Errorf("machine after stop: %+v, want stopped", got)
+	}
+	assertProcessesMatchState(t, state)
+	if slices.Contains(processVMs(t, state), m.VMID) {
+		t.Errorf("the stopped machine's VM %s still has a QEMU process", m.VMID)
+	}
 	mustCLI(t, state, time.Minute, "release", l2.ID)
+
+	// SIGTERM destroys the warm VMs and keeps the leased one and the machine.
+	l3 := acquire(t, state, "py")
+	var m2 machineJSON
+	if err := json.Unmarshal([]byte(mustCLI(t, state, 5*time.Minute, "machine", "ensure", "dev", "-o", "json")), &m2); err != nil || m2.State != "running" {
+		t.Fatalf("machine ensure after stop: %+v, %v", m2, err)
+	}
+	see()
 	d.term(t)
-	if left := qemuProcesses(t, state); len(left) != 0 {
-		t.Errorf("QEMU processes left after SIGTERM with no lease: %v", slices.Collect(maps.Keys(left)))
+	waitProcesses(t, state, l3.VMID, m2.VMID)
+
+	// A daemon with --stop-all adopts both, and destroys both on SIGTERM.
+	d = startDaemon(t, state, "--stop-all")
+	if out := mustCLI(t, state, time.Minute, "exec", l3.ID, "--", "hostname"); strings.TrimSpace(out) != l3.ID {
+		t.Errorf("hostname of the lease kept over SIGTERM = %q, want %s", out, l3.ID)
+	}
+	if got := machineState(t, state, "dev"); got.State != "running" || got.VMID != m2.VMID {
+		t.Errorf("machine after a SIGTERM restart: %+v, want running on VM %s", got, m2.VMID)
+	}
+	see()
+	d.term(t)
+	waitProcesses(t, state)
+	if ids := storeVMs(t, state); len(ids) != 0 {
+		t.Errorf("the state still lists VMs after a --stop-all shutdown: %v", ids)
 	}
 }
