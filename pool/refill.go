@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"math/rand/v2"
+	"slices"
 	"sync"
 	"time"
 
@@ -67,7 +68,7 @@ func (p *Pool) schedule() time.Time {
 	defer func() { p.publish(eff) }()
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	if p.closed {
+	if p.closed.Load() {
 		return time.Time{}
 	}
 	now := time.Now()
@@ -114,32 +115,46 @@ func (p *Pool) pickLocked(now time.Time, soonest func(time.Time)) *bucket {
 
 // ageLocked marks entries past MaxAge and destroys expired ones as long as
 // the bucket stays at or above its floor; the rest wait for their
-// replacements (make before break). It returns the next expiry.
+// replacements (make before break). It returns the next expiry. It looks at
+// the entries only when one is due or an expired one may now go, since that
+// takes them all out of ready for a moment.
 func (p *Pool) ageLocked(b *bucket, now time.Time, eff *effects) time.Time {
 	if b.spec.MaxAge <= 0 {
 		return time.Time{}
 	}
+	due := b.nextExpiry.IsZero() || !now.Before(b.nextExpiry)
+	removable := b.expired.Load() > 0 && b.readyLen()+b.checking > b.spec.Min
+	if !due && !removable {
+		return b.nextExpiry
+	}
+	es := b.drainLocked()
 	var next time.Time
-	for _, e := range b.ready {
+	for _, e := range es {
 		if e.expired {
 			continue
 		}
 		exp := e.born.Add(b.spec.MaxAge)
 		if !now.Before(exp) {
 			e.expired = true
-			b.expired++
 		} else if next.IsZero() || exp.Before(next) {
 			next = exp
 		}
 	}
-	for b.expired > 0 && len(b.ready)+b.checking > b.spec.Min {
-		i := 0
-		for !b.ready[i].expired {
-			i++
+	// Oldest expired first, while the bucket stays at or above its floor.
+	slices.SortStableFunc(es, func(x, y *entry) int { return x.born.Compare(y.born) })
+	kept := es[:0]
+	ready := len(es)
+	for _, e := range es {
+		if e.expired && ready+b.checking > b.spec.Min {
+			ready--
+			p.evictLocked(b, e.vm.ID, ReasonMaxAge, eff)
+			continue
 		}
-		e := b.removeAt(i)
-		p.evictLocked(b, e.vm.ID, ReasonMaxAge, eff)
+		kept = append(kept, e)
 	}
+	b.nextExpiry = time.Time{}
+	p.putBackLocked(b, kept)
+	b.nextExpiry = next
 	return next
 }
 
@@ -175,9 +190,7 @@ func (p *Pool) restore(b *bucket, gen uint64, snap vm.Snapshot) (*bucket, uint64
 	v, err := p.snap.Restore(ctx, snap)
 	made, invalid := err == nil, false
 	if made {
-		p.mu.Lock()
-		p.owned[v.ID] = b.name
-		p.mu.Unlock()
+		p.owned.Store(v.ID, b.name)
 		if p.cfg.OnVMCreated != nil {
 			p.cfg.OnVMCreated(b.name, v)
 		}
@@ -202,12 +215,12 @@ func (p *Pool) restore(b *bucket, gen uint64, snap vm.Snapshot) (*bucket, uint64
 		b.restoringCur--
 	}
 	switch {
-	case p.closed:
+	case p.closed.Load():
 		// Shutdown destroys everything in owned once this returns.
 		return nil, 0, vm.Snapshot{}
 	case err != nil:
 		if invalid {
-			b.counters.ValidationFailures++
+			b.counters.validationFailures.Add(1)
 			b.m.validation.Inc()
 			p.goDestroyLocked(b.name, v.ID)
 		}
@@ -234,7 +247,7 @@ func (p *Pool) restore(b *bucket, gen uint64, snap vm.Snapshot) (*bucket, uint64
 		}
 		b.m.restoreDuration.Observe(elapsed.Seconds())
 		p.deliverLocked(b, &entry{vm: v, gen: gen, born: now, checked: now})
-		if b.expired > 0 {
+		if b.expired.Load() > 0 {
 			p.kick() // a replacement arrived: an expired entry can go
 		}
 	}
@@ -269,7 +282,7 @@ func (p *Pool) evictLocked(b *bucket, id, reason string, eff *effects) {
 }
 
 func (p *Pool) recordEvictionLocked(b *bucket, id, reason string, eff *effects) {
-	b.counters.Evicted++
+	b.counters.evicted.Add(1)
 	b.m.evicted(reason)
 	eff.publish(events.Event{Kind: EventEvicted, Subject: b.name, Detail: map[string]any{
 		"vm": id, "reason": reason, "generation": b.gen,
@@ -291,7 +304,7 @@ func (p *Pool) evictNow(b *bucket, id, reason string) {
 // does nothing: the VM is still in owned and Shutdown destroys it, and no
 // goroutine may join the wait group Shutdown is waiting on.
 func (p *Pool) goDestroyLocked(pool, id string) {
-	if p.closed {
+	if p.closed.Load() {
 		return
 	}
 	p.wg.Add(1)
@@ -311,11 +324,7 @@ func (p *Pool) destroy(ctx context.Context, pool, id string) error {
 		p.log.Warn("destroying warm VM failed", "pool", pool, "vm", id, "err", err)
 		return fmt.Errorf("destroy %s of pool %q: %w", id, pool, err)
 	}
-	p.mu.Lock()
-	_, owned := p.owned[id]
-	delete(p.owned, id)
-	p.mu.Unlock()
-	if owned && p.cfg.OnVMDestroyed != nil {
+	if _, owned := p.owned.LoadAndDelete(id); owned && p.cfg.OnVMDestroyed != nil {
 		p.cfg.OnVMDestroyed(pool, id)
 	}
 	return nil
@@ -377,19 +386,19 @@ func (p *Pool) checkRound(round time.Time) {
 		p.mu.Lock()
 		b.checking--
 		switch {
-		case p.closed:
+		case p.closed.Load():
 		case b.removed:
 			p.evictLocked(b, e.vm.ID, ReasonRemoved, &eff)
 		case e.gen != b.gen:
 			p.evictLocked(b, e.vm.ID, ReasonGeneration, &eff)
 		case err != nil:
-			b.counters.ValidationFailures++
+			b.counters.validationFailures.Add(1)
 			b.m.validation.Inc()
 			p.log.Warn("warm VM failed health check", "pool", b.name, "vm", e.vm.ID, "err", err)
 			p.evictLocked(b, e.vm.ID, ReasonUnhealthy, &eff)
 		default:
 			e.checked = time.Now()
-			p.deliverLocked(b, e)
+			p.requeueLocked(b, e)
 		}
 		p.mu.Unlock()
 		p.publish(eff)
@@ -400,16 +409,28 @@ func (p *Pool) checkRound(round time.Time) {
 func (p *Pool) nextToCheck(round time.Time) (*bucket, *entry) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	if p.closed {
+	if p.closed.Load() {
 		return nil, nil
 	}
+	// Entries already checked go from the front to the back, so a round
+	// keeps the bucket's order and finds each entry in O(1) amortised.
 	for _, b := range p.order {
-		for i, e := range b.ready {
+		for range b.readyLen() {
+			e := b.tryPop()
+			if e == nil {
+				break
+			}
 			if e.checked.Before(round) {
-				b.removeAt(i)
 				b.checking++
+				if b.expired.Load() > 0 { // rotation moved them off the back
+					p.putBackLocked(b, b.drainLocked())
+				}
 				return b, e
 			}
+			p.pushLocked(b, e)
+		}
+		if b.expired.Load() > 0 {
+			p.putBackLocked(b, b.drainLocked())
 		}
 	}
 	return nil, nil
