@@ -752,6 +752,106 @@ func TestShutdownLeavesLeasedVMsAlone(t *testing.T) {
 	}
 }
 
+// Acquires take no pool lock on a hit, so Shutdown racing them must still
+// leave exactly the leased VMs: none destroyed under a lease, none leaked.
+func TestShutdownRacingAcquiresLeavesExactlyTheLeasedVMs(t *testing.T) {
+	prov := fake.New(fake.Options{})
+	snap := prov.AddSnapshot(testSpec)
+	p, err := New(Config{Provider: prov, SweepInterval: time.Hour, HealthInterval: time.Hour,
+		// A slow hand-off keeps acquires in flight while Shutdown runs.
+		Handoff: func(context.Context, vm.VM) error { time.Sleep(100 * time.Microsecond); return nil },
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, name := range []string{"a", "b"} {
+		if err := p.Register(stack(name, snap, 64, 64)); err != nil {
+			t.Fatal(err)
+		}
+		waitReady(t, p, name, 64)
+	}
+	var (
+		mu      sync.Mutex
+		leased  = map[string]bool{}
+		wg      sync.WaitGroup
+		started = make(chan struct{})
+		once    sync.Once
+	)
+	for g := range 16 {
+		wg.Go(func() {
+			name := []string{"a", "b"}[g%2]
+			for {
+				ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+				l, err := p.Acquire(ctx, name)
+				cancel()
+				if err != nil {
+					if !errors.Is(err, ErrClosed) && !errors.Is(err, ErrNothingReady) {
+						t.Errorf("Acquire: %v", err)
+					}
+					return
+				}
+				mu.Lock()
+				leased[l.VM.ID] = true
+				mu.Unlock()
+				once.Do(func() { close(started) })
+			}
+		})
+	}
+	<-started
+	if err := p.Shutdown(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	wg.Wait()
+	ids := listIDs(t, prov)
+	for _, id := range ids {
+		if !leased[id] {
+			t.Errorf("after Shutdown the provider still lists %s, which was never leased", id)
+		}
+	}
+	if len(ids) != len(leased) {
+		t.Errorf("provider lists %d VMs, %d were leased: a leased VM was destroyed", len(ids), len(leased))
+	}
+	for id := range leased {
+		v, err := prov.Inspect(context.Background(), id)
+		if err != nil || v.Status != vm.StatusRunning {
+			t.Errorf("leased VM %s after Shutdown: status %q, err %v; want it running", id, v.Status, err)
+		}
+	}
+}
+
+// While an entry past MaxAge waits for its replacement (make before break),
+// a fresh entry is handed out before it.
+func TestAcquirePrefersFreshEntriesOverExpiredOnes(t *testing.T) {
+	const maxAge = 300 * time.Millisecond
+	p, prov := newTestPool(t, fake.Options{}, nil)
+	snap := prov.AddSnapshot(testSpec)
+	if err := p.Register(stack("web", snap, 1, 3)); err != nil {
+		t.Fatal(err)
+	}
+	waitReady(t, p, "web", 1)
+	expired := listIDs(t, prov)[0]
+	time.Sleep(maxAge + 50*time.Millisecond)
+	// The replacement restore hangs, so the expired entry has to stay.
+	prov.SetFault(fake.OpRestore, fake.Fault{Hang: true})
+	spec := stack("web", snap, 1, 3)
+	spec.MaxAge = maxAge
+	if err := p.Register(spec); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "the replacement restore to start", func() bool { return status(t, p, "web").Restoring == 1 })
+	prov.SetFault(fake.OpRestore, fake.Fault{})
+	fresh, err := prov.Restore(context.Background(), snap)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := p.Adopt("web", fresh); err != nil {
+		t.Fatalf("Adopt: %v", err)
+	}
+	if l := acquire(t, p, "web"); l.VM.ID != fresh.ID {
+		t.Errorf("acquire got %s, want the fresh %s before the expired %s", l.VM.ID, fresh.ID, expired)
+	}
+}
+
 func TestUnregisterDestroysWarmVMsAndFailsWaiters(t *testing.T) {
 	p, prov := newTestPool(t, fake.Options{}, nil)
 	snap := prov.AddSnapshot(testSpec)
