@@ -144,11 +144,17 @@ func (d *Daemon) handoff(ctx context.Context, v vm.VM) error {
 	if err != nil {
 		return fmt.Errorf("mark VM %s leased: %w", v.ID, err)
 	}
+	start := time.Now()
 	c, err := agent.Dial(ctx, d.prov, v.ID)
 	if err != nil {
 		return err
 	}
 	defer c.Close()
+	dialed := time.Now()
+	defer func() {
+		d.log.Debug("hand-off", "vm", v.ID, "lease", id, "dial_ms", dialed.Sub(start).Milliseconds(),
+			"handoff_ping_ms", time.Since(dialed).Milliseconds())
+	}()
 	entropy := make([]byte, 32)
 	if _, err := rand.Read(entropy); err != nil {
 		return fmt.Errorf("entropy for %s: %w", v.ID, err)
