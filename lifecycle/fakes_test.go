@@ -30,7 +30,10 @@ type testProvider struct {
 	destroys    []string
 	balloonSets []int
 	snapshots   int
+	suspends    int
 	restores    int
+	spent       map[string]bool // suspended VMs, which never run again
+	restored    map[string]bool // single-use snapshot dirs already restored
 }
 
 type testVM struct {
@@ -109,6 +112,12 @@ func (p *testProvider) Pause(_ context.Context, id string) error {
 	return p.setStatus(id, vm.StatusPaused)
 }
 func (p *testProvider) Resume(_ context.Context, id string) error {
+	p.mu.Lock()
+	spent := p.spent[id]
+	p.mu.Unlock()
+	if spent {
+		return fmt.Errorf("resume suspended vm %s: %w", id, vm.ErrInvalidState)
+	}
 	return p.setStatus(id, vm.StatusRunning)
 }
 
@@ -154,27 +163,63 @@ func (p *testProvider) List(context.Context) ([]vm.VM, error) {
 type snapFile struct {
 	Spec   vm.Spec           `json:"spec"`
 	Memory map[string]string `json:"memory"`
+	// Source is the suspended VM of a single-use snapshot.
+	Source string `json:"source,omitempty"`
 }
 
+// Snapshot refuses data disks, as real providers do (clones would share
+// the disk).
 func (p *testProvider) Snapshot(_ context.Context, id, dir string) (vm.Snapshot, error) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
+	if tv, ok := p.vms[id]; ok && tv.v.Spec.DataDisk != "" {
+		return vm.Snapshot{}, fmt.Errorf("snapshot of a vm with a data disk: %w", vm.ErrUnsupported)
+	}
+	snap, err := p.saveLocked(id, dir, false)
+	if err == nil {
+		p.snapshots++
+	}
+	return snap, err
+}
+
+// Suspend is offered only when the test grants vm.CapSuspend.
+func (p *testProvider) Suspend(_ context.Context, id, dir string) (vm.Snapshot, error) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if !p.caps.Has(vm.CapSuspend) {
+		return vm.Snapshot{}, fmt.Errorf("suspend: %w", vm.ErrUnsupported)
+	}
+	snap, err := p.saveLocked(id, dir, true)
+	if err == nil {
+		p.suspends++
+		if p.spent == nil {
+			p.spent = map[string]bool{}
+		}
+		p.spent[id] = true
+	}
+	return snap, err
+}
+
+func (p *testProvider) saveLocked(id, dir string, singleUse bool) (vm.Snapshot, error) {
 	tv, err := p.get(id)
 	if err != nil {
 		return vm.Snapshot{}, err
 	}
-	if tv.v.Status != vm.StatusPaused {
+	if tv.v.Status != vm.StatusPaused || p.spent[id] {
 		return vm.Snapshot{}, fmt.Errorf("snapshot of %s vm: %w", tv.v.Status, vm.ErrInvalidState)
 	}
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return vm.Snapshot{}, err
 	}
-	b, _ := json.Marshal(snapFile{Spec: tv.v.Spec, Memory: tv.memory})
+	sf := snapFile{Spec: tv.v.Spec, Memory: tv.memory}
+	if singleUse {
+		sf.Source = id
+	}
+	b, _ := json.Marshal(sf)
 	if err := os.WriteFile(filepath.Join(dir, "state.json"), b, 0o600); err != nil {
 		return vm.Snapshot{}, err
 	}
-	p.snapshots++
-	return vm.Snapshot{ID: "snap-" + id, Provider: "test", Dir: dir, Spec: tv.v.Spec, CreatedAt: time.Now()}, nil
+	return vm.Snapshot{ID: "snap-" + id, Provider: "test", Dir: dir, Spec: tv.v.Spec, CreatedAt: time.Now(), SingleUse: singleUse}, nil
 }
 
 func (p *testProvider) Restore(_ context.Context, snap vm.Snapshot) (vm.VM, error) {
@@ -188,6 +233,18 @@ func (p *testProvider) Restore(_ context.Context, snap vm.Snapshot) (vm.VM, erro
 	}
 	p.mu.Lock()
 	defer p.mu.Unlock()
+	if sf.Source != "" {
+		if tv, ok := p.vms[sf.Source]; ok && tv.v.Status != vm.StatusStopped {
+			return vm.VM{}, fmt.Errorf("restore while suspended vm %s exists: %w", sf.Source, vm.ErrInvalidState)
+		}
+		if p.restored[snap.Dir] {
+			return vm.VM{}, fmt.Errorf("single-use snapshot %s restored twice: %w", snap.Dir, vm.ErrInvalidState)
+		}
+		if p.restored == nil {
+			p.restored = map[string]bool{}
+		}
+		p.restored[snap.Dir] = true
+	}
 	p.restores++
 	return p.addLocked(sf.Spec, vm.StatusPaused, sf.Memory), nil
 }
@@ -274,7 +331,7 @@ func (p *testProvider) vm(id string) (vm.VM, bool) {
 func (p *testProvider) counts() (creates, snapshots, restores int) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	return p.creates, p.snapshots, p.restores
+	return p.creates, p.snapshots + p.suspends, p.restores
 }
 
 // fakeClock only moves when told. Timers fire at absolute instants.

@@ -426,7 +426,7 @@ func (mc *machine) suspendAt() (time.Time, bool) {
 	if (mc.state != Running && mc.state != Idle) || mc.cfg.Idle.SuspendAfter <= 0 || mc.suspendTried || !mc.idleEligible() {
 		return time.Time{}, false
 	}
-	if _, ok := mc.cfg.Provider.(vm.Snapshotter); !ok || !mc.cfg.Provider.Capabilities().Has(vm.CapSnapshot) {
+	if !mc.mgr.canSuspend(mc.curFP.DataDiskMiB > 0) {
 		return time.Time{}, false
 	}
 	return mc.lastActivity.Add(mc.cfg.Idle.SuspendAfter), true

@@ -734,6 +734,7 @@ func TestEnsureCallerGivingUpDoesNotAbortTheStart(t *testing.T) {
 
 func TestStopSuspendedDiscardsSnapshotKeepsDisk(t *testing.T) {
 	h := newHarness(t, func(c *Config) { c.Idle.SuspendAfter = time.Hour })
+	h.p.caps[vm.CapSuspend] = true
 	spec := baseSpec("dev")
 	spec.DataDiskMiB = 8
 	h.ensure(spec)
@@ -803,5 +804,50 @@ func TestIdleShrinkNeedsToKnowGuestUse(t *testing.T) {
 	defer h.p.mu.Unlock()
 	if len(h.p.balloonSets) != 0 {
 		t.Errorf("balloon set to %v without knowing guest use", h.p.balloonSets)
+	}
+}
+
+// TestSuspendWithDataDisk: a machine with a data disk suspends through the
+// provider's single-use suspend (a template snapshot would refuse the disk)
+// and Ensure restores it with its memory; without that capability it is
+// never paused for a suspend that cannot work.
+func TestSuspendWithDataDisk(t *testing.T) {
+	spec := baseSpec("dev")
+	spec.DataDiskMiB = 8
+
+	h := newHarness(t, func(c *Config) { c.Idle.SuspendAfter = time.Hour })
+	m := h.ensure(spec)
+	h.clock.Advance(2 * time.Hour)
+	time.Sleep(50 * time.Millisecond)
+	if got, _ := h.mgr.Get("dev"); got.State != Running || got.VMID != m.VMID {
+		t.Errorf("without CapSuspend: machine %s on %s, want running on %s", got.State, got.VMID, m.VMID)
+	}
+	for _, e := range h.drain() {
+		if e.Kind == "machine.idle_failed" {
+			t.Errorf("suspend attempted without a way to keep the disk: %v", e.Detail)
+		}
+	}
+
+	h = newHarness(t, func(c *Config) { c.Idle.SuspendAfter = time.Hour })
+	h.p.caps[vm.CapSuspend] = true
+	m = h.ensure(spec)
+	h.p.writeMemory(m.VMID, "counter", "7")
+	h.clock.Advance(time.Hour)
+	sus := h.waitState("dev", Suspended)
+	if sus.Snapshot == nil || !sus.Snapshot.SingleUse || sus.Snapshot.Spec.DataDisk == "" {
+		t.Fatalf("suspended machine's snapshot %+v, want single-use with the data disk", sus.Snapshot)
+	}
+	back := h.ensure(spec)
+	if got := h.p.readMemory(back.VMID, "counter"); got != "7" {
+		t.Errorf("guest memory after suspend+ensure: counter=%q, want 7", got)
+	}
+	if v, _ := h.p.vm(back.VMID); v.Spec.DataDisk != sus.Snapshot.Spec.DataDisk {
+		t.Errorf("restored vm has data disk %q, want %q", v.Spec.DataDisk, sus.Snapshot.Spec.DataDisk)
+	}
+	h.p.mu.Lock()
+	suspends, snapshots := h.p.suspends, h.p.snapshots
+	h.p.mu.Unlock()
+	if suspends != 1 || snapshots != 0 {
+		t.Errorf("%d suspends and %d template snapshots, want 1 and 0", suspends, snapshots)
 	}
 }

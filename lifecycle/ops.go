@@ -150,6 +150,14 @@ func (m *Manager) resumeVM(ctx context.Context, snap vm.Snapshot, memoryMiB int,
 	ctx, cancel := context.WithTimeout(ctx, m.cfg.StartTimeout)
 	defer cancel()
 	fail := func(v *vm.VM, err error) opResult {
+		if v != nil && snap.SingleUse && parent.Err() != nil {
+			// The single-use snapshot went into v: destroying v would lose
+			// the memory for good. Keep it; a stop powers it off, a new
+			// daemon finds it by its labels.
+			_ = os.RemoveAll(snap.Dir)
+			r.vm, r.err = v, err
+			return r
+		}
 		if v != nil {
 			_ = m.destroy(context.WithoutCancel(ctx), v.ID)
 		}
@@ -338,10 +346,36 @@ func (m *Manager) wakeVM(ctx context.Context, v vm.VM, memoryMiB int, shrunk boo
 	return r
 }
 
+// suspender is the provider's single-use snapshot, which keeps data disks.
+func (m *Manager) suspender() (vm.Suspender, bool) {
+	s, ok := m.cfg.Provider.(vm.Suspender)
+	return s, ok && m.cfg.Provider.Capabilities().Has(vm.CapSuspend)
+}
+
+// canSuspend reports whether a machine's VM can be saved to a snapshot.
+// A template snapshot refuses data disks, so a machine with one needs a
+// provider that suspends.
+func (m *Manager) canSuspend(hasDataDisk bool) bool {
+	if _, ok := m.suspender(); ok {
+		return true
+	}
+	_, ok := m.cfg.Provider.(vm.Snapshotter)
+	return ok && m.cfg.Provider.Capabilities().Has(vm.CapSnapshot) && !hasDataDisk
+}
+
+// suspendVM saves the paused VM to the machine's snapshot directory and
+// destroys it. The single-use suspend snapshot is preferred: it is restored
+// exactly once, in place of this VM, so it keeps the data disk and may
+// move the memory instead of copying it. A template snapshot is the
+// fallback for providers without it.
 func (m *Manager) suspendVM(ctx context.Context, name string, v vm.VM) opResult {
 	var r opResult
-	sn, ok := m.cfg.Provider.(vm.Snapshotter)
-	if !ok {
+	var save func(ctx context.Context, id, dir string) (vm.Snapshot, error)
+	if s, ok := m.suspender(); ok {
+		save = s.Suspend
+	} else if sn, ok := m.cfg.Provider.(vm.Snapshotter); ok {
+		save = sn.Snapshot
+	} else {
 		r.err = fmt.Errorf("suspend vm %s: %w", v.ID, vm.ErrUnsupported)
 		return r
 	}
@@ -370,7 +404,7 @@ func (m *Manager) suspendVM(ctx context.Context, name string, v vm.VM) opResult 
 	if err := os.RemoveAll(dir); err != nil {
 		return undo("", fmt.Errorf("clear old snapshot %s: %w", dir, err))
 	}
-	snap, err := sn.Snapshot(ctx, v.ID, dir)
+	snap, err := save(ctx, v.ID, dir)
 	if err != nil {
 		return undo(dir, fmt.Errorf("snapshot vm %s to %s: %w", v.ID, dir, err))
 	}

@@ -213,16 +213,21 @@ func TestQEMUEnsureDriftDiskAndRecovery(t *testing.T) {
 // TestQEMUIdleShrinkAndSuspendKeepMemory: an idle machine's balloon shrinks
 // to what the guest uses plus the reserve (the guest sees less memory); a
 // longer idle suspends it to a snapshot, and the next Ensure restores it
-// with a value written to guest memory before still there.
+// with a value written to guest memory before still there, and what it
+// wrote to its data disk too (flushed, or still in its page cache).
 func TestQEMUIdleShrinkAndSuspendKeepMemory(t *testing.T) {
 	h, p := qemuHarness(t)
 	spec := qemuSpec(t, "sleeper")
+	spec.DataDiskMiB = 16
 	start := time.Now()
 	m := h.ensure(spec)
 	cold := time.Since(start)
 	marker := randomMarker(t)
 	// The root file system is the initramfs: a file there lives in RAM only.
 	guestSh(t, p, m.VMID, "echo "+marker+" > /marker")
+	flushed, cached := randomMarker(t), randomMarker(t)
+	guestSh(t, p, m.VMID, "printf "+flushed+" | dd of=/dev/vda bs=512 seek=2048 conv=notrunc,fsync 2>/dev/null")
+	guestSh(t, p, m.VMID, "printf "+cached+" | dd of=/dev/vda bs=512 seek=4096 conv=notrunc 2>/dev/null")
 	ctx, cancel := context.WithTimeout(context.Background(), qemuTimeout)
 	defer cancel()
 	before, err := guestStats(ctx, p, m.VMID)
@@ -270,6 +275,12 @@ func TestQEMUIdleShrinkAndSuspendKeepMemory(t *testing.T) {
 	t.Logf("ensure cold %v, from suspended %v", cold, resume)
 	if got := guestSh(t, p, back.VMID, "cat /marker"); got != marker {
 		t.Fatalf("guest memory after suspend+ensure: /marker = %q, want %q", got, marker)
+	}
+	if got := guestSh(t, p, back.VMID, "dd if=/dev/vda bs=512 skip=2048 count=1 2>/dev/null | head -c 16"); got != flushed {
+		t.Errorf("data disk after suspend+ensure holds %q at the flushed write, want %q", got, flushed)
+	}
+	if got := guestSh(t, p, back.VMID, "dd if=/dev/vda bs=512 skip=4096 count=1 2>/dev/null | head -c 16"); got != cached {
+		t.Errorf("data disk after suspend+ensure holds %q at the unflushed write, want %q", got, cached)
 	}
 	deadline = time.Now().Add(time.Minute)
 	for {
