@@ -205,6 +205,7 @@ func start(ctx context.Context, opts Options) (d *Daemon, srv *server, err error
 	if d.mach, err = d.newMachines(); err != nil {
 		return nil, nil, err
 	}
+	reconcileStart := time.Now()
 	warm, err := d.reconcile(ctx)
 	if err != nil {
 		return nil, nil, fmt.Errorf("reconcile state with provider %s: %w", inner.Name(), err)
@@ -227,7 +228,8 @@ func start(ctx context.Context, opts Options) (d *Daemon, srv *server, err error
 	d.bg.Add(1)
 	go d.expireLeases(ctx)
 	log.Info("daemon started", "state", stateDir, "provider", inner.Name(), "listen", cfg.Listen,
-		"pools", len(d.pools.Pools()), "leases", len(d.leases))
+		"pools", len(d.pools.Pools()), "leases", len(d.leases),
+		"reconcile_ms", time.Since(reconcileStart).Milliseconds())
 	return d, srv, nil
 }
 

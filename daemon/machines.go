@@ -200,7 +200,10 @@ func (ms *machines) apiMachine(name string) api.Machine {
 	out.LastError = m.LastError
 	out.Holds = len(m.Holds)
 	out.BalloonMiB = m.BalloonMiB
-	out.VMID = m.VMID
+	if m.State != lifecycle.Stopped {
+		// A stopped machine's VM is destroyed (destroyStopped).
+		out.VMID = m.VMID
+	}
 	return out
 }
 
@@ -254,7 +257,7 @@ func (d *Daemon) EnsureMachine(ctx context.Context, name string, req *api.Machin
 	}
 	spec, ok := d.mach.get(name)
 	if !ok {
-		return api.Machine{}, fmt.Errorf("ensure machine %s: no spec recorded (send one): %w", name, vm.ErrNotFound)
+		return api.Machine{}, fmt.Errorf("ensure machine %s: no such machine: %w", name, vm.ErrNotFound)
 	}
 	img, err := d.guestImage(ctx, "", nil)
 	if err != nil {

@@ -6,6 +6,9 @@
 # next start). Idempotent: a second run reuses the image, the template and
 # the pool recorded in $STATE.
 #
+# Arguments are passed on to `warmpool serve`: `scripts/run.sh --stop-all`
+# makes Ctrl-C destroy leased VMs and stop machines too.
+#
 # Environment: STATE (state directory; the Makefile passes .state in the
 # repository), PROVIDER (qemu, the default, or fake), WARMPOOL (the binary).
 set -euo pipefail
@@ -76,9 +79,14 @@ warmpool is ready. In another terminal:
   curl -s --unix-socket $SOCK http://warmpool/metrics
 
 The daemon runs in the foreground (log: $LOG). Ctrl-C stops it: warm VMs are
-destroyed, leased ones kept for the next start.
+destroyed; $STOP_NOTE
 EOF
 }
+STOP_NOTE="leased VMs and machines keep running for the next start
+(start with scripts/run.sh --stop-all to have Ctrl-C destroy them too)."
+for a in "$@"; do
+  [ "$a" = --stop-all ] && STOP_NOTE="leased VMs are destroyed and machines stopped too (--stop-all)."
+done
 setup &
 echo "==> starting the daemon (log: $LOG)"
-exec "$WARMPOOL" serve --state "$STATE" --provider "$PROVIDER" >>"$LOG" 2>&1
+exec "$WARMPOOL" serve --state "$STATE" --provider "$PROVIDER" "$@" >>"$LOG" 2>&1

@@ -465,8 +465,8 @@ func TestQEMUDaemonSurvivesKill9(t *testing.T) {
 	assertProcessesMatchState(t, state)
 
 	mustCLI(t, state, 2*time.Minute, "machine", "stop", "dev")
-	if got := machineState(t, state, "dev"); got.State != "stopped" {
-		t.Errorf("machine after stop: %+v, want stopped", got)
+	if got := machineState(t, state, "dev"); got.State != "stopped" || got.VMID != "" {
+		t.Errorf("machine after stop: %+v, want stopped without a VM", got)
 	}
 	assertProcessesMatchState(t, state)
 	if slices.Contains(processVMs(t, state), m.VMID) {
