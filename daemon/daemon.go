@@ -214,10 +214,13 @@ func start(ctx context.Context, opts Options) (d *Daemon, srv *server, err error
 		return nil, nil, fmt.Errorf("restore machines: %w", err)
 	}
 	d.removeUnusedTemplateDirs()
+	// Warm VMs go back into their pools before the pools learn their
+	// minimum: the other way round, each pool would start restoring up to
+	// min at once and hold min plus the adopted VMs.
+	d.adoptWarm(ctx, warm)
 	if err := d.applyConfig(ctx); err != nil {
 		return nil, nil, err
 	}
-	d.adoptWarm(ctx, warm)
 	if err := d.checkAccounted(ctx); err != nil {
 		return nil, nil, err
 	}

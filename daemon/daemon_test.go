@@ -333,6 +333,13 @@ func TestRestartKeepsLeasesAndReconciles(t *testing.T) {
 		}
 	}
 	waitReady(t, c, "py", 1)
+	// The adopted VM makes up the pool's minimum: nothing more is restored.
+	for range 20 {
+		if p, err := c.Pool(ctxT(t), "py"); err != nil || p.Ready+p.Restoring > 1 {
+			t.Fatalf("pool after restart = %+v, %v; want the adopted VM alone (min 1)", p, err)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
 	// The adopted VM is handed out like any other.
 	l2, err := c.Acquire(ctxT(t), "py", 5*time.Second, api.AcquireRequest{})
 	if err != nil {

@@ -148,8 +148,30 @@ func (d *Daemon) reconcile(ctx context.Context) ([]warmCandidate, error) {
 }
 
 // adoptWarm hands the surviving warm VMs back to their pools; one the pool
-// will not take (full, unregistered) is destroyed.
+// will not take (full, unregistered) is destroyed. Each pool is registered
+// with a minimum of 0 first, so that it restores nothing until
+// registerPools gives it its real minimum.
 func (d *Daemon) adoptWarm(ctx context.Context, warm []warmCandidate) {
+	registered := map[string]bool{}
+	for _, c := range warm {
+		if registered[c.pool] {
+			continue
+		}
+		registered[c.pool] = true
+		rec, err := store.Get(d.st, store.Pools, c.pool)
+		if err != nil {
+			continue // Adopt below fails and the VM is destroyed
+		}
+		t, ok := d.template(rec.Template)
+		if !ok {
+			continue
+		}
+		spec := stackSpec(rec, t)
+		spec.Min = 0
+		if err := d.pools.Register(spec); err != nil {
+			d.log.Error("register pool to adopt its warm VMs", "pool", c.pool, "err", err)
+		}
+	}
 	for _, c := range warm {
 		if err := d.pools.Adopt(c.pool, c.vm); err != nil {
 			d.log.Info("destroying warm VM its pool did not take back", "pool", c.pool, "vm", c.vm.ID, "err", err)

@@ -165,7 +165,7 @@ type leaseJSON struct {
 	} `json:"timings"`
 }
 
-func waitPool(t *testing.T, state, name string, ready int) {
+func waitPool(t *testing.T, state, name string, ready int) poolJSON {
 	t.Helper()
 	deadline := time.Now().Add(5 * time.Minute)
 	var last string
@@ -177,7 +177,7 @@ func waitPool(t *testing.T, state, name string, ready int) {
 			if json.Unmarshal([]byte(out), &pools) == nil {
 				for _, p := range pools {
 					if p.Name == name && p.Ready >= ready && p.Restoring == 0 {
-						return
+						return p
 					}
 				}
 			}
@@ -185,6 +185,7 @@ func waitPool(t *testing.T, state, name string, ready int) {
 		time.Sleep(500 * time.Millisecond)
 	}
 	t.Fatalf("pool %s never reached %d ready VMs; last: %s\n%s", name, ready, last, tail(state))
+	return poolJSON{}
 }
 
 // qemuProcesses returns the command lines of QEMU processes that belong to
@@ -460,7 +461,9 @@ func TestQEMUDaemonSurvivesKill9(t *testing.T) {
 	if got := machineState(t, state, "dev"); got.State != "running" || got.VMID != m.VMID {
 		t.Errorf("machine after the restart: %+v, want running on the same VM %s", got, m.VMID)
 	}
-	waitPool(t, state, "py", 2)
+	if p := waitPool(t, state, "py", 2); p.Ready != 2 {
+		t.Errorf("pool after the restart holds %d ready VMs, want its 2 adopted ones and no more", p.Ready)
+	}
 	see()
 	assertProcessesMatchState(t, state)
 
