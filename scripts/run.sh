@@ -72,9 +72,10 @@ setup() {
 warmpool is ready. In another terminal:
 
   export WARMPOOL_SOCKET=$SOCK
-  $WARMPOOL acquire default              # prints the lease (add -o json for scripts)
-  $WARMPOOL exec LEASE -- uname -a       # runs in the VM; the exit code passes through
-  $WARMPOOL release LEASE                # destroys the VM; the pool refills
+  L=\$($WARMPOOL acquire default -q)    # the lease ID (without -q: a table; -o json for scripts)
+  $WARMPOOL exec \$L -- uname -a        # runs in the VM; the exit code passes through
+  $WARMPOOL release \$L                 # destroys the VM; the pool refills
+  $WARMPOOL pool ls
   $WARMPOOL status
   curl -s --unix-socket $SOCK http://warmpool/metrics
 
