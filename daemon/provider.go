@@ -152,3 +152,23 @@ func (p *ownedProvider) DialAgent(ctx context.Context, id string) (net.Conn, err
 	}
 	return d.DialAgent(ctx, id)
 }
+
+// Suspend passes the single-use snapshot through so machines with a data disk
+// can suspend; without it lifecycle falls back to a template snapshot, which
+// providers refuse for VMs with a data disk.
+func (p *ownedProvider) Suspend(ctx context.Context, id, dir string) (vm.Snapshot, error) {
+	s, ok := p.inner.(vm.Suspender)
+	if !ok {
+		return vm.Snapshot{}, fmt.Errorf("suspend %s: %w", id, vm.ErrUnsupported)
+	}
+	return s.Suspend(ctx, id, dir)
+}
+
+// The wrapper must keep every optional interface the lifecycle and pool look
+// for; a missing one silently downgrades behaviour.
+var (
+	_ vm.Snapshotter = (*ownedProvider)(nil)
+	_ vm.Suspender   = (*ownedProvider)(nil)
+	_ vm.Ballooner   = (*ownedProvider)(nil)
+	_ vm.AgentDialer = (*ownedProvider)(nil)
+)
