@@ -93,7 +93,11 @@ func (d *Daemon) guestImage(ctx context.Context, dir string, progress func(strin
 	}
 	dir = or(dir, d.cfg.Image)
 	if dir != "" {
-		return guest.Load(dir)
+		img, err := guest.Load(dir)
+		if err != nil {
+			return guest.Image{}, err
+		}
+		return d.forProvider(img)
 	}
 	d.imageMu.Lock()
 	defer d.imageMu.Unlock()
@@ -107,6 +111,9 @@ func (d *Daemon) guestImage(ctx context.Context, dir string, progress func(strin
 	}})
 	if err != nil {
 		return guest.Image{}, fmt.Errorf("guest image: %w", err)
+	}
+	if img, err = d.forProvider(img); err != nil {
+		return guest.Image{}, err
 	}
 	d.image = &img
 	return img, nil

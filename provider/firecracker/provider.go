@@ -495,9 +495,11 @@ func (p *Provider) boot(ctx context.Context, in *instance) error {
 	if err := api.do(ctx, "PUT", "/vsock", vsockDevice{GuestCID: guestCID, UDSPath: vsockPath}, nil); err != nil {
 		return err
 	}
-	balloon := balloonDevice{AmountMiB: 0, DeflateOnOOM: true, StatsPollingIntervalS: 1}
-	if err := api.do(ctx, "PUT", "/balloon", balloon, nil); err != nil {
-		return err
+	if !spec.NoBalloon {
+		balloon := balloonDevice{AmountMiB: 0, DeflateOnOOM: true, StatsPollingIntervalS: 1}
+		if err := api.do(ctx, "PUT", "/balloon", balloon, nil); err != nil {
+			return err
+		}
 	}
 	if p.opts.MMDS != nil && len(ifaces) > 0 {
 		cfg := mmdsConfig{Version: p.opts.MMDS.Version, IPv4Address: p.opts.MMDS.IPv4Address}
@@ -1011,10 +1013,23 @@ func (p *Provider) restore(ctx context.Context, in *instance, snap vm.Snapshot) 
 	return nil
 }
 
+// ballooned loads a running VM that has a balloon device. A clone has the
+// devices of the VM its snapshot came from, so Spec.NoBalloon carries over.
+func (p *Provider) ballooned(id string) (*instance, error) {
+	in, err := p.running(id)
+	if err != nil {
+		return nil, err
+	}
+	if in.Spec.NoBalloon {
+		return nil, fmt.Errorf("balloon of firecracker vm %s: created without a balloon device: %w", id, vm.ErrUnsupported)
+	}
+	return in, nil
+}
+
 // SetBalloon implements vm.Ballooner: the guest may use targetMiB, the
 // balloon holds the rest.
 func (p *Provider) SetBalloon(ctx context.Context, id string, targetMiB int) error {
-	in, err := p.running(id)
+	in, err := p.ballooned(id)
 	if err != nil {
 		return err
 	}
@@ -1029,7 +1044,7 @@ func (p *Provider) SetBalloon(ctx context.Context, id string, targetMiB int) err
 // BalloonStats implements vm.Ballooner, in terms of guest memory (not
 // balloon size) like SetBalloon.
 func (p *Provider) BalloonStats(ctx context.Context, id string) (vm.BalloonStats, error) {
-	in, err := p.running(id)
+	in, err := p.ballooned(id)
 	if err != nil {
 		return vm.BalloonStats{}, err
 	}
