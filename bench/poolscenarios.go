@@ -21,39 +21,40 @@ const poolWaitTimeout = 5 * time.Minute
 type handoffTimes struct {
 	mu                  sync.Mutex
 	dial, handoff, ping []time.Duration
+	prepared            int
 }
 
-// handoff does what the daemon does when it leases a warm VM: fresh
-// entropy, the wall clock and a hostname through the agent, then a ping, so
-// that the measured acquire pays for the real hand-off.
-func handoff(d vm.AgentDialer, times *handoffTimes) func(ctx context.Context, v vm.VM) error {
-	return func(ctx context.Context, v vm.VM) error {
-		t0 := time.Now()
-		c, err := agent.Dial(ctx, d, v.ID)
-		if err != nil {
-			return err
-		}
-		defer c.Close()
-		t1 := time.Now()
-		entropy := make([]byte, 32)
-		if _, err := rand.Read(entropy); err != nil {
-			return fmt.Errorf("entropy for %s: %w", v.ID, err)
-		}
-		if err := c.Handoff(ctx, agent.HandoffRequest{Entropy: entropy, Time: time.Now(), Hostname: v.ID}); err != nil {
-			return fmt.Errorf("hand off VM %s: %w", v.ID, err)
-		}
-		t2 := time.Now()
-		if err := c.Ping(ctx); err != nil {
-			return fmt.Errorf("ping VM %s after hand-off: %w", v.ID, err)
-		}
-		if times != nil {
-			times.mu.Lock()
-			times.dial = append(times.dial, t1.Sub(t0))
-			times.handoff = append(times.handoff, t2.Sub(t1))
-			times.ping = append(times.ping, time.Since(t2))
-			times.mu.Unlock()
-		}
-		return nil
+// warmPoolConfig is how the daemon runs a pool of real warm VMs: each VM
+// is prepared for a fast hand-off before it enters the pool (see
+// agent.Handoffer), and acquire hands it fresh entropy, the wall clock and a
+// hostname through the agent, then pings it, so that the measured acquire
+// pays for the real hand-off. times, when not nil, records each step.
+func (e *env) warmPoolConfig(times *handoffTimes) pool.Config {
+	h := agent.NewHandoffer(e.provider, e.dialer)
+	e.onCleanup("handoffer", func(context.Context) error { h.Close(); return nil })
+	return pool.Config{
+		Validate: h.Validate(validateWarm(e.provider)),
+		Handoff: func(ctx context.Context, v vm.VM) error {
+			entropy := make([]byte, 32)
+			if _, err := rand.Read(entropy); err != nil {
+				return fmt.Errorf("entropy for %s: %w", v.ID, err)
+			}
+			t, err := h.Handoff(ctx, v, agent.HandoffRequest{Entropy: entropy, Time: time.Now(), Hostname: v.ID})
+			if err != nil {
+				return err
+			}
+			if times != nil {
+				times.mu.Lock()
+				times.dial = append(times.dial, t.Dial)
+				times.handoff = append(times.handoff, t.Handoff)
+				times.ping = append(times.ping, t.Ping)
+				if t.Prepared {
+					times.prepared++
+				}
+				times.mu.Unlock()
+			}
+			return nil
+		},
 	}
 }
 
@@ -152,7 +153,7 @@ func (bp *benchPool) release(ctx context.Context, l *pool.Lease) error {
 // hit) until a handed-off, pinged lease is returned.
 func warmAcquire(ctx context.Context, e *env) ([]Scenario, error) {
 	var steps handoffTimes
-	bp, err := e.newPool(ctx, "warm", e.opts.PoolDepth, e.provider, e.template, pool.Config{Handoff: handoff(e.dialer, &steps)})
+	bp, err := e.newPool(ctx, "warm", e.opts.PoolDepth, e.provider, e.template, e.warmPoolConfig(&steps))
 	if err != nil {
 		return nil, err
 	}
@@ -197,6 +198,8 @@ func warmAcquire(ctx context.Context, e *env) ([]Scenario, error) {
 			row.Metrics["handoff_dial_p50_ms"] = Summarize(millis(steps.dial[w:])).P50
 			row.Metrics["handoff_call_p50_ms"] = Summarize(millis(steps.handoff[w:])).P50
 			row.Metrics["handoff_ping_p50_ms"] = Summarize(millis(steps.ping[w:])).P50
+			row.Metrics["handoff_call_p99_ms"] = Summarize(millis(steps.handoff[w:])).P99
+			row.Metrics["handoffs_prepared"] = float64(steps.prepared)
 		}
 		steps.mu.Unlock()
 	}
@@ -208,7 +211,7 @@ func warmAcquire(ctx context.Context, e *env) ([]Scenario, error) {
 // the pool is back to depth, as a burst of real tenants would.
 func burst(ctx context.Context, e *env) ([]Scenario, error) {
 	k, depth := e.opts.BurstConcurrency, e.opts.BurstDepth
-	bp, err := e.newPool(ctx, "burst", depth, e.provider, e.template, pool.Config{Handoff: handoff(e.dialer, nil)})
+	bp, err := e.newPool(ctx, "burst", depth, e.provider, e.template, e.warmPoolConfig(nil))
 	if err != nil {
 		return nil, err
 	}
@@ -327,7 +330,7 @@ func burstOnce(ctx context.Context, bp *benchPool, k int) (burstResult, error) {
 func memory(ctx context.Context, e *env) ([]Scenario, error) {
 	const titleP, titleS = "memory per warm VM: private", "memory per warm VM: PSS"
 	n := e.opts.MemoryVMs
-	bp, err := e.newPool(ctx, "memory", n, e.provider, e.template, pool.Config{})
+	bp, err := e.newPool(ctx, "memory", n, e.provider, e.template, e.warmPoolConfig(nil))
 	if err != nil {
 		return nil, err
 	}
