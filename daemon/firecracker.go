@@ -17,19 +17,8 @@ import (
 
 // vmlinuxMu serialises extractions within this process; across processes
 // the content-addressed name and ExtractVMLinux's atomic rename keep every
-// reader on a whole file. It also guards kernelSums.
+// reader on a whole file.
 var vmlinuxMu sync.Mutex
-
-// kernelSums remembers the SHA-256 of each bzImage by path, size and
-// modification time, so that every machine ensure does not hash the kernel
-// again.
-var kernelSums = map[kernelFile]string{}
-
-type kernelFile struct {
-	path  string
-	size  int64
-	mtime int64
-}
 
 // forProvider returns img as the daemon's provider boots it. Firecracker on
 // x86_64 boots only an uncompressed ELF kernel and describes its devices to
@@ -82,28 +71,20 @@ func firecrackerImage(img guest.Image, stateDir string, log *slog.Logger) (guest
 	return guest.Image{}, fmt.Errorf("firecracker kernel from %s: %w", img.Kernel, errors.Join(errs...))
 }
 
-// kernelSum is the hex SHA-256 of the file at path. Callers hold vmlinuxMu.
+// kernelSum is the hex SHA-256 of the file at path. It is computed on
+// every call (a bzImage hashes in milliseconds): size and modification time
+// could miss a kernel rewritten within one clock tick.
 func kernelSum(path string) (string, error) {
 	f, err := os.Open(path)
 	if err != nil {
 		return "", err
 	}
 	defer f.Close()
-	fi, err := f.Stat()
-	if err != nil {
-		return "", err
-	}
-	key := kernelFile{path: path, size: fi.Size(), mtime: fi.ModTime().UnixNano()}
-	if sum, ok := kernelSums[key]; ok {
-		return sum, nil
-	}
 	h := sha256.New()
 	if _, err := io.Copy(h, f); err != nil {
 		return "", err
 	}
-	sum := hex.EncodeToString(h.Sum(nil))
-	kernelSums[key] = sum
-	return sum, nil
+	return hex.EncodeToString(h.Sum(nil)), nil
 }
 
 // qemuOnlyArgs are kernel parameters that describe QEMU's machine and would
