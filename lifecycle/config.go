@@ -96,13 +96,21 @@ func (b Backoff) Delay(attempt int, random float64) time.Duration {
 
 // IdlePolicy says what happens to a machine nobody uses. Zero durations turn
 // a step off. Both are measured from the last activity (or the release of the
-// last hold).
+// last hold). Config.Idle is every machine's default; MachineSpec.Idle
+// replaces it for one machine.
 type IdlePolicy struct {
 	// ShrinkAfter: shrink the balloon to what the guest uses plus ReserveMiB.
-	ShrinkAfter time.Duration
+	ShrinkAfter time.Duration `json:"shrink_after"`
 	// SuspendAfter: save the machine to a snapshot and free its memory and CPU.
-	SuspendAfter time.Duration
-	ReserveMiB   int
+	SuspendAfter time.Duration `json:"suspend_after"`
+	ReserveMiB   int           `json:"reserve_mib"`
+}
+
+func (p IdlePolicy) validate() error {
+	if p.ShrinkAfter < 0 || p.SuspendAfter < 0 || p.ReserveMiB < 0 {
+		return &vm.FieldError{Field: "idle", Value: p, Reason: "durations and reserve must not be negative"}
+	}
+	return nil
 }
 
 func (c *Config) setDefaults() error {
@@ -144,8 +152,8 @@ func (c *Config) setDefaults() error {
 	if c.Backoff.Jitter < 0 || c.Backoff.Jitter > 1 {
 		return &vm.FieldError{Field: "backoff.jitter", Value: c.Backoff.Jitter, Reason: "must be between 0 and 1"}
 	}
-	if c.Idle.ShrinkAfter < 0 || c.Idle.SuspendAfter < 0 || c.Idle.ReserveMiB < 0 {
-		return &vm.FieldError{Field: "idle", Value: c.Idle, Reason: "durations and reserve must not be negative"}
+	if err := c.Idle.validate(); err != nil {
+		return err
 	}
 	if c.SnapshotDir == "" {
 		c.SnapshotDir = filepath.Join(c.StateDir, "snapshots")

@@ -21,6 +21,7 @@ const (
 	cmdHold
 	cmdUnhold
 	cmdTouch
+	cmdSetIdle
 )
 
 type command struct {
@@ -30,6 +31,7 @@ type command struct {
 	owner  string
 	ttl    time.Duration
 	holdID string
+	idle   *IdlePolicy
 	reply  chan reply // buffered: the machine goroutine never blocks on it
 }
 
@@ -66,8 +68,10 @@ type opResult struct {
 	destroyedOld bool
 	vanished     bool
 	forced       bool // a graceful stop did not finish in time
+	keptVM       bool // a stop powered the VM off but could not destroy it
 	balloon      *int
 	usedMiB      int
+	reserveMiB   int
 	snap         *vm.Snapshot
 	err          error
 }
@@ -313,6 +317,18 @@ func (mc *machine) handle(c command) {
 		c.reply <- reply{machine: mc.publish()}
 	case cmdTouch:
 		mc.activity(now)
+	case cmdSetIdle:
+		// Not a drift: the idle steps are rescheduled from now on, the VM
+		// stays. Changing the policy is a call about the machine, so it
+		// counts as activity like any other.
+		mc.spec.Idle = c.idle
+		mc.activity(now)
+		p := mc.idle()
+		mc.emit("machine.idle_policy", map[string]any{
+			"shrink_after": p.ShrinkAfter.String(), "suspend_after": p.SuspendAfter.String(),
+			"reserve_mib": p.ReserveMiB, "default": c.idle == nil,
+		})
+		c.reply <- reply{machine: mc.publish()}
 	}
 }
 
@@ -411,25 +427,33 @@ func (mc *machine) reconcile() {
 	}
 }
 
+// idle is the machine's own idle policy, else the manager's default.
+func (mc *machine) idle() IdlePolicy {
+	if mc.spec.Idle != nil {
+		return *mc.spec.Idle
+	}
+	return mc.cfg.Idle
+}
+
 func (mc *machine) idleEligible() bool {
 	return mc.want == DesiredRunning && len(mc.holds) == 0 && len(mc.waiters) == 0
 }
 
 func (mc *machine) shrinkAt() (time.Time, bool) {
-	if mc.state != Running || mc.cfg.Idle.ShrinkAfter <= 0 || mc.shrinkTried || !mc.idleEligible() {
+	if mc.state != Running || mc.idle().ShrinkAfter <= 0 || mc.shrinkTried || !mc.idleEligible() {
 		return time.Time{}, false
 	}
-	return mc.lastActivity.Add(mc.cfg.Idle.ShrinkAfter), true
+	return mc.lastActivity.Add(mc.idle().ShrinkAfter), true
 }
 
 func (mc *machine) suspendAt() (time.Time, bool) {
-	if (mc.state != Running && mc.state != Idle) || mc.cfg.Idle.SuspendAfter <= 0 || mc.suspendTried || !mc.idleEligible() {
+	if (mc.state != Running && mc.state != Idle) || mc.idle().SuspendAfter <= 0 || mc.suspendTried || !mc.idleEligible() {
 		return time.Time{}, false
 	}
 	if !mc.mgr.canSuspend(mc.curFP.DataDiskMiB > 0) {
 		return time.Time{}, false
 	}
-	return mc.lastActivity.Add(mc.cfg.Idle.SuspendAfter), true
+	return mc.lastActivity.Add(mc.idle().SuspendAfter), true
 }
 
 // nextDeadline is the earliest instant at which reconcile would do something
@@ -525,10 +549,15 @@ func (mc *machine) log() *slog.Logger { return mc.cfg.Logger.With("machine", mc.
 func (mc *machine) buildView() Machine {
 	holds := make([]Hold, len(mc.holds))
 	copy(holds, mc.holds)
+	spec := mc.spec
+	if spec.Idle != nil {
+		p := *spec.Idle
+		spec.Idle = &p
+	}
 	v := Machine{
 		Name:         mc.name,
 		State:        mc.state,
-		Spec:         mc.spec,
+		Spec:         spec,
 		Desired:      mc.want,
 		VMID:         mc.vmID(),
 		Since:        mc.since,
@@ -813,6 +842,9 @@ func (mc *machine) finishStop(r opResult) {
 		mc.resolveStop(r.err)
 		return
 	}
+	if !r.keptVM {
+		mc.cur = nil
+	}
 	mc.snap, mc.balloon = nil, nil
 	mc.transition(EvStopped, "")
 	if mc.want == DesiredStopped {
@@ -824,8 +856,9 @@ func (mc *machine) finishStop(r opResult) {
 func (mc *machine) startShrink() {
 	v := *mc.cur
 	mem := mc.curFP.MemoryMiB
+	reserve := mc.idle().ReserveMiB
 	mc.launch(opShrink, false, func(ctx context.Context) opResult {
-		return mc.mgr.shrinkVM(ctx, v, mem)
+		return mc.mgr.shrinkVM(ctx, v, mem, reserve)
 	})
 }
 
@@ -837,7 +870,7 @@ func (mc *machine) finishShrink(r opResult) {
 		return
 	}
 	mc.balloon = r.balloon
-	detail := map[string]any{"guest_used_mib": r.usedMiB, "reserve_mib": mc.cfg.Idle.ReserveMiB}
+	detail := map[string]any{"guest_used_mib": r.usedMiB, "reserve_mib": r.reserveMiB}
 	if r.balloon != nil {
 		detail["balloon_mib"] = *r.balloon
 	} else {
@@ -845,7 +878,7 @@ func (mc *machine) finishShrink(r opResult) {
 		detail["reason"] = "provider has no balloon"
 	}
 	mc.emit("machine.idle", detail)
-	mc.transition(EvShrink, "no activity for "+mc.cfg.Idle.ShrinkAfter.String())
+	mc.transition(EvShrink, "no activity for "+mc.idle().ShrinkAfter.String())
 }
 
 func (mc *machine) startWake() {
@@ -889,7 +922,7 @@ func (mc *machine) finishSuspend(r opResult) {
 	mc.snap = r.snap
 	mc.cur = nil
 	mc.emit("machine.suspended", map[string]any{"vm_id": id, "snapshot_dir": r.snap.Dir})
-	mc.transition(EvSuspend, "no activity for "+mc.cfg.Idle.SuspendAfter.String())
+	mc.transition(EvSuspend, "no activity for "+mc.idle().SuspendAfter.String())
 }
 
 func (mc *machine) startProbe() {

@@ -21,6 +21,7 @@
 //	machine.health_failed    error, failures, process_gone, vanished
 //	machine.idle             balloon_mib, guest_used_mib, reserve_mib
 //	machine.idle_failed      step (shrink|suspend), error
+//	machine.idle_policy      shrink_after, suspend_after, reserve_mib, default (SetIdle)
 //	machine.woke             memory_mib          machine.wake_failed  error
 //	machine.suspended        vm_id, snapshot_dir machine.resumed      vm_id
 //	machine.snapshot_discarded error (resume failed; the next start is cold)
@@ -122,6 +123,10 @@ func (m *Manager) Ensure(ctx context.Context, spec MachineSpec) (Machine, error)
 	if err := spec.Validate(); err != nil {
 		return Machine{}, fmt.Errorf("ensure machine: %w", err)
 	}
+	if spec.Idle != nil {
+		p := *spec.Idle // the caller's struct must not change the machine later
+		spec.Idle = &p
+	}
 	if spec.DataDiskMiB > 0 && !m.cfg.Provider.Capabilities().Has(vm.CapDataDisk) {
 		return Machine{}, fmt.Errorf("ensure machine %s: data_disk_mib: provider %s has no data disks: %w",
 			spec.Name, m.cfg.Provider.Name(), vm.ErrUnsupported)
@@ -142,8 +147,10 @@ func (m *Manager) Ensure(ctx context.Context, spec MachineSpec) (Machine, error)
 
 // Stop powers the machine off: gracefully (agent shutdown, else the
 // provider's ACPI stop) within Config.StopTimeout, then by force. With force
-// it skips the graceful step and overtakes a graceful stop in progress. The
-// data disk stays; a suspended machine's snapshot is discarded.
+// it skips the graceful step and overtakes a graceful stop in progress. Once
+// powered off the VM is destroyed (the next Ensure boots a new one), so a
+// stopped machine holds no VM, no process and no memory. The data disk
+// stays; a suspended machine's snapshot is discarded.
 func (m *Manager) Stop(ctx context.Context, name string, force bool) error {
 	mc, err := m.machine(name, nil)
 	if err != nil {
@@ -186,6 +193,29 @@ func (m *Manager) Unhold(name, holdID string) error {
 		return fmt.Errorf("unhold %s of machine %s: %w", holdID, name, err)
 	}
 	return nil
+}
+
+// SetIdle replaces the machine's idle policy (nil: the manager's
+// Config.Idle) without an Ensure: the machine is neither started nor
+// recreated, only its idle steps are rescheduled. It counts as activity.
+// The next Ensure's spec carries its own policy and replaces this one.
+func (m *Manager) SetIdle(ctx context.Context, name string, p *IdlePolicy) (Machine, error) {
+	if p != nil {
+		if err := p.validate(); err != nil {
+			return Machine{}, wrapName("set idle policy of", name, err)
+		}
+		c := *p
+		p = &c
+	}
+	mc, err := m.machine(name, nil)
+	if err != nil {
+		return Machine{}, wrapName("set idle policy of", name, err)
+	}
+	r, err := mc.call(ctx, command{kind: cmdSetIdle, idle: p})
+	if err != nil {
+		return r.machine, wrapName("set idle policy of", name, err)
+	}
+	return r.machine, nil
 }
 
 // Touch records activity on the machine (any API call about it counts) and

@@ -500,6 +500,13 @@ func TestStopGracefulUsesAgentShutdown(t *testing.T) {
 	if shutdowns != 1 {
 		t.Errorf("%d agent shutdowns, want 1", shutdowns)
 	}
+	// The powered-off VM is destroyed at once: a stopped machine holds none.
+	if got, _ := h.mgr.Get("dev"); got.VMID != "" {
+		t.Errorf("stopped machine still names vm %s", got.VMID)
+	}
+	if _, ok := h.p.vm(m.VMID); ok {
+		t.Errorf("stopped machine's vm %s still exists", m.VMID)
+	}
 	for _, e := range h.drain() {
 		if e.Kind == "machine.stop_forced" {
 			t.Errorf("graceful stop was forced: %v", e.Detail)
@@ -548,8 +555,8 @@ func TestStopForceWhileGracefulStuck(t *testing.T) {
 	if got, _ := h.mgr.Get("dev"); got.State != Stopped {
 		t.Fatalf("state %s after forced stop", got.State)
 	}
-	if v, _ := h.p.vm(m.VMID); v.Status != vm.StatusStopped {
-		t.Errorf("vm status %s after forced stop", v.Status)
+	if v, ok := h.p.vm(m.VMID); ok {
+		t.Errorf("vm %s is %s after forced stop, want destroyed", v.ID, v.Status)
 	}
 	h.p.mu.Lock()
 	stops := slices.Clone(h.p.stops)
@@ -663,6 +670,9 @@ func TestRestoreDerivesStateFromReality(t *testing.T) {
 	}
 	if m, _ := h.mgr.Get("off"); m.State != Stopped || m.Desired != DesiredStopped {
 		t.Errorf("off machine: %+v", m)
+	}
+	if _, ok := p.vm(off.ID); ok {
+		t.Errorf("powered-off vm %s of a stopped machine was kept", off.ID)
 	}
 	if m, _ := h.mgr.Get("asleep"); m.State != Suspended {
 		t.Errorf("asleep machine: %s", m.State)

@@ -193,6 +193,10 @@ func (m *Manager) resumeVM(ctx context.Context, snap vm.Snapshot, memoryMiB int,
 	return r
 }
 
+// stopVM powers cur off and destroys it, and discards a suspend snapshot.
+// A powered-off VM is of no use: the next start boots a new one (the data
+// disk is a file of the machine, not of the VM), while the dead VM would
+// keep its directory and, under QEMU, its memory file.
 func (m *Manager) stopVM(ctx context.Context, cur *vm.VM, snap *vm.Snapshot, force bool) opResult {
 	var r opResult
 	if cur != nil {
@@ -201,6 +205,15 @@ func (m *Manager) stopVM(ctx context.Context, cur *vm.VM, snap *vm.Snapshot, for
 		if err != nil {
 			r.err = fmt.Errorf("stop vm %s: %w", cur.ID, err)
 			return r
+		}
+		dctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), m.cfg.StopTimeout)
+		err = m.destroy(dctx, cur.ID)
+		cancel()
+		if err != nil {
+			// The machine is stopped all the same; the next create
+			// destroys the VM before it makes a new one.
+			m.cfg.Logger.Warn("destroy stopped vm", "vm", cur.ID, "err", err)
+			r.keptVM = true
 		}
 	}
 	if snap != nil {
@@ -280,8 +293,8 @@ func (m *Manager) ballooner() (vm.Ballooner, bool) {
 	return b, ok && m.cfg.Provider.Capabilities().Has(vm.CapBalloon)
 }
 
-func (m *Manager) shrinkVM(ctx context.Context, v vm.VM, memoryMiB int) opResult {
-	var r opResult
+func (m *Manager) shrinkVM(ctx context.Context, v vm.VM, memoryMiB, reserveMiB int) opResult {
+	r := opResult{reserveMiB: reserveMiB}
 	b, ok := m.ballooner()
 	if !ok {
 		return r
@@ -293,7 +306,7 @@ func (m *Manager) shrinkVM(ctx context.Context, v vm.VM, memoryMiB int) opResult
 		r.err = err
 		return r
 	}
-	target := min(used+m.cfg.Idle.ReserveMiB, memoryMiB)
+	target := min(used+reserveMiB, memoryMiB)
 	if err := b.SetBalloon(ctx, v.ID, target); err != nil {
 		r.err = fmt.Errorf("shrink balloon of vm %s to %d MiB: %w", v.ID, target, err)
 		return r

@@ -5,7 +5,10 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/hex"
+	"errors"
 	"net"
+	"os"
+	"path/filepath"
 	"strings"
 	"syscall"
 	"testing"
@@ -202,6 +205,12 @@ func TestQEMUEnsureDriftDiskAndRecovery(t *testing.T) {
 	defer cancel()
 	if err := h.mgr.Stop(ctx, "box", false); err != nil {
 		t.Fatalf("stop: %v", err)
+	}
+	if _, err := p.Inspect(ctx, third.VMID); !errors.Is(err, vm.ErrNotFound) {
+		t.Errorf("stopped machine's vm %s: inspect = %v, want destroyed (ErrNotFound)", third.VMID, err)
+	}
+	if _, err := os.Stat(filepath.Join(h.cfg.StateDir, "machines", "box", "data.img")); err != nil {
+		t.Errorf("data disk after stop: %v", err)
 	}
 	for _, e := range h.drain() {
 		if e.Kind == "machine.stop_forced" {

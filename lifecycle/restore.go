@@ -112,8 +112,15 @@ func (m *Manager) derive(ctx context.Context, rec Record, list func() ([]vm.VM, 
 		return in, "vm missing; will be recreated"
 	case cur.Status == vm.StatusStopped:
 		if in.want == DesiredStopped {
+			// Left by a run that kept powered-off VMs: a stopped machine
+			// holds none.
 			in.state = Stopped
-			return in, "vm powered off"
+			if err := m.destroy(ctx, cur.ID); err != nil {
+				m.cfg.Logger.Warn("destroy stopped vm", "machine", rec.Name, "vm", cur.ID, "err", err)
+				return in, "vm powered off"
+			}
+			in.cur = nil
+			return in, "vm powered off; destroyed"
 		}
 		in.state = Failed
 		return in, "vm process exited while the daemon was away; recovering"

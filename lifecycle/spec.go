@@ -30,6 +30,10 @@ type MachineSpec struct {
 	KernelDigest string `json:"kernel_digest,omitempty"`
 	// DataDiskMiB is the size of the persistent data disk; 0 means none.
 	DataDiskMiB int `json:"data_disk_mib,omitempty"`
+	// Idle is this machine's idle policy; nil means the manager's
+	// Config.Idle. It is not part of the Fingerprint: changing it never
+	// recreates the machine, it only reschedules the idle steps.
+	Idle *IdlePolicy `json:"idle,omitempty"`
 }
 
 // Validate reports the first field that cannot be honoured as a *vm.FieldError.
@@ -52,7 +56,13 @@ func (s MachineSpec) Validate() error {
 	if len(s.Cmdline) > maxCmdline {
 		return &vm.FieldError{Field: "cmdline", Value: s.Cmdline[:32] + "...", Reason: "longer than 2048 bytes"}
 	}
-	return vm.ValidateRange("data_disk_mib", s.DataDiskMiB, 0, MaxDataDiskMiB)
+	if err := vm.ValidateRange("data_disk_mib", s.DataDiskMiB, 0, MaxDataDiskMiB); err != nil {
+		return err
+	}
+	if s.Idle != nil {
+		return s.Idle.validate()
+	}
+	return nil
 }
 
 // Fingerprint is everything about a machine that can only change by
