@@ -118,7 +118,7 @@ type JailerOptions struct {
 }
 
 // Provider runs Firecracker VMs. It implements vm.Provider, vm.Snapshotter,
-// vm.Ballooner and vm.AgentDialer.
+// vm.Suspender, vm.Ballooner and vm.AgentDialer.
 type Provider struct {
 	opts Options
 	log  *slog.Logger
@@ -219,6 +219,9 @@ type record struct {
 	JailDir string `json:"jail_dir,omitempty"`
 	// DataDiskPath is the disk the VM writes, as the host sees it.
 	DataDiskPath string `json:"data_disk_path,omitempty"`
+	// SuspendedTo is the single-use snapshot the VM was suspended to: it
+	// must not run again.
+	SuspendedTo string `json:"suspended_to,omitempty"`
 }
 
 // instance is a VM's paths.
@@ -707,8 +710,12 @@ func (p *Provider) Pause(ctx context.Context, id string) error {
 	return p.setState(ctx, id, "Paused")
 }
 
-// Resume implements vm.Provider.
+// Resume implements vm.Provider. A suspended VM stays paused: its data disk
+// now belongs to the snapshot's one restore.
 func (p *Provider) Resume(ctx context.Context, id string) error {
+	if in, err := p.load(id); err == nil && in.SuspendedTo != "" {
+		return fmt.Errorf("resume firecracker vm %s: suspended to snapshot %s: %w", id, in.SuspendedTo, vm.ErrInvalidState)
+	}
 	return p.setState(ctx, id, "Resumed")
 }
 
@@ -726,7 +733,9 @@ func (p *Provider) Stop(ctx context.Context, id string, grace time.Duration) err
 	api := in.client()
 	defer api.close()
 	var info instanceInfo
-	if err := api.do(ctx, "GET", "/", nil, &info); err == nil && grace > 0 {
+	// A suspended VM must not run again, not even to shut down.
+	graceful := grace > 0 && in.SuspendedTo == ""
+	if err := api.do(ctx, "GET", "/", nil, &info); err == nil && graceful {
 		if info.State == "Paused" {
 			// A paused guest cannot react to the key press.
 			if err := api.do(ctx, "PATCH", "/vm", vmState{State: "Resumed"}, nil); err != nil {
@@ -845,6 +854,9 @@ func (p *Provider) Snapshot(ctx context.Context, id, dir string) (vm.Snapshot, e
 	if info.State != "Paused" {
 		return vm.Snapshot{}, fmt.Errorf("snapshot %s: the vm is %s, pause it first: %w", id, info.State, vm.ErrInvalidState)
 	}
+	if in.SuspendedTo != "" {
+		return vm.Snapshot{}, fmt.Errorf("snapshot %s: suspended to snapshot %s: %w", id, in.SuspendedTo, vm.ErrInvalidState)
+	}
 	raw, _, err := runningVersion(ctx, api)
 	if err != nil {
 		return vm.Snapshot{}, fmt.Errorf("snapshot %s: %w", id, err)
@@ -910,6 +922,9 @@ func (p *Provider) Restore(ctx context.Context, snap vm.Snapshot) (vm.VM, error)
 	stateName, memName := snap.Meta["vmstate"], snap.Meta["memory"]
 	if stateName == "" || memName == "" {
 		return vm.VM{}, &vm.FieldError{Field: "snapshot.meta", Value: snap.Meta, Reason: "names no vmstate or memory file"}
+	}
+	if isSuspendSnapshot(snap.Dir) {
+		return p.restoreSuspended(ctx, snap)
 	}
 	for _, name := range []string{stateName, memName} {
 		if _, err := os.Stat(filepath.Join(snap.Dir, name)); errors.Is(err, os.ErrNotExist) {

@@ -1,0 +1,287 @@
+package firecracker
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"time"
+
+	"github.com/warmpool/warmpool/vm"
+)
+
+var _ vm.Suspender = (*Provider)(nil)
+
+// Files of a single-use snapshot besides vmstate, memory and snapshot.json.
+// Exactly one of the two markers exists: the first restore renames the first
+// into the second, which is what makes any later restore fail, even one
+// racing it.
+const (
+	suspendedMarker = "suspended.json"
+	restoredMarker  = "restored.json"
+)
+
+// Meta keys of a single-use snapshot.
+const (
+	metaSingleUse = "single_use" // "true"
+	metaDataDisk  = "data_disk_path"
+)
+
+type suspendMarker struct {
+	Snapshot   string `json:"snapshot"`
+	SourceVM   string `json:"source_vm"`
+	DataDisk   string `json:"data_disk,omitempty"`
+	RestoredAs string `json:"restored_as,omitempty"`
+}
+
+// Suspend implements vm.Suspender: a Full snapshot of the paused VM into dir
+// that keeps its data disk where it is. Firecracker flushes the drive's
+// pending writes when it pauses the VM and the snapshot records the drive by
+// path; the one restore reopens the same file. From here on the VM can only
+// be stopped or destroyed.
+func (p *Provider) Suspend(ctx context.Context, id, dir string) (vm.Snapshot, error) {
+	fail := func(err error) (vm.Snapshot, error) {
+		return vm.Snapshot{}, fmt.Errorf("suspend firecracker vm %s to %s: %w", id, dir, err)
+	}
+	in, err := p.running(id)
+	if err != nil {
+		return fail(err)
+	}
+	if in.SuspendedTo != "" {
+		return fail(fmt.Errorf("already suspended to snapshot %s: %w", in.SuspendedTo, vm.ErrInvalidState))
+	}
+	abs, err := filepath.Abs(dir)
+	if err != nil {
+		return fail(err)
+	}
+	api := in.client()
+	defer api.close()
+	var info instanceInfo
+	if err := api.do(ctx, "GET", "/", nil, &info); err != nil {
+		return fail(err)
+	}
+	if info.State != "Paused" {
+		return fail(fmt.Errorf("the vm is %s, pause it first: %w", info.State, vm.ErrInvalidState))
+	}
+	raw, _, err := runningVersion(ctx, api)
+	if err != nil {
+		return fail(err)
+	}
+	if err := os.MkdirAll(abs, 0o700); err != nil {
+		return fail(err)
+	}
+	statePath, memPath := filepath.Join(abs, snapStateName), filepath.Join(abs, snapMemName)
+	if in.Jailed {
+		statePath, memPath = in.fcPath("snapshot."+snapStateName), in.fcPath("snapshot."+snapMemName)
+	}
+	start := time.Now()
+	if err := api.do(ctx, "PUT", "/snapshot/create", snapshotCreate{SnapshotType: "Full", SnapshotPath: statePath, MemFilePath: memPath}, nil); err != nil {
+		return fail(err)
+	}
+	if in.Jailed {
+		for _, name := range []string{snapStateName, snapMemName} {
+			if err := moveFile(in.hostPath("snapshot."+name), filepath.Join(abs, name)); err != nil {
+				return fail(err)
+			}
+		}
+	}
+	snap := vm.Snapshot{
+		ID: newID("fcsusp-"), Provider: p.Name(), Dir: abs, Spec: in.Spec,
+		CreatedAt: time.Now().UTC(), ProviderVersion: raw, SingleUse: true,
+		Meta: map[string]string{"vmstate": snapStateName, "memory": snapMemName, "source_vm": id, metaSingleUse: "true"},
+	}
+	if in.DataDiskPath != "" {
+		snap.Meta[metaDataDisk] = in.DataDiskPath
+	}
+	// From here on the VM must never run again, or its disk would move on
+	// without the snapshot's memory.
+	in.SuspendedTo = snap.ID
+	if err := p.saveRecord(in); err != nil {
+		return fail(err)
+	}
+	undo := func(err error) (vm.Snapshot, error) {
+		for _, name := range []string{snapStateName, snapMemName, snapMetaName, suspendedMarker} {
+			os.Remove(filepath.Join(abs, name))
+		}
+		in.SuspendedTo = ""
+		if uerr := p.saveRecord(in); uerr != nil {
+			p.log.Warn("vm stays marked suspended after a failed suspend", "vm", id, "err", uerr)
+		}
+		return fail(err)
+	}
+	b, _ := json.MarshalIndent(snap, "", "  ")
+	if err := os.WriteFile(filepath.Join(abs, snapMetaName), b, 0o600); err != nil {
+		return undo(err)
+	}
+	// The marker goes last: without it the directory is no snapshot.
+	mark := suspendMarker{Snapshot: snap.ID, SourceVM: id, DataDisk: in.DataDiskPath}
+	if err := writeJSONFile(filepath.Join(abs, suspendedMarker), mark); err != nil {
+		return undo(err)
+	}
+	p.log.Info("vm suspended", "vm", id, "dir", abs, "data_disk", in.DataDiskPath, "ms", time.Since(start).Milliseconds())
+	return snap, nil
+}
+
+func writeJSONFile(path string, v any) error {
+	b, err := json.MarshalIndent(v, "", "  ")
+	if err != nil {
+		return err
+	}
+	tmp := path + ".tmp"
+	if err := os.WriteFile(tmp, b, 0o600); err != nil {
+		return err
+	}
+	return os.Rename(tmp, path)
+}
+
+// isSuspendSnapshot reports whether dir holds a single-use snapshot, used
+// or not. The files decide, not Snapshot.SingleUse, so a caller cannot
+// restore one twice by clearing the field.
+func isSuspendSnapshot(dir string) bool {
+	for _, f := range []string{suspendedMarker, restoredMarker} {
+		if _, err := os.Lstat(filepath.Join(dir, f)); err == nil {
+			return true
+		}
+	}
+	return false
+}
+
+// restoreSuspended starts the one VM a single-use snapshot may have, on the
+// suspended VM's own data disk. It claims the snapshot first (so a
+// concurrent or later restore fails) and gives the claim back if the
+// restore fails, so that it can be retried.
+func (p *Provider) restoreSuspended(ctx context.Context, snap vm.Snapshot) (_ vm.VM, err error) {
+	fail := func(err error) (vm.VM, error) {
+		return vm.VM{}, fmt.Errorf("restore firecracker vm from suspended snapshot %s in %s: %w", snap.ID, snap.Dir, err)
+	}
+	suspended := filepath.Join(snap.Dir, suspendedMarker)
+	restored := filepath.Join(snap.Dir, restoredMarker)
+	var mark suspendMarker
+	b, err := os.ReadFile(suspended)
+	if errors.Is(err, os.ErrNotExist) {
+		if b, err := os.ReadFile(restored); err == nil && json.Unmarshal(b, &mark) == nil && mark.RestoredAs != "" {
+			return fail(fmt.Errorf("already restored as vm %s: %w", mark.RestoredAs, vm.ErrInvalidState))
+		}
+		return fail(fmt.Errorf("already restored or being restored: %w", vm.ErrInvalidState))
+	}
+	if err != nil {
+		return fail(err)
+	}
+	if err := json.Unmarshal(b, &mark); err != nil {
+		return fail(fmt.Errorf("read %s: %w", suspendedMarker, err))
+	}
+	if mark.Snapshot != snap.ID {
+		return fail(&vm.FieldError{Field: "snapshot.id", Value: snap.ID, Reason: "the directory holds snapshot " + mark.Snapshot})
+	}
+	if src, err := p.load(mark.SourceVM); err == nil && p.alivePID(src) != 0 {
+		return fail(fmt.Errorf("suspended vm %s still runs and holds the disk; destroy it first: %w", mark.SourceVM, vm.ErrInvalidState))
+	}
+	if mark.DataDisk != "" {
+		if _, err := os.Stat(mark.DataDisk); err != nil {
+			return fail(fmt.Errorf("data disk of the suspended vm: %w", err))
+		}
+	}
+	if err := ctx.Err(); err != nil {
+		return fail(err)
+	}
+	if err := os.Rename(suspended, restored); err != nil {
+		if errors.Is(err, os.ErrNotExist) {
+			return fail(fmt.Errorf("restored concurrently: %w", vm.ErrInvalidState))
+		}
+		return fail(fmt.Errorf("claim snapshot: %w", err))
+	}
+	defer func() {
+		if err != nil {
+			if uerr := os.Rename(restored, suspended); uerr != nil {
+				p.log.Error("suspended snapshot stays claimed after a failed restore", "dir", snap.Dir, "err", uerr)
+			}
+		}
+	}()
+
+	spec := snap.Spec
+	spec.DataDisk = mark.DataDisk
+	in, err := p.newInstance(spec)
+	if err != nil {
+		return fail(err)
+	}
+	in.Snapshot = snap.ID
+	in.DataDiskPath = mark.DataDisk
+	if err := p.loadSuspended(ctx, in, snap); err != nil {
+		p.discard(in)
+		return fail(err)
+	}
+	mark.RestoredAs = in.ID
+	if err := writeJSONFile(restored, mark); err != nil {
+		p.discard(in)
+		return fail(err)
+	}
+	// The memory now belongs to the restored VM alone: Firecracker maps it
+	// privately, so the file can go (its pages stay while the VM runs).
+	if err := os.Remove(filepath.Join(snap.Dir, snap.Meta["memory"])); err != nil && !errors.Is(err, os.ErrNotExist) {
+		p.log.Warn("remove restored snapshot's memory", "dir", snap.Dir, "err", err)
+	}
+	p.log.Info("vm restored from suspend", "vm", in.ID, "snapshot", snap.ID, "from_vm", mark.SourceVM)
+	// The restore has happened and cannot be given back: a late
+	// cancellation must not lose the VM that now holds the memory.
+	return p.Inspect(context.WithoutCancel(ctx), in.ID)
+}
+
+// loadSuspended starts a fresh process for in, loads the snapshot paused and
+// points its data drive at the suspended VM's disk.
+func (p *Provider) loadSuspended(ctx context.Context, in *instance, snap vm.Snapshot) error {
+	statePath := filepath.Join(snap.Dir, snap.Meta["vmstate"])
+	memPath := filepath.Join(snap.Dir, snap.Meta["memory"])
+	disk := in.DataDiskPath
+	if in.Jailed {
+		var err error
+		if statePath, err = p.linkIntoJail(in, statePath, "snapshot.vmstate", false); err != nil {
+			return err
+		}
+		if memPath, err = p.linkIntoJail(in, memPath, "snapshot.memory", false); err != nil {
+			return err
+		}
+		if disk != "" {
+			// The guest's writes must reach the machine's disk: link only.
+			if disk, err = p.linkIntoJail(in, in.DataDiskPath, cloneDiskName, true); err != nil {
+				return err
+			}
+		}
+	}
+	if err := p.saveRecord(in); err != nil {
+		return err
+	}
+	api, err := p.start(ctx, in)
+	if err != nil {
+		return err
+	}
+	defer api.close()
+	raw, ver, err := runningVersion(ctx, api)
+	if err != nil {
+		return err
+	}
+	if snap.ProviderVersion != "" && snap.ProviderVersion != raw {
+		return fmt.Errorf("snapshot %s was taken with Firecracker %s but %s is running: %w", snap.ID, snap.ProviderVersion, raw, vm.ErrInvalidState)
+	}
+	load := snapshotLoad{SnapshotPath: statePath, MemBackend: memoryBackend{BackendType: "File", BackendPath: memPath}}
+	if ver.atLeast(1, 16) {
+		uds := vsockSocketName
+		if in.Jailed {
+			uds = in.fcPath(vsockSocketName)
+		}
+		load.VsockOverride = &vsockOverride{UDSPath: uds}
+	}
+	if err := api.do(ctx, "PUT", "/snapshot/load", load, nil); err != nil {
+		return err
+	}
+	if disk != "" {
+		// Firecracker reopened the drive at its snapshotted path, which is
+		// this disk outside a jail; say so explicitly, since a jailed VM
+		// sees it under its own root.
+		if err := api.do(ctx, "PATCH", "/drives/"+dataDriveID, partialDrive{DriveID: dataDriveID, PathOnHost: disk}, nil); err != nil {
+			return err
+		}
+	}
+	return nil
+}
