@@ -140,6 +140,9 @@ func Build(ctx context.Context, opts BuildOptions) (_ Template, err error) {
 		Kernel:    opts.Image.Kernel,
 		Initrd:    opts.Image.Initrd,
 		Cmdline:   opts.Image.Cmdline,
+		// A clone's balloon could punch holes into the memory file that all
+		// clones of a shared-memory template map (see vm.Spec.NoBalloon).
+		NoBalloon: true,
 		Labels:    map[string]string{LabelTemplate: opts.Name, LabelRole: "template-build"},
 	}
 	progress("boot " + opts.Name)

@@ -59,6 +59,11 @@ func TestBuild(t *testing.T) {
 	if tm.Snapshot.Dir != dir || tm.Snapshot.Spec.Kernel != img.Kernel || tm.Snapshot.Spec.Cmdline != img.Cmdline {
 		t.Errorf("snapshot = %+v, want the image's spec in %s", tm.Snapshot, dir)
 	}
+	// Clones of a template must not be able to give memory back into the
+	// template's shared memory file.
+	if !tm.Snapshot.Spec.NoBalloon {
+		t.Errorf("template snapshot spec %+v has a balloon, want NoBalloon", tm.Snapshot.Spec)
+	}
 	if tm.BootTime < 20*time.Millisecond || tm.CreatedAt.IsZero() {
 		t.Errorf("boot time %s, created %v", tm.BootTime, tm.CreatedAt)
 	}

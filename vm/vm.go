@@ -23,6 +23,12 @@ type Spec struct {
 	// DataDisk is an optional host path of a raw disk image attached as a
 	// second, persistent drive. The provider never deletes it.
 	DataDisk string `json:"data_disk,omitempty"`
+	// NoBalloon asks for no memory balloon device, so Ballooner calls on
+	// the VM fail with ErrUnsupported. Templates set it because a clone's
+	// balloon could punch holes into the template memory file other clones
+	// share; a provider may refuse a shared-memory snapshot of a VM that
+	// has a balloon.
+	NoBalloon bool `json:"no_balloon,omitempty"`
 	// Labels are opaque to providers but persisted with the VM so that
 	// callers can recognise VMs left by an earlier run.
 	Labels map[string]string `json:"labels,omitempty"`

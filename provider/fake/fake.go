@@ -529,9 +529,16 @@ func (p *Provider) Snapshot(ctx context.Context, id string, dir string) (vm.Snap
 	return snap, nil
 }
 
+// errNoBalloon answers balloon calls on VMs created with Spec.NoBalloon and
+// their clones, as a real provider without the device does.
+var errNoBalloon = fmt.Errorf("VM has no balloon device (Spec.NoBalloon): %w", vm.ErrUnsupported)
+
 // SetBalloon implements vm.Ballooner. The fake guest gives memory back at once.
 func (p *Provider) SetBalloon(ctx context.Context, id string, targetMiB int) error {
 	return p.transition(ctx, OpSetBalloon, id, func(m *machine) error {
+		if m.vm.Spec.NoBalloon {
+			return errNoBalloon
+		}
 		if err := vm.ValidateRange("target_mib", targetMiB, 1, m.vm.Spec.MemoryMiB); err != nil {
 			return err
 		}
@@ -547,6 +554,9 @@ func (p *Provider) SetBalloon(ctx context.Context, id string, targetMiB int) err
 func (p *Provider) BalloonStats(ctx context.Context, id string) (vm.BalloonStats, error) {
 	var st vm.BalloonStats
 	err := p.transition(ctx, OpBalloonStats, id, func(m *machine) error {
+		if m.vm.Spec.NoBalloon {
+			return errNoBalloon
+		}
 		if m.vm.Status != vm.StatusRunning && m.vm.Status != vm.StatusPaused {
 			return invalidState(m.vm.Status)
 		}

@@ -3,12 +3,17 @@ package qemu
 import (
 	"context"
 	"fmt"
+	"math"
 	"path/filepath"
 
 	"github.com/warmpool/warmpool/vm"
 )
 
 const mib = 1 << 20
+
+// errNoBalloon is the answer for VMs created with Spec.NoBalloon and their
+// clones.
+var errNoBalloon = fmt.Errorf("created without a balloon device (Spec.NoBalloon, as templates and their clones are): %w", vm.ErrUnsupported)
 
 // SetBalloon sets how much memory the guest may use: the balloon takes the
 // rest. Targets above the VM's memory are capped at it.
@@ -18,8 +23,11 @@ func (p *Provider) SetBalloon(ctx context.Context, id string, targetMiB int) err
 		return err
 	}
 	m.mu.Lock()
-	memMiB := m.rec.Config.MemoryMiB
+	memMiB, noBalloon := m.rec.Config.MemoryMiB, m.rec.Config.NoBalloon
 	m.mu.Unlock()
+	if noBalloon {
+		return fmt.Errorf("set balloon of qemu vm %s: %w", id, errNoBalloon)
+	}
 	if targetMiB < 1 || targetMiB > memMiB {
 		return fmt.Errorf("set balloon of qemu vm %s: %w", id, &vm.FieldError{Field: "target_mib", Value: targetMiB,
 			Reason: fmt.Sprintf("must be between 1 and the VM's %d MiB", memMiB)})
@@ -45,6 +53,12 @@ func (p *Provider) BalloonStats(ctx context.Context, id string) (vm.BalloonStats
 	if err != nil {
 		return vm.BalloonStats{}, err
 	}
+	m.mu.Lock()
+	noBalloon := m.rec.Config.NoBalloon
+	m.mu.Unlock()
+	if noBalloon {
+		return vm.BalloonStats{}, fmt.Errorf("balloon stats of qemu vm %s: %w", id, errNoBalloon)
+	}
 	c, err := p.conn(ctx, m)
 	if err != nil {
 		return vm.BalloonStats{}, fmt.Errorf("balloon stats of qemu vm %s: %w", id, err)
@@ -55,8 +69,9 @@ func (p *Provider) BalloonStats(ctx context.Context, id string) (vm.BalloonStats
 	if err := c.Execute(ctx, "query-balloon", nil, &bal); err != nil {
 		return vm.BalloonStats{}, fmt.Errorf("balloon stats of qemu vm %s: %w", id, err)
 	}
+	// Stats the guest has not reported yet are (uint64)-1.
 	var gs struct {
-		Stats map[string]int64 `json:"stats"`
+		Stats map[string]uint64 `json:"stats"`
 	}
 	if err := c.Execute(ctx, "qom-get", map[string]any{"path": "/machine/peripheral/" + balloonID, "property": "guest-stats"}, &gs); err != nil {
 		return vm.BalloonStats{}, fmt.Errorf("guest memory stats of qemu vm %s: %w", id, err)
@@ -68,7 +83,7 @@ func (p *Provider) BalloonStats(ctx context.Context, id string) (vm.BalloonStats
 	}
 	m.mu.Unlock()
 	toMiB := func(k string) int {
-		if v := gs.Stats[k]; v > 0 {
+		if v := gs.Stats[k]; v > 0 && v != math.MaxUint64 {
 			return int(v / mib)
 		}
 		return 0

@@ -61,6 +61,12 @@ type machineConfig struct {
 	OwnsMem bool `json:"owns_mem,omitempty"`
 	// Incoming starts QEMU waiting for a migration stream.
 	Incoming bool `json:"incoming,omitempty"`
+	// NoBalloon leaves out the virtio-balloon device (and with it free page
+	// reporting). A VM whose RAM file becomes a shared template needs this:
+	// QEMU 7.2 gives ballooned or reported pages back by punching holes
+	// into the backing file even when the clone maps it privately, which
+	// would wipe those pages for every other clone of the template.
+	NoBalloon bool `json:"no_balloon,omitempty"`
 }
 
 // args builds QEMU's command line for a VM living in dir.
@@ -94,8 +100,10 @@ func (c machineConfig) args(dir string) []string {
 		"-device", "virtio-serial-device,id=serial",
 		"-chardev", "socket,id=agent,path="+filepath.Join(dir, agentSocket)+",server=on,wait=off",
 		"-device", "virtserialport,chardev=agent,name="+AgentPortName,
-		"-device", "virtio-balloon-device,id="+balloonID+",free-page-reporting=on",
 	)
+	if !c.NoBalloon {
+		a = append(a, "-device", "virtio-balloon-device,id="+balloonID+",free-page-reporting=on")
+	}
 	if c.DataDisk != "" {
 		a = append(a,
 			"-drive", "id=data,if=none,format=raw,cache=writeback,file="+c.DataDisk,

@@ -11,6 +11,10 @@
 // shared, a snapshot writes only device state (migration capability
 // x-ignore-shared) next to a copy of that file, and each clone maps the copy
 // privately, so clean pages stay shared between all clones of a template.
+// Nothing in a clone may discard RAM, because QEMU discards by punching
+// holes into the backing file even through a private mapping: such
+// templates are created with vm.Spec.NoBalloon, and shared snapshots of VMs
+// with a balloon are refused.
 package qemu
 
 import (
@@ -322,6 +326,7 @@ func (p *Provider) Create(ctx context.Context, spec vm.Spec) (vm.VM, error) {
 		Initrd:    spec.Initrd,
 		Append:    p.kernelArgs(spec.Cmdline, accel),
 		DataDisk:  spec.DataDisk,
+		NoBalloon: spec.NoBalloon,
 	}
 	if accel == AccelTCG && p.opts.TBSizeMiB > 0 {
 		cfg.TBSizeMiB = p.opts.TBSizeMiB
@@ -428,7 +433,7 @@ func (p *Provider) startPrepared(ctx context.Context, rec record, prepare func(d
 	m.qmp = conn
 	m.creating = false
 	m.mu.Unlock()
-	if !rec.Config.Incoming {
+	if !rec.Config.Incoming && !rec.Config.NoBalloon {
 		if err := p.enableStats(ctx, conn); err != nil {
 			return nil, err
 		}

@@ -28,6 +28,17 @@ type snapshotMeta struct {
 	Config   machineConfig `json:"config"`
 }
 
+// errBalloonInSharedTemplate refuses a shared-memory template whose clones
+// would have a balloon device. Clones map the template's memory file
+// privately, yet QEMU (7.2, and 8.x with only a warning) gives pages from
+// balloon inflation and free page reporting back with
+// fallocate(PUNCH_HOLE) on that file: one clone's guest, which may drive
+// its balloon as it likes, would zero those pages under every other clone.
+// Clones must have their template's devices, so the template VM must be
+// created without a balloon.
+var errBalloonInSharedTemplate = fmt.Errorf("vm has a memory balloon device, which in every clone could punch holes into the template memory file all clones share; "+
+	"create template VMs with Spec.NoBalloon (template.Build does), or use snapshot mode %q: %w", SnapshotCopy, vm.ErrUnsupported)
+
 // migrationBandwidth lifts QEMU's default migration bandwidth limit (32
 // MiB/s in 7.2), which would make a full-RAM snapshot take seconds.
 const migrationBandwidth = 64 << 30
@@ -35,7 +46,8 @@ const migrationBandwidth = 64 << 30
 // Snapshot writes the paused VM's state into dir. In shared mode the stream
 // holds only device state and the RAM file is copied beside it; that copy
 // never changes afterwards, so clones can map it. The VM stays paused and
-// may be resumed.
+// may be resumed. A shared snapshot of a VM with a balloon device is
+// refused (vm.ErrUnsupported): its clones would have one too.
 func (p *Provider) Snapshot(ctx context.Context, id, dir string) (vm.Snapshot, error) {
 	m, err := p.lookup(ctx, id)
 	if err != nil {
@@ -65,6 +77,9 @@ func (p *Provider) Snapshot(ctx context.Context, id, dir string) (vm.Snapshot, e
 	// Only a shared mapping has the guest's memory in the file; a clone's
 	// private mapping does not, so its RAM goes into the stream.
 	shared := p.opts.SnapshotMode == SnapshotShared && rec.Config.MemPath != "" && rec.Config.MemShared
+	if shared && !rec.Config.NoBalloon {
+		return fail(errBalloonInSharedTemplate)
+	}
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return fail(err)
 	}
@@ -209,6 +224,11 @@ func (p *Provider) Restore(ctx context.Context, snap vm.Snapshot) (vm.VM, error)
 	if err != nil {
 		return fail(err)
 	}
+	if snap.SharedMemory && !cfg.NoBalloon {
+		// A template snapshotted before balloons were refused: its clones
+		// would need the balloon too.
+		return fail(fmt.Errorf("template built with a balloon device, rebuild it: %w", errBalloonInSharedTemplate))
+	}
 	if err := ctx.Err(); err != nil {
 		return fail(err)
 	}
@@ -216,7 +236,9 @@ func (p *Provider) Restore(ctx context.Context, snap vm.Snapshot) (vm.VM, error)
 	if cfg.Accel == AccelTCG && p.opts.TBSizeMiB > 0 {
 		cfg.TBSizeMiB = p.opts.TBSizeMiB
 	}
-	rec := record{ID: id, Spec: snap.Spec, CreatedAt: time.Now().UTC(), Snapshot: snap.ID, Config: cfg}
+	spec := snap.Spec
+	spec.NoBalloon = cfg.NoBalloon // the template's device set, whatever the caller's copy says
+	rec := record{ID: id, Spec: spec, CreatedAt: time.Now().UTC(), Snapshot: snap.ID, Config: cfg}
 	start := time.Now()
 	m, err := p.start(ctx, rec)
 	if err != nil {
@@ -312,6 +334,12 @@ func (p *Provider) migrateIn(ctx context.Context, m *machine, ignoreShared bool,
 	}
 	if err := waitMigration(ctx, c, events, "query-migrate"); err != nil {
 		return err
+	}
+	m.mu.Lock()
+	noBalloon := m.rec.Config.NoBalloon
+	m.mu.Unlock()
+	if noBalloon {
+		return nil
 	}
 	return p.enableStats(ctx, c)
 }

@@ -242,7 +242,9 @@ func (p *Provider) restoreSuspended(ctx context.Context, snap vm.Snapshot) (_ vm
 		_, err := linkOrCopy(snapMem, cfg.MemPath)
 		return err
 	}
-	rec := record{ID: id, Spec: snap.Spec, CreatedAt: time.Now().UTC(), Snapshot: snap.ID, Config: cfg}
+	spec := snap.Spec
+	spec.NoBalloon = cfg.NoBalloon
+	rec := record{ID: id, Spec: spec, CreatedAt: time.Now().UTC(), Snapshot: snap.ID, Config: cfg}
 	start := time.Now()
 	m, err := p.startPrepared(ctx, rec, prepare)
 	if err != nil {

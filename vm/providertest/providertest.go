@@ -7,9 +7,14 @@
 //		})
 //	}
 //
-// The suite boots at most two VMs cold (one of them is cancelled early) and
+// The suite boots at most three VMs cold (one of them is cancelled early,
+// one is only ballooned and destroyed without waiting for its guest) and
 // restores a handful from one snapshot, so it stays quick for real
 // hypervisors. Subtests that need an optional capability skip without it.
+//
+// The VM most subtests share is snapshotted as a template, so it is created
+// with Spec.NoBalloon, as templates are; the balloon is tested on a VM of
+// its own.
 package providertest
 
 import (
@@ -319,11 +324,20 @@ func (s *suite) testCancelledCreate(t *testing.T) {
 	}
 }
 
+// templateSpec is the fixture's spec for a VM that will be snapshotted as a
+// template.
+func (s *suite) templateSpec() vm.Spec {
+	spec := s.fx.Spec
+	spec.NoBalloon = true
+	return spec
+}
+
 func (s *suite) testCreate(t *testing.T) {
 	ctx := s.ctx(t)
-	v, err := s.p.Create(ctx, s.fx.Spec)
+	spec := s.templateSpec()
+	v, err := s.p.Create(ctx, spec)
 	if err != nil {
-		t.Fatalf("Create(%+v): %v", s.fx.Spec, err)
+		t.Fatalf("Create(%+v): %v", spec, err)
 	}
 	s.track(v.ID)
 	if err := vm.ValidateName("id", v.ID); err != nil {
@@ -389,23 +403,44 @@ func (s *suite) testBalloon(t *testing.T) {
 	}
 	ctx := s.ctx(t)
 	half := base.Spec.MemoryMiB / 2
-	if err := b.SetBalloon(ctx, base.ID, half); err != nil {
+	// The shared VM was created without a balloon: asking for one must say
+	// so, not pretend.
+	if err := b.SetBalloon(ctx, base.ID, half); !errors.Is(err, vm.ErrUnsupported) {
+		t.Errorf("SetBalloon on a VM created with NoBalloon = %v, want vm.ErrUnsupported", err)
+	}
+	if _, err := b.BalloonStats(ctx, base.ID); !errors.Is(err, vm.ErrUnsupported) {
+		t.Errorf("BalloonStats on a VM created with NoBalloon = %v, want vm.ErrUnsupported", err)
+	}
+
+	spec := s.fx.Spec
+	spec.NoBalloon = false
+	v, err := s.p.Create(ctx, spec)
+	if err != nil {
+		t.Fatalf("Create a VM with a balloon: %v", err)
+	}
+	s.track(v.ID)
+	defer func() {
+		if err := s.p.Destroy(ctx, v.ID); err != nil {
+			t.Errorf("Destroy ballooned VM %s: %v", v.ID, err)
+		}
+	}()
+	if err := b.SetBalloon(ctx, v.ID, half); err != nil {
 		t.Fatalf("SetBalloon %d MiB: %v", half, err)
 	}
-	st, err := b.BalloonStats(ctx, base.ID)
+	st, err := b.BalloonStats(ctx, v.ID)
 	if err != nil {
 		t.Fatalf("BalloonStats: %v", err)
 	}
 	if st.TargetMiB != half {
 		t.Errorf("balloon target %d MiB after SetBalloon(%d)", st.TargetMiB, half)
 	}
-	for _, bad := range []int{-1, base.Spec.MemoryMiB + 1} {
-		if err := b.SetBalloon(ctx, base.ID, bad); !errors.Is(err, vm.ErrInvalid) {
+	for _, bad := range []int{-1, v.Spec.MemoryMiB + 1} {
+		if err := b.SetBalloon(ctx, v.ID, bad); !errors.Is(err, vm.ErrInvalid) {
 			t.Errorf("SetBalloon(%d) = %v, want vm.ErrInvalid", bad, err)
 		}
 	}
-	if err := b.SetBalloon(ctx, base.ID, base.Spec.MemoryMiB); err != nil {
-		t.Fatalf("SetBalloon back to %d MiB: %v", base.Spec.MemoryMiB, err)
+	if err := b.SetBalloon(ctx, v.ID, v.Spec.MemoryMiB); err != nil {
+		t.Fatalf("SetBalloon back to %d MiB: %v", v.Spec.MemoryMiB, err)
 	}
 }
 
@@ -458,6 +493,12 @@ func (s *suite) testSnapshotRestore(t *testing.T) {
 		t.Errorf("restored VM has %d vCPUs %d MiB, template had %d and %d", v.Spec.VCPUs, v.Spec.MemoryMiB, base.Spec.VCPUs, base.Spec.MemoryMiB)
 	}
 	wantStatus(ctx, t, s.p, v.ID, vm.StatusPaused)
+	if b, ok := s.p.(vm.Ballooner); ok && s.p.Capabilities().Has(vm.CapBalloon) {
+		// A clone has its template's devices: no balloon either.
+		if err := b.SetBalloon(ctx, v.ID, v.Spec.MemoryMiB/2); !errors.Is(err, vm.ErrUnsupported) {
+			t.Errorf("SetBalloon on a clone of a NoBalloon template = %v, want vm.ErrUnsupported", err)
+		}
+	}
 	if err := s.p.Resume(ctx, v.ID); err != nil {
 		t.Fatalf("Resume restored %s: %v", v.ID, err)
 	}
