@@ -202,6 +202,7 @@ func (p *Provider) Capabilities() vm.Capabilities {
 		vm.CapAgent:        true,
 		vm.CapDataDisk:     true,
 		vm.CapAdopt:        true,
+		vm.CapSuspend:      true,
 	}
 }
 

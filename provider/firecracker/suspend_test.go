@@ -19,6 +19,9 @@ import (
 func TestSuspendKeepsTheDataDiskAndRestoresOnce(t *testing.T) {
 	e := newEnv(t, nil)
 	ctx := testCtx(t)
+	if !e.p.Capabilities().Has(vm.CapSuspend) {
+		t.Error("the provider does not advertise CapSuspend, so machines would never suspend")
+	}
 	disk := filepath.Join(t.TempDir(), "data.img")
 	if err := os.WriteFile(disk, []byte("machine data"), 0o644); err != nil {
 		t.Fatal(err)
