@@ -153,9 +153,6 @@ func TestClientMachinesAndEvents(t *testing.T) {
 	t.Cleanup(c.Close)
 	ctx := t.Context()
 
-	if _, err := c.EnsureMachine(ctx, "dev", nil); !errors.Is(err, vm.ErrNotFound) {
-		t.Fatalf("ensure without spec: %v, want not found", err)
-	}
 	if _, err := c.PutMachine(ctx, "dev", api.MachineRequest{VCPUs: 1, MemoryMiB: 512}); err != nil {
 		t.Fatal(err)
 	}
@@ -211,6 +208,10 @@ func TestClientMachinesAndEvents(t *testing.T) {
 	ms, err := c.Machines(ctx)
 	if err != nil || len(ms) != 1 || ms[0].State != api.MachineStopped || ms[0].Holds != 0 {
 		t.Fatalf("machines: %+v, %v", ms, err)
+	}
+	// A new machine ensured without a spec gets the default shape.
+	if m, err := c.EnsureMachine(ctx, "bare", nil); err != nil || m.Spec != (api.MachineSpec{}).WithDefaults() {
+		t.Fatalf("ensure without spec: %+v, %v; want the default shape", m, err)
 	}
 }
 

@@ -91,7 +91,6 @@ func TestBadInputIsRejected(t *testing.T) {
 		{name: "machine negative idle", method: "PUT", path: "/v1/machines/dev", body: `{"vcpus":1,"memory_mib":512,"idle_after":"-1m"}`, status: 400, code: "invalid_argument", mention: "idle_after"},
 		{name: "machine path-like name", method: "PUT", path: "/v1/machines/a%2F..%2Fb", body: `{"vcpus":1,"memory_mib":512}`, status: 400, code: "invalid_argument", mention: "machine"},
 		{name: "ensure incomplete spec", method: "POST", path: "/v1/machines/dev/ensure", body: `{"vcpus":1}`, status: 400, code: "invalid_argument", mention: "memory_mib"},
-		{name: "ensure unknown machine", method: "POST", path: "/v1/machines/dev/ensure", status: 404, code: "not_found", mention: "dev", backend: true},
 		{name: "stop unknown machine", method: "POST", path: "/v1/machines/dev/stop", status: 404, code: "not_found", mention: "dev", backend: true},
 		{name: "stop bad force", method: "POST", path: "/v1/machines/dev/stop?force=maybe", status: 400, code: "invalid_argument", mention: "force"},
 		{name: "hold negative ttl", method: "POST", path: "/v1/machines/dev/hold", body: `{"ttl":"-5s"}`, status: 400, code: "invalid_argument", mention: "ttl"},

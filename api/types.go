@@ -324,6 +324,24 @@ type MachineSpec struct {
 	SuspendAfter *Duration `json:"suspend_after,omitempty"`
 }
 
+// The shape a machine gets when nobody gave one: `warmpool machine ensure
+// NAME` of a new machine, or an ensure without a body.
+const (
+	DefaultMachineVCPUs     = 1
+	DefaultMachineMemoryMiB = 512
+)
+
+// WithDefaults fills a zero VCPUs or MemoryMiB with the defaults above.
+func (s MachineSpec) WithDefaults() MachineSpec {
+	if s.VCPUs == 0 {
+		s.VCPUs = DefaultMachineVCPUs
+	}
+	if s.MemoryMiB == 0 {
+		s.MemoryMiB = DefaultMachineMemoryMiB
+	}
+	return s
+}
+
 // MachineRequest sets a machine's desired spec (PUT /v1/machines/{name}) or
 // is the optional body of POST /v1/machines/{name}/ensure.
 type MachineRequest = MachineSpec
@@ -383,6 +401,10 @@ type Machine struct {
 	// BalloonMiB is the balloon target, null when no balloon is set.
 	BalloonMiB *int   `json:"balloon_mib"`
 	VMID       string `json:"vm_id,omitempty"`
+	// IdleAfter and SuspendAfter are the idle policy in force: the spec's,
+	// else the daemon's default. 0s means the step is off.
+	IdleAfter    Duration `json:"idle_after"`
+	SuspendAfter Duration `json:"suspend_after"`
 }
 
 // StopRequest is the optional body of POST /v1/machines/{name}/stop.

@@ -45,6 +45,8 @@ type Config struct {
 	Pools map[string]PoolConfig `yaml:"pools" doc:"Warm pools keyed by name. Created at start when the state has no pool of that name; changes made through the API persist and win."`
 	// Machines are recorded at start; they start on their first ensure.
 	Machines map[string]MachineConfig `yaml:"machines" doc:"Long-lived machines keyed by name; recorded at start, started by their first ensure."`
+	// MachineDefaults is the idle policy of machines that set none.
+	MachineDefaults MachineDefaults `yaml:"machine_defaults" doc:"Idle policy of every machine whose own spec leaves it out."`
 }
 
 // FirecrackerConfig locates Firecracker's binaries.
@@ -86,13 +88,26 @@ type PoolConfig struct {
 
 // MachineConfig is a machine to record at start.
 type MachineConfig struct {
-	VCPUs        int       `yaml:"vcpus" doc:"vCPUs of the machine."`
-	MemoryMiB    int       `yaml:"memory_mib" doc:"Memory of the machine in MiB."`
+	VCPUs        int       `yaml:"vcpus" doc:"vCPUs of the machine. Default 1."`
+	MemoryMiB    int       `yaml:"memory_mib" doc:"Memory of the machine in MiB. Default 512."`
 	DataDiskMiB  int       `yaml:"data_disk_mib" doc:"Size of its persistent data disk in MiB; 0 means none."`
 	Cmdline      string    `yaml:"cmdline" doc:"Appended to the guest kernel command line."`
-	IdleAfter    *Duration `yaml:"idle_after" doc:"Shrink the balloon after this long without activity or holds; 0s turns it off. Recorded with the machine; the daemon-wide idle policy applies for now."`
-	SuspendAfter *Duration `yaml:"suspend_after" doc:"Suspend to a snapshot after this long idle; 0s turns it off. Recorded with the machine; the daemon-wide idle policy applies for now."`
+	IdleAfter    *Duration `yaml:"idle_after" doc:"Shrink the balloon after this long without activity or holds; 0s turns it off. Default: machine_defaults.idle_after."`
+	SuspendAfter *Duration `yaml:"suspend_after" doc:"Suspend to a snapshot after this long without activity or holds; 0s turns it off. Default: machine_defaults.suspend_after."`
 }
+
+// MachineDefaults is the daemon-wide idle policy. Both steps are off unless
+// configured: only API calls and holds count as activity, so a guest busy
+// on its own (a container serving requests) would be squeezed or frozen.
+type MachineDefaults struct {
+	IdleAfter      Duration `yaml:"idle_after" doc:"Shrink an unused machine's balloon to what its guest uses plus idle_reserve_mib after this long without activity or holds. Default 0s: off."`
+	SuspendAfter   Duration `yaml:"suspend_after" doc:"Suspend an unused machine to a snapshot after this long without activity or holds, freeing its memory and CPU; the next ensure restores it. Default 0s: off."`
+	IdleReserveMiB int      `yaml:"idle_reserve_mib" doc:"Memory an idle guest keeps above what it uses, in MiB. Default 64."`
+}
+
+// defaultIdleReserveMiB leaves an idle guest room for a burst before it is
+// woken (page cache, a cron job) without making the shrink pointless.
+const defaultIdleReserveMiB = 64
 
 // Duration reads YAML duration strings such as "30s" or "5m".
 type Duration time.Duration
@@ -195,6 +210,9 @@ func (c Config) Validate() error {
 			return fmt.Errorf("pools.%s: %w", name, err)
 		}
 	}
+	if err := vm.ValidateRange("machine_defaults.idle_reserve_mib", c.MachineDefaults.IdleReserveMiB, 0, vm.MaxMemoryMiB); err != nil {
+		return err
+	}
 	for _, name := range sortedKeys(c.Machines) {
 		if err := vm.ValidateName("machine", name); err != nil {
 			return fmt.Errorf("machines: %w", err)
@@ -211,7 +229,7 @@ func (p PoolConfig) request() api.PoolRequest {
 }
 
 func (m MachineConfig) spec() api.MachineSpec {
-	s := api.MachineSpec{VCPUs: m.VCPUs, MemoryMiB: m.MemoryMiB, DataDiskMiB: m.DataDiskMiB, Cmdline: m.Cmdline}
+	s := api.MachineSpec{VCPUs: m.VCPUs, MemoryMiB: m.MemoryMiB, DataDiskMiB: m.DataDiskMiB, Cmdline: m.Cmdline}.WithDefaults()
 	if m.IdleAfter != nil {
 		d := api.Duration(*m.IdleAfter)
 		s.IdleAfter = &d

@@ -44,7 +44,9 @@ func TestParseConfigRejects(t *testing.T) {
 		{"limits: {lease_ttl: 30}\n", "duration"},
 		{"limits: {lease_ttl: -1s}\n", "negative"},
 		{"templates:\n  base: {memory_mib: 1}\n", "memory_mib"},
-		{"machines:\n  dev: {vcpus: 0, memory_mib: 256}\n", "vcpus"},
+		{"machines:\n  dev: {vcpus: -1, memory_mib: 256}\n", "vcpus"},
+		{"machine_defaults: {idle_after: 5}\n", "duration"},
+		{"machine_defaults: {idle_reserve_mib: -1}\n", "idle_reserve_mib"},
 		{"listen: 0.0.0.0:80\n", "listen"},
 	} {
 		_, err := ParseConfig(strings.NewReader(tc.yaml))

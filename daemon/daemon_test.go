@@ -38,7 +38,14 @@ func testLogger(t *testing.T) *slog.Logger {
 // startFake runs a daemon on dir with prov until the test ends (or stop).
 func startFake(t *testing.T, dir string, prov *fake.Provider, cfg string) *running {
 	t.Helper()
-	opts := Options{StateDir: dir, Provider: "fake", Logger: testLogger(t), provider: prov}
+	return startWrapped(t, dir, prov, prov, cfg)
+}
+
+// startWrapped is startFake with the daemon using served, a provider built
+// around prov (for example one that advertises more capabilities).
+func startWrapped(t *testing.T, dir string, prov *fake.Provider, served vm.Provider, cfg string) *running {
+	t.Helper()
+	opts := Options{StateDir: dir, Provider: "fake", Logger: testLogger(t), provider: served}
 	if cfg != "" {
 		opts.ConfigFile = filepath.Join(dir, "config.yaml")
 		if err := os.WriteFile(opts.ConfigFile, []byte(cfg), 0o600); err != nil {

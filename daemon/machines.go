@@ -32,6 +32,7 @@ type machines struct {
 func (d *Daemon) newMachines() (*machines, error) {
 	ms := &machines{d: d, specs: map[string]api.MachineSpec{}}
 	m, err := lifecycle.NewManager(lifecycle.Config{
+		Idle:         ms.defaultIdle(),
 		Provider:     d.prov,
 		StateDir:     d.stateDir,
 		Ping:         func(ctx context.Context, v vm.VM) error { return d.pingVM(ctx, v.ID) },
@@ -82,7 +83,54 @@ func (ms *machines) restore(ctx context.Context) error {
 	if len(lrecs) == 0 {
 		return nil
 	}
-	return ms.m.Restore(ctx, lrecs)
+	err = ms.m.Restore(ctx, lrecs)
+	// A restored machine runs on the policy recorded with it; the daemon's
+	// default may have changed in the config since.
+	for _, lr := range lrecs {
+		if spec, ok := ms.get(lr.Name); ok {
+			ms.applyIdle(ctx, lr.Name, spec)
+		}
+	}
+	return err
+}
+
+// defaultIdle is the idle policy of machines whose spec sets none.
+func (ms *machines) defaultIdle() lifecycle.IdlePolicy {
+	def := ms.d.cfg.MachineDefaults
+	return lifecycle.IdlePolicy{
+		ShrinkAfter:  def.IdleAfter.Std(),
+		SuspendAfter: def.SuspendAfter.Std(),
+		ReserveMiB:   or(def.IdleReserveMiB, defaultIdleReserveMiB),
+	}
+}
+
+// idlePolicy is the policy in force for spec: its own steps, else the
+// daemon's defaults.
+func (ms *machines) idlePolicy(spec api.MachineSpec) lifecycle.IdlePolicy {
+	p := ms.defaultIdle()
+	if spec.IdleAfter != nil {
+		p.ShrinkAfter = spec.IdleAfter.Std()
+	}
+	if spec.SuspendAfter != nil {
+		p.SuspendAfter = spec.SuspendAfter.Std()
+	}
+	return p
+}
+
+// applyIdle hands a machine the manager already runs its new idle policy
+// at once: unlike a spec change it needs no ensure, and never a recreate.
+func (ms *machines) applyIdle(ctx context.Context, name string, spec api.MachineSpec) {
+	cur, err := ms.m.Get(name)
+	if err != nil {
+		return // not started yet: its first ensure carries the policy
+	}
+	want := ms.idlePolicy(spec)
+	if cur.Spec.Idle != nil && *cur.Spec.Idle == want {
+		return
+	}
+	if _, err := ms.m.SetIdle(ctx, name, &want); err != nil {
+		ms.d.log.Warn("apply idle policy", "machine", name, "err", err)
+	}
 }
 
 func (ms *machines) knows(name string) bool {
@@ -105,9 +153,6 @@ func (ms *machines) get(name string) (api.MachineSpec, bool) {
 }
 
 func (ms *machines) onChange(m lifecycle.Machine) {
-	if m.State == lifecycle.Stopped && m.VMID != "" {
-		ms.destroyStopped(m)
-	}
 	rec, err := json.Marshal(m)
 	if err != nil {
 		ms.d.log.Error("encode machine", "machine", m.Name, "err", err)
@@ -134,19 +179,6 @@ func (ms *machines) onChange(m lifecycle.Machine) {
 	})
 	if err != nil {
 		ms.d.log.Error("record machine", "machine", m.Name, "err", err)
-	}
-}
-
-// destroyStopped destroys the powered-off VM of a stopped machine. The
-// next ensure boots a new VM anyway (the data disk is kept apart), and until
-// then the dead VM would hold its directory and, under QEMU, its RAM file
-// in /dev/shm; destroying it also keeps the state's VMs equal to the
-// processes that run.
-func (ms *machines) destroyStopped(m lifecycle.Machine) {
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	defer cancel()
-	if err := ms.d.prov.Destroy(ctx, m.VMID); err != nil && !errors.Is(err, vm.ErrNotFound) {
-		ms.d.log.Warn("destroy VM of stopped machine", "machine", m.Name, "vm", m.VMID, "err", err)
 	}
 }
 
@@ -190,7 +222,9 @@ func (d *Daemon) guestMemUsed(ctx context.Context, v vm.VM) (int, error) {
 
 func (ms *machines) apiMachine(name string) api.Machine {
 	spec, _ := ms.get(name)
-	out := api.Machine{Name: name, State: api.MachineNotExist, Spec: spec}
+	idle := ms.idlePolicy(spec)
+	out := api.Machine{Name: name, State: api.MachineNotExist, Spec: spec,
+		IdleAfter: api.Duration(idle.ShrinkAfter), SuspendAfter: api.Duration(idle.SuspendAfter)}
 	m, err := ms.m.Get(name)
 	if err != nil {
 		return out
@@ -200,10 +234,7 @@ func (ms *machines) apiMachine(name string) api.Machine {
 	out.LastError = m.LastError
 	out.Holds = len(m.Holds)
 	out.BalloonMiB = m.BalloonMiB
-	if m.State != lifecycle.Stopped {
-		// A stopped machine's VM is destroyed (destroyStopped).
-		out.VMID = m.VMID
-	}
+	out.VMID = m.VMID // none when stopped: the lifecycle destroys a stopped machine's VM
 	return out
 }
 
@@ -219,14 +250,31 @@ func (d *Daemon) Machines(ctx context.Context) ([]api.Machine, error) {
 	return out, nil
 }
 
-// PutMachine implements api.Backend.
+// PutMachine implements api.Backend. A changed idle policy applies at once
+// to a machine that runs; a changed shape applies at its next ensure (a
+// recreate, data disk kept).
 func (d *Daemon) PutMachine(ctx context.Context, name string, req api.MachineRequest) (api.Machine, error) {
-	if err := d.checkOpen(); err != nil {
+	if err := d.putMachine(ctx, name, req); err != nil {
 		return api.Machine{}, err
+	}
+	d.mach.applyIdle(ctx, name, req)
+	return d.mach.apiMachine(name), nil
+}
+
+// putMachine records req as the machine's desired spec.
+func (d *Daemon) putMachine(ctx context.Context, name string, req api.MachineRequest) error {
+	if err := d.checkOpen(); err != nil {
+		return err
+	}
+	if err := vm.ValidateName("machine", name); err != nil {
+		return fmt.Errorf("record machine: %w", err)
+	}
+	if err := req.Validate(); err != nil {
+		return fmt.Errorf("record machine %s: %w", name, err)
 	}
 	specJSON, err := json.Marshal(req)
 	if err != nil {
-		return api.Machine{}, err
+		return err
 	}
 	err = d.st.Update(func(tx *store.Tx) error {
 		rec, err := store.Machines.Get(tx, name)
@@ -237,21 +285,30 @@ func (d *Daemon) PutMachine(ctx context.Context, name string, req api.MachineReq
 		return store.Machines.Put(tx, rec)
 	})
 	if err != nil {
-		return api.Machine{}, fmt.Errorf("record machine %s: %w", name, err)
+		return fmt.Errorf("record machine %s: %w", name, err)
 	}
 	d.mach.mu.Lock()
 	d.mach.specs[name] = req
 	d.mach.mu.Unlock()
-	return d.mach.apiMachine(name), nil
+	return nil
 }
 
-// EnsureMachine implements api.Backend.
+// EnsureMachine implements api.Backend. Without req the recorded spec
+// applies; a machine never recorded gets the default shape
+// (api.DefaultMachineVCPUs, api.DefaultMachineMemoryMiB, no data disk), so
+// "ensure it is ready" needs no arguments.
 func (d *Daemon) EnsureMachine(ctx context.Context, name string, req *api.MachineRequest) (api.Machine, error) {
 	if err := d.checkOpen(); err != nil {
 		return api.Machine{}, err
 	}
+	if req == nil {
+		if _, ok := d.mach.get(name); !ok {
+			def := api.MachineSpec{}.WithDefaults()
+			req = &def
+		}
+	}
 	if req != nil {
-		if _, err := d.PutMachine(ctx, name, *req); err != nil {
+		if err := d.putMachine(ctx, name, *req); err != nil {
 			return api.Machine{}, err
 		}
 	}
@@ -263,6 +320,7 @@ func (d *Daemon) EnsureMachine(ctx context.Context, name string, req *api.Machin
 	if err != nil {
 		return api.Machine{}, fmt.Errorf("ensure machine %s: %w", name, err)
 	}
+	idle := d.mach.idlePolicy(spec)
 	ls := lifecycle.MachineSpec{
 		Name:         name,
 		VCPUs:        spec.VCPUs,
@@ -272,6 +330,7 @@ func (d *Daemon) EnsureMachine(ctx context.Context, name string, req *api.Machin
 		Cmdline:      strings.TrimSpace(img.Cmdline + " " + spec.Cmdline),
 		KernelDigest: img.Digest,
 		DataDiskMiB:  spec.DataDiskMiB,
+		Idle:         &idle,
 	}
 	if _, err := d.mach.m.Ensure(ctx, ls); err != nil {
 		return api.Machine{}, err
@@ -297,6 +356,10 @@ func (d *Daemon) HoldMachine(ctx context.Context, name string, req api.HoldReque
 		return api.Hold{}, fmt.Errorf("hold machine %s: %w", name, vm.ErrNotFound)
 	}
 	h, err := d.mach.m.Hold(ctx, name, req.Owner, req.TTL.Std())
+	if errors.Is(err, vm.ErrNotFound) {
+		// Recorded, never ensured: there is nothing to keep awake yet.
+		return api.Hold{}, fmt.Errorf("hold machine %s: it was never started; ensure it first: %w", name, vm.ErrInvalidState)
+	}
 	if err != nil {
 		return api.Hold{}, err
 	}

@@ -89,7 +89,7 @@ func (d *Daemon) guestImage(ctx context.Context, dir string, progress func(strin
 	if d.prov.Name() == "fake" {
 		// The fake provider boots nothing; a real image would only cost a
 		// kernel download, so it gets names that nothing opens.
-		return guest.Image{Kernel: "fake-kernel", Initrd: "fake-initrd", Digest: "fake"}, nil
+		return guest.Image{Kernel: "/nonexistent/fake-provider/kernel", Initrd: "/nonexistent/fake-provider/initrd", Digest: "fake"}, nil
 	}
 	dir = or(dir, d.cfg.Image)
 	if dir != "" {

@@ -283,7 +283,9 @@ func (b *Backend) EnsureMachine(ctx context.Context, name string, req *api.Machi
 	b.call("EnsureMachine")
 	m, ok := b.machines[name]
 	if !ok && req == nil {
-		return api.Machine{}, fmt.Errorf("machine %s has no spec: %w", name, vm.ErrNotFound)
+		// Like the daemon: a new machine ensured without a spec gets the defaults.
+		def := api.MachineSpec{}.WithDefaults()
+		req = &def
 	}
 	m.Name = name
 	if req != nil {

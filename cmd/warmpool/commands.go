@@ -328,10 +328,15 @@ func newMachineCommand(g *globals) *cobra.Command {
 		idleAfter, suspendAfter time.Duration
 	)
 	ensure := &cobra.Command{
-		Use:               "ensure NAME [--vcpus N] [--mem MIB]",
+		Use:               "ensure NAME [--vcpus N] [--mem MIB] [--disk MIB] [--idle-after D] [--suspend-after D]",
 		ValidArgsFunction: completeNames(g, machineNames),
 		Short:             "Create, start or resume machine NAME and return when its agent answers",
-		Args:              args("NAME"),
+		Long: `Create, start, wake or resume machine NAME and return when its agent answers.
+
+A new machine without flags gets 1 vCPU and 512 MiB. Flags change only the
+fields they name; a new vCPU count, memory size, disk size or command line
+recreates the machine (its data disk is kept), a new idle policy does not.`,
+		Args: args("NAME"),
 		RunE: func(cmd *cobra.Command, a []string) error {
 			name := a[0]
 			return g.withClient(func(c *api.Client) error {
@@ -371,9 +376,6 @@ func newMachineCommand(g *globals) *cobra.Command {
 				m, err := c.EnsureMachine(cmd.Context(), name, req)
 				stop()
 				if err != nil {
-					if errors.Is(err, vm.ErrNotFound) && req == nil {
-						return fmt.Errorf("%w (give --vcpus and --mem to create it)", wrapf(err, "ensure machine %s", name))
-					}
 					return wrapf(err, "ensure machine %s", name)
 				}
 				return printMachines(cmd.OutOrStdout(), g, []api.Machine{m}, true)
@@ -381,12 +383,12 @@ func newMachineCommand(g *globals) *cobra.Command {
 		},
 	}
 	ef := ensure.Flags()
-	ef.IntVar(&spec.VCPUs, "vcpus", 1, "vCPUs")
-	ef.IntVar(&spec.MemoryMiB, "mem", 512, "memory in MiB")
-	ef.IntVar(&spec.DataDiskMiB, "disk", 0, "persistent data disk in MiB (0: none)")
+	ef.IntVar(&spec.VCPUs, "vcpus", api.DefaultMachineVCPUs, "vCPUs (recreates the machine when changed)")
+	ef.IntVar(&spec.MemoryMiB, "mem", api.DefaultMachineMemoryMiB, "memory in MiB (recreates the machine when changed)")
+	ef.IntVar(&spec.DataDiskMiB, "disk", 0, "persistent data disk in MiB (0: none; it can grow, never shrink)")
 	ef.StringVar(&spec.Cmdline, "cmdline", "", "extra guest kernel command line")
-	ef.DurationVar(&idleAfter, "idle-after", 0, "shrink the balloon after this long idle (0: off)")
-	ef.DurationVar(&suspendAfter, "suspend-after", 0, "suspend to a snapshot after this long idle (0: off)")
+	ef.DurationVar(&idleAfter, "idle-after", 0, "shrink the balloon after this long without activity or holds (0s: off; unset: the daemon's default)")
+	ef.DurationVar(&suspendAfter, "suspend-after", 0, "suspend to a snapshot after this long without activity or holds (0s: off; unset: the daemon's default)")
 
 	ls := &cobra.Command{
 		Use:     "ls",

@@ -232,8 +232,14 @@ func TestMachineCommands(t *testing.T) {
 	state := startDaemon(t, fake)
 	s := "--state=" + state
 
-	assertFailure(t, cli(t, "", s, "machine", "ensure", "dev"), exitFailure, "--vcpus")
-	r := cli(t, "", s, "machine", "ensure", "dev", "--mem", "1024", "--disk", "2048")
+	// A bare ensure of a new machine gives it the default shape.
+	r := cli(t, "", s, "machine", "ensure", "bare", "-o", "json")
+	var bare api.Machine
+	if err := json.Unmarshal([]byte(r.stdout), &bare); err != nil || r.code != 0 || bare.State != api.MachineRunning ||
+		bare.Spec.VCPUs != api.DefaultMachineVCPUs || bare.Spec.MemoryMiB != api.DefaultMachineMemoryMiB {
+		t.Fatalf("bare machine ensure: %+v %v", r, err)
+	}
+	r = cli(t, "", s, "machine", "ensure", "dev", "--mem", "1024", "--disk", "2048")
 	if r.code != 0 || !regexp.MustCompile(`(?m)^dev\s+running\s+\S+\s+1\s+1024MiB\s+-\s+2048MiB\s+0\s+-$`).MatchString(r.stdout) {
 		t.Fatalf("machine ensure: %+v", r)
 	}
@@ -250,7 +256,7 @@ func TestMachineCommands(t *testing.T) {
 	}
 	r = cli(t, "", s, "machine", "ls", "-o", "json")
 	var ms []api.Machine
-	if err := json.Unmarshal([]byte(r.stdout), &ms); err != nil || len(ms) != 1 || ms[0].Holds != 1 {
+	if err := json.Unmarshal([]byte(r.stdout), &ms); err != nil || len(ms) != 2 || ms[1].Name != "dev" || ms[1].Holds != 1 {
 		t.Fatalf("machine ls: %+v %v", r, err)
 	}
 	if r := cli(t, "", s, "machine", "unhold", "dev", h.ID); r.code != 0 {
