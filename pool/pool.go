@@ -605,6 +605,7 @@ func (p *Pool) Acquire(ctx context.Context, name string) (*Lease, error) {
 		}
 		handoffStart := time.Now()
 		v, err := p.handOut(ctx, b, e, hit)
+		p.kickIfLow(b)
 		if err != nil {
 			if errors.Is(err, ErrClosed) {
 				return nil, fmt.Errorf("acquire from pool %q: %w", name, err)
@@ -632,9 +633,9 @@ func (p *Pool) Acquire(ctx context.Context, name string) (*Lease, error) {
 	}
 }
 
-// take pops a ready entry or, when there is none, queues a waiter, and wakes
-// the dispatcher when the bucket is now below its target. A hit takes no
-// lock.
+// take pops a ready entry or, when there is none, queues a waiter and wakes
+// the dispatcher. A hit takes no lock; Acquire wakes the dispatcher after
+// handing the entry out (see kickIfLow).
 func (p *Pool) take(name string) (*bucket, *entry, *waiter, error) {
 	if p.closed.Load() {
 		return nil, nil, nil, ErrClosed
@@ -644,13 +645,7 @@ func (p *Pool) take(name string) (*bucket, *entry, *waiter, error) {
 		return nil, nil, nil, vm.ErrNotFound
 	}
 	if e := b.tryPop(); e != nil {
-		// Without the lock need() cannot be read; below the floor is the
-		// case that matters (above it, waiters have kicked already), and a
-		// spare kick only costs the dispatcher one look.
-		if int64(b.readyLen())-b.expired.Load() < b.floor.Load() {
-			p.kick()
-		}
-		return b, e, nil, nil
+		return b, e, nil, nil // Acquire kicks after the hand-out
 	}
 
 	p.mu.Lock()
@@ -663,9 +658,6 @@ func (p *Pool) take(name string) (*bucket, *entry, *waiter, error) {
 		return nil, nil, nil, vm.ErrNotFound
 	}
 	if e := b.tryPop(); e != nil {
-		if b.need() > 0 {
-			p.kick()
-		}
 		return b, e, nil, nil
 	}
 	w := &waiter{ch: make(chan delivery, 1)}
