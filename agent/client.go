@@ -234,35 +234,57 @@ func (c *Client) readLoop() {
 
 // start registers a call and sends its request.
 func (c *Client) start(req *proto.Request) (*pending, error) {
-	p := &pending{ch: make(chan *proto.Response, 16), gone: make(chan struct{})}
-	c.mu.Lock()
-	if c.calls == nil {
-		err := c.err
-		c.mu.Unlock()
+	ps, err := c.startAll(req)
+	if err != nil {
 		return nil, err
 	}
-	c.nextID++
-	id := c.nextID
-	p.id = id
-	c.calls[id] = p
-	c.mu.Unlock()
+	return ps[0], nil
+}
 
-	req.Version = proto.Version
-	req.ID = id
-	b, err := proto.Encode(req)
-	if err != nil {
-		c.forget(p)
-		return nil, fmt.Errorf("agent %s: %w", req.Op, err)
+// startAll registers one call per request and sends them all in one write,
+// so that a guest woken by the first finds the rest already there: one
+// round trip for the lot.
+func (c *Client) startAll(reqs ...*proto.Request) ([]*pending, error) {
+	ps := make([]*pending, 0, len(reqs))
+	forgetAll := func() {
+		for _, p := range ps {
+			c.forget(p)
+		}
+	}
+	// The leading newline ends any fragment an earlier connection left in
+	// the guest's buffer; the agent ignores empty lines.
+	buf := []byte{'\n'}
+	for _, req := range reqs {
+		p := &pending{ch: make(chan *proto.Response, 16), gone: make(chan struct{})}
+		c.mu.Lock()
+		if c.calls == nil {
+			err := c.err
+			c.mu.Unlock()
+			forgetAll()
+			return nil, err
+		}
+		c.nextID++
+		p.id = c.nextID
+		c.calls[p.id] = p
+		c.mu.Unlock()
+		ps = append(ps, p)
+
+		req.Version = proto.Version
+		req.ID = p.id
+		b, err := proto.Encode(req)
+		if err != nil {
+			forgetAll()
+			return nil, fmt.Errorf("agent %s: %w", req.Op, err)
+		}
+		buf = append(buf, b...)
 	}
 	c.writeMu.Lock()
 	defer c.writeMu.Unlock()
-	// The leading newline ends any fragment an earlier connection left in
-	// the guest's buffer; the agent ignores empty lines.
-	if _, err := c.conn.Write(append([]byte{'\n'}, b...)); err != nil {
-		c.forget(p)
-		return nil, fmt.Errorf("agent %s: send request: %w: %v", req.Op, ErrClosed, err)
+	if _, err := c.conn.Write(buf); err != nil {
+		forgetAll()
+		return nil, fmt.Errorf("agent %s: send request: %w: %v", reqs[0].Op, ErrClosed, err)
 	}
-	return p, nil
+	return ps, nil
 }
 
 // pending is a call waiting for answers. ch is closed when the connection
@@ -291,19 +313,24 @@ func (c *Client) call(ctx context.Context, req *proto.Request) (*proto.Response,
 		return nil, err
 	}
 	defer c.forget(p)
+	return c.wait(ctx, p, req.Op)
+}
+
+// wait returns the final response of the call p (an operation op).
+func (c *Client) wait(ctx context.Context, p *pending, op string) (*proto.Response, error) {
 	for {
 		select {
 		case <-ctx.Done():
-			return nil, fmt.Errorf("agent %s: %w", req.Op, ctx.Err())
+			return nil, fmt.Errorf("agent %s: %w", op, ctx.Err())
 		case resp, ok := <-p.ch:
 			if !ok {
-				return nil, fmt.Errorf("agent %s: %w", req.Op, c.closedErr())
+				return nil, fmt.Errorf("agent %s: %w", op, c.closedErr())
 			}
 			if !resp.Final() {
 				continue
 			}
 			if resp.Kind == proto.KindError {
-				return nil, &RemoteError{Op: req.Op, Code: resp.Code, Message: resp.Error}
+				return nil, &RemoteError{Op: op, Code: resp.Code, Message: resp.Error}
 			}
 			return resp, nil
 		}
@@ -339,22 +366,54 @@ func (c *Client) Ping(ctx context.Context) error {
 
 // Handoff gives the guest its own entropy, clock, hostname and environment.
 func (c *Client) Handoff(ctx context.Context, h HandoffRequest) error {
+	req, err := handoffRequest(h)
+	if err != nil {
+		return err
+	}
+	_, err = c.call(ctx, req)
+	return err
+}
+
+// HandoffAndPing sends a hand-off and a ping together and waits for both
+// answers: the ping proves the agent still answers after the hand-off
+// without costing a second round trip.
+func (c *Client) HandoffAndPing(ctx context.Context, h HandoffRequest) error {
+	req, err := handoffRequest(h)
+	if err != nil {
+		return err
+	}
+	ps, err := c.startAll(req, &proto.Request{Op: proto.OpPing})
+	if err != nil {
+		return err
+	}
+	defer func() {
+		for _, p := range ps {
+			c.forget(p)
+		}
+	}()
+	if _, err := c.wait(ctx, ps[0], proto.OpHandoff); err != nil {
+		return err
+	}
+	_, err = c.wait(ctx, ps[1], proto.OpPing)
+	return err
+}
+
+func handoffRequest(h HandoffRequest) (*proto.Request, error) {
 	if len(h.Entropy) > proto.MaxEntropy {
-		return &vm.FieldError{Field: "entropy", Value: fmt.Sprintf("%d bytes", len(h.Entropy)), Reason: fmt.Sprintf("at most %d bytes", proto.MaxEntropy)}
+		return nil, &vm.FieldError{Field: "entropy", Value: fmt.Sprintf("%d bytes", len(h.Entropy)), Reason: fmt.Sprintf("at most %d bytes", proto.MaxEntropy)}
 	}
 	size := 0
 	for k, v := range h.Env {
 		size += len(k) + len(v)
 	}
 	if size > proto.MaxEnv {
-		return &vm.FieldError{Field: "env", Value: fmt.Sprintf("%d bytes", size), Reason: fmt.Sprintf("at most %d bytes", proto.MaxEnv)}
+		return nil, &vm.FieldError{Field: "env", Value: fmt.Sprintf("%d bytes", size), Reason: fmt.Sprintf("at most %d bytes", proto.MaxEnv)}
 	}
 	req := &proto.Handoff{Entropy: h.Entropy, Hostname: h.Hostname, Env: h.Env}
 	if !h.Time.IsZero() {
 		req.UnixNano = h.Time.UnixNano()
 	}
-	_, err := c.call(ctx, &proto.Request{Op: proto.OpHandoff, Handoff: req})
-	return err
+	return &proto.Request{Op: proto.OpHandoff, Handoff: req}, nil
 }
 
 // Exec runs a command in the guest, copying its output to stdout and stderr

@@ -46,13 +46,13 @@ type HandoffTimings struct {
 	// Prepared says the VM had been prepared, so Dial is zero.
 	Prepared bool
 	// Dial is connecting and the version handshake (unprepared VMs only).
-	Dial    time.Duration
+	Dial time.Duration
+	// Handoff is the hand-off and the ping sent with it, until both answered.
 	Handoff time.Duration
-	Ping    time.Duration
 }
 
 // Total is the whole hand-off.
-func (t HandoffTimings) Total() time.Duration { return t.Dial + t.Handoff + t.Ping }
+func (t HandoffTimings) Total() time.Duration { return t.Dial + t.Handoff }
 
 // prepareEntropy is how many random bytes the throwaway hand-off adds. They
 // are real randomness: a prepared VM's random state already differs from
@@ -85,10 +85,13 @@ func (h *Handoffer) Prepare(ctx context.Context, v vm.VM) error {
 	if _, err := rand.Read(entropy); err != nil {
 		return fmt.Errorf("prepare %s: entropy: %w", v.ID, err)
 	}
-	if err := c.Handoff(ctx, HandoffRequest{Entropy: entropy, Time: time.Now()}); err != nil {
+	// The guest keeps its hostname; setting it runs the code path the
+	// tenant's hand-off will.
+	st, err := c.Stats(ctx)
+	if err != nil {
 		return fmt.Errorf("prepare %s: %w", v.ID, err)
 	}
-	if err := c.Ping(ctx); err != nil {
+	if err := c.HandoffAndPing(ctx, HandoffRequest{Entropy: entropy, Time: time.Now(), Hostname: st.Hostname}); err != nil {
 		return fmt.Errorf("prepare %s: %w", v.ID, err)
 	}
 	if err := h.prov.Pause(ctx, v.ID); err != nil {
@@ -113,16 +116,20 @@ func (h *Handoffer) Prepare(ctx context.Context, v vm.VM) error {
 	return nil
 }
 
-// Validate wraps a pool's validation: a VM seen for the first time (just
-// restored or adopted), or whose kept connection is gone, is prepared
-// before check runs. Pass the result as pool.Config.Validate. check may be
-// nil.
+// Validate wraps a pool's validation (pass the result as
+// pool.Config.Validate): a VM seen for the first time (just restored, or
+// adopted after a restart), or whose kept connection is gone, is prepared
+// and then checked with check (which may be nil). A VM whose kept
+// connection is still open is not checked again: the connection ends when
+// the hypervisor process does, and a paused guest can show nothing more.
+// That keeps a query to the hypervisor off the acquire path.
 func (h *Handoffer) Validate(check func(ctx context.Context, v vm.VM) error) func(ctx context.Context, v vm.VM) error {
 	return func(ctx context.Context, v vm.VM) error {
-		if !h.isPrepared(v.ID) {
-			if err := h.Prepare(ctx, v); err != nil {
-				return err
-			}
+		if h.isPrepared(v.ID) {
+			return nil
+		}
+		if err := h.Prepare(ctx, v); err != nil {
+			return err
 		}
 		if check == nil {
 			return nil
@@ -131,8 +138,8 @@ func (h *Handoffer) Validate(check func(ctx context.Context, v vm.VM) error) fun
 	}
 }
 
-// Handoff gives the running VM v its tenant's identity (req) and pings it,
-// over the connection Prepare kept if there is one, else over a new one,
+// Handoff gives the running VM v its tenant's identity (req) and pings it
+// (both in one round trip), over the connection Prepare kept if there is one, else over a new one,
 // which it closes before returning either way: the tenant's own calls dial
 // afresh.
 func (h *Handoffer) Handoff(ctx context.Context, v vm.VM, req HandoffRequest) (HandoffTimings, error) {
@@ -150,15 +157,10 @@ func (h *Handoffer) Handoff(ctx context.Context, v vm.VM, req HandoffRequest) (H
 	}
 	defer c.Close()
 	step := time.Now()
-	if err := c.Handoff(ctx, req); err != nil {
+	if err := c.HandoffAndPing(ctx, req); err != nil {
 		return t, fmt.Errorf("hand off VM %s: %w", v.ID, err)
 	}
 	t.Handoff = time.Since(step)
-	step = time.Now()
-	if err := c.Ping(ctx); err != nil {
-		return t, fmt.Errorf("ping VM %s after hand-off: %w", v.ID, err)
-	}
-	t.Ping = time.Since(step)
 	return t, nil
 }
 

@@ -19,9 +19,9 @@ const poolWaitTimeout = 5 * time.Minute
 // handoffTimes records how long each step of the hand-off took, so the
 // report can say where a slow acquire spends its time.
 type handoffTimes struct {
-	mu                  sync.Mutex
-	dial, handoff, ping []time.Duration
-	prepared            int
+	mu            sync.Mutex
+	dial, handoff []time.Duration
+	prepared      int
 }
 
 // warmPoolConfig is how the daemon runs a pool of real warm VMs: each VM
@@ -47,7 +47,6 @@ func (e *env) warmPoolConfig(times *handoffTimes) pool.Config {
 				times.mu.Lock()
 				times.dial = append(times.dial, t.Dial)
 				times.handoff = append(times.handoff, t.Handoff)
-				times.ping = append(times.ping, t.Ping)
 				if t.Prepared {
 					times.prepared++
 				}
@@ -197,7 +196,6 @@ func warmAcquire(ctx context.Context, e *env) ([]Scenario, error) {
 		if len(steps.dial) > w {
 			row.Metrics["handoff_dial_p50_ms"] = Summarize(millis(steps.dial[w:])).P50
 			row.Metrics["handoff_call_p50_ms"] = Summarize(millis(steps.handoff[w:])).P50
-			row.Metrics["handoff_ping_p50_ms"] = Summarize(millis(steps.ping[w:])).P50
 			row.Metrics["handoff_call_p99_ms"] = Summarize(millis(steps.handoff[w:])).P99
 			row.Metrics["handoffs_prepared"] = float64(steps.prepared)
 		}
