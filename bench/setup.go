@@ -65,7 +65,11 @@ func newFakeProvider(ctx context.Context, create, restore time.Duration) *fake.P
 func snapshotTemplate(ctx context.Context, e *env, dir string) (vm.Snapshot, error) {
 	ctx, cancel := context.WithTimeout(ctx, readyTimeout)
 	defer cancel()
-	v, err := e.provider.Create(ctx, e.bootSpec)
+	// Like template.Build: clones share the template's memory file, which a
+	// balloon in every clone could punch holes into.
+	spec := e.bootSpec
+	spec.NoBalloon = true
+	v, err := e.provider.Create(ctx, spec)
 	if err != nil {
 		return vm.Snapshot{}, fmt.Errorf("boot template VM: %w", err)
 	}
