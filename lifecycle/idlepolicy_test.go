@@ -49,10 +49,17 @@ func TestPerMachineIdlePolicy(t *testing.T) {
 	if m, _ := h.mgr.Get("quick"); m.State != Running {
 		t.Errorf("machine with idling off is %s, want running", m.State)
 	}
+	sawPolicy := false
 	for _, e := range h.drain() {
 		if e.Kind == "machine.drift" {
 			t.Errorf("an idle policy change counted as drift: %v", e.Detail)
 		}
+		if e.Kind == "machine.idle_policy" && e.Subject == "quick" && e.Detail["shrink_after"] == "0s" {
+			sawPolicy = true
+		}
+	}
+	if !sawPolicy {
+		t.Error("no machine.idle_policy event for the policy the ensure changed")
 	}
 
 	// SetIdle changes the policy without an Ensure, and nil goes back to

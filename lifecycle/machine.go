@@ -249,7 +249,11 @@ func (mc *machine) handle(c command) {
 		mc.activity(now)
 		mc.want = DesiredRunning
 		mc.stopForce = false
+		oldIdle := mc.idle()
 		mc.spec = c.spec
+		if p := mc.idle(); p != oldIdle {
+			mc.emitIdlePolicy(c.spec.Idle == nil)
+		}
 		if mc.gaveUp {
 			// A caller asking again is a reason to try again.
 			mc.gaveUp, mc.attempts, mc.retryAt = false, 0, time.Time{}
@@ -323,11 +327,7 @@ func (mc *machine) handle(c command) {
 		// counts as activity like any other.
 		mc.spec.Idle = c.idle
 		mc.activity(now)
-		p := mc.idle()
-		mc.emit("machine.idle_policy", map[string]any{
-			"shrink_after": p.ShrinkAfter.String(), "suspend_after": p.SuspendAfter.String(),
-			"reserve_mib": p.ReserveMiB, "default": c.idle == nil,
-		})
+		mc.emitIdlePolicy(c.idle == nil)
 		c.reply <- reply{machine: mc.publish()}
 	}
 }
@@ -425,6 +425,14 @@ func (mc *machine) reconcile() {
 			}
 		}
 	}
+}
+
+func (mc *machine) emitIdlePolicy(isDefault bool) {
+	p := mc.idle()
+	mc.emit("machine.idle_policy", map[string]any{
+		"shrink_after": p.ShrinkAfter.String(), "suspend_after": p.SuspendAfter.String(),
+		"reserve_mib": p.ReserveMiB, "default": isDefault,
+	})
 }
 
 // idle is the machine's own idle policy, else the manager's default.

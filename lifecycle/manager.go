@@ -21,7 +21,7 @@
 //	machine.health_failed    error, failures, process_gone, vanished
 //	machine.idle             balloon_mib, guest_used_mib, reserve_mib
 //	machine.idle_failed      step (shrink|suspend), error
-//	machine.idle_policy      shrink_after, suspend_after, reserve_mib, default (SetIdle)
+//	machine.idle_policy      shrink_after, suspend_after, reserve_mib, default (changed by SetIdle or Ensure)
 //	machine.woke             memory_mib          machine.wake_failed  error
 //	machine.suspended        vm_id, snapshot_dir machine.resumed      vm_id
 //	machine.snapshot_discarded error (resume failed; the next start is cold)
