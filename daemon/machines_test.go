@@ -246,11 +246,14 @@ func TestMachineWithDataDiskIdlesSuspendsAndRestores(t *testing.T) {
 		}
 	}
 
-	// Stopping destroys the VM at once and keeps the disk. (Forced: the fake
-	// agent answers a shutdown without powering the fake VM off, so a
-	// graceful stop would wait out the stop timeout.)
-	if err := c.StopMachine(ctxT(t), "box", true); err != nil {
+	// A graceful stop goes through the agent, whose power-off stops the VM
+	// well before the stop timeout; the VM is then destroyed and the disk kept.
+	stopStart := time.Now()
+	if err := c.StopMachine(ctxT(t), "box", false); err != nil {
 		t.Fatal(err)
+	}
+	if waited := time.Since(stopStart); waited > 20*time.Second {
+		t.Errorf("graceful stop took %v: the guest's power-off was not noticed", waited)
 	}
 	if _, err := r.prov.Inspect(ctxT(t), back.VMID); !errors.Is(err, vm.ErrNotFound) {
 		t.Errorf("stopped machine's vm: %v, want destroyed", err)

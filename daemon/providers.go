@@ -40,9 +40,17 @@ func newProvider(cfg Config, stateDir string, log *slog.Logger) (vm.Provider, er
 // newFakeProvider is the in-memory provider with the real agent server
 // answering every VM's agent connection in-process. Commands run by exec
 // run on the host: the fake is for tests and demos, not for isolation.
+// A shutdown request stops the VM, as a real guest powering off would, so a
+// graceful stop does not wait out its deadline.
 func newFakeProvider() *fake.Provider {
 	state := agentserver.NewState()
-	return fake.New(fake.Options{AgentHandler: func(c net.Conn) {
-		_ = agentserver.Serve(context.Background(), c, agentserver.Options{State: state, Agent: "fake-agent"})
+	var p *fake.Provider
+	p = fake.New(fake.Options{AgentHandler: func(c net.Conn) {
+		opts := agentserver.Options{State: state, Agent: "fake-agent"}
+		if id, ok := fake.AgentConnVM(c); ok {
+			opts.PowerOff = func() error { return p.Kill(id) }
+		}
+		_ = agentserver.Serve(context.Background(), c, opts)
 	}})
+	return p
 }

@@ -587,13 +587,27 @@ func (p *Provider) DialAgent(ctx context.Context, id string) (net.Conn, error) {
 		var guest net.Conn
 		host, guest = net.Pipe()
 		m.conns = append(m.conns, guest)
-		go p.agent(guest)
+		go p.agent(agentConn{Conn: guest, vmID: id})
 		return nil
 	})
 	if err != nil {
 		return nil, err
 	}
 	return host, nil
+}
+
+// agentConn tells the agent handler which VM the connection belongs to, so a
+// handler can act on that VM (power it off, say) the way a real guest would.
+type agentConn struct {
+	net.Conn
+	vmID string
+}
+
+// AgentConnVM returns the ID of the VM whose agent connection c is, for
+// connections passed to Options.AgentHandler.
+func AgentConnVM(c net.Conn) (string, bool) {
+	ac, ok := c.(agentConn)
+	return ac.vmID, ok
 }
 
 func (m *machine) closeConns() {
