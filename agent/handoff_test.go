@@ -5,6 +5,8 @@ import (
 	"context"
 	"errors"
 	"net"
+	"os"
+	"path/filepath"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -178,5 +180,30 @@ func TestHandoffAndPingReportsFailedEffect(t *testing.T) {
 	// The ping sent with it was answered and forgotten: the client still works.
 	if err := c.Ping(ctxT(t)); err != nil {
 		t.Fatal(err)
+	}
+}
+
+func TestPrepareRunsWarmExecAndToleratesItsFailure(t *testing.T) {
+	for _, tc := range []struct {
+		name    string
+		command string
+		ran     bool
+	}{
+		{"runs", "touch", true},
+		{"missing command", "/nonexistent/warm-up", false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			marker := filepath.Join(t.TempDir(), "warmed")
+			p, v := fakeVM(t, &recorder{})
+			h := agent.NewHandoffer(p, p)
+			h.WarmExec = []string{tc.command, marker}
+			t.Cleanup(h.Close)
+			if err := h.Prepare(ctxT(t), v); err != nil {
+				t.Fatalf("Prepare with warm-up %q: %v", h.WarmExec, err)
+			}
+			if _, err := os.Stat(marker); (err == nil) != tc.ran {
+				t.Errorf("warm-up %q ran: %v, want %v", h.WarmExec, err == nil, tc.ran)
+			}
+		})
 	}
 }

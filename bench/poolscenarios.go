@@ -24,6 +24,10 @@ type handoffTimes struct {
 	prepared      int
 }
 
+// warmExec is the command a warm VM runs once while it is prepared, as the
+// daemon's pools do, so that a tenant's first exec is not the first one.
+var warmExec = []string{"true"}
+
 // warmPoolConfig is how the daemon runs a pool of real warm VMs: each VM
 // is prepared for a fast hand-off before it enters the pool (see
 // agent.Handoffer), and acquire hands it fresh entropy, the wall clock and a
@@ -31,6 +35,7 @@ type handoffTimes struct {
 // pays for the real hand-off. times, when not nil, records each step.
 func (e *env) warmPoolConfig(times *handoffTimes) pool.Config {
 	h := agent.NewHandoffer(e.provider, e.dialer)
+	h.WarmExec = warmExec
 	e.onCleanup("handoffer", func(context.Context) error { h.Close(); return nil })
 	return pool.Config{
 		Validate: h.Validate(validateWarm(e.provider)),
