@@ -17,6 +17,12 @@ var (
 	ErrUnsupported = errors.New("not supported by provider")
 	// ErrInvalid: bad input. FieldError wraps it.
 	ErrInvalid = errors.New("invalid input")
+	// ErrIncompatible: the snapshot cannot be restored by this provider as
+	// it is now: it was taken by another hypervisor version or build, with
+	// a device set the provider no longer allows, or files it needs (its
+	// guest image, its state) are gone. Retrying cannot help; building the
+	// template again from its image does.
+	ErrIncompatible = errors.New("snapshot cannot be restored by this provider; rebuild the template")
 )
 
 // FieldError names the input field that was rejected and why.

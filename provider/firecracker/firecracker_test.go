@@ -318,8 +318,8 @@ func TestRestoreRefusesSnapshotOfAnotherVersion(t *testing.T) {
 	}
 	t.Setenv("FAKE_FIRECRACKER_VERSION", "1.17.0")
 	_, err = e.p.Restore(ctx, snap)
-	if !errors.Is(err, vm.ErrInvalidState) || !strings.Contains(err.Error(), "rebuild the template") {
-		t.Errorf("Restore under another Firecracker = %v, want ErrInvalidState asking for a rebuild", err)
+	if !errors.Is(err, vm.ErrIncompatible) || !errors.Is(err, vm.ErrInvalidState) || !strings.Contains(err.Error(), "rebuild the template") {
+		t.Errorf("Restore under another Firecracker = %v, want ErrIncompatible (and ErrInvalidState) asking for a rebuild", err)
 	}
 	if vms, _ := e.p.List(ctx); len(vms) != 1 {
 		t.Errorf("a refused restore left VMs behind: %d listed", len(vms))

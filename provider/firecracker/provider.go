@@ -993,7 +993,7 @@ func (p *Provider) restore(ctx context.Context, in *instance, snap vm.Snapshot) 
 		return err
 	}
 	if snap.ProviderVersion != "" && snap.ProviderVersion != raw {
-		return fmt.Errorf("snapshot %s was taken with Firecracker %s but %s is running: rebuild the template: %w", snap.ID, snap.ProviderVersion, raw, vm.ErrInvalidState)
+		return fmt.Errorf("snapshot %s was taken with Firecracker %s but %s is running: %w (%w)", snap.ID, snap.ProviderVersion, raw, vm.ErrIncompatible, vm.ErrInvalidState)
 	}
 	load := snapshotLoad{
 		SnapshotPath: statePath,

@@ -227,7 +227,7 @@ func (p *Provider) Restore(ctx context.Context, snap vm.Snapshot) (vm.VM, error)
 	if snap.SharedMemory && !cfg.NoBalloon {
 		// A template snapshotted before balloons were refused: its clones
 		// would need the balloon too.
-		return fail(fmt.Errorf("template built with a balloon device, rebuild it: %w", errBalloonInSharedTemplate))
+		return fail(fmt.Errorf("template built with a balloon device, rebuild it: %w (%w)", errBalloonInSharedTemplate, vm.ErrIncompatible))
 	}
 	if err := ctx.Err(); err != nil {
 		return fail(err)
@@ -260,8 +260,9 @@ func (p *Provider) checkSnapshot(snap vm.Snapshot) (machineConfig, error) {
 		return cfg, &vm.FieldError{Field: "snapshot.provider", Value: snap.Provider, Reason: "not a qemu snapshot"}
 	}
 	if snap.ProviderVersion != p.version {
-		return cfg, &vm.FieldError{Field: "snapshot.provider_version", Value: snap.ProviderVersion,
-			Reason: "taken with another QEMU version than " + p.version + "; rebuild the template"}
+		// QEMU's migration stream is only guaranteed to load into the
+		// version that wrote it.
+		return cfg, fmt.Errorf("snapshot taken with QEMU %q, this is QEMU %s: %w", snap.ProviderVersion, p.version, vm.ErrIncompatible)
 	}
 	if !filepath.IsAbs(snap.Dir) {
 		return cfg, &vm.FieldError{Field: "snapshot.dir", Value: snap.Dir, Reason: "must be an absolute path"}
@@ -274,7 +275,7 @@ func (p *Provider) checkSnapshot(snap vm.Snapshot) (machineConfig, error) {
 		return cfg, &vm.FieldError{Field: "snapshot.meta.state", Value: state, Reason: "must be a file name"}
 	}
 	if _, err := os.Stat(filepath.Join(snap.Dir, state)); err != nil {
-		return cfg, fmt.Errorf("snapshot state: %w", err)
+		return cfg, fmt.Errorf("snapshot state: %w (%w)", err, vm.ErrIncompatible)
 	}
 	if snap.SharedMemory {
 		mem := snap.Meta[metaMemory]
@@ -283,7 +284,7 @@ func (p *Provider) checkSnapshot(snap vm.Snapshot) (machineConfig, error) {
 		}
 		cfg.MemPath = filepath.Join(snap.Dir, mem)
 		if _, err := os.Stat(cfg.MemPath); err != nil {
-			return cfg, fmt.Errorf("snapshot memory: %w", err)
+			return cfg, fmt.Errorf("snapshot memory: %w (%w)", err, vm.ErrIncompatible)
 		}
 	} else {
 		cfg.MemPath = ""
@@ -295,7 +296,7 @@ func (p *Provider) checkSnapshot(snap vm.Snapshot) (machineConfig, error) {
 		// The kernel is part of the machine (its boot ROM is in the device
 		// state), so a clone needs it even though it does not boot it.
 		if _, err := os.Stat(f); err != nil {
-			return cfg, fmt.Errorf("template's guest image: %w", err)
+			return cfg, fmt.Errorf("template's guest image: %w (%w)", err, vm.ErrIncompatible)
 		}
 	}
 	if cfg.DataDisk != "" {
