@@ -204,6 +204,9 @@ type bucket struct {
 	failures    int
 	retryAt     time.Time
 	restoreEWMA time.Duration
+	// lastError is the current generation's latest refill failure, until a
+	// restore of it succeeds.
+	lastError string
 
 	removed  bool
 	counters counters
@@ -344,7 +347,7 @@ func (p *Pool) Register(spec StackSpec) error {
 				p.evictLocked(b, e.vm.ID, ReasonGeneration, &eff)
 			}
 			b.restoringCur, b.lastBorn = 0, time.Time{}
-			b.failures, b.retryAt = 0, time.Time{}
+			b.failures, b.retryAt, b.lastError = 0, time.Time{}, ""
 			eff.publish(events.Event{Kind: EventGeneration, Subject: b.name, Detail: map[string]any{
 				"generation": b.gen, "snapshot": spec.Snapshot.ID, "previous_snapshot": old.Snapshot.ID,
 			}})
@@ -793,6 +796,7 @@ func (b *bucket) status() Status {
 		Restoring:  b.restoring,
 		Generation: b.gen,
 		Counters:   b.counters.snapshot(),
+		LastError:  b.lastError,
 	}
 }
 

@@ -226,6 +226,7 @@ func (p *Pool) restore(b *bucket, gen uint64, snap vm.Snapshot) (*bucket, uint64
 		}
 		if current {
 			delay := p.backoffLocked(b, now)
+			b.lastError = err.Error()
 			b.m.refillErrors.Inc()
 			eff.publish(events.Event{Kind: EventRefillErr, Subject: b.name, Detail: map[string]any{
 				"error": err.Error(), "failures": b.failures, "retry_in_ms": delay.Milliseconds(),
@@ -239,7 +240,7 @@ func (p *Pool) restore(b *bucket, gen uint64, snap vm.Snapshot) (*bucket, uint64
 		}
 		p.evictLocked(b, v.ID, reason, &eff)
 	default:
-		b.failures, b.retryAt = 0, time.Time{}
+		b.failures, b.retryAt, b.lastError = 0, time.Time{}, ""
 		if b.restoreEWMA == 0 {
 			b.restoreEWMA = elapsed
 		} else {

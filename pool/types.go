@@ -145,6 +145,10 @@ type Status struct {
 	Restoring  int      `json:"restoring"`
 	Generation uint64   `json:"generation"`
 	Counters   Counters `json:"counters"`
+	// LastError is why the latest restore or validation of a new VM for
+	// the current generation failed; empty once one succeeds. It tells a
+	// pool that keeps failing (and the acquirers waiting on it) why.
+	LastError string `json:"last_error,omitempty"`
 }
 
 // Counters count what happened to a pool since it was registered.
