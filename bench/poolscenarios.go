@@ -162,7 +162,7 @@ func warmAcquire(ctx context.Context, e *env) ([]Scenario, error) {
 		return nil, err
 	}
 	defer bp.shutdown(ctx) //nolint:errcheck // the run's cleanup reports it
-	var handoffs []time.Duration
+	var handoffs, firstExecs []time.Duration
 	ds, err := measure(ctx, e.opts.WarmupRuns, e.opts.Samples, func(ctx context.Context) (time.Duration, error) {
 		if err := bp.waitFull(ctx); err != nil {
 			return 0, err
@@ -176,6 +176,11 @@ func warmAcquire(ctx context.Context, e *env) ([]Scenario, error) {
 			return 0, err
 		}
 		handoffs = append(handoffs, l.Timings.Handoff)
+		fe, err := firstExec(actx, e.dialer, l.VM.ID)
+		if err != nil {
+			return 0, err
+		}
+		firstExecs = append(firstExecs, fe)
 		if err := bp.release(ctx, l); err != nil {
 			return 0, err
 		}
@@ -196,6 +201,7 @@ func warmAcquire(ctx context.Context, e *env) ([]Scenario, error) {
 			row.Metrics = map[string]float64{}
 		}
 		row.Metrics["handoff_p50_ms"] = hs.P50
+		row.Metrics["first_exec_p50_ms"] = Summarize(millis(firstExecs[e.opts.WarmupRuns:])).P50
 		w := e.opts.WarmupRuns
 		steps.mu.Lock()
 		if len(steps.dial) > w {
@@ -207,6 +213,25 @@ func warmAcquire(ctx context.Context, e *env) ([]Scenario, error) {
 		steps.mu.Unlock()
 	}
 	return []Scenario{row}, nil
+}
+
+// firstExec is what a tenant's first command costs right after acquire
+// (connect to the agent, run true), not counted in the acquire itself.
+func firstExec(ctx context.Context, d vm.AgentDialer, id string) (time.Duration, error) {
+	start := time.Now()
+	c, err := agent.Dial(ctx, d, id)
+	if err != nil {
+		return 0, err
+	}
+	defer c.Close()
+	code, err := c.Exec(ctx, agent.ExecRequest{Argv: []string{"true"}}, nil, nil)
+	if err != nil {
+		return 0, fmt.Errorf("first exec in %s: %w", id, err)
+	}
+	if code != 0 {
+		return 0, fmt.Errorf("first exec in %s: true exited %d", id, code)
+	}
+	return time.Since(start), nil
 }
 
 // burst is scenario 4: K acquirers arrive at once at a pool of depth D. The
