@@ -131,6 +131,10 @@ type Pool struct {
 	// Generation changes whenever the template's snapshot changes.
 	Generation uint64       `json:"generation"`
 	Counters   PoolCounters `json:"counters"`
+	// LastError says why the pool cannot fill: its latest refill failure,
+	// or why its template can neither be restored nor rebuilt. Null while
+	// the pool refills fine.
+	LastError *string `json:"last_error"`
 }
 
 // PoolRequest creates or replaces a pool (PUT /v1/pools/{name}).

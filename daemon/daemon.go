@@ -81,6 +81,9 @@ type Daemon struct {
 	imageMu sync.Mutex
 	image   *guest.Image
 
+	// repair rebuilds templates the provider can no longer restore.
+	repair *templateRepair
+
 	bg sync.WaitGroup
 }
 
@@ -181,7 +184,8 @@ func start(ctx context.Context, opts Options) (d *Daemon, srv *server, err error
 		}
 		d.provCloser, _ = inner.(io.Closer)
 	}
-	d.prov = &ownedProvider{inner: inner, st: st, log: log, snapshotOwner: d.snapshotOwner}
+	d.repair = newTemplateRepair(ctx)
+	d.prov = &ownedProvider{inner: inner, st: st, log: log, snapshotOwner: d.snapshotOwner, onIncompatible: d.restoreIncompatible}
 	if err := d.loadTemplates(); err != nil {
 		return nil, nil, err
 	}
@@ -228,6 +232,7 @@ func start(ctx context.Context, opts Options) (d *Daemon, srv *server, err error
 	if err != nil {
 		return nil, nil, err
 	}
+	d.checkTemplates()
 	d.bg.Add(1)
 	go d.expireLeases(ctx)
 	log.Info("daemon started", "state", stateDir, "provider", inner.Name(), "listen", cfg.Listen,
@@ -239,6 +244,9 @@ func start(ctx context.Context, opts Options) (d *Daemon, srv *server, err error
 // abort releases what a failed start acquired, leaving every VM running for
 // the next attempt to reconcile.
 func (d *Daemon) abort() {
+	if d.repair != nil {
+		d.repair.close()
+	}
 	if d.pools != nil {
 		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 		_ = d.pools.Shutdown(ctx)
@@ -286,6 +294,7 @@ func (d *Daemon) serve(ctx context.Context, srv *server, opts Options) error {
 		d.log.Warn("in-flight requests cut short", "err", err)
 	}
 	d.bg.Wait()
+	d.repair.close()
 	d.shutdown(sctx)
 	return serveErr
 }

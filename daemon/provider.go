@@ -39,6 +39,9 @@ type ownedProvider struct {
 	// snapshotOwner maps a snapshot directory to the template and
 	// generation it belongs to.
 	snapshotOwner func(dir string) (template string, generation int)
+	// onIncompatible, when set, hears of every restore the provider refused
+	// with vm.ErrIncompatible: retrying cannot fix those, rebuilding can.
+	onIncompatible func(snap vm.Snapshot, err error)
 }
 
 var (
@@ -66,6 +69,9 @@ func (p *ownedProvider) Restore(ctx context.Context, snap vm.Snapshot) (vm.VM, e
 	}
 	v, err := s.Restore(ctx, snap)
 	if err != nil {
+		if errors.Is(err, vm.ErrIncompatible) && p.onIncompatible != nil {
+			p.onIncompatible(snap, err)
+		}
 		return v, err
 	}
 	return v, p.record(ctx, v, snap.Dir)

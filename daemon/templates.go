@@ -101,7 +101,7 @@ func (d *Daemon) guestImage(ctx context.Context, dir string, progress func(strin
 	}
 	d.imageMu.Lock()
 	defer d.imageMu.Unlock()
-	if d.image != nil {
+	if d.image != nil && imageFilesExist(*d.image) {
 		return *d.image, nil
 	}
 	img, err := guest.Build(ctx, guest.BuildOptions{Progress: func(step string, _, _ int64) {
@@ -117,6 +117,17 @@ func (d *Daemon) guestImage(ctx context.Context, dir string, progress func(strin
 	}
 	d.image = &img
 	return img, nil
+}
+
+// imageFilesExist reports whether img's kernel and initrd are still there
+// (someone may have cleared the image cache while the daemon ran).
+func imageFilesExist(img guest.Image) bool {
+	for _, f := range []string{img.Kernel, img.Initrd} {
+		if _, err := os.Stat(f); f != "" && err != nil {
+			return false
+		}
+	}
+	return true
 }
 
 // BuildTemplate implements api.Backend. Each generation is built into its

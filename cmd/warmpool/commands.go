@@ -148,15 +148,20 @@ func printPools(w io.Writer, g *globals, ps []api.Pool, single bool) error {
 		}
 		return printJSON(w, ps)
 	}
-	t := newTable(w, "NAME", "TEMPLATE", "READY", "RESTORING", "LEASED", "MIN", "MAX", "MAX-AGE", "GEN", "ACQUIRED", "HITS", "WAITS", "TIMEOUTS", "EVICTED")
+	// LAST-ERROR comes last: it is the one long, free-form column.
+	t := newTable(w, "NAME", "TEMPLATE", "READY", "RESTORING", "LEASED", "MIN", "MAX", "MAX-AGE", "GEN", "ACQUIRED", "HITS", "WAITS", "TIMEOUTS", "EVICTED", "LAST-ERROR")
 	for _, p := range ps {
 		maxAge := "-"
 		if p.MaxAge > 0 {
 			maxAge = p.MaxAge.String()
 		}
+		lastErr := "-"
+		if p.LastError != nil {
+			lastErr = *p.LastError
+		}
 		c := p.Counters
 		t.row(p.Name, p.Template, p.Ready, p.Restoring, p.Leased, p.Min, p.Max, maxAge, p.Generation,
-			c.Acquired, c.Hits, c.Waits, c.Timeouts, c.Evicted)
+			c.Acquired, c.Hits, c.Waits, c.Timeouts, c.Evicted, lastErr)
 	}
 	return t.flush()
 }
