@@ -72,6 +72,9 @@ func (d *Daemon) Acquire(ctx context.Context, poolName string, req api.AcquireRe
 	pl, err := d.pools.Acquire(actx, poolName)
 	if err != nil {
 		if errors.Is(err, pool.ErrNothingReady) {
+			if why := d.poolLastError(spec); why != "" {
+				return api.Lease{}, fmt.Errorf("acquire from pool %s: no VM ready within %s (the pool cannot refill: %s): %w", poolName, wait, why, api.ErrNothingReady)
+			}
 			return api.Lease{}, fmt.Errorf("acquire from pool %s: no VM ready within %s: %w", poolName, wait, api.ErrNothingReady)
 		}
 		return api.Lease{}, fmt.Errorf("acquire from pool %s: %w", poolName, err)

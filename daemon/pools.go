@@ -102,15 +102,12 @@ func (d *Daemon) poolAPI(p store.Pool) api.Pool {
 			out.Leased++
 		}
 	}
-	if reason := d.brokenReason(p.Template); reason != "" {
-		out.LastError = &reason
+	if why := d.poolLastError(p); why != "" {
+		out.LastError = &why
 	}
 	st, err := d.pools.Status(p.Name)
 	if err != nil {
 		return out
-	}
-	if out.LastError == nil && st.LastError != "" {
-		out.LastError = &st.LastError
 	}
 	out.Ready, out.Restoring = st.Ready, st.Restoring
 	c := st.Counters

@@ -209,6 +209,19 @@ func (d *Daemon) brokenReason(name string) string {
 	return ""
 }
 
+// poolLastError says why pool p cannot fill: its template can neither be
+// restored nor rebuilt, or its latest refill failed; "" when it refills.
+func (d *Daemon) poolLastError(p store.Pool) string {
+	if why := d.brokenReason(p.Template); why != "" {
+		return why
+	}
+	st, err := d.pools.Status(p.Name)
+	if err != nil {
+		return ""
+	}
+	return st.LastError
+}
+
 // rebuildImage is the image directory to rebuild a template from: the one
 // it was built from while that still loads, else "" (the daemon's default
 // image, built again if need be) when it was a default image in the shared

@@ -178,6 +178,11 @@ func TestRebuiltTemplateStillRefusedIsNotRebuiltAgain(t *testing.T) {
 	if !strings.Contains(*p.LastError, "machine type gone") || !strings.Contains(*p.LastError, "warmpool template build base") {
 		t.Errorf("last_error = %q, want the provider's reason and the command that fixes it", *p.LastError)
 	}
+	// An acquire that times out says why instead of only that it timed out.
+	_, err := c.Acquire(ctxT(t), "py", 100*time.Millisecond, api.AcquireRequest{})
+	if err == nil || !strings.Contains(err.Error(), "cannot refill") || !strings.Contains(err.Error(), "machine type gone") {
+		t.Errorf("acquire from the broken pool = %v, want a timeout that names the refill failure", err)
+	}
 	time.Sleep(200 * time.Millisecond) // room for a rebuild loop to show itself
 	if g := currentTemplate(t, c, "base").Generation; g != 2 {
 		t.Errorf("template generation %d, want 2: one automatic rebuild, then none", g)
