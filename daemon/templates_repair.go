@@ -46,6 +46,11 @@ type templateRepair struct {
 	// broken says why a template's generation can neither be restored nor
 	// rebuilt.
 	broken map[string]brokenTemplate
+	// running holds the templates being rebuilt; pending the latest
+	// refusal of a newer generation reported meanwhile (its reason is the
+	// provider's, not yet a last_error message).
+	running map[string]struct{}
+	pending map[string]brokenTemplate
 }
 
 type brokenTemplate struct {
@@ -54,7 +59,8 @@ type brokenTemplate struct {
 }
 
 func newTemplateRepair(ctx context.Context) *templateRepair {
-	return &templateRepair{ctx: ctx, tried: map[string]int{}, rebuilt: map[string]int{}, broken: map[string]brokenTemplate{}}
+	return &templateRepair{ctx: ctx, tried: map[string]int{}, rebuilt: map[string]int{}, broken: map[string]brokenTemplate{},
+		running: map[string]struct{}{}, pending: map[string]brokenTemplate{}}
 }
 
 // close stops new rebuilds and waits for those running; they end soon since
@@ -131,7 +137,19 @@ func (d *Daemon) repairTemplate(name string, gen int, reason string) {
 	r := d.repair
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	if r.closed || r.tried[name] >= gen {
+	if r.closed {
+		return
+	}
+	if _, ok := r.running[name]; ok {
+		// The rebuild registers the new generation with the pools before
+		// it returns, so a refusal of the new generation can arrive while
+		// it runs; it is judged once the rebuild has finished.
+		if gen > r.pending[name].generation {
+			r.pending[name] = brokenTemplate{generation: gen, reason: reason}
+		}
+		return
+	}
+	if r.tried[name] >= gen {
 		return
 	}
 	if t, ok := d.template(name); !ok || t.Generation != gen {
@@ -143,6 +161,7 @@ func (d *Daemon) repairTemplate(name string, gen int, reason string) {
 		return
 	}
 	d.log.Warn("template cannot be restored; rebuilding it", "template", name, "generation", gen, "reason", reason)
+	r.running[name] = struct{}{}
 	r.wg.Add(1)
 	go func() {
 		defer r.wg.Done()
@@ -153,33 +172,45 @@ func (d *Daemon) repairTemplate(name string, gen int, reason string) {
 // rebuildTemplate builds a new generation of the template with the same
 // name, shape and image; its pools move to it and drain the old one.
 func (d *Daemon) rebuildTemplate(ctx context.Context, name string, gen int, reason string) {
+	built, err := d.rebuild(ctx, name, gen)
+	r := d.repair
+	r.mu.Lock()
+	delete(r.running, name)
+	pending, refused := r.pending[name]
+	delete(r.pending, name)
+	switch {
+	case err == nil && built.Generation == 0: // someone else built it meanwhile
+	case err == nil:
+		r.rebuilt[name] = int(built.Generation)
+		delete(r.broken, name)
+		d.log.Warn("template rebuilt", "template", name, "generation", built.Generation, "previous_generation", gen, "reason", reason)
+		d.bus.Publish(events.Event{Kind: EventTemplateRebuilt, Subject: name, Detail: map[string]any{
+			"reason": reason, "generation": built.Generation, "previous_generation": gen,
+		}})
+	case ctx.Err() != nil:
+		// Shutting down; the next start checks again.
+	default:
+		d.markBroken(name, gen, reason, err)
+	}
+	r.mu.Unlock()
+	if refused {
+		d.repairTemplate(name, pending.generation, pending.reason)
+	}
+}
+
+// rebuild builds the template again from its image, or returns the zero
+// Template when generation gen is no longer current.
+func (d *Daemon) rebuild(ctx context.Context, name string, gen int) (api.Template, error) {
 	t, ok := d.template(name)
 	if !ok || t.Generation != gen {
-		return
+		return api.Template{}, nil
 	}
 	image, err := rebuildImage(t.Image)
-	if err == nil {
-		var built api.Template
-		built, err = d.BuildTemplate(ctx, api.TemplateRequest{Name: name, Image: image, VCPUs: t.VCPUs, MemoryMiB: t.MemoryMiB},
-			func(step string) { d.log.Info("rebuilding template", "template", name, "step", step) })
-		if err == nil {
-			d.repair.mu.Lock()
-			d.repair.rebuilt[name] = int(built.Generation)
-			delete(d.repair.broken, name)
-			d.repair.mu.Unlock()
-			d.log.Warn("template rebuilt", "template", name, "generation", built.Generation, "previous_generation", gen, "reason", reason)
-			d.bus.Publish(events.Event{Kind: EventTemplateRebuilt, Subject: name, Detail: map[string]any{
-				"reason": reason, "generation": built.Generation, "previous_generation": gen,
-			}})
-			return
-		}
+	if err != nil {
+		return api.Template{}, err
 	}
-	if ctx.Err() != nil {
-		return // shutting down; the next start checks again
-	}
-	d.repair.mu.Lock()
-	d.markBroken(name, gen, reason, err)
-	d.repair.mu.Unlock()
+	return d.BuildTemplate(ctx, api.TemplateRequest{Name: name, Image: image, VCPUs: t.VCPUs, MemoryMiB: t.MemoryMiB},
+		func(step string) { d.log.Info("rebuilding template", "template", name, "step", step) })
 }
 
 // markBroken records why a template stays unusable, for its pools'
