@@ -5,11 +5,14 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"os/signal"
 	"path/filepath"
 	"strings"
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	agentserver "github.com/warmpool/warmpool/agent/server"
 )
 
 // moduleOrder lists the modules to load, one file name per line, in
@@ -41,7 +44,23 @@ func runInit() error {
 		logf("bring up lo: %v", err)
 	}
 	_ = unix.Sethostname([]byte("warmpool"))
+	powerOffOnCtrlAltDel(logf)
 	return superviseAgent(logf)
+}
+
+// powerOffOnCtrlAltDel turns the kernel's Ctrl-Alt-Del (SIGINT to PID 1,
+// which Firecracker's SendCtrlAltDel and a host's graceful stop rely on)
+// and SIGTERM into a clean power-off; PID 1 ignores both otherwise.
+func powerOffOnCtrlAltDel(logf func(string, ...any)) {
+	sigs := make(chan os.Signal, 1)
+	signal.Notify(sigs, unix.SIGINT, unix.SIGTERM)
+	go func() {
+		sig := <-sigs
+		logf("%v: powering off", sig)
+		if err := agentserver.PowerOff(); err != nil {
+			logf("power off: %v", err)
+		}
+	}()
 }
 
 func loadModules(logf func(string, ...any)) error {
@@ -53,6 +72,11 @@ func loadModules(logf func(string, ...any)) error {
 		return fmt.Errorf("read module list: %w", err)
 	}
 	defer f.Close()
+	cmdline, err := os.ReadFile("/proc/cmdline")
+	if err != nil {
+		logf("read kernel command line: %v", err)
+	}
+	params := moduleParams(string(cmdline))
 	sc := bufio.NewScanner(f)
 	for sc.Scan() {
 		name := strings.TrimSpace(sc.Text())
@@ -60,14 +84,44 @@ func loadModules(logf func(string, ...any)) error {
 			continue
 		}
 		path := filepath.Join(filepath.Dir(moduleOrder), name)
-		if err := insmod(path); err != nil {
+		if err := insmod(path, params[moduleName(name)]); err != nil {
 			logf("load module %s: %v", name, err)
 		}
 	}
 	return sc.Err()
 }
 
-func insmod(path string) error {
+// moduleParams collects "module.param=value" words of the kernel command
+// line by module, as modprobe would. The kernel applies them only to
+// built-in code, and Debian builds virtio_mmio as a module: without this,
+// devices described on the command line (virtio_mmio.device=..., how
+// Firecracker and a microvm without ACPI announce them) never appear.
+func moduleParams(cmdline string) map[string]string {
+	params := map[string]string{}
+	for _, word := range strings.Fields(cmdline) {
+		key, _, _ := strings.Cut(word, "=")
+		mod, _, ok := strings.Cut(key, ".")
+		if !ok || mod == "" || strings.Contains(mod, "/") {
+			continue
+		}
+		mod = strings.ReplaceAll(mod, "-", "_")
+		param := word[len(mod)+1:]
+		if params[mod] != "" {
+			params[mod] += " "
+		}
+		params[mod] += param
+	}
+	return params
+}
+
+// moduleName turns a module file name (virtio_mmio.ko) into the name its
+// parameters go by.
+func moduleName(file string) string {
+	name, _, _ := strings.Cut(filepath.Base(file), ".")
+	return strings.ReplaceAll(name, "-", "_")
+}
+
+func insmod(path, params string) error {
 	f, err := os.Open(path)
 	if err != nil {
 		return err
@@ -78,7 +132,7 @@ func insmod(path string) error {
 		return err
 	}
 	var loadErr error
-	if err := raw.Control(func(fd uintptr) { loadErr = unix.FinitModule(int(fd), "", 0) }); err != nil {
+	if err := raw.Control(func(fd uintptr) { loadErr = unix.FinitModule(int(fd), params, 0) }); err != nil {
 		return err
 	}
 	if errors.Is(loadErr, unix.EEXIST) {
