@@ -147,26 +147,15 @@ func (d *Daemon) handoff(ctx context.Context, v vm.VM) error {
 	if err != nil {
 		return fmt.Errorf("mark VM %s leased: %w", v.ID, err)
 	}
-	start := time.Now()
-	c, err := agent.Dial(ctx, d.prov, v.ID)
-	if err != nil {
-		return err
-	}
-	defer c.Close()
-	dialed := time.Now()
-	defer func() {
-		d.log.Debug("hand-off", "vm", v.ID, "lease", id, "dial_ms", dialed.Sub(start).Milliseconds(),
-			"handoff_ping_ms", time.Since(dialed).Milliseconds())
-	}()
 	entropy := make([]byte, 32)
 	if _, err := rand.Read(entropy); err != nil {
 		return fmt.Errorf("entropy for %s: %w", v.ID, err)
 	}
-	if err := c.Handoff(ctx, agent.HandoffRequest{Entropy: entropy, Time: time.Now(), Hostname: id}); err != nil {
+	timings, err := d.handoffer.Handoff(ctx, v, agent.HandoffRequest{Entropy: entropy, Time: time.Now(), Hostname: id})
+	d.log.Debug("hand-off", "vm", v.ID, "lease", id, "prepared", timings.Prepared,
+		"dial_ms", timings.Dial.Milliseconds(), "handoff_ping_ms", timings.Handoff.Milliseconds())
+	if err != nil {
 		return fmt.Errorf("hand off VM %s: %w", v.ID, err)
-	}
-	if err := c.Ping(ctx); err != nil {
-		return fmt.Errorf("ping VM %s after hand-off: %w", v.ID, err)
 	}
 	return nil
 }
@@ -205,6 +194,7 @@ func (d *Daemon) onVMCreated(poolName string, v vm.VM) {
 }
 
 func (d *Daemon) onVMDestroyed(poolName, id string) {
+	d.handoffer.Forget(id)
 	if err := store.Delete(d.st, store.VMs, id); err != nil {
 		d.log.Error("forget destroyed VM", "pool", poolName, "vm", id, "err", err)
 	}
