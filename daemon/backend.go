@@ -33,8 +33,8 @@ func (d *Daemon) Status(ctx context.Context) (api.Status, error) {
 		StartedAt:    d.started,
 		Leases:       d.leaseCount(),
 	}
-	if d.prov.Name() == "qemu" {
-		out.Accel = d.cfg.Accel
+	if a, ok := d.prov.inner.(interface{ Accel() string }); ok {
+		out.Accel = a.Accel()
 	}
 	err := d.st.View(func(tx *store.Tx) error {
 		for _, c := range []struct {

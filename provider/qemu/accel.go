@@ -39,8 +39,26 @@ func (p *Provider) resolveAccel(ctx context.Context, spec vm.Spec) (string, erro
 	if p.opts.Accel != AccelAuto {
 		return p.opts.Accel, nil
 	}
-	p.accelOnce.Do(func() { p.accel, p.accelErr = p.probeAccel(ctx, spec) })
+	p.accelOnce.Do(func() {
+		p.accel, p.accelErr = p.probeAccel(ctx, spec)
+		if p.accelErr == nil {
+			p.accelChosen.Store(&p.accel)
+		}
+	})
 	return p.accel, p.accelErr
+}
+
+// Accel is the accelerator VMs run under: the configured one, or with
+// "auto" the probe's answer, which is known once the first VM was created
+// (until then it is "auto").
+func (p *Provider) Accel() string {
+	if p.opts.Accel != AccelAuto {
+		return p.opts.Accel
+	}
+	if a := p.accelChosen.Load(); a != nil {
+		return *a
+	}
+	return AccelAuto
 }
 
 func (p *Provider) probeAccel(ctx context.Context, spec vm.Spec) (string, error) {

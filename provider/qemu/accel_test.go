@@ -27,9 +27,15 @@ func TestAutoAccel(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
+		if a := p.Accel(); a != AccelAuto {
+			t.Errorf("Accel before any VM = %q, want auto", a)
+		}
 		start := time.Now()
 		if a, err := p.resolveAccel(ctx, spec); err != nil || a != AccelTCG {
 			t.Fatalf("resolveAccel = %q, %v; want tcg", a, err)
+		}
+		if a := p.Accel(); a != AccelTCG {
+			t.Errorf("Accel after the decision = %q, want tcg", a)
 		}
 		if d := time.Since(start); d > time.Second {
 			t.Errorf("deciding without /dev/kvm took %v", d)

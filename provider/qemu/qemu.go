@@ -31,6 +31,7 @@ import (
 	"regexp"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -100,6 +101,8 @@ type Provider struct {
 	accelOnce sync.Once
 	accel     string
 	accelErr  error
+	// accelChosen publishes accel to Accel without racing the probe.
+	accelChosen atomic.Pointer[string]
 
 	mu  sync.Mutex
 	vms map[string]*machine

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"os"
 	"path/filepath"
 	"time"
@@ -259,13 +260,16 @@ func (p *Provider) checkSnapshot(snap vm.Snapshot) (machineConfig, error) {
 	if snap.Provider != p.Name() {
 		return cfg, &vm.FieldError{Field: "snapshot.provider", Value: snap.Provider, Reason: "not a qemu snapshot"}
 	}
+	if !filepath.IsAbs(snap.Dir) {
+		return cfg, &vm.FieldError{Field: "snapshot.dir", Value: snap.Dir, Reason: "must be an absolute path"}
+	}
+	if _, err := os.Stat(snap.Dir); errors.Is(err, fs.ErrNotExist) {
+		return cfg, fmt.Errorf("snapshot %s: directory %s: %w", snap.ID, snap.Dir, vm.ErrNotFound)
+	}
 	if snap.ProviderVersion != p.version {
 		// QEMU's migration stream is only guaranteed to load into the
 		// version that wrote it.
 		return cfg, fmt.Errorf("snapshot taken with QEMU %q, this is QEMU %s: %w", snap.ProviderVersion, p.version, vm.ErrIncompatible)
-	}
-	if !filepath.IsAbs(snap.Dir) {
-		return cfg, &vm.FieldError{Field: "snapshot.dir", Value: snap.Dir, Reason: "must be an absolute path"}
 	}
 	if err := json.Unmarshal([]byte(snap.Meta[metaConfig]), &cfg); err != nil {
 		return cfg, &vm.FieldError{Field: "snapshot.meta.config", Value: snap.Meta[metaConfig], Reason: "unreadable: " + err.Error()}
