@@ -18,6 +18,7 @@ import (
 
 	"github.com/warmpool/warmpool/agent"
 	"github.com/warmpool/warmpool/guest"
+	"github.com/warmpool/warmpool/provider/qemu"
 )
 
 // These tests boot the real image with qemu-system-x86_64 (TCG when there is
@@ -150,7 +151,7 @@ func bootQEMU(t *testing.T, img guest.Image, incoming string) *qemuVM {
 		"-M", "microvm", "-accel", "tcg", "-m", "256", "-smp", "1",
 		"-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
 		"-serial", "file:" + filepath.Join(dir, "console.log"),
-		"-kernel", img.Kernel, "-initrd", img.Initrd, "-append", img.Cmdline + " " + guest.TCGKernelArgs(),
+		"-kernel", img.Kernel, "-initrd", img.Initrd, "-append", img.Cmdline + " " + qemu.TCGKernelArgs(),
 		"-device", "virtio-serial-device",
 		"-chardev", "socket,id=agent,path=" + v.socket + ",server=on,wait=off",
 		"-device", "virtserialport,chardev=agent,name=org.warmpool.agent",

@@ -128,11 +128,12 @@ func (c machineConfig) memoryBackend() string {
 	return "memory-backend-file,id=mem,size=" + size + ",mem-path=" + c.MemPath + ",share=" + share
 }
 
-// tcgKernelArgs are kernel parameters a guest needs under TCG here: the
+// TCGKernelArgs are kernel parameters a guest needs under TCG here: the
 // guest cannot calibrate its TSC against the emulated PIT on a loaded host
 // and then hangs right after "tsc: Marking TSC unstable"; telling it the rate
-// skips the calibration. Empty when the host TSC is not constant.
-func tcgKernelArgs() string {
+// skips the calibration. Empty when the host TSC is not constant. Exported
+// for tests that start QEMU themselves.
+func TCGKernelArgs() string {
 	khz := hostTSCKHz("/proc/cpuinfo")
 	if khz <= 0 {
 		return ""

@@ -351,7 +351,7 @@ func (p *Provider) Create(ctx context.Context, spec vm.Spec) (vm.VM, error) {
 func (p *Provider) kernelArgs(cmdline, accel string) string {
 	args := strings.TrimSpace(cmdline)
 	if accel == AccelTCG && !strings.Contains(args, "tsc_early_khz=") {
-		if extra := tcgKernelArgs(); extra != "" {
+		if extra := TCGKernelArgs(); extra != "" {
 			args = strings.TrimSpace(args + " " + extra)
 		}
 	}
