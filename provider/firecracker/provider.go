@@ -25,6 +25,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/warmpool/warmpool/internal/singleuse"
 	"github.com/warmpool/warmpool/vm"
 )
 
@@ -924,7 +925,7 @@ func (p *Provider) Restore(ctx context.Context, snap vm.Snapshot) (vm.VM, error)
 	if stateName == "" || memName == "" {
 		return vm.VM{}, &vm.FieldError{Field: "snapshot.meta", Value: snap.Meta, Reason: "names no vmstate or memory file"}
 	}
-	if isSuspendSnapshot(snap.Dir) {
+	if singleuse.IsSingleUse(snap.Dir) {
 		return p.restoreSuspended(ctx, snap)
 	}
 	for _, name := range []string{stateName, memName} {
@@ -953,18 +954,9 @@ func (p *Provider) Restore(ctx context.Context, snap vm.Snapshot) (vm.VM, error)
 }
 
 func (p *Provider) restore(ctx context.Context, in *instance, snap vm.Snapshot) error {
-	statePath := filepath.Join(snap.Dir, snap.Meta["vmstate"])
-	memPath := filepath.Join(snap.Dir, snap.Meta["memory"])
-	if in.Jailed {
-		var err error
-		// The memory file must stay the same inode for sharing to work:
-		// link, and copy only across file systems.
-		if statePath, err = p.linkIntoJail(in, statePath, "snapshot.vmstate", false); err != nil {
-			return err
-		}
-		if memPath, err = p.linkIntoJail(in, memPath, "snapshot.memory", false); err != nil {
-			return err
-		}
+	statePath, memPath, err := p.snapshotFiles(in, snap)
+	if err != nil {
+		return err
 	}
 	if name := snap.Meta["data_disk"]; name != "" {
 		// Firecracker reopens the drive at its snapshotted path; the clone's
@@ -980,18 +972,11 @@ func (p *Provider) restore(ctx context.Context, in *instance, snap vm.Snapshot) 
 		in.DataDiskPath = in.hostPath(cloneDiskName)
 		in.Spec.DataDisk = in.DataDiskPath
 	}
-	if err := p.saveRecord(in); err != nil {
-		return err
-	}
-	api, err := p.start(ctx, in)
+	api, raw, ver, err := p.startForLoad(ctx, in)
 	if err != nil {
 		return err
 	}
 	defer api.close()
-	raw, ver, err := runningVersion(ctx, api)
-	if err != nil {
-		return err
-	}
 	if snap.ProviderVersion != "" && snap.ProviderVersion != raw {
 		return fmt.Errorf("snapshot %s was taken with Firecracker %s but %s is running: %w (%w)", snap.ID, snap.ProviderVersion, raw, vm.ErrIncompatible, vm.ErrInvalidState)
 	}
@@ -1010,13 +995,7 @@ func (p *Provider) restore(ctx context.Context, in *instance, snap vm.Snapshot) 
 			p.log.Warn("Firecracker before 1.12 cannot override a clone's TAP device; the clone reuses the template's", "vm", in.ID, "firecracker", raw)
 		}
 	}
-	if ver.atLeast(1, 16) {
-		uds := vsockSocketName
-		if in.Jailed {
-			uds = in.fcPath(vsockSocketName)
-		}
-		load.VsockOverride = &vsockOverride{UDSPath: uds}
-	}
+	load.VsockOverride = vsockOverrideFor(in, ver)
 	if err := api.do(ctx, "PUT", "/snapshot/load", load, nil); err != nil {
 		return err
 	}
@@ -1027,6 +1006,57 @@ func (p *Provider) restore(ctx context.Context, in *instance, snap vm.Snapshot) 
 		}
 	}
 	return nil
+}
+
+// snapshotFiles returns the paths Firecracker loads snap's state and memory
+// from: in the snapshot's directory, or linked into in's jail. The memory
+// file must stay the same inode for sharing to work: link, and copy only
+// across file systems.
+func (p *Provider) snapshotFiles(in *instance, snap vm.Snapshot) (statePath, memPath string, err error) {
+	statePath = filepath.Join(snap.Dir, snap.Meta["vmstate"])
+	memPath = filepath.Join(snap.Dir, snap.Meta["memory"])
+	if !in.Jailed {
+		return statePath, memPath, nil
+	}
+	if statePath, err = p.linkIntoJail(in, statePath, "snapshot.vmstate", false); err != nil {
+		return "", "", err
+	}
+	if memPath, err = p.linkIntoJail(in, memPath, "snapshot.memory", false); err != nil {
+		return "", "", err
+	}
+	return statePath, memPath, nil
+}
+
+// startForLoad records in and starts its Firecracker process, which waits
+// for a snapshot to load. It returns the API client (the caller closes it)
+// and the running Firecracker's version.
+func (p *Provider) startForLoad(ctx context.Context, in *instance) (_ *apiClient, raw string, ver version, err error) {
+	if err := p.saveRecord(in); err != nil {
+		return nil, "", version{}, err
+	}
+	api, err := p.start(ctx, in)
+	if err != nil {
+		return nil, "", version{}, err
+	}
+	raw, ver, err = runningVersion(ctx, api)
+	if err != nil {
+		api.close()
+		return nil, "", version{}, err
+	}
+	return api, raw, ver, nil
+}
+
+// vsockOverrideFor points a loaded snapshot's vsock device at in's own
+// socket. Firecracker before 1.16 cannot: it reopens the socket path the
+// snapshot recorded.
+func vsockOverrideFor(in *instance, ver version) *vsockOverride {
+	if !ver.atLeast(1, 16) {
+		return nil
+	}
+	if in.Jailed {
+		return &vsockOverride{UDSPath: in.fcPath(vsockSocketName)}
+	}
+	return &vsockOverride{UDSPath: vsockSocketName}
 }
 
 // ballooned loads a running VM that has a balloon device. A clone has the

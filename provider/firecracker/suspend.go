@@ -9,32 +9,17 @@ import (
 	"path/filepath"
 	"time"
 
+	"github.com/warmpool/warmpool/internal/singleuse"
 	"github.com/warmpool/warmpool/vm"
 )
 
 var _ vm.Suspender = (*Provider)(nil)
-
-// Files of a single-use snapshot besides vmstate, memory and snapshot.json.
-// Exactly one of the two markers exists: the first restore renames the first
-// into the second, which is what makes any later restore fail, even one
-// racing it.
-const (
-	suspendedMarker = "suspended.json"
-	restoredMarker  = "restored.json"
-)
 
 // Meta keys of a single-use snapshot.
 const (
 	metaSingleUse = "single_use" // "true"
 	metaDataDisk  = "data_disk_path"
 )
-
-type suspendMarker struct {
-	Snapshot   string `json:"snapshot"`
-	SourceVM   string `json:"source_vm"`
-	DataDisk   string `json:"data_disk,omitempty"`
-	RestoredAs string `json:"restored_as,omitempty"`
-}
 
 // Suspend implements vm.Suspender: a Full snapshot of the paused VM into dir
 // that keeps its data disk where it is. Firecracker flushes the drive's
@@ -102,7 +87,7 @@ func (p *Provider) Suspend(ctx context.Context, id, dir string) (vm.Snapshot, er
 		return fail(err)
 	}
 	undo := func(err error) (vm.Snapshot, error) {
-		for _, name := range []string{snapStateName, snapMemName, snapMetaName, suspendedMarker} {
+		for _, name := range []string{snapStateName, snapMemName, snapMetaName, singleuse.SuspendedFile} {
 			os.Remove(filepath.Join(abs, name))
 		}
 		in.SuspendedTo = ""
@@ -116,36 +101,12 @@ func (p *Provider) Suspend(ctx context.Context, id, dir string) (vm.Snapshot, er
 		return undo(err)
 	}
 	// The marker goes last: without it the directory is no snapshot.
-	mark := suspendMarker{Snapshot: snap.ID, SourceVM: id, DataDisk: in.DataDiskPath}
-	if err := writeJSONFile(filepath.Join(abs, suspendedMarker), mark); err != nil {
+	mark := singleuse.Marker{Snapshot: snap.ID, SourceVM: id, DataDisk: in.DataDiskPath}
+	if err := singleuse.Write(abs, mark); err != nil {
 		return undo(err)
 	}
 	p.log.Info("vm suspended", "vm", id, "dir", abs, "data_disk", in.DataDiskPath, "ms", time.Since(start).Milliseconds())
 	return snap, nil
-}
-
-func writeJSONFile(path string, v any) error {
-	b, err := json.MarshalIndent(v, "", "  ")
-	if err != nil {
-		return err
-	}
-	tmp := path + ".tmp"
-	if err := os.WriteFile(tmp, b, 0o600); err != nil {
-		return err
-	}
-	return os.Rename(tmp, path)
-}
-
-// isSuspendSnapshot reports whether dir holds a single-use snapshot, used
-// or not. The files decide, not Snapshot.SingleUse, so a caller cannot
-// restore one twice by clearing the field.
-func isSuspendSnapshot(dir string) bool {
-	for _, f := range []string{suspendedMarker, restoredMarker} {
-		if _, err := os.Lstat(filepath.Join(dir, f)); err == nil {
-			return true
-		}
-	}
-	return false
 }
 
 // restoreSuspended starts the one VM a single-use snapshot may have, on the
@@ -156,24 +117,9 @@ func (p *Provider) restoreSuspended(ctx context.Context, snap vm.Snapshot) (_ vm
 	fail := func(err error) (vm.VM, error) {
 		return vm.VM{}, fmt.Errorf("restore firecracker vm from suspended snapshot %s in %s: %w", snap.ID, snap.Dir, err)
 	}
-	suspended := filepath.Join(snap.Dir, suspendedMarker)
-	restored := filepath.Join(snap.Dir, restoredMarker)
-	var mark suspendMarker
-	b, err := os.ReadFile(suspended)
-	if errors.Is(err, os.ErrNotExist) {
-		if b, err := os.ReadFile(restored); err == nil && json.Unmarshal(b, &mark) == nil && mark.RestoredAs != "" {
-			return fail(fmt.Errorf("already restored as vm %s: %w", mark.RestoredAs, vm.ErrInvalidState))
-		}
-		return fail(fmt.Errorf("already restored or being restored: %w", vm.ErrInvalidState))
-	}
+	mark, err := singleuse.Read(snap.Dir, snap.ID)
 	if err != nil {
 		return fail(err)
-	}
-	if err := json.Unmarshal(b, &mark); err != nil {
-		return fail(fmt.Errorf("read %s: %w", suspendedMarker, err))
-	}
-	if mark.Snapshot != snap.ID {
-		return fail(&vm.FieldError{Field: "snapshot.id", Value: snap.ID, Reason: "the directory holds snapshot " + mark.Snapshot})
 	}
 	if src, err := p.load(mark.SourceVM); err == nil && p.alivePID(src) != 0 {
 		return fail(fmt.Errorf("suspended vm %s still runs and holds the disk; destroy it first: %w", mark.SourceVM, vm.ErrInvalidState))
@@ -186,15 +132,13 @@ func (p *Provider) restoreSuspended(ctx context.Context, snap vm.Snapshot) (_ vm
 	if err := ctx.Err(); err != nil {
 		return fail(err)
 	}
-	if err := os.Rename(suspended, restored); err != nil {
-		if errors.Is(err, os.ErrNotExist) {
-			return fail(fmt.Errorf("restored concurrently: %w", vm.ErrInvalidState))
-		}
-		return fail(fmt.Errorf("claim snapshot: %w", err))
+	claim, err := singleuse.Take(snap.Dir, mark)
+	if err != nil {
+		return fail(err)
 	}
 	defer func() {
 		if err != nil {
-			if uerr := os.Rename(restored, suspended); uerr != nil {
+			if uerr := claim.Release(); uerr != nil {
 				p.log.Error("suspended snapshot stays claimed after a failed restore", "dir", snap.Dir, "err", uerr)
 			}
 		}
@@ -212,8 +156,7 @@ func (p *Provider) restoreSuspended(ctx context.Context, snap vm.Snapshot) (_ vm
 		p.discard(in)
 		return fail(err)
 	}
-	mark.RestoredAs = in.ID
-	if err := writeJSONFile(restored, mark); err != nil {
+	if err := claim.Complete(in.ID); err != nil {
 		p.discard(in)
 		return fail(err)
 	}
@@ -231,46 +174,29 @@ func (p *Provider) restoreSuspended(ctx context.Context, snap vm.Snapshot) (_ vm
 // loadSuspended starts a fresh process for in, loads the snapshot paused and
 // points its data drive at the suspended VM's disk.
 func (p *Provider) loadSuspended(ctx context.Context, in *instance, snap vm.Snapshot) error {
-	statePath := filepath.Join(snap.Dir, snap.Meta["vmstate"])
-	memPath := filepath.Join(snap.Dir, snap.Meta["memory"])
-	disk := in.DataDiskPath
-	if in.Jailed {
-		var err error
-		if statePath, err = p.linkIntoJail(in, statePath, "snapshot.vmstate", false); err != nil {
-			return err
-		}
-		if memPath, err = p.linkIntoJail(in, memPath, "snapshot.memory", false); err != nil {
-			return err
-		}
-		if disk != "" {
-			// The guest's writes must reach the machine's disk: link only.
-			if disk, err = p.linkIntoJail(in, in.DataDiskPath, cloneDiskName, true); err != nil {
-				return err
-			}
-		}
-	}
-	if err := p.saveRecord(in); err != nil {
+	statePath, memPath, err := p.snapshotFiles(in, snap)
+	if err != nil {
 		return err
 	}
-	api, err := p.start(ctx, in)
+	disk := in.DataDiskPath
+	if in.Jailed && disk != "" {
+		// The guest's writes must reach the machine's disk: link only.
+		if disk, err = p.linkIntoJail(in, in.DataDiskPath, cloneDiskName, true); err != nil {
+			return err
+		}
+	}
+	api, raw, ver, err := p.startForLoad(ctx, in)
 	if err != nil {
 		return err
 	}
 	defer api.close()
-	raw, ver, err := runningVersion(ctx, api)
-	if err != nil {
-		return err
-	}
 	if snap.ProviderVersion != "" && snap.ProviderVersion != raw {
 		return fmt.Errorf("snapshot %s was taken with Firecracker %s but %s is running: %w", snap.ID, snap.ProviderVersion, raw, vm.ErrInvalidState)
 	}
-	load := snapshotLoad{SnapshotPath: statePath, MemBackend: memoryBackend{BackendType: "File", BackendPath: memPath}}
-	if ver.atLeast(1, 16) {
-		uds := vsockSocketName
-		if in.Jailed {
-			uds = in.fcPath(vsockSocketName)
-		}
-		load.VsockOverride = &vsockOverride{UDSPath: uds}
+	load := snapshotLoad{
+		SnapshotPath:  statePath,
+		MemBackend:    memoryBackend{BackendType: "File", BackendPath: memPath},
+		VsockOverride: vsockOverrideFor(in, ver),
 	}
 	if err := api.do(ctx, "PUT", "/snapshot/load", load, nil); err != nil {
 		return err

@@ -11,6 +11,7 @@ import (
 	"path/filepath"
 	"time"
 
+	"github.com/warmpool/warmpool/internal/singleuse"
 	"github.com/warmpool/warmpool/provider/qemu/qmp"
 	"github.com/warmpool/warmpool/vm"
 	"golang.org/x/sys/unix"
@@ -59,16 +60,10 @@ func (p *Provider) Snapshot(ctx context.Context, id, dir string) (vm.Snapshot, e
 	fail := func(err error) (vm.Snapshot, error) {
 		return vm.Snapshot{}, fmt.Errorf("snapshot qemu vm %s to %s: %w", id, dir, err)
 	}
-	st, err := p.queryStatus(ctx, m)
+	rec, err := p.pausedRecord(ctx, m)
 	if err != nil {
 		return fail(err)
 	}
-	if mapStatus(st) != vm.StatusPaused {
-		return fail(fmt.Errorf("vm is %s, not paused: %w", st, vm.ErrInvalidState))
-	}
-	m.mu.Lock()
-	rec := m.rec
-	m.mu.Unlock()
 	if rec.SuspendedTo != "" {
 		return fail(fmt.Errorf("vm was suspended to snapshot %s: %w", rec.SuspendedTo, vm.ErrInvalidState))
 	}
@@ -135,6 +130,21 @@ func (p *Provider) Snapshot(ctx context.Context, id, dir string) (vm.Snapshot, e
 	p.log.Info("vm snapshotted", "id", id, "dir", abs, "shared", shared,
 		"state_ms", stateDone.Sub(start).Milliseconds(), "total_ms", time.Since(start).Milliseconds())
 	return snap, nil
+}
+
+// pausedRecord returns m's record once QEMU says the VM is paused. The
+// caller holds m.op, so the VM stays paused until it lets go.
+func (p *Provider) pausedRecord(ctx context.Context, m *machine) (record, error) {
+	st, err := p.queryStatus(ctx, m)
+	if err != nil {
+		return record{}, err
+	}
+	if mapStatus(st) != vm.StatusPaused {
+		return record{}, fmt.Errorf("vm is %s, not paused: %w", st, vm.ErrInvalidState)
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.rec, nil
 }
 
 // migrateOut streams the VM's state into path through a descriptor handed
@@ -218,7 +228,7 @@ func (p *Provider) Restore(ctx context.Context, snap vm.Snapshot) (vm.VM, error)
 	}
 	// Whether a snapshot is single-use is decided by its files, not by the
 	// caller's copy of it.
-	if filepath.IsAbs(snap.Dir) && isSuspendSnapshot(snap.Dir) {
+	if filepath.IsAbs(snap.Dir) && singleuse.IsSingleUse(snap.Dir) {
 		return p.restoreSuspended(ctx, snap)
 	}
 	cfg, err := p.checkSnapshot(snap)

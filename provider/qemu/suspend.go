@@ -9,16 +9,9 @@ import (
 	"path/filepath"
 	"time"
 
+	"github.com/warmpool/warmpool/internal/singleuse"
 	"github.com/warmpool/warmpool/vm"
 	"golang.org/x/sys/unix"
-)
-
-// Files of a single-use snapshot besides the template ones. Exactly one of
-// the two markers exists: the first restore renames the first into the
-// second, which is what makes a second restore fail, even one racing it.
-const (
-	suspendedMarker = "suspended.json"
-	restoredMarker  = "restored.json"
 )
 
 // Meta keys of a single-use snapshot.
@@ -26,14 +19,6 @@ const (
 	metaSingleUse = "single_use" // "true"
 	metaSourceVM  = "source_vm"  // ID of the suspended VM
 )
-
-// suspendMarker is the content of suspendedMarker (and, once restored, of
-// restoredMarker).
-type suspendMarker struct {
-	Snapshot   string `json:"snapshot"`
-	SourceVM   string `json:"source_vm"`
-	RestoredAs string `json:"restored_as,omitempty"`
-}
 
 // Suspend writes a single-use snapshot of the paused VM into dir, keeping
 // its data disk. QEMU's stop and the end of the migration flush every write
@@ -56,16 +41,10 @@ func (p *Provider) Suspend(ctx context.Context, id, dir string) (vm.Snapshot, er
 	fail := func(err error) (vm.Snapshot, error) {
 		return vm.Snapshot{}, fmt.Errorf("suspend qemu vm %s to %s: %w", id, dir, err)
 	}
-	st, err := p.queryStatus(ctx, m)
+	rec, err := p.pausedRecord(ctx, m)
 	if err != nil {
 		return fail(err)
 	}
-	if mapStatus(st) != vm.StatusPaused {
-		return fail(fmt.Errorf("vm is %s, not paused: %w", st, vm.ErrInvalidState))
-	}
-	m.mu.Lock()
-	rec := m.rec
-	m.mu.Unlock()
 	if rec.SuspendedTo != "" {
 		return fail(fmt.Errorf("vm was already suspended to snapshot %s: %w", rec.SuspendedTo, vm.ErrInvalidState))
 	}
@@ -102,7 +81,7 @@ func (p *Provider) Suspend(ctx context.Context, id, dir string) (vm.Snapshot, er
 		return fail(err)
 	}
 	undo := func(err error) (vm.Snapshot, error) {
-		os.Remove(filepath.Join(abs, suspendedMarker))
+		os.Remove(filepath.Join(abs, singleuse.SuspendedFile))
 		os.Remove(filepath.Join(abs, snapMemoryFile))
 		if uerr := p.setSuspendedTo(m, ""); uerr != nil {
 			p.log.Warn("vm stays marked suspended after a failed suspend", "id", id, "err", uerr)
@@ -129,7 +108,7 @@ func (p *Provider) Suspend(ctx context.Context, id, dir string) (vm.Snapshot, er
 		return undo(err)
 	}
 	// The marker goes last: without it the directory is no snapshot.
-	if err := writeJSON(filepath.Join(abs, suspendedMarker), suspendMarker{Snapshot: snap.ID, SourceVM: id}); err != nil {
+	if err := singleuse.Write(abs, singleuse.Marker{Snapshot: snap.ID, SourceVM: id}); err != nil {
 		return undo(err)
 	}
 	p.log.Info("vm suspended", "id", id, "dir", abs, "ram", moved, "data_disk", rec.Config.DataDisk,
@@ -149,17 +128,6 @@ func (p *Provider) setSuspendedTo(m *machine, snapID string) error {
 	return nil
 }
 
-// isSuspendSnapshot reports whether dir holds a single-use snapshot, used
-// or not.
-func isSuspendSnapshot(dir string) bool {
-	for _, f := range []string{suspendedMarker, restoredMarker} {
-		if _, err := os.Lstat(filepath.Join(dir, f)); err == nil {
-			return true
-		}
-	}
-	return false
-}
-
 // restoreSuspended starts the one VM a single-use snapshot may have. It
 // claims the snapshot first (so a concurrent or later restore fails), and
 // gives the claim back if the restore fails, so that it can be retried.
@@ -167,24 +135,9 @@ func (p *Provider) restoreSuspended(ctx context.Context, snap vm.Snapshot) (_ vm
 	fail := func(err error) (vm.VM, error) {
 		return vm.VM{}, fmt.Errorf("restore qemu vm from suspended snapshot %s in %s: %w", snap.ID, snap.Dir, err)
 	}
-	suspended := filepath.Join(snap.Dir, suspendedMarker)
-	restored := filepath.Join(snap.Dir, restoredMarker)
-	var mark suspendMarker
-	b, err := os.ReadFile(suspended)
-	if errors.Is(err, os.ErrNotExist) {
-		if b, err := os.ReadFile(restored); err == nil && json.Unmarshal(b, &mark) == nil && mark.RestoredAs != "" {
-			return fail(fmt.Errorf("already restored as vm %s: %w", mark.RestoredAs, vm.ErrInvalidState))
-		}
-		return fail(fmt.Errorf("already restored or being restored: %w", vm.ErrInvalidState))
-	}
+	mark, err := singleuse.Read(snap.Dir, snap.ID)
 	if err != nil {
 		return fail(err)
-	}
-	if err := json.Unmarshal(b, &mark); err != nil {
-		return fail(fmt.Errorf("read %s: %w", suspendedMarker, err))
-	}
-	if mark.Snapshot != snap.ID {
-		return fail(&vm.FieldError{Field: "snapshot.id", Value: snap.ID, Reason: "the directory holds snapshot " + mark.Snapshot})
 	}
 	if src, err := p.lookup(ctx, mark.SourceVM); err == nil {
 		src.mu.Lock()
@@ -201,15 +154,13 @@ func (p *Provider) restoreSuspended(ctx context.Context, snap vm.Snapshot) (_ vm
 	if err := ctx.Err(); err != nil {
 		return fail(err)
 	}
-	if err := os.Rename(suspended, restored); err != nil {
-		if errors.Is(err, os.ErrNotExist) {
-			return fail(fmt.Errorf("restored concurrently: %w", vm.ErrInvalidState))
-		}
-		return fail(fmt.Errorf("claim snapshot: %w", err))
+	claim, err := singleuse.Take(snap.Dir, mark)
+	if err != nil {
+		return fail(err)
 	}
 	defer func() {
 		if err != nil {
-			if uerr := os.Rename(restored, suspended); uerr != nil {
+			if uerr := claim.Release(); uerr != nil {
 				p.log.Error("suspended snapshot stays claimed after a failed restore", "dir", snap.Dir, "err", uerr)
 			}
 		}
@@ -255,8 +206,7 @@ func (p *Provider) restoreSuspended(ctx context.Context, snap vm.Snapshot) (_ vm
 		p.remove(m)
 		return fail(fmt.Errorf("load state into vm %s: %w (qemu log: %s)", id, err, p.logTail(m.dir)))
 	}
-	mark.RestoredAs = id
-	if err := writeJSON(restored, mark); err != nil {
+	if err := claim.Complete(id); err != nil {
 		p.remove(m)
 		return fail(err)
 	}
