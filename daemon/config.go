@@ -69,6 +69,7 @@ type Limits struct {
 	LeaseTTL     Duration `yaml:"lease_ttl" doc:"TTL of a lease whose acquire names none; 0 means leases live until released."`
 	ExecTimeout  Duration `yaml:"exec_timeout" doc:"Timeout of an exec whose request names none. Default 10m."`
 	ShutdownWait Duration `yaml:"shutdown_wait" doc:"How long SIGTERM waits for in-flight requests before closing them. Default 30s."`
+	MemoryMiB    int      `yaml:"memory_mib" doc:"Guest memory all pools together may hold at their max (sum of max x template memory), in MiB; a pool change beyond it is refused. Default: the host's total memory."`
 }
 
 // TemplateConfig is a template to build at start.
@@ -192,6 +193,9 @@ func (c Config) Validate() error {
 		return err
 	}
 	if err := vm.ValidateRange("limits.max_leases", c.Limits.MaxLeases, 0, 1<<20); err != nil {
+		return err
+	}
+	if err := vm.ValidateRange("limits.memory_mib", c.Limits.MemoryMiB, 0, 1<<30); err != nil {
 		return err
 	}
 	for _, name := range sortedKeys(c.Templates) {

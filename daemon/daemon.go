@@ -129,6 +129,9 @@ func resolveConfig(opts Options) (Config, string, error) {
 	cfg.Intervals.Health = or(cfg.Intervals.Health, Duration(30*time.Second))
 	cfg.Intervals.LeaseCheck = or(cfg.Intervals.LeaseCheck, Duration(time.Second))
 	cfg.Limits.Parallelism = or(cfg.Limits.Parallelism, 2)
+	if cfg.Limits.MemoryMiB == 0 {
+		cfg.Limits.MemoryMiB = hostMemoryMiB()
+	}
 	cfg.Limits.ExecTimeout = or(cfg.Limits.ExecTimeout, Duration(10*time.Minute))
 	cfg.Limits.ShutdownWait = or(cfg.Limits.ShutdownWait, Duration(30*time.Second))
 	if err := cfg.Validate(); err != nil {

@@ -53,6 +53,13 @@ func (d *Daemon) SetPool(ctx context.Context, name string, req api.PoolRequest) 
 		return api.Pool{}, fmt.Errorf("set pool %s: template %s: %w (build it first)", name, req.Template, vm.ErrNotFound)
 	}
 	rec := store.Pool{Name: name, Template: req.Template, Min: req.Min, Max: req.Max, MaxAge: req.MaxAge.Std(), UpdatedAt: time.Now()}
+	// Everything that can refuse the request runs before the store changes.
+	if err := stackSpec(rec, t).Validate(); err != nil {
+		return api.Pool{}, fmt.Errorf("set pool %s: %w", name, err)
+	}
+	if err := d.checkPoolMemory(rec, t); err != nil {
+		return api.Pool{}, fmt.Errorf("set pool %s: %w", name, err)
+	}
 	if err := store.Put(d.st, store.Pools, rec); err != nil {
 		return api.Pool{}, fmt.Errorf("set pool %s: %w", name, err)
 	}

@@ -1,0 +1,60 @@
+package daemon
+
+import (
+	"bufio"
+	"fmt"
+	"os"
+	"strconv"
+	"strings"
+
+	"github.com/warmpool/warmpool/store"
+	"github.com/warmpool/warmpool/vm"
+)
+
+// checkPoolMemory refuses a pool whose VMs, at the pool's max and with every
+// other pool at its max too, could need more guest memory than
+// limits.memory_mib. Warm clones share their template's pages, but a leased
+// VM may touch all of its memory, so the configured size is what counts.
+func (d *Daemon) checkPoolMemory(p store.Pool, t store.Template) error {
+	others, err := store.List(d.st, store.Pools)
+	if err != nil {
+		return err
+	}
+	committed := 0
+	for _, o := range others {
+		if o.Name == p.Name {
+			continue
+		}
+		if ot, ok := d.template(o.Template); ok {
+			committed += o.Max * ot.MemoryMiB
+		}
+	}
+	want := p.Max * t.MemoryMiB
+	limit := d.cfg.Limits.MemoryMiB
+	if committed+want > limit {
+		return fmt.Errorf("%d VMs of %d MiB need %d MiB, other pools may hold %d MiB, and this host offers %d MiB (limits.memory_mib): lower max or free other pools: %w",
+			p.Max, t.MemoryMiB, want, committed, limit, vm.ErrExhausted)
+	}
+	return nil
+}
+
+// hostMemoryMiB is MemTotal from /proc/meminfo; if it cannot be read, the
+// largest memory a VM may have, so the check never refuses a sane pool
+// because of a missing /proc.
+func hostMemoryMiB() int {
+	f, err := os.Open("/proc/meminfo")
+	if err != nil {
+		return vm.MaxMemoryMiB
+	}
+	defer f.Close()
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		fields := strings.Fields(sc.Text())
+		if len(fields) >= 2 && fields[0] == "MemTotal:" {
+			if kib, err := strconv.Atoi(fields[1]); err == nil {
+				return kib / 1024
+			}
+		}
+	}
+	return vm.MaxMemoryMiB
+}
