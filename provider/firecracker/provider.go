@@ -104,9 +104,11 @@ type MMDSOptions struct {
 }
 
 // JailerOptions run each VM under Firecracker's jailer: chrooted into
-// ChrootBase/firecracker/<id>/root as UID:GID, in its own cgroup. Everything
-// the VM uses (kernel, initrd, disks, snapshot files, sockets) is linked or
-// copied into the jail.
+// ChrootBase/<firecracker binary name>/<id>/root as UID:GID, in its own
+// cgroup. Everything the VM uses (kernel, initrd, disks, snapshot files,
+// sockets) is linked or copied into the jail. A Spec.DataDisk is hard-linked
+// (so it must be on ChrootBase's file system) and handed to UID:GID, since
+// Firecracker opens it read-write.
 type JailerOptions struct {
 	UID, GID   int
 	ChrootBase string
@@ -334,7 +336,8 @@ func (p *Provider) start(ctx context.Context, in *instance) (*apiClient, error) 
 			args = append(args, "--netns", j.NetNS)
 		}
 		args = append(args, j.ExtraArgs...)
-		args = append(args, "--", "--api-sock", apiArg, "--id", in.ID)
+		// The jailer passes --id itself; Firecracker refuses it twice.
+		args = append(args, "--", "--api-sock", apiArg)
 		cmd = exec.Command(p.opts.JailerBinary, args...)
 	} else {
 		cmd = exec.Command(p.opts.Binary, "--api-sock", apiArg, "--id", in.ID)
@@ -458,6 +461,10 @@ func (p *Provider) boot(ctx context.Context, in *instance) error {
 			// The guest's writes must reach the caller's disk: link only.
 			if disk, err = p.linkIntoJail(in, spec.DataDisk, cloneDiskName, true); err != nil {
 				return err
+			}
+			// Firecracker, no longer root, opens the disk read-write.
+			if err := os.Chown(spec.DataDisk, p.opts.Jailer.UID, p.opts.Jailer.GID); err != nil {
+				return fmt.Errorf("hand data disk %s to the jail's user: %w", spec.DataDisk, err)
 			}
 		}
 	}

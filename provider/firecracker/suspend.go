@@ -191,7 +191,7 @@ func (p *Provider) loadSuspended(ctx context.Context, in *instance, snap vm.Snap
 	}
 	defer api.close()
 	if snap.ProviderVersion != "" && snap.ProviderVersion != raw {
-		return fmt.Errorf("snapshot %s was taken with Firecracker %s but %s is running: %w", snap.ID, snap.ProviderVersion, raw, vm.ErrInvalidState)
+		return fmt.Errorf("snapshot %s was taken with Firecracker %s but %s is running: %w (%w)", snap.ID, snap.ProviderVersion, raw, vm.ErrIncompatible, vm.ErrInvalidState)
 	}
 	load := snapshotLoad{
 		SnapshotPath:  statePath,

@@ -26,3 +26,11 @@ func BuildFake(dir string) (string, error) {
 	}
 	return fakefirecracker.Build(dir)
 }
+
+// BuildFakeJailer compiles a fake of Firecracker's jailer into dir and
+// returns its path. It really chroots and changes user, so it must run as
+// root; it copies the API description BuildFake points at into each jail,
+// and lets only FAKE_FIRECRACKER_* through the environment it clears.
+func BuildFakeJailer(dir string) (string, error) {
+	return fakefirecracker.BuildJailer(dir)
+}

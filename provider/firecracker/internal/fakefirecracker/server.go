@@ -302,7 +302,7 @@ func (s *Server) handle(method, path string, body map[string]any) (any, *fault) 
 		if body["drive_id"] != seg[1] {
 			return nil, faultf("The id from the path [%s] does not match the id from the body [%v]!", seg[1], body["drive_id"])
 		}
-		if err := readable(body["path_on_host"]); err != nil {
+		if err := openable(body["path_on_host"], body["is_read_only"] != true); err != nil {
 			return nil, faultf("Unable to create the block device: BackingFile(%v)", err)
 		}
 		if body["is_root_device"] == true {
@@ -326,7 +326,7 @@ func (s *Server) handle(method, path string, body map[string]any) (any, *fault) 
 			return nil, faultf("Invalid block device ID: %s", seg[1])
 		}
 		if p, ok := body["path_on_host"]; ok {
-			if err := readable(p); err != nil {
+			if err := openable(p, d["is_read_only"] != true); err != nil {
 				return nil, faultf("Unable to patch the block device: BackingFile(%v)", err)
 			}
 			d["path_on_host"] = p
@@ -463,12 +463,21 @@ func (s *Server) memMiB() float64 {
 	return m
 }
 
-func readable(p any) error {
+func readable(p any) error { return openable(p, false) }
+
+// openable opens a file the way Firecracker will use it: a drive that is
+// not read-only needs write permission too (which matters under the
+// jailer, where Firecracker is not root).
+func openable(p any, write bool) error {
 	path, ok := p.(string)
 	if !ok {
 		return errors.New("no path")
 	}
-	f, err := os.Open(path)
+	flag := os.O_RDONLY
+	if write {
+		flag = os.O_RDWR
+	}
+	f, err := os.OpenFile(path, flag, 0)
 	if err != nil {
 		return err
 	}
@@ -610,6 +619,9 @@ func (s *Server) load(body map[string]any) *fault {
 		return faultf("Load snapshot error: Snapshot version %s is not supported by Firecracker %s.", st.Version, s.opts.Version)
 	}
 	info, err := os.Stat(memPath)
+	if err == nil {
+		err = openable(memPath, false)
+	}
 	if err != nil {
 		return faultf("Load snapshot error: Failed to open memory backing file: %v", err)
 	}
@@ -618,7 +630,7 @@ func (s *Server) load(body map[string]any) *fault {
 		return faultf("Load snapshot error: memory file is %d bytes, the snapshot's guest has %v MiB", info.Size(), s.memMiB())
 	}
 	for id, d := range s.cfg.Drives {
-		if err := readable(d["path_on_host"]); err != nil {
+		if err := openable(d["path_on_host"], d["is_read_only"] != true); err != nil {
 			return faultf("Load snapshot error: cannot reopen drive %s: %v", id, err)
 		}
 	}

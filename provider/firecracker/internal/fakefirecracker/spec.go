@@ -28,11 +28,20 @@ import (
 // SpecEnv names the environment variable that points at firecracker.yaml.
 const SpecEnv = "WARMPOOL_FIRECRACKER_SPEC"
 
+// JailedSpecName is where, relative to the jail root, the fake jailer puts
+// the API description for a fake firecracker that cannot see the host's
+// file system nor, the jailer having cleared it, its environment.
+const JailedSpecName = "fakefirecracker-api.yaml"
+
 // SpecPath finds Firecracker's API description: $WARMPOOL_FIRECRACKER_SPEC,
+// else /fakefirecracker-api.yaml when running in the fake jailer's jail,
 // else ../shared/firecracker/firecracker.yaml next to the module root this
 // package was built from.
 func SpecPath() (string, error) {
 	if p := os.Getenv(SpecEnv); p != "" {
+		return p, nil
+	}
+	if p := "/" + JailedSpecName; fileExists(p) {
 		return p, nil
 	}
 	_, file, _, ok := runtime.Caller(0)
@@ -183,4 +192,9 @@ func (r *Rejection) Error() string { return r.Message }
 func oneLine(s string) string {
 	s = strings.ReplaceAll(s, "\n", " ")
 	return strings.Join(strings.Fields(s), " ")
+}
+
+func fileExists(path string) bool {
+	_, err := os.Stat(path)
+	return err == nil
 }

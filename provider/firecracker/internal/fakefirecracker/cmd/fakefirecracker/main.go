@@ -20,6 +20,7 @@ import (
 	"net/http"
 	"os"
 	"os/signal"
+	"strings"
 	"syscall"
 
 	"github.com/warmpool/warmpool/agent/server"
@@ -48,6 +49,22 @@ func run() error {
 	fs.String("parent-cpu-time-us", "", "")
 	if err := fs.Parse(os.Args[1:]); err != nil {
 		return err
+	}
+	if fs.NArg() > 0 {
+		return fmt.Errorf("found argument '%s' which wasn't expected, or isn't valid in this context", fs.Arg(0))
+	}
+	// Firecracker's argument parser refuses a repeated argument; the
+	// jailer passes --id itself, so a caller must not pass it again.
+	seen := map[string]bool{}
+	for _, a := range os.Args[1:] {
+		name, _, _ := strings.Cut(strings.TrimPrefix(a, "--"), "=")
+		if !strings.HasPrefix(a, "--") || fs.Lookup(name) == nil {
+			continue
+		}
+		if seen[name] {
+			return fmt.Errorf("arguments parsing error: the argument '%s' was provided more than once", name)
+		}
+		seen[name] = true
 	}
 	specPath, err := fakefirecracker.SpecPath()
 	if err != nil {
