@@ -53,6 +53,8 @@ type Config struct {
 type FirecrackerConfig struct {
 	Binary string `yaml:"binary" doc:"Path of the firecracker binary. Default: found in PATH."`
 	Jailer string `yaml:"jailer" doc:"Path of the jailer binary; empty runs firecracker without it."`
+	UID    int    `yaml:"uid" doc:"User the jailer runs firecracker as. Default: the daemon's own user (as root, give an unprivileged one)."`
+	GID    int    `yaml:"gid" doc:"Group the jailer runs firecracker as. Default: the daemon's own group."`
 }
 
 // Intervals are the periods of the daemon's background loops.
@@ -196,6 +198,12 @@ func (c Config) Validate() error {
 		return err
 	}
 	if err := vm.ValidateRange("limits.memory_mib", c.Limits.MemoryMiB, 0, 1<<30); err != nil {
+		return err
+	}
+	if err := vm.ValidateRange("firecracker.uid", c.Firecracker.UID, 0, 1<<31-1); err != nil {
+		return err
+	}
+	if err := vm.ValidateRange("firecracker.gid", c.Firecracker.GID, 0, 1<<31-1); err != nil {
 		return err
 	}
 	for _, name := range sortedKeys(c.Templates) {

@@ -24,7 +24,11 @@ func newProvider(cfg Config, stateDir string, log *slog.Logger) (vm.Provider, er
 		opts := firecracker.Options{StateDir: stateDir, Binary: cfg.Firecracker.Binary, Logger: log.With("component", "firecracker")}
 		if cfg.Firecracker.Jailer != "" {
 			opts.JailerBinary = cfg.Firecracker.Jailer
-			opts.Jailer = &firecracker.JailerOptions{UID: os.Getuid(), GID: os.Getgid(), ChrootBase: filepath.Join(stateDir, "jail")}
+			uid, gid := cfg.Firecracker.UID, cfg.Firecracker.GID
+			if uid == 0 && gid == 0 {
+				uid, gid = os.Getuid(), os.Getgid()
+			}
+			opts.Jailer = &firecracker.JailerOptions{UID: uid, GID: gid, ChrootBase: filepath.Join(stateDir, "jail")}
 		}
 		p, err := firecracker.New(opts)
 		if err != nil {

@@ -282,3 +282,127 @@ func TestFirecrackerDaemon(t *testing.T) {
 		t.Errorf("the state still lists VMs after a --stop-all shutdown: %v", ids)
 	}
 }
+
+// jailedFirecrackers returns the --id and the user of every firecracker
+// process chrooted under state (a jailed process's command line names no
+// path of ours; its root directory does).
+func jailedFirecrackers(state string) map[string]string {
+	out := map[string]string{}
+	ents, _ := os.ReadDir("/proc")
+	for _, e := range ents {
+		if _, err := strconv.Atoi(e.Name()); err != nil {
+			continue
+		}
+		root, err := os.Readlink(filepath.Join("/proc", e.Name(), "root"))
+		if err != nil || !strings.HasPrefix(root, state) {
+			continue
+		}
+		b, _ := os.ReadFile(filepath.Join("/proc", e.Name(), "cmdline"))
+		args := strings.Split(string(b), "\x00")
+		i := slices.Index(args, "--id")
+		if filepath.Base(args[0]) != "firecracker" || i < 0 || i+1 >= len(args) {
+			continue
+		}
+		status, _ := os.ReadFile(filepath.Join("/proc", e.Name(), "status"))
+		for _, line := range strings.Split(string(status), "\n") {
+			if f := strings.Fields(line); len(f) > 1 && f[0] == "Uid:" {
+				out[args[i+1]] = f[1]
+			}
+		}
+	}
+	return out
+}
+
+// TestFirecrackerDaemonJailed runs the daemon with --jailer-bin and a jail
+// user from the configuration: warm VMs and leases run chrooted as that
+// user, exec works through the jail's vsock socket, and a --stop-all
+// shutdown leaves no process and no jail behind.
+func TestFirecrackerDaemonJailed(t *testing.T) {
+	if os.Getuid() != 0 {
+		t.Skip("SKIPPING: the jailer needs root to chroot and change user")
+	}
+	if buildErr != nil {
+		t.Fatal(buildErr)
+	}
+	bins := t.TempDir()
+	if warmpoolBin == "" {
+		bin := filepath.Join(bins, "warmpool")
+		build := exec.Command("go", "build", "-o", bin, "./cmd/warmpool")
+		build.Dir = "../.."
+		if out, err := build.CombinedOutput(); err != nil {
+			t.Fatalf("build warmpool: %v\n%s", err, out)
+		}
+		warmpoolBin = bin
+	}
+	fakeBin, err := firecrackertest.BuildFake(bins)
+	if err != nil {
+		t.Fatal(err)
+	}
+	jailerBin, err := firecrackertest.BuildFakeJailer(bins)
+	if err != nil {
+		t.Fatal(err)
+	}
+	image := firecrackerImage(t, fakeBin)
+	state, err := os.MkdirTemp("", "wp-fj-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		for id := range jailedFirecrackers(state) {
+			t.Errorf("jailed firecracker %s still runs at cleanup", id)
+		}
+		killJailed(state)
+		if t.Failed() {
+			t.Logf("daemon log:\n%s", tail(state))
+		}
+		os.RemoveAll(state)
+	})
+	// The jail must be reachable by the jail user.
+	if err := os.Chmod(state, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	const jailUID = "40125"
+	cfg := filepath.Join(state, "config.yaml")
+	if err := os.WriteFile(cfg, []byte("image: "+image+"\nfirecracker: {uid: "+jailUID+", gid: 40126}\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	serve := []string{"--provider", "firecracker", "--firecracker-bin", fakeBin, "--jailer-bin", jailerBin, "--config", cfg, "--stop-all"}
+	d := startDaemon(t, state, serve...)
+	mustCLI(t, state, 5*time.Minute, "template", "build", "base", "--vcpus", "1", "--mem", "256")
+	mustCLI(t, state, time.Minute, "pool", "set", "py", "--template", "base", "--min", "1", "--max", "2")
+	waitPool(t, state, "py", 1)
+	l := acquire(t, state, "py")
+	// The fake's guest agent runs inside the jail, where the only program
+	// is the (fake) firecracker binary the jailer copied in.
+	if out := mustCLI(t, state, time.Minute, "exec", l.ID, "--", "/firecracker", "--version"); !strings.HasPrefix(out, "Firecracker v") {
+		t.Errorf("exec in the jail printed %q, want the jailed binary's version", out)
+	}
+	waitPool(t, state, "py", 1)
+	procs := jailedFirecrackers(state)
+	if uid, ok := procs[l.VMID]; !ok || uid != jailUID {
+		t.Errorf("leased VM %s: jailed processes %v, want it running as uid %s", l.VMID, procs, jailUID)
+	}
+	if len(procs) < 2 {
+		t.Errorf("jailed processes %v, want the lease and a warm VM", procs)
+	}
+	d.term(t)
+	if left := jailedFirecrackers(state); len(left) != 0 {
+		t.Errorf("jailed firecrackers left after a --stop-all shutdown: %v", left)
+	}
+	if jails, _ := filepath.Glob(filepath.Join(state, "jail", "*", "*")); len(jails) != 0 {
+		t.Errorf("jail directories left after a --stop-all shutdown: %v", jails)
+	}
+}
+
+func killJailed(state string) {
+	ents, _ := os.ReadDir("/proc")
+	for _, e := range ents {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		if root, err := os.Readlink(filepath.Join("/proc", e.Name(), "root")); err == nil && strings.HasPrefix(root, state) {
+			_ = syscall.Kill(pid, syscall.SIGKILL)
+		}
+	}
+}

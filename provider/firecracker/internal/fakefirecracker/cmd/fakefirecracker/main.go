@@ -22,7 +22,9 @@ import (
 	"os/signal"
 	"strings"
 	"syscall"
+	"time"
 
+	"github.com/warmpool/warmpool/agent/proto"
 	"github.com/warmpool/warmpool/agent/server"
 	"github.com/warmpool/warmpool/provider/firecracker/internal/fakefirecracker"
 )
@@ -97,6 +99,7 @@ func run() error {
 				Agent:  "fakefirecracker-agent",
 				State:  agentState,
 				Logger: log,
+				Stats:  jailSafeStats,
 				PowerOff: func() error {
 					go srv.Close()
 					return nil
@@ -130,3 +133,16 @@ func run() error {
 	httpSrv.Close()
 	return nil
 }
+
+// jailSafeStats reads the host's /proc like the real agent reads the
+// guest's; inside the jailer's chroot there is no /proc, so it reports a
+// small fixed guest instead of failing every stats call.
+func jailSafeStats() (proto.Stats, error) {
+	if st, err := server.ReadProcStats(); err == nil {
+		return st, nil
+	}
+	return proto.Stats{MemTotalKiB: 256 << 10, MemFreeKiB: 200 << 10, MemAvailableKiB: 220 << 10,
+		UptimeMillis: time.Since(started).Milliseconds(), Procs: 1, UnixNano: time.Now().UnixNano()}, nil
+}
+
+var started = time.Now()
