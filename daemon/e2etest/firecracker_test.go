@@ -6,7 +6,6 @@ import (
 	"debug/elf"
 	"encoding/json"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"slices"
 	"strconv"
@@ -140,16 +139,6 @@ func TestFirecrackerDaemon(t *testing.T) {
 		t.Fatal(buildErr)
 	}
 	bins := t.TempDir()
-	if warmpoolBin == "" {
-		// TestMain builds the CLI only for the QEMU test.
-		bin := filepath.Join(bins, "warmpool")
-		build := exec.Command("go", "build", "-o", bin, "./cmd/warmpool")
-		build.Dir = "../.."
-		if out, err := build.CombinedOutput(); err != nil {
-			t.Fatalf("build warmpool: %v\n%s", err, out)
-		}
-		warmpoolBin = bin
-	}
 	fakeBin, err := firecrackertest.BuildFake(bins)
 	if err != nil {
 		t.Fatal(err)
@@ -325,15 +314,6 @@ func TestFirecrackerDaemonJailed(t *testing.T) {
 		t.Fatal(buildErr)
 	}
 	bins := t.TempDir()
-	if warmpoolBin == "" {
-		bin := filepath.Join(bins, "warmpool")
-		build := exec.Command("go", "build", "-o", bin, "./cmd/warmpool")
-		build.Dir = "../.."
-		if out, err := build.CombinedOutput(); err != nil {
-			t.Fatalf("build warmpool: %v\n%s", err, out)
-		}
-		warmpoolBin = bin
-	}
 	fakeBin, err := firecrackertest.BuildFake(bins)
 	if err != nil {
 		t.Fatal(err)
