@@ -106,6 +106,10 @@ type Provider struct {
 
 	mu  sync.Mutex
 	vms map[string]*machine
+
+	// beforeHandOver, set by tests, runs once a new VM exists and before
+	// its caller hears of it.
+	beforeHandOver func(id string)
 }
 
 var (
@@ -345,7 +349,28 @@ func (p *Provider) Create(ctx context.Context, spec vm.Spec) (vm.VM, error) {
 		return vm.VM{}, fmt.Errorf("create qemu vm %s: %w", id, err)
 	}
 	p.log.Info("vm created", "id", id, "accel", accel, "pid", m.proc.PID)
-	return p.inspect(ctx, m)
+	return p.handOver(ctx, m)
+}
+
+// handOver reports a VM this provider has just made to the caller. The VM
+// exists now whatever happens to ctx: a cancellation that arrives after the
+// work is done must not turn into an error that leaves a running VM nobody
+// knows the ID of, so the status query does not heed it. A VM whose status
+// still cannot be read is removed before the error returns.
+func (p *Provider) handOver(ctx context.Context, m *machine) (vm.VM, error) {
+	if p.beforeHandOver != nil {
+		p.beforeHandOver(m.id)
+	}
+	qctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 30*time.Second)
+	defer cancel()
+	v, err := p.inspect(qctx, m)
+	if err != nil {
+		if rerr := p.remove(m); rerr != nil {
+			p.log.Error("remove vm whose status cannot be read", "id", m.id, "err", rerr)
+		}
+		return vm.VM{}, fmt.Errorf("status of new vm %s: %w", m.id, err)
+	}
+	return v, nil
 }
 
 func (p *Provider) kernelArgs(cmdline, accel string) string {

@@ -262,7 +262,7 @@ func (p *Provider) Restore(ctx context.Context, snap vm.Snapshot) (vm.VM, error)
 	}
 	p.log.Info("vm restored", "id", id, "snapshot", snap.ID, "start_ms", started.Sub(start).Milliseconds(),
 		"total_ms", time.Since(start).Milliseconds())
-	return p.inspect(ctx, m)
+	return p.handOver(ctx, m)
 }
 
 func (p *Provider) checkSnapshot(snap vm.Snapshot) (machineConfig, error) {

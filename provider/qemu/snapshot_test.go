@@ -459,3 +459,48 @@ func statusOf(vms []vm.VM, id string) vm.Status {
 	}
 	return ""
 }
+
+// TestLateCancellationLosesNoVM cancels Create's and Restore's context in the
+// moment after the VM exists: the caller must get the VM back, since the pool
+// or daemon cancelling a restore at shutdown would otherwise never learn the
+// ID of a VM that keeps running.
+func TestLateCancellationLosesNoVM(t *testing.T) {
+	realvm.RequireQEMU(t)
+	p := newProvider(t, realvm.StateDir(t))
+	defer p.Close()
+	ctx := ctxT(t)
+	template, snap := bootTemplate(t, ctx, p, testSpec(t))
+	if err := p.Destroy(ctx, template.ID); err != nil {
+		t.Fatal(err)
+	}
+
+	for name, newVM := range map[string]func(context.Context) (vm.VM, error){
+		"create":  func(ctx context.Context) (vm.VM, error) { return p.Create(ctx, testSpec(t)) },
+		"restore": func(ctx context.Context) (vm.VM, error) { return p.Restore(ctx, snap) },
+	} {
+		cctx, cancel := context.WithCancel(ctx)
+		var made string
+		qemu.SetBeforeHandOver(p, func(id string) { made = id; cancel() })
+		v, err := newVM(cctx)
+		cancel()
+		qemu.SetBeforeHandOver(p, nil)
+		listed, lerr := p.List(ctx)
+		if lerr != nil {
+			t.Fatal(lerr)
+		}
+		if made == "" {
+			t.Fatalf("%s: no VM was made (err %v)", name, err)
+		}
+		if err != nil || v.ID != made {
+			t.Errorf("%s cancelled after VM %s existed = (%q, %v), want that VM", name, made, v.ID, err)
+		}
+		if statusOf(listed, made) == "" && err == nil {
+			t.Errorf("%s returned VM %s, which the provider does not list", name, made)
+		}
+		for _, l := range listed {
+			if err := p.Destroy(ctx, l.ID); err != nil {
+				t.Errorf("destroy %s: %v", l.ID, err)
+			}
+		}
+	}
+}

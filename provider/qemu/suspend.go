@@ -218,9 +218,7 @@ func (p *Provider) restoreSuspended(ctx context.Context, snap vm.Snapshot) (_ vm
 	}
 	p.log.Info("vm restored from suspend", "id", id, "snapshot", snap.ID, "from_vm", mark.SourceVM,
 		"start_ms", started.Sub(start).Milliseconds(), "total_ms", time.Since(start).Milliseconds())
-	// The restore has happened and cannot be given back: a late
-	// cancellation must not lose the VM that now holds the memory.
-	return p.inspect(context.WithoutCancel(ctx), m)
+	return p.handOver(ctx, m)
 }
 
 // linkOrCopy makes dst hold src's content: a hard link on one file system,
