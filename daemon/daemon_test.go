@@ -275,9 +275,16 @@ func TestRestartKeepsLeasesAndReconciles(t *testing.T) {
 	prov := newFakeProvider()
 	r := startFake(t, dir, prov, "")
 	setupPool(t, r.client, 1, 3)
+	// A slow resume gives the hand-off a time the lease must still report
+	// after the restart.
+	prov.SetLatency(fake.OpResume, 20*time.Millisecond)
 	lease, err := r.client.Acquire(ctxT(t), "py", 5*time.Second, api.AcquireRequest{Owner: "keep"})
+	prov.SetLatency(fake.OpResume, 0)
 	if err != nil {
 		t.Fatal(err)
+	}
+	if lease.Timings.HandoffMS < 20 || lease.Timings.TotalMS < lease.Timings.HandoffMS {
+		t.Errorf("timings of an acquire with a 20ms resume: %+v", lease.Timings)
 	}
 	r.stop(t)
 
@@ -326,6 +333,9 @@ func TestRestartKeepsLeasesAndReconciles(t *testing.T) {
 	leases, err := c.Leases(ctxT(t))
 	if err != nil || len(leases) != 1 || leases[0].ID != lease.ID || leases[0].Owner != "keep" {
 		t.Fatalf("leases after restart = %+v, %v; want %s", leases, err, lease.ID)
+	}
+	if got := leases[0].Timings; got.HandoffMS != lease.Timings.HandoffMS || got.WaitMS != lease.Timings.WaitMS || got.TotalMS == 0 {
+		t.Errorf("lease timings after restart = %+v, want those of its acquire %+v", got, lease.Timings)
 	}
 	var out bytes.Buffer
 	if code, err := c.Exec(ctxT(t), lease.ID, api.ExecRequest{Argv: []string{"echo", "still here"}}, &out, nil); err != nil || code != 0 || out.String() != "still here\n" {

@@ -21,9 +21,8 @@ import (
 // from an earlier run: the pool never saw it, so release destroys the VM
 // directly.
 type liveLease struct {
-	rec     store.Lease
-	pl      *pool.Lease
-	timings api.Timings
+	rec store.Lease
+	pl  *pool.Lease
 }
 
 func (l *liveLease) api() api.Lease {
@@ -34,7 +33,7 @@ func (l *liveLease) api() api.Lease {
 		Owner:     l.rec.Owner,
 		CreatedAt: l.rec.CreatedAt,
 		ExpiresAt: l.rec.ExpiresAt,
-		Timings:   l.timings,
+		Timings:   api.Timings{WaitMS: l.rec.WaitMS, HandoffMS: l.rec.HandoffMS, TotalMS: l.rec.TotalMS},
 	}
 }
 
@@ -89,6 +88,9 @@ func (d *Daemon) Acquire(ctx context.Context, poolName string, req api.AcquireRe
 		CreatedAt:  now,
 		TTL:        or(req.TTL.Std(), d.cfg.Limits.LeaseTTL.Std()),
 		Generation: 0,
+		WaitMS:     pl.Timings.Wait.Milliseconds(),
+		HandoffMS:  pl.Timings.Handoff.Milliseconds(),
+		TotalMS:    time.Since(now.Add(-pl.Timings.Total)).Milliseconds(),
 	}
 	if tpl, ok := d.template(spec.Template); ok {
 		rec.Generation = tpl.Generation
@@ -116,11 +118,10 @@ func (d *Daemon) Acquire(ctx context.Context, poolName string, req api.AcquireRe
 		}
 		return api.Lease{}, fmt.Errorf("record lease of pool %s: %w", poolName, err)
 	}
-	l := &liveLease{rec: rec, pl: pl, timings: api.Timings{
-		WaitMS:    pl.Timings.Wait.Milliseconds(),
-		HandoffMS: pl.Timings.Handoff.Milliseconds(),
-		TotalMS:   time.Since(now.Add(-pl.Timings.Total)).Milliseconds(),
-	}}
+	// The recorded total stops before the write that records it; the live
+	// lease's includes it.
+	rec.TotalMS = time.Since(now.Add(-pl.Timings.Total)).Milliseconds()
+	l := &liveLease{rec: rec, pl: pl}
 	d.leaseMu.Lock()
 	d.leases[id] = l
 	d.leaseMu.Unlock()

@@ -66,6 +66,11 @@ type Lease struct {
 	// TTL is zero for a lease that lives until released.
 	TTL       time.Duration `json:"ttl,omitempty"`
 	ExpiresAt *time.Time    `json:"expires_at,omitempty"`
+	// The acquire's timings, kept so that a restarted daemon still reports
+	// them.
+	WaitMS    int64 `json:"wait_ms,omitempty"`
+	HandoffMS int64 `json:"handoff_ms,omitempty"`
+	TotalMS   int64 `json:"total_ms,omitempty"`
 }
 
 // StoreKey is the lease ID.
