@@ -21,6 +21,7 @@ import (
 
 // running is a daemon started in-process on the fake provider.
 type running struct {
+	d      *Daemon
 	dir    string
 	prov   *fake.Provider
 	client *api.Client
@@ -55,7 +56,7 @@ func startWrapped(t *testing.T, dir string, prov *fake.Provider, served vm.Provi
 	ctx, cancel := context.WithCancel(context.Background())
 	r := &running{dir: dir, prov: prov, cancel: cancel, done: make(chan error, 1)}
 	ready := make(chan struct{})
-	opts.ready = func(*Daemon) { close(ready) }
+	opts.ready = func(d *Daemon) { r.d = d; close(ready) }
 	go func() { r.done <- Run(ctx, opts) }()
 	select {
 	case <-ready:

@@ -134,6 +134,14 @@ func imageFilesExist(img guest.Image) bool {
 // own directory, templates/<name>/<generation>, because VMs restored from
 // the previous one may still map its files.
 func (d *Daemon) BuildTemplate(ctx context.Context, req api.TemplateRequest, progress func(string)) (api.Template, error) {
+	return d.buildGeneration(ctx, req, progress, 0)
+}
+
+// buildGeneration builds the next generation of a template. replacing, when
+// not 0, is the generation the build is meant to replace: if another build
+// replaced it while this one waited for its turn, nothing is built and the
+// zero Template is returned.
+func (d *Daemon) buildGeneration(ctx context.Context, req api.TemplateRequest, progress func(string), replacing int) (api.Template, error) {
 	if err := d.checkOpen(); err != nil {
 		return api.Template{}, err
 	}
@@ -144,6 +152,11 @@ func (d *Daemon) BuildTemplate(ctx context.Context, req api.TemplateRequest, pro
 	// the pools.
 	d.buildMu.Lock()
 	defer d.buildMu.Unlock()
+	if replacing != 0 {
+		if cur, ok := d.template(req.Name); !ok || cur.Generation != replacing {
+			return api.Template{}, nil
+		}
+	}
 	vcpus := or(req.VCPUs, defaultTemplateVCPUs)
 	mem := or(req.MemoryMiB, defaultTemplateMemoryMiB)
 	img, err := d.guestImage(ctx, req.Image, progress)

@@ -202,15 +202,16 @@ func (d *Daemon) rebuildTemplate(ctx context.Context, name string, gen int, reas
 // Template when generation gen is no longer current.
 func (d *Daemon) rebuild(ctx context.Context, name string, gen int) (api.Template, error) {
 	t, ok := d.template(name)
-	if !ok || t.Generation != gen {
+	if !ok {
 		return api.Template{}, nil
 	}
+	// Whether gen is still current is judged once the build's turn comes.
 	image, err := rebuildImage(t.Image)
 	if err != nil {
 		return api.Template{}, err
 	}
-	return d.BuildTemplate(ctx, api.TemplateRequest{Name: name, Image: image, VCPUs: t.VCPUs, MemoryMiB: t.MemoryMiB},
-		func(step string) { d.log.Info("rebuilding template", "template", name, "step", step) })
+	return d.buildGeneration(ctx, api.TemplateRequest{Name: name, Image: image, VCPUs: t.VCPUs, MemoryMiB: t.MemoryMiB},
+		func(step string) { d.log.Info("rebuilding template", "template", name, "step", step) }, gen)
 }
 
 // markBroken records why a template stays unusable, for its pools'

@@ -281,3 +281,47 @@ func TestProviderUpgradeRebuildsTemplatesAtStart(t *testing.T) {
 		t.Errorf("template generation %d after a start on the same version, want 2", g)
 	}
 }
+
+// A rebuild that waits for its turn behind a manual build of the same
+// template builds nothing: the manual build already replaced the
+// generation the rebuild was for.
+func TestRebuildBehindAManualBuildBuildsNothing(t *testing.T) {
+	prov := newFakeProvider()
+	r := startFake(t, t.TempDir(), prov, "")
+	if _, err := r.client.BuildTemplate(ctxT(t), api.TemplateRequest{Name: "base"}, nil); err != nil {
+		t.Fatal(err)
+	}
+	snapshotting, finish := make(chan struct{}), make(chan struct{})
+	var once sync.Once
+	prov.SetHook(func(_ context.Context, op fake.Op, _ string) error {
+		if op == fake.OpSnapshot {
+			once.Do(func() { close(snapshotting) })
+			<-finish
+		}
+		return nil
+	})
+	manual := make(chan error, 1)
+	go func() {
+		_, err := r.client.BuildTemplate(ctxT(t), api.TemplateRequest{Name: "base"}, nil)
+		manual <- err
+	}()
+	<-snapshotting // the manual build holds the build lock now
+	rebuilt := make(chan api.Template, 1)
+	go func() {
+		tpl, err := r.d.rebuild(ctxT(t), "base", 1)
+		if err != nil {
+			t.Errorf("rebuild: %v", err)
+		}
+		rebuilt <- tpl
+	}()
+	close(finish)
+	if err := <-manual; err != nil {
+		t.Fatalf("manual build: %v", err)
+	}
+	if tpl := <-rebuilt; tpl.Generation != 0 {
+		t.Errorf("the rebuild of generation 1 built generation %d after a manual build replaced it", tpl.Generation)
+	}
+	if got := currentTemplate(t, r.client, "base").Generation; got != 2 {
+		t.Errorf("template generation = %d, want 2: one manual build after the first", got)
+	}
+}
