@@ -362,3 +362,59 @@ func TestCompletionAsksTheDaemon(t *testing.T) {
 		t.Fatalf("completing without a daemon: %+v", r)
 	}
 }
+
+func TestImagePruneKeepsImagesOfTemplates(t *testing.T) {
+	cache := t.TempDir()
+	mkImage := func(name string, age time.Duration) string {
+		dir := filepath.Join(cache, "images", name)
+		os.MkdirAll(dir, 0o755)
+		for _, f := range []string{"vmlinuz", "initrd.img"} {
+			os.WriteFile(filepath.Join(dir, f), []byte("x"), 0o644)
+		}
+		manifest := filepath.Join(dir, "image.json")
+		os.WriteFile(manifest, []byte(`{"digest":"`+name+`"}`), 0o644)
+		when := time.Now().Add(-age)
+		os.Chtimes(manifest, when, when)
+		return dir
+	}
+	mkImage("newest", time.Minute)
+	used := mkImage("used", time.Hour)
+	mkImage("unused", 2*time.Hour)
+	left := func() string {
+		r := cli(t, "", "image", "ls", "--out", cache, "-o", "json")
+		var imgs []struct{ Digest string }
+		if err := json.Unmarshal([]byte(r.stdout), &imgs); err != nil {
+			t.Fatalf("image ls: %+v: %v", r, err)
+		}
+		var names []string
+		for _, img := range imgs {
+			names = append(names, img.Digest)
+		}
+		return strings.Join(names, " ")
+	}
+
+	noDaemon := "--state=" + t.TempDir()
+	assertFailure(t, cli(t, "", noDaemon, "image", "prune", "--out", cache), exitFailure, "--ignore-daemon")
+	if got := left(); got != "newest used unused" {
+		t.Fatalf("images after a refused prune: %s", got)
+	}
+
+	state := startDaemon(t, apitest.New())
+	s := "--state=" + state
+	if r := cli(t, "", s, "template", "build", "py", "--image", used); r.code != 0 {
+		t.Fatalf("template build: %+v", r)
+	}
+	r := cli(t, "", s, "image", "prune", "--out", cache, "--dry-run")
+	if r.code != 0 || !strings.Contains(r.stdout, "unused") || regexp.MustCompile(`(?m)^(used|newest)\s`).MatchString(r.stdout) || !strings.Contains(r.stderr, "would remove 1 image,") {
+		t.Fatalf("prune --dry-run: %+v", r)
+	}
+	if got := left(); got != "newest used unused" {
+		t.Fatalf("images after a dry run: %s", got)
+	}
+	if r := cli(t, "", s, "image", "prune", "--out", cache, "-o", "json"); r.code != 0 || !strings.Contains(r.stdout, `"digest": "unused"`) {
+		t.Fatalf("prune: %+v", r)
+	}
+	if got := left(); got != "newest used" {
+		t.Errorf("images after prune: %s, want the newest and the template's", got)
+	}
+}
