@@ -55,6 +55,8 @@ type FirecrackerConfig struct {
 	Jailer string `yaml:"jailer" doc:"Path of the jailer binary; empty runs firecracker without it."`
 	UID    int    `yaml:"uid" doc:"User the jailer runs firecracker as. Default: the daemon's own user (as root, give an unprivileged one)."`
 	GID    int    `yaml:"gid" doc:"Group the jailer runs firecracker as. Default: the daemon's own group."`
+	// JailerArgs go to the jailer before "--".
+	JailerArgs []string `yaml:"jailer_args" doc:"Extra jailer arguments, e.g. [--cgroup, cpu.max=50000 100000, --parent-cgroup, warmpool]. The cgroups the jailer creates (cgroup v2) are removed with their VMs."`
 }
 
 // Intervals are the periods of the daemon's background loops.

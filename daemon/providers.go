@@ -28,7 +28,7 @@ func newProvider(cfg Config, stateDir string, log *slog.Logger) (vm.Provider, er
 			if uid == 0 && gid == 0 {
 				uid, gid = os.Getuid(), os.Getgid()
 			}
-			opts.Jailer = &firecracker.JailerOptions{UID: uid, GID: gid, ChrootBase: filepath.Join(stateDir, "jail")}
+			opts.Jailer = &firecracker.JailerOptions{UID: uid, GID: gid, ChrootBase: filepath.Join(stateDir, "jail"), ExtraArgs: cfg.Firecracker.JailerArgs}
 		}
 		p, err := firecracker.New(opts)
 		if err != nil {

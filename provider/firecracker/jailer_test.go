@@ -28,7 +28,7 @@ var fakeJailer = struct {
 
 // newJailedEnv is newEnv with every VM under the fake jailer, which really
 // chroots and drops to jailUID:jailGID.
-func newJailedEnv(t *testing.T) (*env, string) {
+func newJailedEnv(t *testing.T, mods ...func(*JailerOptions)) (*env, string) {
 	t.Helper()
 	if os.Geteuid() != 0 {
 		t.Skip("SKIPPING jailer tests: the jailer must run as root to chroot and change user")
@@ -49,6 +49,9 @@ func newJailedEnv(t *testing.T) (*env, string) {
 	e := newEnv(t, func(o *Options) {
 		o.JailerBinary = fakeJailer.path
 		o.Jailer = &JailerOptions{UID: jailUID, GID: jailGID, ChrootBase: base}
+		for _, mod := range mods {
+			mod(o.Jailer)
+		}
 	})
 	return e, base
 }
@@ -308,5 +311,43 @@ func TestJailedSuspendRestoresOnTheSameDisk(t *testing.T) {
 	}
 	if b, err := os.ReadFile(disk); err != nil || string(b) != "machine data" {
 		t.Errorf("the machine's disk after Destroy: %q, %v", b, err)
+	}
+}
+
+// The jailer creates a cgroup per VM and leaves its removal to its caller:
+// Destroy removes it, also when a restarted provider destroys the VM.
+func TestJailerCgroupsRemovedOnDestroy(t *testing.T) {
+	cgroupRoot := t.TempDir()
+	mounts := filepath.Join(t.TempDir(), "mounts")
+	if err := os.WriteFile(mounts, []byte("proc /proc proc rw 0 0\ncgroup2 "+cgroupRoot+" cgroup2 rw,nosuid 0 0\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	t.Setenv("FAKEJAILER_MOUNTS", mounts)
+	e, _ := newJailedEnv(t, func(j *JailerOptions) {
+		j.ExtraArgs = []string{"--cgroup", "cpu.max=50000 100000", "--parent-cgroup=warmpool/vms"}
+	})
+	e.p.mountsFile = mounts
+	ctx := testCtx(t)
+	v, err := e.p.Create(ctx, e.spec)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cgroup := filepath.Join(cgroupRoot, "warmpool", "vms", v.ID)
+	if _, err := os.Stat(cgroup); err != nil {
+		t.Fatalf("the jailer made no cgroup for %s: %v", v.ID, err)
+	}
+	restarted, err := New(e.p.opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	restarted.mountsFile = "/nonexistent" // it must use what the VM's record says
+	if err := restarted.Destroy(ctx, v.ID); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(cgroup); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("cgroup %s of destroyed VM %s: %v, want it removed", cgroup, v.ID, err)
+	}
+	if _, err := os.Stat(filepath.Dir(cgroup)); err != nil {
+		t.Errorf("the shared parent cgroup was removed too: %v", err)
 	}
 }

@@ -126,6 +126,9 @@ type Provider struct {
 	opts Options
 	log  *slog.Logger
 
+	// mountsFile is /proc/mounts, where cgroup hierarchies are found.
+	mountsFile string
+
 	mu sync.Mutex
 	// children are processes this provider started: their exit is observed
 	// by Wait (so no zombie remains). Adopted VMs are not children.
@@ -177,6 +180,9 @@ func New(opts Options) (*Provider, error) {
 		if opts.Jailer.CgroupVersion == 0 {
 			opts.Jailer.CgroupVersion = 2
 		}
+		if err := checkJailerArgs(opts.Jailer.ExtraArgs); err != nil {
+			return nil, err
+		}
 	}
 	if opts.StartTimeout == 0 {
 		opts.StartTimeout = 10 * time.Second
@@ -188,7 +194,7 @@ func New(opts Options) (*Provider, error) {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	return &Provider{opts: opts, log: log.With("provider", "firecracker"), children: map[string]*child{}}, nil
+	return &Provider{opts: opts, log: log.With("provider", "firecracker"), mountsFile: "/proc/mounts", children: map[string]*child{}}, nil
 }
 
 // Name implements vm.Provider.
@@ -221,6 +227,9 @@ type record struct {
 	Jailed bool   `json:"jailed,omitempty"`
 	// JailDir is removed on Destroy (ChrootBase/firecracker/<id>).
 	JailDir string `json:"jail_dir,omitempty"`
+	// Cgroups are the cgroup directories the jailer creates for the VM;
+	// removing them falls to whoever ran the jailer.
+	Cgroups []string `json:"cgroups,omitempty"`
 	// DataDiskPath is the disk the VM writes, as the host sees it.
 	DataDiskPath string `json:"data_disk_path,omitempty"`
 	// SuspendedTo is the single-use snapshot the VM was suspended to: it
@@ -266,6 +275,11 @@ func (p *Provider) newInstance(spec vm.Spec) (*instance, error) {
 		in.Jailed = true
 		in.JailDir = filepath.Join(p.opts.Jailer.ChrootBase, filepath.Base(p.opts.Binary), id)
 		in.Root = filepath.Join(in.JailDir, "root")
+		mounts, err := os.ReadFile(p.mountsFile)
+		if err != nil {
+			return nil, fmt.Errorf("find cgroup hierarchies for the jailer: %w", err)
+		}
+		in.Cgroups = jailCgroups(string(mounts), p.opts.Jailer.CgroupVersion, p.opts.Jailer.ExtraArgs, p.opts.Binary, id)
 	}
 	if n := len(in.hostPath(apiSocketName)); n >= 108 {
 		return nil, &vm.FieldError{Field: "state_dir", Value: p.opts.StateDir, Reason: fmt.Sprintf("socket path of %d bytes exceeds the 107 a Unix socket allows", n)}
@@ -835,6 +849,11 @@ func (p *Provider) discard(in *instance) {
 }
 
 func (p *Provider) removeFiles(in *instance) error {
+	// A cgroup left behind costs little; a VM that cannot be destroyed
+	// because of one would stay listed for ever.
+	if err := removeCgroups(in.Cgroups); err != nil {
+		p.log.Warn("remove the jailer's cgroups", "vm", in.ID, "err", err)
+	}
 	var errs []error
 	if in.JailDir != "" {
 		errs = append(errs, os.RemoveAll(in.JailDir))

@@ -1,7 +1,8 @@
 // Command fakejailer pretends to be Firecracker's jailer, doing for real
-// what its documentation (docs/jailer.md) says it does, short of cgroups
-// and namespaces: it validates the id and paths, clears the environment,
-// creates <chroot_base>/<exec_file_name>/<id>/root, copies the exec file
+// what its documentation (docs/jailer.md) says it does, short of namespaces:
+// it validates the id and paths, clears the environment, creates the
+// cgroup directories (see below), creates
+// <chroot_base>/<exec_file_name>/<id>/root, copies the exec file
 // into it, creates /dev/kvm and /dev/net/tun there, hands the jail to
 // uid:gid, chroots into it, drops to uid:gid and execs
 // "<exec_file_name> --id <id> --start-time-us N --start-time-cpu-us N"
@@ -13,6 +14,14 @@
 // that file into the jail where the fake firecracker looks for it. Of the
 // environment, only the fake firecracker's FAKE_FIRECRACKER_* settings
 // reach it.
+//
+// Cgroups: like the real jailer it finds the hierarchy of each controller a
+// --cgroup names in the mount table and creates
+// <cgroup_base>/<parent_cgroup>/<id> there, but it reads the mount table
+// from the file FAKEJAILER_MOUNTS names, so tests can point it at plain
+// directories; it writes no cgroup files, which would keep the directory
+// from being removed as an empty cgroup is. Without FAKEJAILER_MOUNTS it
+// creates no cgroups.
 package main
 
 import (
@@ -103,7 +112,9 @@ func run(args []string) error {
 			return fmt.Errorf("invalid cgroup %q: want <cgroup_file>=<value>", c)
 		}
 	}
-	_ = parentCgroup
+	if *parentCgroup == "" {
+		*parentCgroup = filepath.Base(*execFile)
+	}
 	for _, l := range limits {
 		k, v, ok := strings.Cut(l, "=")
 		if _, err := strconv.ParseUint(v, 10, 64); !ok || (k != "fsize" && k != "no-file") || err != nil {
@@ -137,6 +148,9 @@ func run(args []string) error {
 		return fmt.Errorf("exec file name %s must include the string firecracker", execName)
 	}
 
+	if err := createCgroups(os.Getenv("FAKEJAILER_MOUNTS"), *cgroupVersion, cgroups, *parentCgroup, *id); err != nil {
+		return err
+	}
 	specPath := os.Getenv(fakefirecracker.SpecEnv)
 	// The jailer clears the environment it received. The fake firecracker's
 	// own knobs (FAKE_FIRECRACKER_*) are test controls, not environment a
@@ -259,4 +273,42 @@ func copyFile(src, dst string, mode os.FileMode) error {
 		return err
 	}
 	return out.Close()
+}
+
+// createCgroups creates <cgroup_base>/<parent>/<id> in the hierarchy of
+// every controller the cgroup files belong to, as listed in mountsFile.
+func createCgroups(mountsFile, version string, cgroups []string, parent, id string) error {
+	if mountsFile == "" || len(cgroups) == 0 {
+		return nil
+	}
+	mounts, err := os.ReadFile(mountsFile)
+	if err != nil {
+		return fmt.Errorf("read the mount table: %w", err)
+	}
+	bases := map[string]string{} // controller -> hierarchy
+	for _, line := range strings.Split(string(mounts), "\n") {
+		f := strings.Fields(line)
+		if len(f) < 4 {
+			continue
+		}
+		for _, c := range cgroups {
+			controller, _, _ := strings.Cut(c, ".")
+			if version == "2" && f[2] == "cgroup2" || version == "1" && f[2] == "cgroup" && slices.Contains(strings.Split(f[3], ","), controller) {
+				if _, seen := bases[controller]; !seen {
+					bases[controller] = f[1]
+				}
+			}
+		}
+	}
+	for _, c := range cgroups {
+		controller, _, _ := strings.Cut(c, ".")
+		base, ok := bases[controller]
+		if !ok {
+			return fmt.Errorf("cannot find the cgroup v%s hierarchy of controller %s", version, controller)
+		}
+		if err := os.MkdirAll(filepath.Join(base, parent, id), 0o755); err != nil {
+			return fmt.Errorf("create cgroup: %w", err)
+		}
+	}
+	return nil
 }
