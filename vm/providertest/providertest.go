@@ -81,6 +81,7 @@ func Run(t *testing.T, newProvider func(t *testing.T) (vm.Provider, Fixture)) {
 	t.Run("SnapshotRestore", s.testSnapshotRestore)
 	t.Run("ConcurrentRestores", s.testConcurrentRestores)
 	t.Run("RestoreCancelled", s.testRestoreCancelled)
+	t.Run("RestoreCancelledAtAnyPoint", s.testRestoreCancelledAnywhere)
 	t.Run("StopWithGrace", s.testStop)
 	t.Run("Destroy", s.testDestroy)
 	t.Run("CreateCancelledMidway", s.testCreateCancelledMidway)
@@ -590,6 +591,39 @@ func (s *suite) testRestoreCancelled(t *testing.T) {
 	}
 	if after := s.newIDs(t); !slices.Equal(before, after) {
 		t.Errorf("cancelled restores left VMs behind: before %v, after %v", before, after)
+	}
+}
+
+// testRestoreCancelledAnywhere cancels restores at points spread over a
+// whole restore, the last ones just as it completes: a VM the provider has
+// made must come back to the caller or be gone, never run on unknown. (A pool
+// shutting down cancels its restores at any such point.)
+func (s *suite) testRestoreCancelledAnywhere(t *testing.T) {
+	sn, snap := s.needSnapshot(t)
+	before := s.newIDs(t)
+	start := time.Now()
+	v, err := sn.Restore(s.ctx(t), snap)
+	if err != nil {
+		t.Fatalf("Restore: %v", err)
+	}
+	took := time.Since(start)
+	s.track(v.ID)
+	if err := s.p.Destroy(s.ctx(t), v.ID); err != nil {
+		t.Fatalf("Destroy %s: %v", v.ID, err)
+	}
+	for _, pct := range []time.Duration{30, 60, 80, 90, 95, 100, 105, 110} {
+		ctx, cancel := context.WithTimeout(context.Background(), took*pct/100)
+		v, err := sn.Restore(ctx, snap)
+		cancel()
+		if err == nil {
+			s.track(v.ID)
+			if err := s.p.Destroy(s.ctx(t), v.ID); err != nil {
+				t.Errorf("Destroy %s: %v", v.ID, err)
+			}
+		}
+		if after := s.newIDs(t); !slices.Equal(before, after) {
+			t.Fatalf("a restore cancelled after %d%% of %v (%v) left VMs behind: before %v, after %v", pct, took, err, before, after)
+		}
 	}
 }
 
