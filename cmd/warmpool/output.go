@@ -113,11 +113,11 @@ func age(t time.Time) string {
 	case d < 0:
 		return "0s"
 	case d < time.Minute:
-		return d.Truncate(time.Second).String()
+		return fmt.Sprintf("%ds", int(d.Seconds()))
 	case d < time.Hour:
-		return d.Truncate(time.Minute).String()
+		return fmt.Sprintf("%dm", int(d.Minutes()))
 	case d < 48*time.Hour:
-		return d.Truncate(time.Hour).String()
+		return fmt.Sprintf("%dh", int(d.Hours()))
 	}
 	return fmt.Sprintf("%dd", int(d.Hours()/24))
 }

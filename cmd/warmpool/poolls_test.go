@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/warmpool/warmpool/api"
 )
@@ -45,5 +46,20 @@ func TestPoolListShowsLastError(t *testing.T) {
 	}
 	if v, ok := raw[1]["last_error"]; !ok || v != nil {
 		t.Errorf("healthy pool's last_error = %v (present %v), want null", v, ok)
+	}
+}
+
+func TestAgeIsCoarse(t *testing.T) {
+	now := time.Now()
+	for ago, want := range map[time.Duration]string{
+		-time.Second: "0s", 42 * time.Second: "42s", 90 * time.Second: "1m",
+		3*time.Hour + 59*time.Minute: "3h", 47 * time.Hour: "47h", 80 * time.Hour: "3d",
+	} {
+		if got := age(now.Add(-ago)); got != want {
+			t.Errorf("age %v ago = %q, want %q", ago, got, want)
+		}
+	}
+	if got := age(time.Time{}); got != "-" {
+		t.Errorf("age of the zero time = %q, want -", got)
 	}
 }
