@@ -64,9 +64,6 @@ func (p *Provider) Snapshot(ctx context.Context, id, dir string) (vm.Snapshot, e
 	if err != nil {
 		return fail(err)
 	}
-	if rec.SuspendedTo != "" {
-		return fail(fmt.Errorf("vm was suspended to snapshot %s: %w", rec.SuspendedTo, vm.ErrInvalidState))
-	}
 	if rec.Config.DataDisk != "" {
 		return fail(fmt.Errorf("vm has a data disk, which clones would share (Suspend keeps it for a single restore): %w", vm.ErrUnsupported))
 	}
@@ -132,7 +129,8 @@ func (p *Provider) Snapshot(ctx context.Context, id, dir string) (vm.Snapshot, e
 	return snap, nil
 }
 
-// pausedRecord returns m's record once QEMU says the VM is paused. The
+// pausedRecord returns m's record once QEMU says the VM is paused, unless
+// it was suspended: its memory and disk belong to that snapshot now. The
 // caller holds m.op, so the VM stays paused until it lets go.
 func (p *Provider) pausedRecord(ctx context.Context, m *machine) (record, error) {
 	st, err := p.queryStatus(ctx, m)
@@ -143,8 +141,12 @@ func (p *Provider) pausedRecord(ctx context.Context, m *machine) (record, error)
 		return record{}, fmt.Errorf("vm is %s, not paused: %w", st, vm.ErrInvalidState)
 	}
 	m.mu.Lock()
-	defer m.mu.Unlock()
-	return m.rec, nil
+	rec := m.rec
+	m.mu.Unlock()
+	if rec.SuspendedTo != "" {
+		return record{}, fmt.Errorf("vm was already suspended to snapshot %s: %w", rec.SuspendedTo, vm.ErrInvalidState)
+	}
+	return rec, nil
 }
 
 // migrateOut streams the VM's state into path through a descriptor handed

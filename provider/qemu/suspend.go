@@ -45,9 +45,6 @@ func (p *Provider) Suspend(ctx context.Context, id, dir string) (vm.Snapshot, er
 	if err != nil {
 		return fail(err)
 	}
-	if rec.SuspendedTo != "" {
-		return fail(fmt.Errorf("vm was already suspended to snapshot %s: %w", rec.SuspendedTo, vm.ErrInvalidState))
-	}
 	ramInFile := rec.Config.MemPath != "" && rec.Config.MemShared
 	abs, err := filepath.Abs(dir)
 	if err != nil {
