@@ -1,7 +1,6 @@
 package bench
 
 import (
-	"bufio"
 	"bytes"
 	"encoding/json"
 	"encoding/xml"
@@ -150,14 +149,14 @@ Shared_Clean:     130000 kB
 Private_Clean:      2000 kB
 Private_Dirty:     41000 kB
 `
-	m, err := parseSmapsRollup(bufio.NewScanner(strings.NewReader(in)))
+	m, err := parseSmapsRollup(strings.NewReader(in))
 	if err != nil {
 		t.Fatal(err)
 	}
 	if m.PrivateKiB != 43000 || m.PssKiB != 54000 || m.RssKiB != 180000 {
 		t.Errorf("parsed %+v, want private 43000 (clean+dirty), pss 54000, rss 180000", m)
 	}
-	if _, err := parseSmapsRollup(bufio.NewScanner(strings.NewReader("Rss: 1 kB\n"))); err == nil {
+	if _, err := parseSmapsRollup(strings.NewReader("Rss: 1 kB\n")); err == nil {
 		t.Errorf("truncated smaps_rollup accepted")
 	}
 	self, err := readProcMemory(os.Getpid())

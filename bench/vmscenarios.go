@@ -1,15 +1,14 @@
 package bench
 
 import (
-	"bufio"
 	"context"
 	"fmt"
+	"io"
 	"os"
-	"strconv"
-	"strings"
 	"time"
 
 	"github.com/warmpool/warmpool/agent"
+	"github.com/warmpool/warmpool/internal/procfs"
 )
 
 // readyTimeout bounds one boot or restore: generous, because under TCG on a
@@ -85,46 +84,26 @@ func readProcMemory(pid int) (procMemory, error) {
 		return procMemory{}, fmt.Errorf("read memory of pid %d: %w", pid, err)
 	}
 	defer f.Close()
-	m, err := parseSmapsRollup(bufio.NewScanner(f))
+	m, err := parseSmapsRollup(f)
 	if err != nil {
 		return procMemory{}, fmt.Errorf("parse smaps_rollup of pid %d: %w", pid, err)
 	}
 	return m, nil
 }
 
-func parseSmapsRollup(sc *bufio.Scanner) (procMemory, error) {
-	var m procMemory
-	seen := 0
-	for sc.Scan() {
-		key, rest, ok := strings.Cut(sc.Text(), ":")
-		if !ok {
-			continue
-		}
-		fields := strings.Fields(rest)
-		if len(fields) == 0 {
-			continue
-		}
-		v, err := strconv.ParseInt(fields[0], 10, 64)
-		if err != nil {
-			continue
-		}
-		switch key {
-		case "Rss":
-			m.RssKiB = v
-			seen++
-		case "Pss":
-			m.PssKiB = v
-			seen++
-		case "Private_Clean", "Private_Dirty":
-			m.PrivateKiB += v
-			seen++
-		}
-	}
-	if err := sc.Err(); err != nil {
+func parseSmapsRollup(r io.Reader) (procMemory, error) {
+	vals, err := procfs.ParseKiB(r)
+	if err != nil {
 		return procMemory{}, err
 	}
-	if seen < 4 {
-		return procMemory{}, fmt.Errorf("missing Rss, Pss or Private_* lines")
+	for _, key := range []string{"Rss", "Pss", "Private_Clean", "Private_Dirty"} {
+		if _, ok := vals[key]; !ok {
+			return procMemory{}, fmt.Errorf("no %s line", key)
+		}
 	}
-	return m, nil
+	return procMemory{
+		RssKiB:     int64(vals["Rss"]),
+		PssKiB:     int64(vals["Pss"]),
+		PrivateKiB: int64(vals["Private_Clean"] + vals["Private_Dirty"]),
+	}, nil
 }

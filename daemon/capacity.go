@@ -1,12 +1,9 @@
 package daemon
 
 import (
-	"bufio"
 	"fmt"
-	"os"
-	"strconv"
-	"strings"
 
+	"github.com/warmpool/warmpool/internal/procfs"
 	"github.com/warmpool/warmpool/store"
 	"github.com/warmpool/warmpool/vm"
 )
@@ -42,19 +39,9 @@ func (d *Daemon) checkPoolMemory(p store.Pool, t store.Template) error {
 // largest memory a VM may have, so the check never refuses a sane pool
 // because of a missing /proc.
 func hostMemoryMiB() int {
-	f, err := os.Open("/proc/meminfo")
-	if err != nil {
+	mem, err := procfs.ReadKiB("/proc/meminfo")
+	if err != nil || mem["MemTotal"] == 0 {
 		return vm.MaxMemoryMiB
 	}
-	defer f.Close()
-	sc := bufio.NewScanner(f)
-	for sc.Scan() {
-		fields := strings.Fields(sc.Text())
-		if len(fields) >= 2 && fields[0] == "MemTotal:" {
-			if kib, err := strconv.Atoi(fields[1]); err == nil {
-				return kib / 1024
-			}
-		}
-	}
-	return vm.MaxMemoryMiB
+	return int(mem["MemTotal"] / 1024)
 }

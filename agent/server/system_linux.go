@@ -1,7 +1,6 @@
 package server
 
 import (
-	"bufio"
 	"fmt"
 	"os"
 	"strconv"
@@ -9,9 +8,9 @@ import (
 	"time"
 	"unsafe"
 
-	"golang.org/x/sys/unix"
-
 	"github.com/warmpool/warmpool/agent/proto"
+	"github.com/warmpool/warmpool/internal/procfs"
+	"golang.org/x/sys/unix"
 )
 
 func kernelRelease() string {
@@ -95,37 +94,11 @@ func PowerOff() error {
 // ReadProcStats reads memory, uptime and load from /proc.
 func ReadProcStats() (proto.Stats, error) {
 	var st proto.Stats
-	f, err := os.Open("/proc/meminfo")
+	mem, err := procfs.ReadKiB("/proc/meminfo")
 	if err != nil {
 		return st, fmt.Errorf("read guest memory: %w", err)
 	}
-	defer f.Close()
-	sc := bufio.NewScanner(f)
-	for sc.Scan() {
-		key, rest, ok := strings.Cut(sc.Text(), ":")
-		if !ok {
-			continue
-		}
-		fields := strings.Fields(rest)
-		if len(fields) == 0 {
-			continue
-		}
-		v, err := strconv.ParseUint(fields[0], 10, 64)
-		if err != nil {
-			continue
-		}
-		switch key {
-		case "MemTotal":
-			st.MemTotalKiB = v
-		case "MemFree":
-			st.MemFreeKiB = v
-		case "MemAvailable":
-			st.MemAvailableKiB = v
-		}
-	}
-	if err := sc.Err(); err != nil {
-		return st, fmt.Errorf("read /proc/meminfo: %w", err)
-	}
+	st.MemTotalKiB, st.MemFreeKiB, st.MemAvailableKiB = mem["MemTotal"], mem["MemFree"], mem["MemAvailable"]
 	var info unix.Sysinfo_t
 	if err := unix.Sysinfo(&info); err != nil {
 		return st, fmt.Errorf("sysinfo: %w", err)
