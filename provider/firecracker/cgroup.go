@@ -13,26 +13,34 @@ import (
 	"github.com/warmpool/warmpool/vm"
 )
 
-// jailCgroups returns the cgroup directories the jailer creates for VM id
-// and leaves behind: for each hierarchy holding a controller that a --cgroup
-// argument names, <cgroup_base>/<parent_cgroup>/<id>, where parent_cgroup is
-// --parent-cgroup or the Firecracker binary's name (docs/jailer.md). Without
-// --cgroup the jailer creates none. mounts is /proc/mounts' text, which the
-// jailer also reads to find each controller's hierarchy.
-func jailCgroups(mounts string, version int, jailerArgs []string, execFile, id string) []string {
-	var files []string
-	parent := filepath.Base(execFile)
-	for i := 0; i < len(jailerArgs); i++ {
-		name, value, inline := strings.Cut(jailerArgs[i], "=")
-		if !inline && i+1 < len(jailerArgs) {
-			value = jailerArgs[i+1]
+// jailerCgroups is what the extra jailer arguments ask of cgroups.
+type jailerCgroups struct {
+	files  []string // the cgroup files --cgroup sets, e.g. cpu.max
+	parent string   // --parent-cgroup, or the Firecracker binary's name
+}
+
+// parseJailerArgs refuses extra jailer arguments that would contradict what
+// the provider passes itself or how it tracks the process, and returns what
+// they ask of cgroups.
+func parseJailerArgs(args []string, execFile string) (jailerCgroups, error) {
+	c := jailerCgroups{parent: filepath.Base(execFile)}
+	for i := 0; i < len(args); i++ {
+		name, value, inline := strings.Cut(args[i], "=")
+		if !inline && i+1 < len(args) {
+			value = args[i+1]
 		}
 		switch name {
 		case "--cgroup":
 			file, _, _ := strings.Cut(value, "=")
-			files = append(files, file)
+			c.files = append(c.files, file)
 		case "--parent-cgroup":
-			parent = value
+			c.parent = value
+		case "--id", "--exec-file", "--uid", "--gid", "--chroot-base-dir", "--cgroup-version", "--netns":
+			return c, &vm.FieldError{Field: "jailer_args", Value: args[i], Reason: "the provider sets " + name + " itself"}
+		case "--daemonize", "--new-pid-ns":
+			return c, &vm.FieldError{Field: "jailer_args", Value: args[i], Reason: "the provider must start and watch Firecracker's process itself"}
+		case "--":
+			return c, &vm.FieldError{Field: "jailer_args", Value: args[i], Reason: "arguments for Firecracker itself are not supported"}
 		default:
 			continue
 		}
@@ -40,7 +48,16 @@ func jailCgroups(mounts string, version int, jailerArgs []string, execFile, id s
 			i++
 		}
 	}
-	if len(files) == 0 {
+	return c, nil
+}
+
+// dirs returns the cgroup directories the jailer creates for VM id and
+// leaves behind: for each hierarchy holding a controller that a --cgroup
+// argument names, <cgroup_base>/<parent_cgroup>/<id> (docs/jailer.md).
+// Without --cgroup the jailer creates none. mounts is /proc/mounts' text,
+// which the jailer also reads to find each controller's hierarchy.
+func (c jailerCgroups) dirs(mounts string, version int, id string) []string {
+	if len(c.files) == 0 {
 		return nil
 	}
 	var bases []string
@@ -54,7 +71,7 @@ func jailCgroups(mounts string, version int, jailerArgs []string, execFile, id s
 		case version == 2 && fsType == "cgroup2":
 			bases = append(bases, mountPoint)
 		case version == 1 && fsType == "cgroup":
-			for _, file := range files {
+			for _, file := range c.files {
 				controller, _, _ := strings.Cut(file, ".")
 				if slices.Contains(options, controller) {
 					bases = append(bases, mountPoint)
@@ -68,29 +85,12 @@ func jailCgroups(mounts string, version int, jailerArgs []string, execFile, id s
 	}
 	var dirs []string
 	for _, base := range bases {
-		dir := filepath.Join(base, parent, id)
+		dir := filepath.Join(base, c.parent, id)
 		if !slices.Contains(dirs, dir) {
 			dirs = append(dirs, dir)
 		}
 	}
 	return dirs
-}
-
-// checkJailerArgs refuses extra jailer arguments that would contradict what
-// the provider passes itself or how it tracks the process.
-func checkJailerArgs(args []string) error {
-	for _, a := range args {
-		name, _, _ := strings.Cut(a, "=")
-		switch name {
-		case "--id", "--exec-file", "--uid", "--gid", "--chroot-base-dir", "--cgroup-version", "--netns":
-			return &vm.FieldError{Field: "jailer_args", Value: a, Reason: "the provider sets " + name + " itself"}
-		case "--daemonize", "--new-pid-ns":
-			return &vm.FieldError{Field: "jailer_args", Value: a, Reason: "the provider must start and watch Firecracker's process itself"}
-		case "--":
-			return &vm.FieldError{Field: "jailer_args", Value: a, Reason: "arguments for Firecracker itself are not supported"}
-		}
-	}
-	return nil
 }
 
 // unescapeMount undoes /proc/mounts' octal escapes (\040 for a space).

@@ -26,7 +26,11 @@ cgroup /sys/fs/cgroup/my\040memory cgroup rw,memory 0 0
 			[]string{"/sys/fs/cgroup/cpu,cpuacct/firecracker/fc-1", "/sys/fs/cgroup/cpuset/firecracker/fc-1"}},
 		{"v1 escaped mount point", 1, []string{"--cgroup", "memory.limit_in_bytes=1"}, []string{"/sys/fs/cgroup/my memory/firecracker/fc-1"}},
 	} {
-		got := jailCgroups(mounts, tc.version, tc.args, "/usr/bin/firecracker", "fc-1")
+		c, err := parseJailerArgs(tc.args, "/usr/bin/firecracker")
+		if err != nil {
+			t.Fatalf("%s: %v", tc.name, err)
+		}
+		got := c.dirs(mounts, tc.version, "fc-1")
 		slices.Sort(got)
 		if !slices.Equal(got, tc.want) {
 			t.Errorf("%s: %q, want %q", tc.name, got, tc.want)
@@ -42,7 +46,7 @@ func TestJailerArgsThatContradictTheProviderAreRefused(t *testing.T) {
 			t.Errorf("jailer args %q: %v, want an error naming %s", args, err, args[0])
 		}
 	}
-	if err := checkJailerArgs([]string{"--cgroup", "cpu.max=1", "--parent-cgroup=a", "--resource-limit", "no-file=100"}); err != nil {
+	if _, err := parseJailerArgs([]string{"--cgroup", "cpu.max=1", "--parent-cgroup=a", "--resource-limit", "no-file=100"}, "/usr/bin/firecracker"); err != nil {
 		t.Errorf("documented jailer args refused: %v", err)
 	}
 }

@@ -126,7 +126,9 @@ type Provider struct {
 	opts Options
 	log  *slog.Logger
 
-	// mountsFile is /proc/mounts, where cgroup hierarchies are found.
+	// cgroups is what the jailer is asked to do with cgroups; mountsFile
+	// is /proc/mounts, where their hierarchies are found.
+	cgroups    jailerCgroups
 	mountsFile string
 
 	mu sync.Mutex
@@ -167,6 +169,7 @@ func New(opts Options) (*Provider, error) {
 	if opts.Binary, err = filepath.Abs(bin); err != nil {
 		return nil, fmt.Errorf("firecracker binary %s: %w", bin, err)
 	}
+	var cgroups jailerCgroups
 	if (opts.Jailer == nil) != (opts.JailerBinary == "") {
 		return nil, &vm.FieldError{Field: "jailer", Value: opts.JailerBinary, Reason: "the jailer binary and jailer options go together"}
 	}
@@ -180,7 +183,7 @@ func New(opts Options) (*Provider, error) {
 		if opts.Jailer.CgroupVersion == 0 {
 			opts.Jailer.CgroupVersion = 2
 		}
-		if err := checkJailerArgs(opts.Jailer.ExtraArgs); err != nil {
+		if cgroups, err = parseJailerArgs(opts.Jailer.ExtraArgs, opts.Binary); err != nil {
 			return nil, err
 		}
 	}
@@ -194,7 +197,7 @@ func New(opts Options) (*Provider, error) {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	return &Provider{opts: opts, log: log.With("provider", "firecracker"), mountsFile: "/proc/mounts", children: map[string]*child{}}, nil
+	return &Provider{opts: opts, log: log.With("provider", "firecracker"), cgroups: cgroups, mountsFile: "/proc/mounts", children: map[string]*child{}}, nil
 }
 
 // Name implements vm.Provider.
@@ -275,11 +278,13 @@ func (p *Provider) newInstance(spec vm.Spec) (*instance, error) {
 		in.Jailed = true
 		in.JailDir = filepath.Join(p.opts.Jailer.ChrootBase, filepath.Base(p.opts.Binary), id)
 		in.Root = filepath.Join(in.JailDir, "root")
-		mounts, err := os.ReadFile(p.mountsFile)
-		if err != nil {
-			return nil, fmt.Errorf("find cgroup hierarchies for the jailer: %w", err)
+		if len(p.cgroups.files) > 0 {
+			mounts, err := os.ReadFile(p.mountsFile)
+			if err != nil {
+				return nil, fmt.Errorf("find cgroup hierarchies for the jailer: %w", err)
+			}
+			in.Cgroups = p.cgroups.dirs(string(mounts), p.opts.Jailer.CgroupVersion, id)
 		}
-		in.Cgroups = jailCgroups(string(mounts), p.opts.Jailer.CgroupVersion, p.opts.Jailer.ExtraArgs, p.opts.Binary, id)
 	}
 	if n := len(in.hostPath(apiSocketName)); n >= 108 {
 		return nil, &vm.FieldError{Field: "state_dir", Value: p.opts.StateDir, Reason: fmt.Sprintf("socket path of %d bytes exceeds the 107 a Unix socket allows", n)}
