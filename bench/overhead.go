@@ -88,7 +88,7 @@ func acquireConcurrently(ctx context.Context, bp *benchPool, conc, per int) ([]t
 			<-gate
 			for j := 0; j < per; j++ {
 				start := time.Now()
-				l, err := bp.Acquire(ctx, bp.name)
+				l, err := bp.acquire(ctx)
 				d := time.Since(start)
 				if err != nil {
 					mu.Lock()

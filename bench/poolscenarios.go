@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/warmpool/warmpool/agent"
@@ -39,12 +40,12 @@ func (e *env) warmPoolConfig(times *handoffTimes) pool.Config {
 	e.onCleanup("handoffer", func(context.Context) error { h.Close(); return nil })
 	return pool.Config{
 		Validate: h.Validate(validateWarm(e.provider)),
-		Handoff: func(ctx context.Context, v vm.VM) error {
+		Handoff: func(ctx context.Context, v vm.VM, id pool.Identity) error {
 			entropy := make([]byte, 32)
 			if _, err := rand.Read(entropy); err != nil {
 				return fmt.Errorf("entropy for %s: %w", v.ID, err)
 			}
-			t, err := h.Handoff(ctx, v, agent.HandoffRequest{Entropy: entropy, Time: time.Now(), Hostname: v.ID})
+			t, err := h.Handoff(ctx, v, agent.HandoffRequest{Entropy: entropy, Time: time.Now(), Hostname: id.LeaseID})
 			if err != nil {
 				return err
 			}
@@ -81,6 +82,7 @@ func validateWarm(p vm.Provider) func(ctx context.Context, v vm.VM) error {
 // (every warm VM destroyed) by the run's cleanup if not before.
 type benchPool struct {
 	*pool.Pool
+	prov  vm.Provider // destroys what the pool hands out
 	name  string
 	key   vm.StackKey
 	depth int
@@ -99,7 +101,7 @@ func (e *env) newPool(ctx context.Context, name string, depth int, p vm.Provider
 		return nil, err
 	}
 	key := vm.StackKey{Template: "bench", VCPUs: snap.Spec.VCPUs, MemoryMiB: snap.Spec.MemoryMiB}
-	bp := &benchPool{Pool: pl, name: name, key: key, depth: depth, e: e}
+	bp := &benchPool{Pool: pl, prov: p, name: name, key: key, depth: depth, e: e}
 	e.onCleanup("pool "+name, bp.shutdown)
 	spec := pool.StackSpec{
 		Name:     name,
@@ -150,7 +152,18 @@ func (bp *benchPool) waitFull(ctx context.Context) error {
 func (bp *benchPool) release(ctx context.Context, l *pool.Lease) error {
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), time.Minute)
 	defer cancel()
-	return bp.Release(ctx, l)
+	if err := bp.prov.Destroy(ctx, l.VM.ID); err != nil && !errors.Is(err, vm.ErrNotFound) {
+		return fmt.Errorf("release lease %s: destroy %s: %w", l.ID, l.VM.ID, err)
+	}
+	return nil
+}
+
+// leaseSeq numbers the bench's leases: the ID is the guest's hostname.
+var leaseSeq atomic.Uint64
+
+// acquire leases a VM under a fresh lease ID, as the daemon does.
+func (bp *benchPool) acquire(ctx context.Context) (*pool.Lease, error) {
+	return bp.Acquire(ctx, bp.name, pool.Identity{LeaseID: fmt.Sprintf("bench-%d", leaseSeq.Add(1))})
 }
 
 // warmAcquire is scenario 3: acquire from a full pool (every sample is a
@@ -170,7 +183,7 @@ func warmAcquire(ctx context.Context, e *env) ([]Scenario, error) {
 		actx, cancel := context.WithTimeout(ctx, readyTimeout)
 		defer cancel()
 		start := time.Now()
-		l, err := bp.Acquire(actx, bp.name)
+		l, err := bp.acquire(actx)
 		d := time.Since(start)
 		if err != nil {
 			return 0, err
@@ -327,7 +340,7 @@ func burstOnce(ctx context.Context, bp *benchPool, k int) (burstResult, error) {
 		go func() {
 			defer wg.Done()
 			<-startGate
-			l, err := bp.Acquire(ctx, bp.name)
+			l, err := bp.acquire(ctx)
 			mu.Lock()
 			defer mu.Unlock()
 			if err != nil {

@@ -18,8 +18,8 @@ import (
 )
 
 // liveLease is a lease the daemon serves. pl is nil for a lease adopted
-// from an earlier run: the pool never saw it, so release destroys the VM
-// directly.
+// from an earlier run. Either way release destroys the VM through the
+// provider: the pool gave it up at hand-off.
 type liveLease struct {
 	rec store.Lease
 	pl  *pool.Lease
@@ -36,8 +36,6 @@ func (l *liveLease) api() api.Lease {
 		Timings:   api.Timings{WaitMS: l.rec.WaitMS, HandoffMS: l.rec.HandoffMS, TotalMS: l.rec.TotalMS},
 	}
 }
-
-type leaseIDKey struct{}
 
 // newLeaseID is "l-" and 16 random hex digits: a valid name and hostname.
 func newLeaseID() string {
@@ -63,12 +61,11 @@ func (d *Daemon) Acquire(ctx context.Context, poolName string, req api.AcquireRe
 	if wait <= 0 {
 		wait = api.DefaultWait
 	}
-	// The hand-off reads the lease ID from the context: it becomes the
-	// guest's hostname and the VM's store record names it before the VM
-	// is touched.
-	actx, cancel := context.WithTimeout(context.WithValue(ctx, leaseIDKey{}, id), wait)
+	// The lease ID becomes the guest's hostname, and the VM's store record
+	// names it before the VM is touched.
+	actx, cancel := context.WithTimeout(ctx, wait)
 	defer cancel()
-	pl, err := d.pools.Acquire(actx, poolName)
+	pl, err := d.pools.Acquire(actx, poolName, pool.Identity{LeaseID: id})
 	if err != nil {
 		if errors.Is(err, pool.ErrNothingReady) {
 			if why := d.poolLastError(spec); why != "" {
@@ -113,7 +110,7 @@ func (d *Daemon) Acquire(ctx context.Context, poolName string, req api.AcquireRe
 	if err != nil {
 		rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), time.Minute)
 		defer cancel()
-		if rerr := d.pools.Release(rctx, pl); rerr != nil {
+		if rerr := d.destroyLeased(rctx, pl.VM.ID); rerr != nil {
 			d.log.Error("destroy VM of a lease that could not be recorded", "vm", pl.VM.ID, "err", rerr)
 		}
 		return api.Lease{}, fmt.Errorf("record lease of pool %s: %w", poolName, err)
@@ -132,11 +129,8 @@ func (d *Daemon) Acquire(ctx context.Context, poolName string, req api.AcquireRe
 // handoff gives a freshly resumed warm VM its identity. It first marks the
 // VM leased in the store, so that a crash from here on can never put a VM
 // that a tenant may have seen back into a pool.
-func (d *Daemon) handoff(ctx context.Context, v vm.VM) error {
-	id, _ := ctx.Value(leaseIDKey{}).(string)
-	if id == "" {
-		id = newLeaseID()
-	}
+func (d *Daemon) handoff(ctx context.Context, v vm.VM, ident pool.Identity) error {
+	id := ident.LeaseID
 	err := d.st.Update(func(tx *store.Tx) error {
 		rec, err := store.VMs.Get(tx, v.ID)
 		if err != nil {
@@ -210,19 +204,13 @@ func (d *Daemon) Release(ctx context.Context, id string) error {
 	if l == nil {
 		return nil
 	}
-	var err error
-	if l.pl != nil {
-		err = d.pools.Release(ctx, l.pl)
-	} else {
-		err = d.prov.Destroy(ctx, l.rec.VMID)
-	}
-	if err != nil && !errors.Is(err, vm.ErrNotFound) {
+	if err := d.destroyLeased(ctx, l.rec.VMID); err != nil {
 		d.leaseMu.Lock()
 		d.leases[id] = l
 		d.leaseMu.Unlock()
 		return fmt.Errorf("release lease %s: destroy VM %s: %w", id, l.rec.VMID, err)
 	}
-	err = d.st.Update(func(tx *store.Tx) error {
+	err := d.st.Update(func(tx *store.Tx) error {
 		if err := store.Leases.Delete(tx, id); err != nil {
 			return err
 		}
@@ -232,6 +220,17 @@ func (d *Daemon) Release(ctx context.Context, id string) error {
 		return fmt.Errorf("release lease %s: %w", id, err)
 	}
 	d.bus.Publish(events.Event{Kind: "lease.released", Subject: id, Detail: map[string]any{"pool": l.rec.Pool, "vm_id": l.rec.VMID}})
+	return nil
+}
+
+// destroyLeased destroys a handed-out VM: the pool gave it up at hand-off,
+// so it is the lease's to destroy. A VM already gone counts as destroyed.
+func (d *Daemon) destroyLeased(ctx context.Context, vmID string) error {
+	err := d.prov.Destroy(ctx, vmID)
+	if err != nil && !errors.Is(err, vm.ErrNotFound) {
+		return err
+	}
+	d.handoffer.Forget(vmID)
 	return nil
 }
 

@@ -21,7 +21,6 @@ package pool
 
 import (
 	"context"
-	"crypto/rand"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -55,9 +54,10 @@ type Config struct {
 	// in health checks and again before hand-out. Default: Inspect reports it
 	// paused or running.
 	Validate func(ctx context.Context, v vm.VM) error
-	// Handoff runs at acquire after Resume (real code: agent handoff + ping);
-	// nil means none. An error destroys the VM and tries the next one.
-	Handoff func(ctx context.Context, v vm.VM) error
+	// Handoff runs at acquire after Resume and gives the VM the tenant
+	// identity the acquirer passed (real code: agent handoff + ping); nil
+	// means none. An error destroys the VM and tries the next one.
+	Handoff func(ctx context.Context, v vm.VM, id Identity) error
 	// Registry receives the pool's metrics; nil means they are not exported.
 	Registry prometheus.Registerer
 	// Logger defaults to discarding.
@@ -67,8 +67,9 @@ type Config struct {
 	Events events.Publisher
 	// OnVMCreated and OnVMDestroyed let the daemon persist every VM the pool
 	// owns. OnVMCreated runs as soon as a restore returns a VM (before it is
-	// validated); OnVMDestroyed after the pool or Release destroyed one. They
-	// run outside the pool's lock and may call Status.
+	// validated); OnVMDestroyed after the pool destroyed one it owned (never
+	// for a handed-out VM: that is its owner's to destroy). They run outside
+	// the pool's lock and may call Status.
 	OnVMCreated   func(pool string, v vm.VM)
 	OnVMDestroyed func(pool string, id string)
 
@@ -578,11 +579,16 @@ func (p *Pool) putBackLocked(b *bucket, es []*entry) {
 	}
 }
 
-// Acquire leases a validated, resumed VM of pool name. When none is ready it
-// wakes the refiller and waits until one is or ctx ends; then it returns a
-// *NothingReadyError (errors.Is(err, ErrNothingReady)). An unknown pool gives
-// vm.ErrNotFound.
-func (p *Pool) Acquire(ctx context.Context, name string) (*Lease, error) {
+// Acquire hands out a validated, resumed VM of pool name, handed off with
+// id; from then on the VM is the caller's, who destroys it through the
+// provider. When none is ready it wakes the refiller and waits until one is
+// or ctx ends; then it returns a *NothingReadyError (errors.Is(err,
+// ErrNothingReady)). An unknown pool gives vm.ErrNotFound; an invalid id a
+// *vm.FieldError.
+func (p *Pool) Acquire(ctx context.Context, name string, id Identity) (*Lease, error) {
+	if err := vm.ValidateName("lease_id", id.LeaseID); err != nil {
+		return nil, fmt.Errorf("acquire from pool %q: %w", name, err)
+	}
 	start := time.Now()
 	var waited time.Duration
 	hit := true
@@ -607,7 +613,7 @@ func (p *Pool) Acquire(ctx context.Context, name string) (*Lease, error) {
 			}
 		}
 		handoffStart := time.Now()
-		v, err := p.handOut(ctx, b, e, hit)
+		v, err := p.handOut(ctx, b, e, id, hit)
 		p.kickIfLow(b)
 		if err != nil {
 			if errors.Is(err, ErrClosed) {
@@ -620,7 +626,7 @@ func (p *Pool) Acquire(ctx context.Context, name string) (*Lease, error) {
 		}
 		now := time.Now()
 		l := &Lease{
-			ID:        newLeaseID(),
+			ID:        id.LeaseID,
 			Pool:      name,
 			VM:        v,
 			CreatedAt: now,
@@ -705,7 +711,7 @@ func (p *Pool) giveUp(ctx context.Context, b *bucket, w *waiter, waited time.Dur
 
 // handOut validates, resumes and hands off e, then transfers it from the
 // pool to the caller. On failure the VM is destroyed.
-func (p *Pool) handOut(ctx context.Context, b *bucket, e *entry, hit bool) (vm.VM, error) {
+func (p *Pool) handOut(ctx context.Context, b *bucket, e *entry, id Identity, hit bool) (vm.VM, error) {
 	v := e.vm
 	if err := p.cfg.Validate(ctx, v); err != nil {
 		b.counters.validationFailures.Add(1)
@@ -721,7 +727,7 @@ func (p *Pool) handOut(ctx context.Context, b *bucket, e *entry, hit bool) (vm.V
 	}
 	v.Status = vm.StatusRunning
 	if p.cfg.Handoff != nil {
-		if err := p.cfg.Handoff(ctx, v); err != nil {
+		if err := p.cfg.Handoff(ctx, v, id); err != nil {
 			p.log.Warn("handoff of warm VM failed", "pool", b.name, "vm", v.ID, "err", err)
 			p.evictNow(b, v.ID, ReasonHandoff)
 			return vm.VM{}, err
@@ -742,25 +748,6 @@ func (p *Pool) handOut(ctx context.Context, b *bucket, e *entry, hit bool) (vm.V
 		b.counters.waits.Add(1)
 	}
 	return v, nil
-}
-
-// Release destroys a leased VM. It is idempotent: a VM that is already gone
-// is not an error.
-func (p *Pool) Release(ctx context.Context, l *Lease) error {
-	if l == nil || l.VM.ID == "" {
-		return fmt.Errorf("release: %w", &vm.FieldError{Field: "lease", Value: "", Reason: "has no VM"})
-	}
-	err := p.cfg.Provider.Destroy(ctx, l.VM.ID)
-	if errors.Is(err, vm.ErrNotFound) {
-		return nil
-	}
-	if err != nil {
-		return fmt.Errorf("release lease %s: destroy %s: %w", l.ID, l.VM.ID, err)
-	}
-	if p.cfg.OnVMDestroyed != nil {
-		p.cfg.OnVMDestroyed(l.Pool, l.VM.ID)
-	}
-	return nil
 }
 
 // Status reports one pool; vm.ErrNotFound if it is not registered.
@@ -888,20 +875,4 @@ func (p *Pool) Shutdown(ctx context.Context) error {
 				len(ids), p.cfg.Provider.Name(), err, ctx.Err())
 		}
 	}
-}
-
-// newLeaseID returns "lease-" and 16 random hex digits. A lease ID is a
-// capability in the API, so it comes from crypto/rand (a vDSO call on
-// Linux 6.11+, about 40 ns), built with a single allocation.
-func newLeaseID() string {
-	const prefix, hexDigits = "lease-", "0123456789abcdef"
-	var r [8]byte
-	_, _ = rand.Read(r[:]) // crypto/rand.Read never fails on Linux
-	var out [len(prefix) + 2*len(r)]byte
-	copy(out[:], prefix)
-	for i, c := range r {
-		out[len(prefix)+2*i] = hexDigits[c>>4]
-		out[len(prefix)+2*i+1] = hexDigits[c&0x0f]
-	}
-	return string(out[:])
 }

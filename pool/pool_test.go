@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"maps"
 	"slices"
 	"strings"
 	"sync"
@@ -102,11 +103,27 @@ func listIDs(t *testing.T, prov vm.Provider) []string {
 	return ids
 }
 
+var leaseSeq atomic.Uint64
+
+// testID is a fresh identity, as the daemon's lease registry would make.
+func testID() Identity {
+	return Identity{LeaseID: fmt.Sprintf("l-%d", leaseSeq.Add(1))}
+}
+
+// release destroys a handed-out VM the way its owner does: through the
+// provider, since the pool no longer knows it.
+func release(t *testing.T, prov vm.Provider, l *Lease) {
+	t.Helper()
+	if err := prov.Destroy(context.Background(), l.VM.ID); err != nil {
+		t.Errorf("destroy leased VM %s: %v", l.VM.ID, err)
+	}
+}
+
 func acquire(t *testing.T, p *Pool, name string) *Lease {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
-	l, err := p.Acquire(ctx, name)
+	l, err := p.Acquire(ctx, name, testID())
 	if err != nil {
 		t.Fatalf("Acquire(%q): %v", name, err)
 	}
@@ -220,14 +237,41 @@ func TestAcquireHitHandsOverARunningVMAndRefills(t *testing.T) {
 	if s.Counters.Acquired != 1 || s.Counters.Hits != 1 || s.Counters.Waits != 0 {
 		t.Errorf("counters %+v", s.Counters)
 	}
-	if err := p.Release(context.Background(), l); err != nil {
-		t.Fatalf("Release: %v", err)
+}
+
+func TestAcquireHandsOffTheCallersIdentity(t *testing.T) {
+	handedOff := make(chan Identity, 1)
+	p, prov := newTestPool(t, fake.Options{}, func(c *Config) {
+		c.Handoff = func(_ context.Context, _ vm.VM, id Identity) error {
+			handedOff <- id
+			return nil
+		}
+	})
+	snap := prov.AddSnapshot(testSpec)
+	if err := p.Register(stack("web", snap, 1, 1)); err != nil {
+		t.Fatal(err)
 	}
-	if slices.Contains(listIDs(t, prov), l.VM.ID) {
-		t.Errorf("released VM %s still exists", l.VM.ID)
+	waitReady(t, p, "web", 1)
+	for _, bad := range []string{"", "a/b", "-x"} {
+		_, err := p.Acquire(context.Background(), "web", Identity{LeaseID: bad})
+		var fe *vm.FieldError
+		if !errors.As(err, &fe) || fe.Field != "lease_id" {
+			t.Errorf("Acquire with lease ID %q = %v, want a lease_id field error", bad, err)
+		}
 	}
-	if err := p.Release(context.Background(), l); err != nil {
-		t.Errorf("second Release = %v, want nil (idempotent)", err)
+	if s := status(t, p, "web"); s.Ready != 1 || s.Counters.Acquired != 0 {
+		t.Errorf("after rejected acquires: %+v, want the VM still ready", s)
+	}
+	want := Identity{LeaseID: "l-0123abcd"}
+	l, err := p.Acquire(context.Background(), "web", want)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := <-handedOff; got != want {
+		t.Errorf("hand-off got %+v, want %+v", got, want)
+	}
+	if l.ID != want.LeaseID {
+		t.Errorf("lease ID %q, want the caller's %q", l.ID, want.LeaseID)
 	}
 }
 
@@ -275,7 +319,7 @@ func TestAcquireTimesOutWithTypedError(t *testing.T) {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
 	defer cancel()
-	_, err := p.Acquire(ctx, "stuck")
+	_, err := p.Acquire(ctx, "stuck", testID())
 	if !errors.Is(err, ErrNothingReady) || !errors.Is(err, context.DeadlineExceeded) {
 		t.Fatalf("Acquire = %v, want ErrNothingReady wrapping DeadlineExceeded", err)
 	}
@@ -293,7 +337,7 @@ func TestAcquireTimesOutWithTypedError(t *testing.T) {
 
 func TestUnknownPool(t *testing.T) {
 	p, _ := newTestPool(t, fake.Options{}, nil)
-	if _, err := p.Acquire(context.Background(), "nope"); !errors.Is(err, vm.ErrNotFound) {
+	if _, err := p.Acquire(context.Background(), "nope", testID()); !errors.Is(err, vm.ErrNotFound) {
 		t.Errorf("Acquire = %v", err)
 	}
 	if err := p.Unregister("nope"); !errors.Is(err, vm.ErrNotFound) {
@@ -320,7 +364,7 @@ func TestConcurrentAcquirersNeverShareAVM(t *testing.T) {
 		wg.Go(func() {
 			for range 4 {
 				ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
-				l, err := p.Acquire(ctx, "busy")
+				l, err := p.Acquire(ctx, "busy", testID())
 				cancel()
 				if err != nil {
 					t.Errorf("Acquire: %v", err)
@@ -339,9 +383,7 @@ func TestConcurrentAcquirersNeverShareAVM(t *testing.T) {
 			t.Errorf("VM %s handed out twice", l.VM.ID)
 		}
 		seen[l.VM.ID] = true
-		if err := p.Release(context.Background(), l); err != nil {
-			t.Errorf("Release: %v", err)
-		}
+		release(t, prov, l)
 	}
 	s := status(t, p, "busy")
 	if s.Counters.Acquired != 128 || s.Counters.Hits+s.Counters.Waits != 128 {
@@ -380,7 +422,7 @@ func TestHandoffFailureDestroysVMAndTriesNext(t *testing.T) {
 	var calls atomic.Int32
 	var failed atomic.Value
 	p, prov := newTestPool(t, fake.Options{}, func(c *Config) {
-		c.Handoff = func(ctx context.Context, v vm.VM) error {
+		c.Handoff = func(ctx context.Context, v vm.VM, _ Identity) error {
 			if calls.Add(1) == 1 {
 				failed.Store(v.ID)
 				return errors.New("agent did not answer")
@@ -705,7 +747,7 @@ func TestShutdownDuringInflightRestoresLeavesNoVMs(t *testing.T) {
 	waitCtx, cancelWait := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancelWait()
 	waiterErr := make(chan error, 1)
-	go func() { _, err := p.Acquire(waitCtx, "hung"); waiterErr <- err }()
+	go func() { _, err := p.Acquire(waitCtx, "hung", testID()); waiterErr <- err }()
 
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
@@ -718,7 +760,7 @@ func TestShutdownDuringInflightRestoresLeavesNoVMs(t *testing.T) {
 	if err := <-waiterErr; !errors.Is(err, ErrClosed) {
 		t.Errorf("waiting acquirer got %v, want ErrClosed", err)
 	}
-	if _, err := p.Acquire(context.Background(), "slow"); !errors.Is(err, ErrClosed) {
+	if _, err := p.Acquire(context.Background(), "slow", testID()); !errors.Is(err, ErrClosed) {
 		t.Errorf("Acquire after Shutdown = %v", err)
 	}
 	if err := p.Register(stack("late", snap, 1, 1)); !errors.Is(err, ErrClosed) {
@@ -747,9 +789,6 @@ func TestShutdownLeavesLeasedVMsAlone(t *testing.T) {
 	if ids := listIDs(t, prov); !slices.Equal(ids, []string{l.VM.ID}) {
 		t.Errorf("after Shutdown the provider lists %v, want only the leased %s", ids, l.VM.ID)
 	}
-	if err := p.Release(context.Background(), l); err != nil {
-		t.Errorf("Release after Shutdown: %v", err)
-	}
 }
 
 // Acquires take no pool lock on a hit, so Shutdown racing them must still
@@ -759,7 +798,7 @@ func TestShutdownRacingAcquiresLeavesExactlyTheLeasedVMs(t *testing.T) {
 	snap := prov.AddSnapshot(testSpec)
 	p, err := New(Config{Provider: prov, SweepInterval: time.Hour, HealthInterval: time.Hour,
 		// A slow hand-off keeps acquires in flight while Shutdown runs.
-		Handoff: func(context.Context, vm.VM) error { time.Sleep(100 * time.Microsecond); return nil },
+		Handoff: func(context.Context, vm.VM, Identity) error { time.Sleep(100 * time.Microsecond); return nil },
 	})
 	if err != nil {
 		t.Fatal(err)
@@ -782,7 +821,7 @@ func TestShutdownRacingAcquiresLeavesExactlyTheLeasedVMs(t *testing.T) {
 			name := []string{"a", "b"}[g%2]
 			for {
 				ctx, cancel := context.WithTimeout(context.Background(), time.Second)
-				l, err := p.Acquire(ctx, name)
+				l, err := p.Acquire(ctx, name, testID())
 				cancel()
 				if err != nil {
 					if !errors.Is(err, ErrClosed) && !errors.Is(err, ErrNothingReady) {
@@ -874,7 +913,7 @@ func TestUnregisterDestroysWarmVMsAndFailsWaiters(t *testing.T) {
 	go func() {
 		ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 		defer cancel()
-		_, err := p.Acquire(ctx, "hung")
+		_, err := p.Acquire(ctx, "hung", testID())
 		waiterErr <- err
 	}()
 	if err := p.Unregister("web"); err != nil {
@@ -968,15 +1007,14 @@ func TestObserverHooksTrackOwnership(t *testing.T) {
 	if err := p.Register(stack("web", snap, 3, 3)); err != nil {
 		t.Fatal(err)
 	}
-	var kept *Lease
+	// A handed-out VM is its owner's: destroying it through the provider
+	// is not the pool's to report, so the hooks keep it alive.
+	leased := map[string]bool{}
 	for i := range 6 {
 		l := acquire(t, p, "web")
-		if i == 0 {
-			kept = l
-			continue
-		}
-		if err := p.Release(context.Background(), l); err != nil {
-			t.Fatal(err)
+		leased[l.VM.ID] = true
+		if i > 0 {
+			release(t, prov, l)
 		}
 	}
 	if err := p.Shutdown(context.Background()); err != nil {
@@ -984,8 +1022,8 @@ func TestObserverHooksTrackOwnership(t *testing.T) {
 	}
 	mu.Lock()
 	defer mu.Unlock()
-	if len(live) != 1 || !live[kept.VM.ID] {
-		t.Errorf("hooks report %v alive, want only the kept lease %s", live, kept.VM.ID)
+	if !maps.Equal(live, leased) {
+		t.Errorf("hooks report %v alive, want exactly the handed-out VMs %v", live, leased)
 	}
 }
 

@@ -50,10 +50,10 @@ func TestWarmPoolOfRealVMs(t *testing.T) {
 			_, err := prov.Inspect(ctx, v.ID)
 			return err
 		}),
-		Handoff: func(ctx context.Context, v vm.VM) error {
+		Handoff: func(ctx context.Context, v vm.VM, id pool.Identity) error {
 			entropy := make([]byte, 32)
 			rand.Read(entropy)
-			_, err := handoffer.Handoff(ctx, v, agent.HandoffRequest{Entropy: entropy, Time: time.Now(), Hostname: "tenant-" + v.ID})
+			_, err := handoffer.Handoff(ctx, v, agent.HandoffRequest{Entropy: entropy, Time: time.Now(), Hostname: id.LeaseID})
 			return err
 		},
 	})
@@ -82,7 +82,7 @@ func TestWarmPoolOfRealVMs(t *testing.T) {
 		return err == nil && s.Ready == 2 && s.Restoring == 0
 	})
 
-	lease, err := p.Acquire(ctx, "web")
+	lease, err := p.Acquire(ctx, "web", pool.Identity{LeaseID: "tenant-1"})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -93,10 +93,10 @@ func TestWarmPoolOfRealVMs(t *testing.T) {
 	var out bytes.Buffer
 	code, err := c.Exec(ctx, agent.ExecRequest{Argv: []string{"sh", "-c", "hostname; exit 5"}}, &out, &out)
 	c.Close()
-	if err != nil || code != 5 || strings.TrimSpace(out.String()) != "tenant-"+lease.VM.ID {
+	if err != nil || code != 5 || strings.TrimSpace(out.String()) != lease.ID {
 		t.Errorf("exec in leased VM = %d %q, %v; want exit 5 and the handed-off hostname", code, out.String(), err)
 	}
-	if err := p.Release(ctx, lease); err != nil {
+	if err := prov.Destroy(ctx, lease.VM.ID); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := prov.Inspect(ctx, lease.VM.ID); err == nil {

@@ -84,9 +84,17 @@ func (e *NothingReadyError) Is(target error) bool { return target == ErrNothingR
 // Unwrap exposes the context's error.
 func (e *NothingReadyError) Unwrap() error { return e.Err }
 
+// Identity is the tenant identity the hand-off gives a VM at Acquire. The
+// caller chooses it, so the records it keeps name the lease before the VM
+// is touched; the network identity will join it as fields.
+type Identity struct {
+	// LeaseID names the lease; it must be a valid name (vm.ValidateName)
+	// since it becomes the guest's hostname.
+	LeaseID string
+}
+
 // Lease is a VM handed out by Acquire. The VM belongs to the caller from then
-// on: the pool forgets it, and it is destroyed by Release (or directly
-// through the provider, e.g. by a daemon that restarted).
+// on: the pool forgets it, and the caller destroys it through the provider.
 type Lease struct {
 	ID        string    `json:"id"`
 	Pool      string    `json:"pool"`

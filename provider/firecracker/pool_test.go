@@ -33,7 +33,7 @@ func TestWarmPoolOverFirecracker(t *testing.T) {
 	}
 	p, err := pool.New(pool.Config{
 		Provider: e.p,
-		Handoff: func(ctx context.Context, v vm.VM) error {
+		Handoff: func(ctx context.Context, v vm.VM, _ pool.Identity) error {
 			return agent.WaitReady(ctx, e.p, v.ID)
 		},
 		Parallelism: 2,
@@ -62,7 +62,7 @@ func TestWarmPoolOverFirecracker(t *testing.T) {
 			t.Errorf("warm VM %s is %s from %q, want paused from %s", v.ID, v.Status, v.Snapshot, snap.ID)
 		}
 	}
-	lease, err := p.Acquire(ctx, "web")
+	lease, err := p.Acquire(ctx, "web", pool.Identity{LeaseID: "l-1"})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -79,7 +79,7 @@ func TestWarmPoolOverFirecracker(t *testing.T) {
 		s, err := p.Status("web")
 		return err == nil && s.Ready == 2 && s.Restoring == 0
 	})
-	if err := p.Release(ctx, lease); err != nil {
+	if err := e.p.Destroy(ctx, lease.VM.ID); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := e.p.Inspect(ctx, lease.VM.ID); err == nil {
