@@ -23,7 +23,7 @@ unit:
 	$(GO) test -race -count=1 -timeout 15m ./...
 
 test: deps lint unit
-	$(GO) run ./cmd/warmpool bench --provider fake --quick -o json >/dev/null
+	$(GO) run ./cmd/warmpool bench --provider fake --quick --check -o json >/dev/null
 
 run: deps build
 	./scripts/run.sh

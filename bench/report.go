@@ -79,15 +79,19 @@ func (r Report) Scenario(id string) (Scenario, bool) {
 }
 
 // Passed reports whether every target of every scenario that ran was met.
-func (r Report) Passed() bool {
+func (r Report) Passed() bool { return len(r.Missed()) == 0 }
+
+// Missed returns the targets that were not met, in report order.
+func (r Report) Missed() []Target {
+	var out []Target
 	for _, s := range r.Scenarios {
 		for _, t := range s.Targets {
 			if !t.Pass {
-				return false
+				out = append(out, t)
 			}
 		}
 	}
-	return true
+	return out
 }
 
 // WriteJSON writes the report as indented JSON.

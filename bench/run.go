@@ -16,6 +16,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/warmpool/warmpool/provider/fake"
 	"github.com/warmpool/warmpool/vm"
 )
 
@@ -38,6 +39,10 @@ type Options struct {
 	ImageDir string
 	// Accel is passed to the QEMU provider: "auto", "kvm" or "tcg".
 	Accel string
+	// FakeLatency slows operations of the fake provider down, replacing
+	// its own latencies (Provider "fake" only). A slow fake misses
+	// targets, which is how a test proves that a miss is reported.
+	FakeLatency map[fake.Op]time.Duration
 
 	// Samples is the number of measured runs of each latency scenario
 	// (restore, warm acquire); ColdSamples of cold boots, which are slow.
@@ -130,6 +135,14 @@ func (o Options) validate() error {
 	}
 	if err := vm.ValidateRange("burst_depth", o.BurstDepth, 1, o.BurstConcurrency); err != nil {
 		return err
+	}
+	if len(o.FakeLatency) > 0 && o.Provider != "fake" {
+		return &vm.FieldError{Field: "fake_latency", Value: o.FakeLatency, Reason: "only applies to the fake provider"}
+	}
+	for op, d := range o.FakeLatency {
+		if d < 0 {
+			return &vm.FieldError{Field: "fake_latency", Value: string(op) + "=" + d.String(), Reason: "must not be negative"}
+		}
 	}
 	return nil
 }

@@ -36,6 +36,9 @@ func setupFake(ctx context.Context, e *env, host *Host) error {
 	agentCtx, stopAgents := context.WithCancel(context.WithoutCancel(ctx))
 	e.onCleanup("fake agents", func(context.Context) error { stopAgents(); return nil })
 	p := newFakeProvider(agentCtx, fakeCreateLatency, fakeRestoreLatency)
+	for op, d := range e.opts.FakeLatency {
+		p.SetLatency(op, d)
+	}
 	e.provider, e.snaps, e.dialer = p, p, p
 	e.bootSpec = vm.Spec{Name: "bench", VCPUs: e.opts.VCPUs, MemoryMiB: e.opts.MemoryMiB}
 	host.Accel = "none"

@@ -15,6 +15,7 @@ import (
 	"path/filepath"
 	"sort"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -127,6 +128,20 @@ type machine struct {
 }
 
 var allOps = []Op{OpCreate, OpPause, OpResume, OpStop, OpDestroy, OpInspect, OpList, OpSnapshot, OpRestore, OpSetBalloon, OpBalloonStats, OpDialAgent, OpSuspend}
+
+// ParseOp returns the operation called name ("resume", "set-balloon", ...).
+func ParseOp(name string) (Op, error) {
+	for _, op := range allOps {
+		if string(op) == name {
+			return op, nil
+		}
+	}
+	names := make([]string, len(allOps))
+	for i, op := range allOps {
+		names[i] = string(op)
+	}
+	return "", &vm.FieldError{Field: "op", Value: name, Reason: "must be one of " + strings.Join(names, ", ")}
+}
 
 var (
 	_ vm.Provider    = (*Provider)(nil)
