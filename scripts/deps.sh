@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Installs what warmpool needs on a fresh Debian machine: QEMU, the tools the
-# guest image build uses, an apt index that knows the guest kernel package,
-# and staticcheck. Idempotent and quiet when everything is already there.
+# Installs what warmpool and its tests need on a fresh Debian machine: QEMU,
+# the tools the guest image build uses, a C compiler for go test -race,
+# procps, an apt index that knows the guest kernel package, and staticcheck.
+# Idempotent and quiet when everything is already there.
 set -euo pipefail
 need=()
 command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
@@ -9,6 +10,10 @@ dpkg -s busybox-static >/dev/null 2>&1 || need+=(busybox-static)
 command -v cpio >/dev/null || need+=(cpio)
 command -v zstd >/dev/null || need+=(zstd)
 command -v xz >/dev/null || need+=(xz-utils)
+# What the tests run besides the above: the race detector needs a C
+# compiler, and the template test looks for leftover processes with pgrep.
+command -v gcc >/dev/null || need+=(gcc)
+command -v pgrep >/dev/null || need+=(procps)
 # The guest kernel is resolved and downloaded with apt (guest.Build), which
 # needs a package index that lists it.
 index_ok=true
