@@ -163,9 +163,19 @@ type Pool struct {
 	rr       int
 	inflight int
 	// owned maps the ID of every VM the pool is responsible for (restored
-	// and not yet destroyed or handed out) to its pool name. It is a
+	// and not yet destroyed or handed out) to its *ownership. It is a
 	// sync.Map so that a hand-out removes its VM without the pool's mutex.
 	owned sync.Map
+}
+
+// ownership is what the pool knows about a VM it owns beyond its entry.
+type ownership struct {
+	pool string
+	// exited is set by VMExited. It is set before VMExited looks for the
+	// VM's entry in ready, and every path that puts an entry into ready or
+	// hands it out reads it afterwards, so a dead VM is caught by one or
+	// the other wherever it was at that moment.
+	exited atomic.Bool
 }
 
 // readyCapacity bounds a bucket's ready channel: Max of the largest pool plus
@@ -240,6 +250,7 @@ func newBucket(spec StackSpec, m bucketMetrics) *bucket {
 // orders those writes before the receiver's reads).
 type entry struct {
 	vm      vm.VM
+	own     *ownership
 	gen     uint64
 	born    time.Time
 	checked time.Time
@@ -433,8 +444,9 @@ func (p *Pool) Adopt(name string, v vm.VM) error {
 	} else if b2 != b {
 		return fmt.Errorf("adopt %s: pool %q was replaced meanwhile: %w", v.ID, name, vm.ErrInvalidState)
 	}
-	p.owned.Store(v.ID, name)
-	p.deliverLocked(b, &entry{vm: v, gen: b.gen, born: born, checked: time.Now()})
+	own := &ownership{pool: name}
+	p.owned.Store(v.ID, own)
+	p.deliverLocked(b, &entry{vm: v, own: own, gen: b.gen, born: born, checked: time.Now()})
 	return nil
 }
 
@@ -685,7 +697,7 @@ func (p *Pool) giveUp(ctx context.Context, b *bucket, w *waiter, waited time.Dur
 		} else {
 			select {
 			case d := <-w.ch:
-				if d.e != nil && !b.removed && !p.closed.Load() && d.e.gen == b.gen {
+				if d.e != nil && !b.removed && !p.closed.Load() && d.e.gen == b.gen && !d.e.own.exited.Load() {
 					p.deliverLocked(b, d.e)
 				} else if d.e != nil {
 					// Pool gone meanwhile: the VM is still in owned, so
@@ -739,6 +751,11 @@ func (p *Pool) handOut(ctx context.Context, b *bucket, e *entry, id Identity, hi
 		p.evictNow(b, v.ID, ReasonShutdown)
 		return vm.VM{}, ErrClosed
 	}
+	if e.own.exited.Load() {
+		p.closing.RUnlock()
+		p.evictNow(b, v.ID, ReasonExited)
+		return vm.VM{}, fmt.Errorf("VM %s exited during hand-out: %w", v.ID, vm.ErrInvalidState)
+	}
 	p.owned.Delete(v.ID)
 	p.closing.RUnlock()
 	b.counters.acquired.Add(1)
@@ -748,6 +765,37 @@ func (p *Pool) handOut(ctx context.Context, b *bucket, e *entry, id Identity, hi
 		b.counters.waits.Add(1)
 	}
 	return v, nil
+}
+
+// VMExited tells the pool that the process of VM id exited, as its provider
+// reports. A warm VM the pool owns (ready, being health-checked or still
+// being restored) is evicted at once instead of at the next acquire or
+// health check, and its replacement's restore starts. IDs the pool does not
+// own (handed-out VMs, unknown IDs) are ignored.
+func (p *Pool) VMExited(id string) {
+	o, ok := p.owned.Load(id)
+	if !ok {
+		return
+	}
+	own := o.(*ownership)
+	if own.exited.Swap(true) {
+		return // reported already
+	}
+	var eff effects
+	p.mu.Lock()
+	// Not found in ready: a health check, restore or hand-out holds the
+	// entry and sees exited when it is done with it.
+	if b := p.buckets[own.pool]; b != nil && !p.closed.Load() {
+		es := b.drainLocked()
+		if i := slices.IndexFunc(es, func(e *entry) bool { return e.own == own }); i >= 0 {
+			es = slices.Delete(es, i, i+1)
+			p.evictLocked(b, id, ReasonExited, &eff)
+		}
+		p.putBackLocked(b, es)
+	}
+	p.mu.Unlock()
+	p.publish(eff)
+	p.kick()
 }
 
 // Status reports one pool; vm.ErrNotFound if it is not registered.
@@ -836,8 +884,8 @@ func (p *Pool) Shutdown(ctx context.Context) error {
 	// closed; what is left is in owned.
 	p.mu.Lock()
 	ids := make(map[string]string)
-	p.owned.Range(func(id, name any) bool {
-		ids[id.(string)] = name.(string)
+	p.owned.Range(func(id, own any) bool {
+		ids[id.(string)] = own.(*ownership).pool
 		return true
 	})
 	for _, b := range p.buckets {

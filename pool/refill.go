@@ -189,8 +189,9 @@ func (p *Pool) restore(b *bucket, gen uint64, snap vm.Snapshot) (*bucket, uint64
 	start := time.Now()
 	v, err := p.snap.Restore(ctx, snap)
 	made, invalid := err == nil, false
+	own := &ownership{pool: b.name}
 	if made {
-		p.owned.Store(v.ID, b.name)
+		p.owned.Store(v.ID, own)
 		if p.cfg.OnVMCreated != nil {
 			p.cfg.OnVMCreated(b.name, v)
 		}
@@ -239,6 +240,8 @@ func (p *Pool) restore(b *bucket, gen uint64, snap vm.Snapshot) (*bucket, uint64
 			reason = ReasonRemoved
 		}
 		p.evictLocked(b, v.ID, reason, &eff)
+	case own.exited.Load():
+		p.evictLocked(b, v.ID, ReasonExited, &eff)
 	default:
 		b.failures, b.retryAt, b.lastError = 0, time.Time{}, ""
 		if b.restoreEWMA == 0 {
@@ -247,7 +250,7 @@ func (p *Pool) restore(b *bucket, gen uint64, snap vm.Snapshot) (*bucket, uint64
 			b.restoreEWMA = (3*b.restoreEWMA + elapsed) / 4
 		}
 		b.m.restoreDuration.Observe(elapsed.Seconds())
-		p.deliverLocked(b, &entry{vm: v, gen: gen, born: now, checked: now})
+		p.deliverLocked(b, &entry{vm: v, own: own, gen: gen, born: now, checked: now})
 		if b.expired.Load() > 0 {
 			p.kick() // a replacement arrived: an expired entry can go
 		}
@@ -392,6 +395,8 @@ func (p *Pool) checkRound(round time.Time) {
 			p.evictLocked(b, e.vm.ID, ReasonRemoved, &eff)
 		case e.gen != b.gen:
 			p.evictLocked(b, e.vm.ID, ReasonGeneration, &eff)
+		case e.own.exited.Load():
+			p.evictLocked(b, e.vm.ID, ReasonExited, &eff)
 		case err != nil:
 			b.counters.validationFailures.Add(1)
 			b.m.validation.Inc()

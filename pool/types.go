@@ -183,6 +183,7 @@ const (
 	ReasonResized    = "resized"    // more ready than the new Max
 	ReasonRemoved    = "removed"    // the pool was unregistered
 	ReasonShutdown   = "shutdown"   // the pool shut down
+	ReasonExited     = "exited"     // its process exited (VMExited)
 )
 
 // Event kinds the pool publishes.
