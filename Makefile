@@ -11,7 +11,10 @@ all: build
 deps:
 	./scripts/deps.sh
 
+# The agent is built first and embedded into warmpool (cmd/warmpool/agent_embed.go),
+# so that the binary builds guest images anywhere.
 build:
+	$(GO) generate ./cmd/warmpool
 	$(GO) build -o $(BIN)/ ./cmd/...
 
 lint:

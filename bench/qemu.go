@@ -54,6 +54,7 @@ func guestImage(ctx context.Context, e *env) (guest.Image, error) {
 	lastStep := ""
 	img, err := guest.Build(ctx, guest.BuildOptions{
 		CacheDir: cache,
+		Agent:    e.opts.GuestAgent,
 		Progress: func(step string, _, _ int64) {
 			if step != lastStep {
 				lastStep = step

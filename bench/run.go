@@ -43,6 +43,9 @@ type Options struct {
 	// its own latencies (Provider "fake" only). A slow fake misses
 	// targets, which is how a test proves that a miss is reported.
 	FakeLatency map[fake.Op]time.Duration
+	// GuestAgent is a prebuilt static guest agent for the image build (the
+	// one the warmpool binary embeds); nil compiles it from source.
+	GuestAgent []byte
 
 	// Samples is the number of measured runs of each latency scenario
 	// (restore, warm acquire); ColdSamples of cold boots, which are slow.

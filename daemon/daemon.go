@@ -43,6 +43,10 @@ type Options struct {
 	FirecrackerBin string
 	JailerBin      string
 	Logger         *slog.Logger
+	// GuestAgent is the prebuilt static guest agent that templates built on
+	// first use put in the default image (the one the warmpool binary
+	// embeds); nil compiles it from this module's source.
+	GuestAgent []byte
 
 	// provider replaces the one named by Provider (tests share one fake
 	// provider across daemon restarts this way).
@@ -81,6 +85,8 @@ type Daemon struct {
 
 	imageMu sync.Mutex
 	image   *guest.Image
+	// agent is Options.GuestAgent.
+	agent []byte
 
 	// handoffer warms restored VMs before they enter a pool and hands them
 	// to tenants over the connection it kept.
@@ -177,6 +183,7 @@ func start(ctx context.Context, opts Options) (d *Daemon, srv *server, err error
 		reg:       prometheus.NewRegistry(),
 		started:   time.Now(),
 		stopAll:   opts.StopAll,
+		agent:     opts.GuestAgent,
 		leases:    map[string]*liveLease{},
 		templates: map[string]store.Template{},
 	}

@@ -2,6 +2,7 @@ package daemon
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -104,11 +105,14 @@ func (d *Daemon) guestImage(ctx context.Context, dir string, progress func(strin
 	if d.image != nil && imageFilesExist(*d.image) {
 		return *d.image, nil
 	}
-	img, err := guest.Build(ctx, guest.BuildOptions{Progress: func(step string, _, _ int64) {
+	img, err := guest.Build(ctx, guest.BuildOptions{Agent: d.agent, Progress: func(step string, _, _ int64) {
 		if progress != nil {
 			progress(step)
 		}
 	}})
+	if errors.Is(err, guest.ErrNoAgent) {
+		return guest.Image{}, fmt.Errorf("guest image: %w; run a warmpool binary built with `make build` (it embeds the agent), or build an image with `warmpool image build --agent FILE --out DIR` and pass it as --image DIR (or `image:` in the config)", err)
+	}
 	if err != nil {
 		return guest.Image{}, fmt.Errorf("guest image: %w", err)
 	}

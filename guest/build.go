@@ -7,10 +7,11 @@
 // in the cache under that digest is returned without rebuilding.
 //
 // What Build needs on the host: apt-cache, apt-get and dpkg-deb (to fetch the
-// kernel package; network access the first time), busybox-static, a Go
-// toolchain and this module's source to compile the agent (or a prebuilt
-// agent, see BuildOptions), and zstd or xz only if the kernel's modules are
-// compressed that way.
+// kernel package; network access the first time), busybox-static, the guest
+// agent (prebuilt — the warmpool binary embeds one when built with `make
+// build` — or compiled with a Go toolchain from this module's source, see
+// BuildOptions), and zstd or xz only if the kernel's modules are compressed
+// that way.
 package guest
 
 import (
@@ -34,6 +35,11 @@ import (
 
 	"golang.org/x/sys/unix"
 )
+
+// ErrNoAgent is returned (wrapped) by Build when it has no prebuilt agent,
+// and neither this module's source nor a released version to compile one
+// from.
+var ErrNoAgent = errors.New("no guest agent to put in the image")
 
 // ModulePath is this module's import path; the agent is built from its
 // cmd/warmpool-agent.
@@ -75,6 +81,11 @@ type BuildOptions struct {
 	// AgentBinary is a prebuilt static warmpool-agent to use instead of
 	// compiling one.
 	AgentBinary string
+	// Agent is a prebuilt static warmpool-agent's contents, used when
+	// AgentBinary is empty: the agent a warmpool binary embeds, so that the
+	// binary builds images outside the source tree with the agent of its
+	// own version.
+	Agent []byte
 	// KernelPackage pins the Debian kernel package (e.g.
 	// "linux-image-6.1.0-56-cloud-amd64") instead of resolving
 	// KernelMetaPackage with apt-cache.
@@ -341,6 +352,12 @@ func readBusybox(ctx context.Context, path string) ([]byte, []string, error) {
 // agentBinary returns the static guest agent, compiled from source unless a
 // prebuilt one was given.
 func (b *builder) agentBinary(ctx context.Context) ([]byte, error) {
+	if b.opts.AgentBinary == "" && len(b.opts.Agent) > 0 {
+		if !isStaticELF(b.opts.Agent) {
+			return nil, errors.New("the prebuilt guest agent given is not a static binary")
+		}
+		return b.opts.Agent, nil
+	}
 	if b.opts.AgentBinary != "" {
 		data, err := os.ReadFile(b.opts.AgentBinary)
 		if err != nil {
@@ -353,7 +370,7 @@ func (b *builder) agentBinary(ctx context.Context) ([]byte, error) {
 	}
 	goTool, err := exec.LookPath("go")
 	if err != nil {
-		return nil, fmt.Errorf("building the guest agent needs the Go toolchain (go not in PATH), or set BuildOptions.AgentBinary")
+		return nil, fmt.Errorf("%w: compiling one needs the Go toolchain (go not in PATH)", ErrNoAgent)
 	}
 	outDir := filepath.Join(b.cache, "agent")
 	if err := os.MkdirAll(outDir, 0o755); err != nil {
@@ -377,7 +394,7 @@ func (b *builder) agentBinary(ctx context.Context) ([]byte, error) {
 		env = append(env, "GOBIN="+gobin)
 		out = filepath.Join(gobin, "warmpool-agent")
 	default:
-		return nil, fmt.Errorf("build guest agent: %w; set BuildOptions.SourceDir (warmpool image build --source) or BuildOptions.AgentBinary", srcErr)
+		return nil, fmt.Errorf("%w: %w, and this binary was not installed at a released version to compile it from", ErrNoAgent, srcErr)
 	}
 	cmd.Env = env
 	if msg, err := cmd.CombinedOutput(); err != nil {

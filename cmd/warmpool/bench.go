@@ -69,6 +69,7 @@ Ctrl-C. --quick takes few samples (under two minutes with real VMs).`,
 			if debug {
 				opts.Logger = slog.New(slog.NewTextHandler(cmd.ErrOrStderr(), &slog.HandlerOptions{Level: slog.LevelDebug}))
 			}
+			opts.GuestAgent = embeddedAgent()
 			rep, err := bench.Run(ctx, opts)
 			if err != nil {
 				return err

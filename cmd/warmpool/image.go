@@ -1,6 +1,7 @@
 package main
 
 import (
+	"errors"
 	"fmt"
 	"io"
 	"strings"
@@ -17,8 +18,10 @@ func newImageCommand(g *globals) *cobra.Command {
 	build := &cobra.Command{
 		Use:   "build [--out DIR]",
 		Short: "Build the guest kernel and initramfs locally, with progress",
-		Long: `image build fetches the Debian cloud kernel and busybox, compiles the guest
-agent and packs the initramfs into --out (default: the user cache directory).
+		Long: `image build fetches the Debian cloud kernel and busybox, adds the guest
+agent (the one embedded in this binary, else --agent, else compiled from the
+source tree) and packs the initramfs into --out (default: the user cache
+directory).
 It runs locally, without the daemon; an image already built from the same
 inputs is reused.`,
 		Args: args(),
@@ -26,8 +29,12 @@ inputs is reused.`,
 			p := newProgress(cmd.ErrOrStderr())
 			stop := p.spinWhile("building guest image")
 			opts.Progress = func(step string, done, total int64) { p.update(step, done, total) }
+			opts.Agent = embeddedAgent()
 			img, err := guest.Build(cmd.Context(), opts)
 			stop()
+			if errors.Is(err, guest.ErrNoAgent) {
+				return fmt.Errorf("build guest image: %w; pass --agent with a static warmpool-agent, or use a warmpool binary built with `make build`, which embeds one", err)
+			}
 			if err != nil {
 				return fmt.Errorf("build guest image: %w", err)
 			}

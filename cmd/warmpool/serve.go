@@ -37,6 +37,7 @@ and machines running for the next start to adopt (unless --stop-all).`,
 			}
 			opts.StateDir = g.stateDir
 			opts.TokenFile = g.tokenFile
+			opts.GuestAgent = embeddedAgent()
 			if err := daemon.Run(cmd.Context(), opts); err != nil {
 				return fmt.Errorf("serve: %w", err)
 			}
