@@ -499,6 +499,13 @@ func (s *Server) exec(w http.ResponseWriter, r *http.Request) {
 	code, err := s.opts.Backend.Exec(r.Context(), id, req,
 		streamWriter{fw, "stdout"}, streamWriter{fw, "stderr"})
 	fw.close()
+	if err != nil && r.Context().Err() != nil {
+		// Say why the exec was cut short (the daemon's shutdown cancels
+		// execs it stopped waiting for) rather than only "context canceled".
+		if cause := context.Cause(r.Context()); cause != nil && !errors.Is(err, cause) {
+			err = fmt.Errorf("%w: %w", cause, err)
+		}
+	}
 	if err != nil {
 		if !fw.started() {
 			s.fail(w, r, err)

@@ -72,7 +72,7 @@ type Limits struct {
 	MaxLeases    int      `yaml:"max_leases" doc:"Live leases the daemon hands out at most; 0 means no limit."`
 	LeaseTTL     Duration `yaml:"lease_ttl" doc:"TTL of a lease whose acquire names none; 0 means leases live until released."`
 	ExecTimeout  Duration `yaml:"exec_timeout" doc:"Timeout of an exec whose request names none. Default 10m."`
-	ShutdownWait Duration `yaml:"shutdown_wait" doc:"How long SIGTERM waits for in-flight requests before closing them. Default 30s."`
+	ShutdownWait Duration `yaml:"shutdown_wait" doc:"How long SIGTERM waits for in-flight requests before cancelling them (an exec's guest process is killed); destroying the warm VMs afterwards has its own time. Default 30s."`
 	MemoryMiB    int      `yaml:"memory_mib" doc:"Guest memory all pools together may hold at their max (sum of max x template memory), in MiB; a pool change beyond it is refused. Default: the host's total memory."`
 }
 

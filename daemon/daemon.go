@@ -291,8 +291,9 @@ func (d *Daemon) closeProvider() {
 }
 
 // serve runs the API until ctx ends, then shuts down: stop accepting, let
-// in-flight requests finish, destroy the warm VMs, keep leased VMs and
-// machines (or stop them too with StopAll).
+// in-flight requests finish for limits.shutdown_wait and cancel the rest,
+// destroy the warm VMs, keep leased VMs and machines (or stop them too with
+// StopAll).
 func (d *Daemon) serve(ctx context.Context, srv *server, opts Options) error {
 	errc := make(chan error, 1)
 	go func() { errc <- srv.serve() }()
@@ -307,29 +308,45 @@ func (d *Daemon) serve(ctx context.Context, srv *server, opts Options) error {
 	}
 	d.log.Info("shutting down")
 	d.closing.Store(true)
-	sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), d.cfg.Limits.ShutdownWait.Std())
-	defer cancel()
-	if err := srv.shutdown(sctx); err != nil {
+	if err := srv.shutdown(d.cfg.Limits.ShutdownWait.Std(), requestCancelWait); err != nil {
 		d.log.Warn("in-flight requests cut short", "err", err)
 	}
 	d.bg.Wait()
 	d.repair.close()
-	d.shutdown(sctx)
+	d.shutdown(context.WithoutCancel(ctx))
 	return serveErr
 }
 
+// Each shutdown step after the wait for requests gets its own time, so that
+// a request that used up limits.shutdown_wait cannot leave warm VMs running.
+const (
+	// requestCancelWait bounds how long cancelled requests take to return
+	// (an exec asks the agent to kill its process, with its own 1s limit).
+	requestCancelWait = 10 * time.Second
+	// shutdownStepWait bounds each of: the pools' shutdown (restores in
+	// flight end, warm VMs are destroyed), and with StopAll each lease's
+	// release and the machines' stop. Generous for TCG on a loaded host.
+	shutdownStepWait = 2 * time.Minute
+)
+
+// shutdown stops the pools (destroying warm VMs) and, with StopAll, leased
+// VMs and machines, each step within shutdownStepWait of its own, then
+// closes the provider, the event bus and the state.
 func (d *Daemon) shutdown(ctx context.Context) {
-	if err := d.pools.Shutdown(ctx); err != nil {
-		d.log.Warn("pool shutdown", "err", err)
+	step := func(what string, f func(context.Context) error, args ...any) {
+		sctx, cancel := context.WithTimeout(ctx, shutdownStepWait)
+		defer cancel()
+		if err := f(sctx); err != nil {
+			d.log.Warn(what, append(args, "err", err)...)
+		}
 	}
+	step("pool shutdown", d.pools.Shutdown)
 	d.handoffer.Close()
 	if d.stopAll {
 		for _, l := range d.liveLeases() {
-			if err := d.Release(ctx, l.rec.ID); err != nil {
-				d.log.Warn("release lease at shutdown", "lease", l.rec.ID, "err", err)
-			}
+			step("release lease at shutdown", func(ctx context.Context) error { return d.Release(ctx, l.rec.ID) }, "lease", l.rec.ID)
 		}
-		d.mach.stopAll(ctx)
+		step("stop machines at shutdown", func(ctx context.Context) error { d.mach.stopAll(ctx); return nil })
 	}
 	d.mach.close()
 	d.closeProvider()

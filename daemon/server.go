@@ -8,6 +8,7 @@ import (
 	"net/http"
 	"os"
 	"strings"
+	"time"
 
 	"github.com/warmpool/warmpool/api"
 )
@@ -18,6 +19,10 @@ type server struct {
 	ln   net.Listener
 	api  *api.Server
 	http *http.Server
+	// cancelRequests ends the context of every request, in flight or not
+	// yet read: http.Server.Shutdown only waits for handlers, it never
+	// tells them to stop.
+	cancelRequests func()
 }
 
 func (d *Daemon) listen(cfg Config) (*server, error) {
@@ -46,7 +51,10 @@ func (d *Daemon) listen(cfg Config) (*server, error) {
 		Token:    token,
 		Logger:   d.log.With("component", "api"),
 	})
-	return &server{ln: ln, api: s, http: api.NewHTTPServer(s)}, nil
+	reqCtx, cancel := context.WithCancelCause(context.Background())
+	srv := &server{ln: ln, api: s, http: api.NewHTTPServer(s), cancelRequests: func() { cancel(api.ErrShuttingDown) }}
+	srv.http.BaseContext = func(net.Listener) context.Context { return reqCtx }
+	return srv, nil
 }
 
 func (s *server) serve() error {
@@ -57,13 +65,27 @@ func (s *server) serve() error {
 	return fmt.Errorf("serve on %s: %w", s.ln.Addr(), err)
 }
 
-// shutdown stops accepting, ends event streams and waits for in-flight
-// requests until ctx ends, then closes what is left.
-func (s *server) shutdown(ctx context.Context) error {
+// shutdown stops accepting, ends event streams and waits up to wait for
+// in-flight requests. Requests still running then are cancelled (an exec's
+// guest process is killed), given up to cancelWait to return, and their
+// connections closed. It returns an error when requests had to be cut short.
+func (s *server) shutdown(wait, cancelWait time.Duration) error {
 	s.api.Drain()
-	err := s.http.Shutdown(ctx)
-	if err != nil {
-		s.http.Close()
+	defer s.cancelRequests()
+	if err := shutdownWithin(s.http, wait); err == nil {
+		return nil
 	}
-	return err
+	s.cancelRequests()
+	// Shutdown again: it returns once the cancelled handlers have returned.
+	if err := shutdownWithin(s.http, cancelWait); err != nil {
+		s.http.Close()
+		return fmt.Errorf("requests in flight outlived limits.shutdown_wait (%s) and did not return within %s of being cancelled; closed their connections", wait, cancelWait)
+	}
+	return fmt.Errorf("requests in flight outlived limits.shutdown_wait (%s); cancelled them", wait)
+}
+
+func shutdownWithin(s *http.Server, d time.Duration) error {
+	ctx, cancel := context.WithTimeout(context.Background(), d)
+	defer cancel()
+	return s.Shutdown(ctx)
 }

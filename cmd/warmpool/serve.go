@@ -21,8 +21,10 @@ func newServeCommand(g *globals) *cobra.Command {
 		Long: `serve runs the warmpool daemon in the foreground. It listens on
 warmpool.sock in the state directory (mode 0600) unless --listen says
 otherwise; a TCP listener requires --token-file. On SIGTERM or Ctrl-C it stops
-accepting, finishes in-flight requests, destroys warm VMs and keeps leased VMs
-and machines running for the next start to adopt (unless --stop-all).`,
+accepting, lets in-flight requests finish for limits.shutdown_wait (30s) and
+cancels the rest (killing an exec's process in the guest), destroys warm VMs
+and keeps leased VMs and machines running for the next start to adopt (unless
+--stop-all).`,
 		Args: args(),
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			var level slog.Level
