@@ -56,9 +56,11 @@ type Backend interface {
 	// PutMachine records the desired spec of a machine without starting it;
 	// a running machine whose spec drifted is recreated by its next ensure.
 	PutMachine(ctx context.Context, name string, req MachineRequest) (Machine, error)
-	// EnsureMachine returns once the machine's agent answers. A nil req
-	// keeps the recorded spec (ErrNotFound when there is none).
-	EnsureMachine(ctx context.Context, name string, req *MachineRequest) (Machine, error)
+	// EnsureMachine merges req into the machine's recorded spec (a machine
+	// never recorded starts from the default shape), records the result and
+	// returns once the machine runs it and its agent answers. Concurrent
+	// ensures of one machine each merge into what the one before recorded.
+	EnsureMachine(ctx context.Context, name string, req MachineEnsureRequest) (Machine, error)
 	StopMachine(ctx context.Context, name string, force bool) error
 	HoldMachine(ctx context.Context, name string, req HoldRequest) (Hold, error)
 	// ReleaseHold ends a hold; an unknown hold id returns nil.

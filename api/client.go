@@ -309,15 +309,11 @@ func (c *Client) PutMachine(ctx context.Context, name string, req MachineRequest
 	return m, c.call(ctx, http.MethodPut, "/v1/machines/"+url.PathEscape(name), req, &m)
 }
 
-// EnsureMachine returns once the machine is ready; a nil req keeps its
-// recorded spec.
-func (c *Client) EnsureMachine(ctx context.Context, name string, req *MachineRequest) (Machine, error) {
-	var body any
-	if req != nil {
-		body = req
-	}
+// EnsureMachine returns once the machine is ready, in one request: the
+// daemon merges the fields req gives into the recorded spec.
+func (c *Client) EnsureMachine(ctx context.Context, name string, req MachineEnsureRequest) (Machine, error) {
 	var m Machine
-	return m, c.call(ctx, http.MethodPost, "/v1/machines/"+url.PathEscape(name)+"/ensure", body, &m)
+	return m, c.call(ctx, http.MethodPost, "/v1/machines/"+url.PathEscape(name)+"/ensure", req, &m)
 }
 
 // StopMachine stops a machine, gracefully unless force.

@@ -653,17 +653,10 @@ func (s *Server) ensureMachine(w http.ResponseWriter, r *http.Request) {
 	if !ok {
 		return
 	}
-	// A missing body keeps the recorded spec; distinguish it from "{}"
-	// (which would fail validation) by decoding into a pointer.
-	var req *MachineRequest
+	// A missing body, like "{}", keeps the recorded spec.
+	var req MachineEnsureRequest
 	if !s.decode(w, r, &req, true) {
 		return
-	}
-	if req != nil {
-		if err := req.Validate(); err != nil {
-			writeError(w, invalid(err.Error()))
-			return
-		}
 	}
 	noDeadline(w)
 	m, err := s.opts.Backend.EnsureMachine(r.Context(), name, req)

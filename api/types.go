@@ -346,9 +346,71 @@ func (s MachineSpec) WithDefaults() MachineSpec {
 	return s
 }
 
-// MachineRequest sets a machine's desired spec (PUT /v1/machines/{name}) or
-// is the optional body of POST /v1/machines/{name}/ensure.
+// MachineRequest sets a machine's whole desired spec (PUT /v1/machines/{name}).
 type MachineRequest = MachineSpec
+
+// MachineEnsureRequest is the optional body of POST
+// /v1/machines/{name}/ensure. The daemon merges it into the recorded spec
+// in one step: a field left out (or the whole body) keeps what is
+// recorded, or the default shape for a machine never recorded. A field
+// that is given replaces the recorded one; "0s" turns an idle step off.
+// Going back to the daemon's default idle policy takes a PUT.
+type MachineEnsureRequest struct {
+	VCPUs        *int      `json:"vcpus,omitempty"`
+	MemoryMiB    *int      `json:"memory_mib,omitempty"`
+	DataDiskMiB  *int      `json:"data_disk_mib,omitempty"`
+	Cmdline      *string   `json:"cmdline,omitempty"`
+	IdleAfter    *Duration `json:"idle_after,omitempty"`
+	SuspendAfter *Duration `json:"suspend_after,omitempty"`
+}
+
+// EnsureRequest asks for every field of s, so that an ensure with it
+// leaves nothing of the recorded spec but what s leaves to the daemon's
+// default (a nil IdleAfter or SuspendAfter keeps the recorded step).
+func (s MachineSpec) EnsureRequest() MachineEnsureRequest {
+	return MachineEnsureRequest{
+		VCPUs: &s.VCPUs, MemoryMiB: &s.MemoryMiB, DataDiskMiB: &s.DataDiskMiB, Cmdline: &s.Cmdline,
+		IdleAfter: s.IdleAfter, SuspendAfter: s.SuspendAfter,
+	}
+}
+
+// Merge returns base with the fields r gives replaced.
+func (r MachineEnsureRequest) Merge(base MachineSpec) MachineSpec {
+	set := func(dst *int, v *int) {
+		if v != nil {
+			*dst = *v
+		}
+	}
+	set(&base.VCPUs, r.VCPUs)
+	set(&base.MemoryMiB, r.MemoryMiB)
+	set(&base.DataDiskMiB, r.DataDiskMiB)
+	if r.Cmdline != nil {
+		base.Cmdline = *r.Cmdline
+	}
+	// Copies: the merged spec must not share a Duration with the request.
+	if r.IdleAfter != nil {
+		d := *r.IdleAfter
+		base.IdleAfter = &d
+	}
+	if r.SuspendAfter != nil {
+		d := *r.SuspendAfter
+		base.SuspendAfter = &d
+	}
+	return base
+}
+
+// Validate names the first given field that is wrong. Merged into any
+// valid spec, a valid request gives a valid spec.
+func (r MachineEnsureRequest) Validate() error {
+	return r.Merge(MachineSpec{}.WithDefaults()).Validate()
+}
+
+// Equal reports whether s and o ask for the same machine.
+func (s MachineSpec) Equal(o MachineSpec) bool {
+	same := func(a, b *Duration) bool { return (a == nil) == (b == nil) && (a == nil || *a == *b) }
+	return s.VCPUs == o.VCPUs && s.MemoryMiB == o.MemoryMiB && s.DataDiskMiB == o.DataDiskMiB &&
+		s.Cmdline == o.Cmdline && same(s.IdleAfter, o.IdleAfter) && same(s.SuspendAfter, o.SuspendAfter)
+}
 
 // Validate names the first field of s that is wrong.
 func (s MachineSpec) Validate() error {

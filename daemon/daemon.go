@@ -361,7 +361,11 @@ func (d *Daemon) shutdown(ctx context.Context) {
 // machines that the state does not have yet, and registers every pool.
 func (d *Daemon) applyConfig(ctx context.Context) error {
 	for _, name := range sortedKeys(d.cfg.Machines) {
-		if _, ok := d.mach.get(name); ok {
+		_, recorded, err := d.mach.get(name)
+		if err != nil {
+			return fmt.Errorf("config machine %s: %w", name, err)
+		}
+		if recorded {
 			continue
 		}
 		if _, err := d.PutMachine(ctx, name, d.cfg.Machines[name].spec()); err != nil {

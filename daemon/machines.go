@@ -18,19 +18,23 @@ import (
 
 const machineLabel = lifecycle.LabelMachine
 
-// machines connects the lifecycle manager to the store and the API. The
-// desired spec of a machine is the API's (PutMachine, config); the
-// manager's own record is kept next to it so a restart can restore it.
+// machines connects the lifecycle manager to the store and the API. A
+// machine's desired spec (the API's shape: PutMachine, EnsureMachine,
+// config) lives only in its store record; the manager's own record (what
+// its VM runs) is kept next to it so a restart can restore it.
 type machines struct {
-	d  *Daemon
-	m  *lifecycle.Manager
-	mu sync.Mutex
-	// specs are the recorded desired specs by machine name.
-	specs map[string]api.MachineSpec
+	d *Daemon
+	m *lifecycle.Manager
+
+	locksMu sync.Mutex
+	// locks serialise the changes of one machine's spec with handing the
+	// result to the manager, so an ensure that merged first never reaches
+	// the manager after one that merged later.
+	locks map[string]chan struct{}
 }
 
 func (d *Daemon) newMachines() (*machines, error) {
-	ms := &machines{d: d, specs: map[string]api.MachineSpec{}}
+	ms := &machines{d: d, locks: map[string]chan struct{}{}}
 	m, err := lifecycle.NewManager(lifecycle.Config{
 		Idle:         ms.defaultIdle(),
 		Provider:     d.prov,
@@ -46,20 +50,35 @@ func (d *Daemon) newMachines() (*machines, error) {
 		return nil, err
 	}
 	ms.m = m
-	recs, err := store.List(d.st, store.Machines)
-	if err != nil {
-		return nil, err
-	}
-	for _, r := range recs {
-		var spec api.MachineSpec
-		if len(r.Spec) > 0 {
-			if err := json.Unmarshal(r.Spec, &spec); err != nil {
-				return nil, fmt.Errorf("decode machine %s: %w", r.Name, err)
-			}
-		}
-		ms.specs[r.Name] = spec
-	}
 	return ms, nil
+}
+
+// decodeSpec reads the desired spec of a machine record.
+func decodeSpec(r store.Machine) (api.MachineSpec, error) {
+	var spec api.MachineSpec
+	if len(r.Spec) > 0 {
+		if err := json.Unmarshal(r.Spec, &spec); err != nil {
+			return api.MachineSpec{}, fmt.Errorf("decode spec of machine %s: %w", r.Name, err)
+		}
+	}
+	return spec, nil
+}
+
+// lock takes the machine's lock, or gives up when ctx ends.
+func (ms *machines) lock(ctx context.Context, name string) (unlock func(), err error) {
+	ms.locksMu.Lock()
+	l, ok := ms.locks[name]
+	if !ok {
+		l = make(chan struct{}, 1)
+		ms.locks[name] = l
+	}
+	ms.locksMu.Unlock()
+	select {
+	case l <- struct{}{}:
+		return func() { <-l }, nil
+	case <-ctx.Done():
+		return nil, fmt.Errorf("machine %s: waiting for another change of it: %w", name, ctx.Err())
+	}
 }
 
 // restore hands the manager the machine records of an earlier run, after
@@ -70,6 +89,7 @@ func (ms *machines) restore(ctx context.Context) error {
 		return err
 	}
 	var lrecs []lifecycle.Record
+	specs := map[string]api.MachineSpec{}
 	for _, r := range recs {
 		if len(r.Record) == 0 {
 			continue
@@ -77,6 +97,9 @@ func (ms *machines) restore(ctx context.Context) error {
 		var lr lifecycle.Record
 		if err := json.Unmarshal(r.Record, &lr); err != nil {
 			return fmt.Errorf("decode machine %s: %w", r.Name, err)
+		}
+		if specs[r.Name], err = decodeSpec(r); err != nil {
+			return err
 		}
 		lrecs = append(lrecs, lr)
 	}
@@ -87,9 +110,7 @@ func (ms *machines) restore(ctx context.Context) error {
 	// A restored machine runs on the policy recorded with it; the daemon's
 	// default may have changed in the config since.
 	for _, lr := range lrecs {
-		if spec, ok := ms.get(lr.Name); ok {
-			ms.applyIdle(ctx, lr.Name, spec)
-		}
+		ms.applyIdle(ctx, lr.Name, specs[lr.Name])
 	}
 	return err
 }
@@ -133,10 +154,14 @@ func (ms *machines) applyIdle(ctx context.Context, name string, spec api.Machine
 	}
 }
 
+// knows reports whether the machine is recorded. When the store cannot
+// tell, it says yes: the callers decide whether to destroy a VM.
 func (ms *machines) knows(name string) bool {
-	ms.mu.Lock()
-	defer ms.mu.Unlock()
-	_, ok := ms.specs[name]
+	_, ok, err := ms.get(name)
+	if err != nil {
+		ms.d.log.Error("look up machine", "machine", name, "err", err)
+		return true
+	}
 	return ok
 }
 
@@ -145,11 +170,54 @@ func (ms *machines) ownsVM(v vm.VM) bool {
 	return name != "" && ms.knows(name)
 }
 
-func (ms *machines) get(name string) (api.MachineSpec, bool) {
-	ms.mu.Lock()
-	defer ms.mu.Unlock()
-	s, ok := ms.specs[name]
-	return s, ok
+// get returns the machine's recorded desired spec.
+func (ms *machines) get(name string) (api.MachineSpec, bool, error) {
+	r, err := store.Get(ms.d.st, store.Machines, name)
+	if errors.Is(err, vm.ErrNotFound) {
+		return api.MachineSpec{}, false, nil
+	}
+	if err != nil {
+		return api.MachineSpec{}, false, fmt.Errorf("look up machine %s: %w", name, err)
+	}
+	spec, err := decodeSpec(r)
+	return spec, err == nil, err
+}
+
+// record changes the machine's desired spec in one transaction: change
+// gets the recorded spec (the default shape when there is none) and
+// returns the new one. A spec that comes back unchanged is not rewritten.
+func (ms *machines) record(name string, change func(cur api.MachineSpec) api.MachineSpec) (api.MachineSpec, error) {
+	var spec api.MachineSpec
+	err := ms.d.st.Update(func(tx *store.Tx) error {
+		rec, err := store.Machines.Get(tx, name)
+		found := err == nil
+		if err != nil && !errors.Is(err, vm.ErrNotFound) {
+			return err
+		}
+		cur := api.MachineSpec{}.WithDefaults()
+		if found {
+			if cur, err = decodeSpec(rec); err != nil {
+				return err
+			}
+		}
+		spec = change(cur)
+		if err := spec.Validate(); err != nil {
+			return err
+		}
+		if found && spec.Equal(cur) {
+			return nil
+		}
+		specJSON, err := json.Marshal(spec)
+		if err != nil {
+			return err
+		}
+		rec.Name, rec.Spec, rec.UpdatedAt = name, specJSON, time.Now()
+		return store.Machines.Put(tx, rec)
+	})
+	if err != nil {
+		return api.MachineSpec{}, fmt.Errorf("record machine %s: %w", name, err)
+	}
+	return spec, nil
 }
 
 func (ms *machines) onChange(m lifecycle.Machine) {
@@ -158,10 +226,14 @@ func (ms *machines) onChange(m lifecycle.Machine) {
 		ms.d.log.Error("encode machine", "machine", m.Name, "err", err)
 		return
 	}
-	spec, _ := ms.get(m.Name)
-	specJSON, _ := json.Marshal(spec)
 	err = ms.d.st.Update(func(tx *store.Tx) error {
-		if err := store.Machines.Put(tx, store.Machine{Name: m.Name, Spec: specJSON, Record: rec, UpdatedAt: time.Now()}); err != nil {
+		// The desired spec is the API's to change; only the record is ours.
+		cur, err := store.Machines.Get(tx, m.Name)
+		if err != nil && !errors.Is(err, vm.ErrNotFound) {
+			return err
+		}
+		cur.Name, cur.Record, cur.UpdatedAt = m.Name, rec, time.Now()
+		if err := store.Machines.Put(tx, cur); err != nil {
 			return err
 		}
 		if m.VMID == "" {
@@ -220,8 +292,7 @@ func (d *Daemon) guestMemUsed(ctx context.Context, v vm.VM) (int, error) {
 	return int((s.MemTotalKiB - s.MemAvailableKiB) / 1024), nil
 }
 
-func (ms *machines) apiMachine(name string) api.Machine {
-	spec, _ := ms.get(name)
+func (ms *machines) apiMachine(name string, spec api.MachineSpec) api.Machine {
 	idle := ms.idlePolicy(spec)
 	out := api.Machine{Name: name, State: api.MachineNotExist, Spec: spec,
 		IdleAfter: api.Duration(idle.ShrinkAfter), SuspendAfter: api.Duration(idle.SuspendAfter)}
@@ -240,12 +311,17 @@ func (ms *machines) apiMachine(name string) api.Machine {
 
 // Machines implements api.Backend.
 func (d *Daemon) Machines(ctx context.Context) ([]api.Machine, error) {
-	d.mach.mu.Lock()
-	names := sortedKeys(d.mach.specs)
-	d.mach.mu.Unlock()
-	out := make([]api.Machine, 0, len(names))
-	for _, n := range names {
-		out = append(out, d.mach.apiMachine(n))
+	recs, err := store.List(d.st, store.Machines)
+	if err != nil {
+		return nil, fmt.Errorf("list machines: %w", err)
+	}
+	out := make([]api.Machine, 0, len(recs))
+	for _, r := range recs {
+		spec, err := decodeSpec(r)
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, d.mach.apiMachine(r.Name, spec))
 	}
 	return out, nil
 }
@@ -254,71 +330,59 @@ func (d *Daemon) Machines(ctx context.Context) ([]api.Machine, error) {
 // to a machine that runs; a changed shape applies at its next ensure (a
 // recreate, data disk kept).
 func (d *Daemon) PutMachine(ctx context.Context, name string, req api.MachineRequest) (api.Machine, error) {
-	if err := d.putMachine(ctx, name, req); err != nil {
+	if err := d.checkMachineRequest(name, req); err != nil {
 		return api.Machine{}, err
 	}
-	d.mach.applyIdle(ctx, name, req)
-	return d.mach.apiMachine(name), nil
+	unlock, err := d.mach.lock(ctx, name)
+	if err != nil {
+		return api.Machine{}, err
+	}
+	defer unlock()
+	spec, err := d.mach.record(name, func(api.MachineSpec) api.MachineSpec { return req })
+	if err != nil {
+		return api.Machine{}, err
+	}
+	d.mach.applyIdle(ctx, name, spec)
+	return d.mach.apiMachine(name, spec), nil
 }
 
-// putMachine records req as the machine's desired spec.
-func (d *Daemon) putMachine(ctx context.Context, name string, req api.MachineRequest) error {
+func (d *Daemon) checkMachineRequest(name string, req api.Validator) error {
 	if err := d.checkOpen(); err != nil {
 		return err
 	}
 	if err := vm.ValidateName("machine", name); err != nil {
-		return fmt.Errorf("record machine: %w", err)
+		return fmt.Errorf("machine: %w", err)
 	}
 	if err := req.Validate(); err != nil {
-		return fmt.Errorf("record machine %s: %w", name, err)
+		return fmt.Errorf("machine %s: %w", name, err)
 	}
-	specJSON, err := json.Marshal(req)
-	if err != nil {
-		return err
-	}
-	err = d.st.Update(func(tx *store.Tx) error {
-		rec, err := store.Machines.Get(tx, name)
-		if err != nil && !errors.Is(err, vm.ErrNotFound) {
-			return err
-		}
-		rec.Name, rec.Spec, rec.UpdatedAt = name, specJSON, time.Now()
-		return store.Machines.Put(tx, rec)
-	})
-	if err != nil {
-		return fmt.Errorf("record machine %s: %w", name, err)
-	}
-	d.mach.mu.Lock()
-	d.mach.specs[name] = req
-	d.mach.mu.Unlock()
 	return nil
 }
 
-// EnsureMachine implements api.Backend. Without req the recorded spec
-// applies; a machine never recorded gets the default shape
+// EnsureMachine implements api.Backend. The fields req gives replace the
+// recorded ones; a machine never recorded starts from the default shape
 // (api.DefaultMachineVCPUs, api.DefaultMachineMemoryMiB, no data disk), so
-// "ensure it is ready" needs no arguments.
-func (d *Daemon) EnsureMachine(ctx context.Context, name string, req *api.MachineRequest) (api.Machine, error) {
-	if err := d.checkOpen(); err != nil {
+// "ensure it is ready" needs no arguments. The merged spec is recorded
+// before the machine is brought to it, and an ensure that asks for nothing
+// new writes nothing.
+func (d *Daemon) EnsureMachine(ctx context.Context, name string, req api.MachineEnsureRequest) (api.Machine, error) {
+	if err := d.checkMachineRequest(name, req); err != nil {
 		return api.Machine{}, err
 	}
-	if req == nil {
-		if _, ok := d.mach.get(name); !ok {
-			def := api.MachineSpec{}.WithDefaults()
-			req = &def
-		}
-	}
-	if req != nil {
-		if err := d.putMachine(ctx, name, *req); err != nil {
-			return api.Machine{}, err
-		}
-	}
-	spec, ok := d.mach.get(name)
-	if !ok {
-		return api.Machine{}, fmt.Errorf("ensure machine %s: no such machine: %w", name, vm.ErrNotFound)
-	}
+	// Before the lock: the first use may build the image, and an ensure of
+	// another shape must not wait for that.
 	img, err := d.guestImage(ctx, "", nil)
 	if err != nil {
 		return api.Machine{}, fmt.Errorf("ensure machine %s: %w", name, err)
+	}
+	unlock, err := d.mach.lock(ctx, name)
+	if err != nil {
+		return api.Machine{}, err
+	}
+	defer unlock()
+	spec, err := d.mach.merge(name, req)
+	if err != nil {
+		return api.Machine{}, err
 	}
 	idle := d.mach.idlePolicy(spec)
 	ls := lifecycle.MachineSpec{
@@ -335,7 +399,20 @@ func (d *Daemon) EnsureMachine(ctx context.Context, name string, req *api.Machin
 	if _, err := d.mach.m.Ensure(ctx, ls); err != nil {
 		return api.Machine{}, err
 	}
-	return d.mach.apiMachine(name), nil
+	return d.mach.apiMachine(name, spec), nil
+}
+
+// merge records req merged into the machine's spec. The common ensure asks
+// for nothing new; it reads the record and writes nothing.
+func (ms *machines) merge(name string, req api.MachineEnsureRequest) (api.MachineSpec, error) {
+	cur, ok, err := ms.get(name)
+	if err != nil {
+		return api.MachineSpec{}, err
+	}
+	if ok && req.Merge(cur).Equal(cur) {
+		return cur, nil
+	}
+	return ms.record(name, req.Merge)
 }
 
 // StopMachine implements api.Backend.

@@ -161,7 +161,7 @@ func TestMachineWithDataDiskIdlesSuspendsAndRestores(t *testing.T) {
 
 	spec := api.MachineSpec{VCPUs: 1, MemoryMiB: 512, DataDiskMiB: 64,
 		IdleAfter: dur(200 * time.Millisecond), SuspendAfter: dur(600 * time.Millisecond)}
-	m, err := c.EnsureMachine(ctxT(t), "box", &spec)
+	m, err := c.EnsureMachine(ctxT(t), "box", spec.EnsureRequest())
 	if err != nil {
 		t.Fatalf("ensure: %v", err)
 	}
@@ -188,7 +188,7 @@ func TestMachineWithDataDiskIdlesSuspendsAndRestores(t *testing.T) {
 		t.Errorf("%d provider suspends, want 1 (a data disk needs the single-use snapshot)", n)
 	}
 
-	back, err := c.EnsureMachine(ctxT(t), "box", nil)
+	back, err := c.EnsureMachine(ctxT(t), "box", api.MachineEnsureRequest{})
 	if err != nil || back.State != api.MachineRunning || back.VMID == "" || back.VMID == m.VMID {
 		t.Fatalf("ensure after suspend: %+v, %v", back, err)
 	}
@@ -236,7 +236,7 @@ func TestMachineWithDataDiskIdlesSuspendsAndRestores(t *testing.T) {
 	// Turning suspend off is no drift: the same VM keeps running.
 	spec.SuspendAfter = dur(0)
 	spec.IdleAfter = dur(time.Hour)
-	same, err := c.EnsureMachine(ctxT(t), "box", &spec)
+	same, err := c.EnsureMachine(ctxT(t), "box", spec.EnsureRequest())
 	if err != nil || same.VMID != back.VMID || same.SuspendAfter != 0 {
 		t.Errorf("ensure with a new idle policy: %+v, %v; want vm %s kept and suspend off", same, err, back.VMID)
 	}
@@ -285,7 +285,7 @@ func TestMachineHoldsBlockIdling(t *testing.T) {
 	if _, err := c.HoldMachine(ctxT(t), "nope", api.HoldRequest{}); !errors.Is(err, vm.ErrNotFound) {
 		t.Errorf("hold of an unknown machine: %v, want not found", err)
 	}
-	if _, err := c.EnsureMachine(ctxT(t), "box", nil); err != nil {
+	if _, err := c.EnsureMachine(ctxT(t), "box", api.MachineEnsureRequest{}); err != nil {
 		t.Fatal(err)
 	}
 	h1, err := c.HoldMachine(ctxT(t), "box", api.HoldRequest{Owner: "ide"})
@@ -333,7 +333,7 @@ func TestMachineHoldsBlockIdling(t *testing.T) {
 func TestMachineDefaultsAndPutIdle(t *testing.T) {
 	r := startDiskFake(t, "machine_defaults: {idle_after: 1h, idle_reserve_mib: 32}\nmachines:\n  cfg: {data_disk_mib: 16, suspend_after: 2h}\n")
 	c := r.client
-	m, err := c.EnsureMachine(ctxT(t), "bare", nil)
+	m, err := c.EnsureMachine(ctxT(t), "bare", api.MachineEnsureRequest{})
 	if err != nil {
 		t.Fatalf("bare ensure: %v", err)
 	}
@@ -343,7 +343,7 @@ func TestMachineDefaultsAndPutIdle(t *testing.T) {
 	if m.IdleAfter.Std() != time.Hour || m.SuspendAfter != 0 {
 		t.Errorf("bare machine's idle policy %s/%s, want the daemon's default 1h/0s", m.IdleAfter, m.SuspendAfter)
 	}
-	cfg, err := c.EnsureMachine(ctxT(t), "cfg", nil)
+	cfg, err := c.EnsureMachine(ctxT(t), "cfg", api.MachineEnsureRequest{})
 	if err != nil {
 		t.Fatalf("ensure config machine: %v", err)
 	}

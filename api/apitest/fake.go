@@ -277,19 +277,19 @@ func (b *Backend) PutMachine(ctx context.Context, name string, req api.MachineRe
 }
 
 // EnsureMachine implements api.Backend.
-func (b *Backend) EnsureMachine(ctx context.Context, name string, req *api.MachineRequest) (api.Machine, error) {
+func (b *Backend) EnsureMachine(ctx context.Context, name string, req api.MachineEnsureRequest) (api.Machine, error) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	b.call("EnsureMachine")
 	m, ok := b.machines[name]
-	if !ok && req == nil {
-		// Like the daemon: a new machine ensured without a spec gets the defaults.
-		def := api.MachineSpec{}.WithDefaults()
-		req = &def
+	if !ok {
+		// Like the daemon: a new machine starts from the default shape.
+		m.Spec = api.MachineSpec{}.WithDefaults()
 	}
 	m.Name = name
-	if req != nil {
-		m.Spec = *req
+	m.Spec = req.Merge(m.Spec)
+	if err := m.Spec.Validate(); err != nil {
+		return api.Machine{}, fmt.Errorf("ensure machine %s: %w", name, err)
 	}
 	if m.State != api.MachineRunning {
 		m.State, m.Since = api.MachineRunning, b.Now()

@@ -12,7 +12,6 @@ import (
 
 	"github.com/warmpool/warmpool/api"
 	"github.com/warmpool/warmpool/events"
-	"github.com/warmpool/warmpool/vm"
 )
 
 func newTemplateCommand(g *globals) *cobra.Command {
@@ -345,37 +344,29 @@ recreates the machine (its data disk is kept), a new idle policy does not.`,
 		RunE: func(cmd *cobra.Command, a []string) error {
 			name := a[0]
 			return g.withClient(func(c *api.Client) error {
+				// Only the flags given go to the daemon, which merges them
+				// into the recorded spec: one flag changes one field.
 				f := cmd.Flags()
-				var req *api.MachineRequest
-				if f.Changed("vcpus") || f.Changed("mem") || f.Changed("disk") || f.Changed("cmdline") ||
-					f.Changed("idle-after") || f.Changed("suspend-after") {
-					// Start from the recorded spec so one flag changes one field.
-					cur, err := c.Machine(cmd.Context(), name)
-					if err != nil && !errors.Is(err, vm.ErrNotFound) {
-						return wrapf(err, "ensure machine %s", name)
-					}
-					merged := cur.Spec
-					if f.Changed("vcpus") || merged.VCPUs == 0 {
-						merged.VCPUs = spec.VCPUs
-					}
-					if f.Changed("mem") || merged.MemoryMiB == 0 {
-						merged.MemoryMiB = spec.MemoryMiB
-					}
-					if f.Changed("disk") {
-						merged.DataDiskMiB = spec.DataDiskMiB
-					}
-					if f.Changed("cmdline") {
-						merged.Cmdline = spec.Cmdline
-					}
-					if f.Changed("idle-after") {
-						d := api.Duration(idleAfter)
-						merged.IdleAfter = &d
-					}
-					if f.Changed("suspend-after") {
-						d := api.Duration(suspendAfter)
-						merged.SuspendAfter = &d
-					}
-					req = &merged
+				var req api.MachineEnsureRequest
+				if f.Changed("vcpus") {
+					req.VCPUs = &spec.VCPUs
+				}
+				if f.Changed("mem") {
+					req.MemoryMiB = &spec.MemoryMiB
+				}
+				if f.Changed("disk") {
+					req.DataDiskMiB = &spec.DataDiskMiB
+				}
+				if f.Changed("cmdline") {
+					req.Cmdline = &spec.Cmdline
+				}
+				if f.Changed("idle-after") {
+					d := api.Duration(idleAfter)
+					req.IdleAfter = &d
+				}
+				if f.Changed("suspend-after") {
+					d := api.Duration(suspendAfter)
+					req.SuspendAfter = &d
 				}
 				stop := newProgress(cmd.ErrOrStderr()).spinWhile("ensuring machine " + name)
 				m, err := c.EnsureMachine(cmd.Context(), name, req)

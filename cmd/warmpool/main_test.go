@@ -4,6 +4,8 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"io"
+	"net/http"
 	"os"
 	"path/filepath"
 	"regexp"
@@ -416,5 +418,77 @@ func TestImagePruneKeepsImagesOfTemplates(t *testing.T) {
 	}
 	if got := left(); got != "newest used" {
 		t.Errorf("images after prune: %s, want the newest and the template's", got)
+	}
+}
+
+// requestLog records every request a server receives, with its body.
+type requestLog struct {
+	mu   sync.Mutex
+	reqs []string // "METHOD PATH BODY"
+}
+
+func (l *requestLog) wrap(h http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		body, _ := io.ReadAll(r.Body)
+		r.Body = io.NopCloser(bytes.NewReader(body))
+		l.mu.Lock()
+		l.reqs = append(l.reqs, r.Method+" "+r.URL.Path+" "+strings.TrimSpace(string(body)))
+		l.mu.Unlock()
+		h.ServeHTTP(w, r)
+	})
+}
+
+func (l *requestLog) take() []string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	out := l.reqs
+	l.reqs = nil
+	return out
+}
+
+// machine ensure is one request whatever its flags: the daemon merges the
+// flags given into the recorded spec, so the CLI sends only those and reads
+// nothing first.
+func TestMachineEnsureIsOneRequest(t *testing.T) {
+	dir, err := os.MkdirTemp("", "wpcli")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	ln, err := api.Listen("unix:" + paths.Socket(dir))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var log requestLog
+	srv := &http.Server{Handler: log.wrap(api.NewServer(api.ServerOptions{Backend: apitest.New()}))}
+	go srv.Serve(ln) //nolint:errcheck // ends with Close below
+	t.Cleanup(func() { srv.Close() })
+	s := "--state=" + dir
+
+	for _, tc := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"dev"}, "POST /v1/machines/dev/ensure {}"},
+		{[]string{"dev", "--mem", "1024", "--disk", "2048"}, `POST /v1/machines/dev/ensure {"memory_mib":1024,"data_disk_mib":2048}`},
+		{[]string{"dev", "--vcpus", "2"}, `POST /v1/machines/dev/ensure {"vcpus":2}`},
+		{[]string{"dev", "--suspend-after", "0s"}, `POST /v1/machines/dev/ensure {"suspend_after":"0s"}`},
+	} {
+		r := cli(t, "", append([]string{s, "machine", "ensure", "-o", "json"}, tc.args...)...)
+		if r.code != 0 {
+			t.Fatalf("machine ensure %v: %+v", tc.args, r)
+		}
+		if got := log.take(); len(got) != 1 || got[0] != tc.want {
+			t.Errorf("machine ensure %v sent %q, want exactly [%s]", tc.args, got, tc.want)
+		}
+	}
+	// The fields given changed; the others kept what was recorded.
+	r := cli(t, "", s, "machine", "ls", "-o", "json")
+	var ms []api.Machine
+	if err := json.Unmarshal([]byte(r.stdout), &ms); err != nil || len(ms) != 1 {
+		t.Fatalf("machine ls: %+v %v", r, err)
+	}
+	if got := ms[0].Spec; got.VCPUs != 2 || got.MemoryMiB != 1024 || got.DataDiskMiB != 2048 || got.SuspendAfter == nil || *got.SuspendAfter != 0 {
+		t.Errorf("spec after the ensures: %+v", got)
 	}
 }
