@@ -25,16 +25,15 @@ func (d *Daemon) Status(ctx context.Context) (api.Status, error) {
 		}
 	}
 	sort.Strings(caps)
+	info := d.prov.Info(ctx)
 	out := api.Status{
 		Version:      Version(),
-		Provider:     d.prov.Name(),
+		Provider:     info.Name,
+		Accel:        info.Accel,
 		Capabilities: caps,
 		StateDir:     d.stateDir,
 		StartedAt:    d.started,
 		Leases:       d.leaseCount(),
-	}
-	if a, ok := d.prov.inner.(interface{ Accel() string }); ok {
-		out.Accel = a.Accel()
 	}
 	err := d.st.View(func(tx *store.Tx) error {
 		for _, c := range []struct {

@@ -180,10 +180,10 @@ func ParseConfig(r io.Reader) (Config, error) {
 
 // Validate names the first key of c that is wrong.
 func (c Config) Validate() error {
-	switch c.Provider {
-	case "", "qemu", "firecracker", "fake":
-	default:
-		return &vm.FieldError{Field: "provider", Value: c.Provider, Reason: "must be qemu, firecracker or fake"}
+	if c.Provider != "" {
+		if err := checkProviderName(c.Provider); err != nil {
+			return err
+		}
 	}
 	switch c.Accel {
 	case "", "auto", "kvm", "tcg":

@@ -129,7 +129,7 @@ func resolveConfig(opts Options) (Config, string, error) {
 	set(&cfg.TokenFile, opts.TokenFile)
 	set(&cfg.Firecracker.Binary, opts.FirecrackerBin)
 	set(&cfg.Firecracker.Jailer, opts.JailerBin)
-	cfg.Provider = or(cfg.Provider, "qemu")
+	cfg.Provider = or(cfg.Provider, defaultProvider)
 	cfg.Accel = or(cfg.Accel, "auto")
 	cfg.Intervals.Sweep = or(cfg.Intervals.Sweep, Duration(time.Second))
 	cfg.Intervals.Health = or(cfg.Intervals.Health, Duration(30*time.Second))

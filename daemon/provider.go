@@ -44,15 +44,9 @@ type ownedProvider struct {
 	onIncompatible func(snap vm.Snapshot, err error)
 }
 
-var (
-	_ vm.Provider    = (*ownedProvider)(nil)
-	_ vm.Snapshotter = (*ownedProvider)(nil)
-	_ vm.Ballooner   = (*ownedProvider)(nil)
-	_ vm.AgentDialer = (*ownedProvider)(nil)
-)
-
-func (p *ownedProvider) Name() string                  { return p.inner.Name() }
-func (p *ownedProvider) Capabilities() vm.Capabilities { return p.inner.Capabilities() }
+func (p *ownedProvider) Name() string                     { return p.inner.Name() }
+func (p *ownedProvider) Capabilities() vm.Capabilities    { return p.inner.Capabilities() }
+func (p *ownedProvider) Info(ctx context.Context) vm.Info { return p.inner.Info(ctx) }
 
 func (p *ownedProvider) Create(ctx context.Context, spec vm.Spec) (vm.VM, error) {
 	v, err := p.inner.Create(ctx, spec)
@@ -63,7 +57,7 @@ func (p *ownedProvider) Create(ctx context.Context, spec vm.Spec) (vm.VM, error)
 }
 
 func (p *ownedProvider) Restore(ctx context.Context, snap vm.Snapshot) (vm.VM, error) {
-	s, ok := p.inner.(vm.Snapshotter)
+	s, ok := vm.As[vm.Snapshotter](p.inner, vm.CapSnapshot)
 	if !ok {
 		return vm.VM{}, fmt.Errorf("restore from %s: %w", snap.ID, vm.ErrUnsupported)
 	}
@@ -128,7 +122,7 @@ func (p *ownedProvider) Inspect(ctx context.Context, id string) (vm.VM, error) {
 func (p *ownedProvider) List(ctx context.Context) ([]vm.VM, error) { return p.inner.List(ctx) }
 
 func (p *ownedProvider) Snapshot(ctx context.Context, id, dir string) (vm.Snapshot, error) {
-	s, ok := p.inner.(vm.Snapshotter)
+	s, ok := vm.As[vm.Snapshotter](p.inner, vm.CapSnapshot)
 	if !ok {
 		return vm.Snapshot{}, fmt.Errorf("snapshot %s: %w", id, vm.ErrUnsupported)
 	}
@@ -136,7 +130,7 @@ func (p *ownedProvider) Snapshot(ctx context.Context, id, dir string) (vm.Snapsh
 }
 
 func (p *ownedProvider) SetBalloon(ctx context.Context, id string, targetMiB int) error {
-	b, ok := p.inner.(vm.Ballooner)
+	b, ok := vm.As[vm.Ballooner](p.inner, vm.CapBalloon)
 	if !ok {
 		return fmt.Errorf("balloon of %s: %w", id, vm.ErrUnsupported)
 	}
@@ -144,7 +138,7 @@ func (p *ownedProvider) SetBalloon(ctx context.Context, id string, targetMiB int
 }
 
 func (p *ownedProvider) BalloonStats(ctx context.Context, id string) (vm.BalloonStats, error) {
-	b, ok := p.inner.(vm.Ballooner)
+	b, ok := vm.As[vm.Ballooner](p.inner, vm.CapBalloon)
 	if !ok {
 		return vm.BalloonStats{}, fmt.Errorf("balloon of %s: %w", id, vm.ErrUnsupported)
 	}
@@ -152,7 +146,7 @@ func (p *ownedProvider) BalloonStats(ctx context.Context, id string) (vm.Balloon
 }
 
 func (p *ownedProvider) DialAgent(ctx context.Context, id string) (net.Conn, error) {
-	d, ok := p.inner.(vm.AgentDialer)
+	d, ok := vm.As[vm.AgentDialer](p.inner, vm.CapAgent)
 	if !ok {
 		return nil, fmt.Errorf("agent of %s: %w", id, vm.ErrUnsupported)
 	}
@@ -163,18 +157,30 @@ func (p *ownedProvider) DialAgent(ctx context.Context, id string) (net.Conn, err
 // can suspend; without it lifecycle falls back to a template snapshot, which
 // providers refuse for VMs with a data disk.
 func (p *ownedProvider) Suspend(ctx context.Context, id, dir string) (vm.Snapshot, error) {
-	s, ok := p.inner.(vm.Suspender)
+	s, ok := vm.As[vm.Suspender](p.inner, vm.CapSuspend)
 	if !ok {
 		return vm.Snapshot{}, fmt.Errorf("suspend %s: %w", id, vm.ErrUnsupported)
 	}
 	return s.Suspend(ctx, id, dir)
 }
 
-// The wrapper must keep every optional interface the lifecycle and pool look
-// for; a missing one silently downgrades behaviour.
+func (p *ownedProvider) PrepareBoot(ctx context.Context, spec vm.Spec) (vm.Spec, error) {
+	b, ok := vm.As[vm.BootPreparer](p.inner, vm.CapPrepareBoot)
+	if !ok {
+		return vm.Spec{}, fmt.Errorf("prepare boot of %s: %w", spec.Kernel, vm.ErrUnsupported)
+	}
+	return b.PrepareBoot(ctx, spec)
+}
+
+// The wrapper implements every optional interface and advertises its inner
+// provider's capabilities, so callers reaching it through vm.As get what
+// the inner provider offers; a missing method would silently downgrade
+// behaviour.
 var (
-	_ vm.Snapshotter = (*ownedProvider)(nil)
-	_ vm.Suspender   = (*ownedProvider)(nil)
-	_ vm.Ballooner   = (*ownedProvider)(nil)
-	_ vm.AgentDialer = (*ownedProvider)(nil)
+	_ vm.Provider     = (*ownedProvider)(nil)
+	_ vm.Snapshotter  = (*ownedProvider)(nil)
+	_ vm.Suspender    = (*ownedProvider)(nil)
+	_ vm.Ballooner    = (*ownedProvider)(nil)
+	_ vm.AgentDialer  = (*ownedProvider)(nil)
+	_ vm.BootPreparer = (*ownedProvider)(nil)
 )

@@ -11,15 +11,22 @@ import (
 	agentserver "github.com/warmpool/warmpool/agent/server"
 	"github.com/warmpool/warmpool/provider/fake"
 	"github.com/warmpool/warmpool/provider/firecracker"
+	"github.com/warmpool/warmpool/provider/qemu"
 	"github.com/warmpool/warmpool/vm"
 )
 
 // newProvider builds the provider cfg names. Each keeps its VMs under
-// stateDir/vms so that VMs of different state directories never mix.
+// stateDir/vms so that VMs of different state directories never mix. It is
+// the one place in the daemon that knows providers by name; everything else
+// reaches them through vm.Provider, its Info and vm.As.
 func newProvider(cfg Config, stateDir string, log *slog.Logger) (vm.Provider, error) {
 	switch cfg.Provider {
 	case "qemu":
-		return newQEMU(cfg, stateDir, log)
+		p, err := qemu.New(qemu.Options{StateDir: stateDir, Accel: cfg.Accel, Logger: log.With("component", "qemu")})
+		if err != nil {
+			return nil, fmt.Errorf("provider qemu: %w", err)
+		}
+		return p, nil
 	case "firecracker":
 		opts := firecracker.Options{StateDir: stateDir, Binary: cfg.Firecracker.Binary, Logger: log.With("component", "firecracker")}
 		if cfg.Firecracker.Jailer != "" {
@@ -38,7 +45,19 @@ func newProvider(cfg Config, stateDir string, log *slog.Logger) (vm.Provider, er
 	case "fake":
 		return newFakeProvider(), nil
 	}
-	return nil, &vm.FieldError{Field: "provider", Value: cfg.Provider, Reason: "must be qemu, firecracker or fake"}
+	return nil, checkProviderName(cfg.Provider)
+}
+
+// defaultProvider is the provider of a configuration that names none.
+const defaultProvider = "qemu"
+
+// checkProviderName refuses a provider newProvider cannot build.
+func checkProviderName(name string) error {
+	switch name {
+	case "qemu", "firecracker", "fake":
+		return nil
+	}
+	return &vm.FieldError{Field: "provider", Value: name, Reason: "must be qemu, firecracker or fake"}
 }
 
 // newFakeProvider is the in-memory provider with the real agent server

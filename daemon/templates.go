@@ -14,6 +14,8 @@ import (
 	"github.com/warmpool/warmpool/events"
 	"github.com/warmpool/warmpool/guest"
 	"github.com/warmpool/warmpool/store"
+	"github.com/warmpool/warmpool/template"
+	"github.com/warmpool/warmpool/vm"
 )
 
 // Defaults of a template request that names no shape.
@@ -87,10 +89,10 @@ func (d *Daemon) Templates(ctx context.Context) ([]api.Template, error) {
 // (built on first use into the shared guest image cache, the one `warmpool
 // image build` fills) when dir is empty.
 func (d *Daemon) guestImage(ctx context.Context, dir string, progress func(string)) (guest.Image, error) {
-	if d.prov.Name() == "fake" {
-		// The fake provider boots nothing; a real image would only cost a
-		// kernel download, so it gets names that nothing opens.
-		return guest.Image{Kernel: "/nonexistent/fake-provider/kernel", Initrd: "/nonexistent/fake-provider/initrd", Digest: "fake"}, nil
+	if d.prov.Info(ctx).NoGuestImage {
+		// A provider that boots nothing would only make the daemon download
+		// a kernel, so it gets names that nothing opens.
+		return guest.Image{Kernel: "/nonexistent/no-guest-image/kernel", Initrd: "/nonexistent/no-guest-image/initrd", Digest: "none"}, nil
 	}
 	dir = or(dir, d.cfg.Image)
 	if dir != "" {
@@ -98,7 +100,7 @@ func (d *Daemon) guestImage(ctx context.Context, dir string, progress func(strin
 		if err != nil {
 			return guest.Image{}, err
 		}
-		return d.forProvider(img)
+		return d.prepareBoot(ctx, img)
 	}
 	d.imageMu.Lock()
 	defer d.imageMu.Unlock()
@@ -116,10 +118,26 @@ func (d *Daemon) guestImage(ctx context.Context, dir string, progress func(strin
 	if err != nil {
 		return guest.Image{}, fmt.Errorf("guest image: %w", err)
 	}
-	if img, err = d.forProvider(img); err != nil {
+	if img, err = d.prepareBoot(ctx, img); err != nil {
 		return guest.Image{}, err
 	}
 	d.image = &img
+	return img, nil
+}
+
+// prepareBoot turns img into what the provider boots, when the provider
+// cannot boot the image as built. img.Digest stays the image's, so
+// templates and machines built before and after agree on what they booted.
+func (d *Daemon) prepareBoot(ctx context.Context, img guest.Image) (guest.Image, error) {
+	bp, ok := vm.As[vm.BootPreparer](d.prov, vm.CapPrepareBoot)
+	if !ok {
+		return img, nil
+	}
+	spec, err := bp.PrepareBoot(ctx, vm.Spec{Kernel: img.Kernel, Initrd: img.Initrd, Cmdline: img.Cmdline})
+	if err != nil {
+		return guest.Image{}, fmt.Errorf("prepare guest image %s for provider %s: %w", img.Dir, d.prov.Name(), err)
+	}
+	img.Kernel, img.Initrd, img.Cmdline = spec.Kernel, spec.Initrd, spec.Cmdline
 	return img, nil
 }
 
@@ -251,4 +269,27 @@ func keptBy(keep map[string]bool, dir string) bool {
 		}
 	}
 	return false
+}
+
+type builtTemplate struct {
+	Snapshot    vm.Snapshot
+	ImageDigest string
+}
+
+// buildTemplate cold-boots img with the given shape through p (so the build
+// VM is recorded while it exists) and snapshots it into dir.
+func buildTemplate(ctx context.Context, name string, p *ownedProvider, img guest.Image, vcpus, mem int, dir string, progress func(string)) (builtTemplate, error) {
+	t, err := template.Build(ctx, template.BuildOptions{
+		Name:      name,
+		Provider:  p,
+		Image:     img,
+		VCPUs:     vcpus,
+		MemoryMiB: mem,
+		Dir:       dir,
+		Progress:  progress,
+	})
+	if err != nil {
+		return builtTemplate{}, err
+	}
+	return builtTemplate{Snapshot: t.Snapshot, ImageDigest: t.ImageDigest}, nil
 }

@@ -52,6 +52,7 @@ func newTestProvider() *testProvider {
 
 func (p *testProvider) Name() string                  { return "test" }
 func (p *testProvider) Capabilities() vm.Capabilities { return p.caps }
+func (p *testProvider) Info(context.Context) vm.Info  { return vm.Info{Name: p.Name()} }
 
 func (p *testProvider) Create(ctx context.Context, spec vm.Spec) (vm.VM, error) {
 	p.mu.Lock()

@@ -141,7 +141,7 @@ func (m *Manager) pingOnce(ctx context.Context, v vm.VM) error {
 
 func (m *Manager) resumeVM(ctx context.Context, snap vm.Snapshot, memoryMiB int, restoreBalloon bool) opResult {
 	var r opResult
-	sn, ok := m.cfg.Provider.(vm.Snapshotter)
+	sn, ok := vm.As[vm.Snapshotter](m.cfg.Provider, vm.CapSnapshot)
 	if !ok {
 		r.err = fmt.Errorf("restore from snapshot %s: %w", snap.Dir, vm.ErrUnsupported)
 		return r
@@ -289,8 +289,7 @@ func (m *Manager) waitStopped(ctx context.Context, id string) error {
 }
 
 func (m *Manager) ballooner() (vm.Ballooner, bool) {
-	b, ok := m.cfg.Provider.(vm.Ballooner)
-	return b, ok && m.cfg.Provider.Capabilities().Has(vm.CapBalloon)
+	return vm.As[vm.Ballooner](m.cfg.Provider, vm.CapBalloon)
 }
 
 func (m *Manager) shrinkVM(ctx context.Context, v vm.VM, memoryMiB, reserveMiB int) opResult {
@@ -361,8 +360,7 @@ func (m *Manager) wakeVM(ctx context.Context, v vm.VM, memoryMiB int, shrunk boo
 
 // suspender is the provider's single-use snapshot, which keeps data disks.
 func (m *Manager) suspender() (vm.Suspender, bool) {
-	s, ok := m.cfg.Provider.(vm.Suspender)
-	return s, ok && m.cfg.Provider.Capabilities().Has(vm.CapSuspend)
+	return vm.As[vm.Suspender](m.cfg.Provider, vm.CapSuspend)
 }
 
 // canSuspend reports whether a machine's VM can be saved to a snapshot.
@@ -372,8 +370,8 @@ func (m *Manager) canSuspend(hasDataDisk bool) bool {
 	if _, ok := m.suspender(); ok {
 		return true
 	}
-	_, ok := m.cfg.Provider.(vm.Snapshotter)
-	return ok && m.cfg.Provider.Capabilities().Has(vm.CapSnapshot) && !hasDataDisk
+	_, ok := vm.As[vm.Snapshotter](m.cfg.Provider, vm.CapSnapshot)
+	return ok && !hasDataDisk
 }
 
 // suspendVM saves the paused VM to the machine's snapshot directory and
@@ -386,7 +384,7 @@ func (m *Manager) suspendVM(ctx context.Context, name string, v vm.VM) opResult 
 	var save func(ctx context.Context, id, dir string) (vm.Snapshot, error)
 	if s, ok := m.suspender(); ok {
 		save = s.Suspend
-	} else if sn, ok := m.cfg.Provider.(vm.Snapshotter); ok {
+	} else if sn, ok := vm.As[vm.Snapshotter](m.cfg.Provider, vm.CapSnapshot); ok {
 		save = sn.Snapshot
 	} else {
 		r.err = fmt.Errorf("suspend vm %s: %w", v.ID, vm.ErrUnsupported)

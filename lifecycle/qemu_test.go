@@ -6,7 +6,6 @@ import (
 	"crypto/rand"
 	"encoding/hex"
 	"errors"
-	"net"
 	"os"
 	"path/filepath"
 	"strings"
@@ -33,11 +32,6 @@ func qemuHarness(t *testing.T) (*harness, *qemu.Provider) {
 	realvm.Image(t) // skips loudly without QEMU; builds the shared image once
 	p, err := qemu.New(qemu.Options{
 		StateDir: realvm.StateDir(t),
-		GuestShutdown: func(ctx context.Context, conn net.Conn) error {
-			c := agent.NewClient(conn)
-			defer c.Close()
-			return c.Shutdown(ctx)
-		},
 	})
 	if err != nil {
 		t.Fatalf("qemu.New: %v", err)

@@ -86,7 +86,7 @@ func (c *Config) setDefaults() error {
 	if c.Provider == nil {
 		return &vm.FieldError{Field: "provider", Value: nil, Reason: "is required"}
 	}
-	if _, ok := c.Provider.(vm.Snapshotter); !ok {
+	if _, ok := vm.As[vm.Snapshotter](c.Provider, vm.CapSnapshot); !ok {
 		return fmt.Errorf("provider %s cannot restore snapshots: %w", c.Provider.Name(), vm.ErrUnsupported)
 	}
 	durations := []struct {
@@ -271,10 +271,11 @@ func New(cfg Config) (*Pool, error) {
 	if err := cfg.setDefaults(); err != nil {
 		return nil, fmt.Errorf("pool config: %w", err)
 	}
+	snap, _ := vm.As[vm.Snapshotter](cfg.Provider, vm.CapSnapshot)
 	ctx, cancel := context.WithCancel(context.Background())
 	p := &Pool{
 		cfg:     cfg,
-		snap:    cfg.Provider.(vm.Snapshotter),
+		snap:    snap,
 		log:     cfg.Logger,
 		ctx:     ctx,
 		cancel:  cancel,

@@ -95,13 +95,12 @@ func (o BuildOptions) validate() (vm.Snapshotter, vm.AgentDialer, error) {
 	if o.Provider == nil {
 		return nil, nil, &vm.FieldError{Field: "provider", Value: "", Reason: "must be set"}
 	}
-	caps := o.Provider.Capabilities()
-	snap, okSnap := o.Provider.(vm.Snapshotter)
-	dial, okDial := o.Provider.(vm.AgentDialer)
-	if !caps.Has(vm.CapSnapshot) || !okSnap {
+	snap, okSnap := vm.As[vm.Snapshotter](o.Provider, vm.CapSnapshot)
+	dial, okDial := vm.As[vm.AgentDialer](o.Provider, vm.CapAgent)
+	if !okSnap {
 		return nil, nil, fmt.Errorf("template %s: provider %s cannot snapshot: %w", o.Name, o.Provider.Name(), vm.ErrUnsupported)
 	}
-	if !caps.Has(vm.CapAgent) || !okDial {
+	if !okDial {
 		return nil, nil, fmt.Errorf("template %s: provider %s has no agent channel: %w", o.Name, o.Provider.Name(), vm.ErrUnsupported)
 	}
 	return snap, dial, nil

@@ -6,9 +6,11 @@ import (
 	"time"
 )
 
-// Capability is a feature a provider may or may not have. Callers ask before
-// they use an optional interface so they can give a clear error instead of a
-// failed type assertion deep inside.
+// Capability is a feature a provider may or may not have. A capability that
+// comes with an optional interface is reached only through As, so the set a
+// provider advertises is the one answer to what it can do: a wrapper that
+// implements every optional interface but advertises its inner provider's
+// capabilities offers exactly what the inner provider offers.
 type Capability string
 
 const (
@@ -19,6 +21,9 @@ const (
 	CapDataDisk     Capability = "data-disk"     // honours Spec.DataDisk
 	CapAdopt        Capability = "adopt"         // List finds VMs started by an earlier process
 	CapSuspend      Capability = "suspend"       // implements Suspender
+	// CapPrepareBoot: implements BootPreparer; a guest image must pass
+	// through PrepareBoot before this provider can boot it.
+	CapPrepareBoot Capability = "prepare-boot"
 )
 
 // Capabilities is the set of optional features a provider has.
@@ -27,12 +32,42 @@ type Capabilities map[Capability]bool
 // Has reports whether c is in the set.
 func (c Capabilities) Has(want Capability) bool { return c[want] }
 
+// As returns p as the optional interface T when p advertises c, and false
+// when it does not, even if p's type implements T. Every caller of an
+// optional interface goes through As.
+func As[T any](p Provider, c Capability) (T, bool) {
+	if p == nil || !p.Capabilities().Has(c) {
+		var zero T
+		return zero, false
+	}
+	t, ok := any(p).(T)
+	return t, ok
+}
+
+// Info describes what runs a provider's VMs, for status output and logs.
+type Info struct {
+	// Name is Provider.Name.
+	Name string `json:"name"`
+	// Version is the hypervisor's version, empty when the provider learns
+	// it only from a running VM.
+	Version string `json:"version,omitempty"`
+	// Accel is the accelerator VMs run under ("kvm", "tcg"), empty for a
+	// provider without that choice.
+	Accel string `json:"accel,omitempty"`
+	// NoGuestImage is true for a provider that never reads Spec.Kernel or
+	// Spec.Initrd (the in-memory fake): callers need not build an image.
+	NoGuestImage bool `json:"no_guest_image,omitempty"`
+}
+
 // Provider is the lifecycle every provider implements. All methods are safe
 // for concurrent use. IDs are chosen by the provider and are valid names.
 type Provider interface {
-	// Name is the provider's short name ("qemu", "firecracker", "fake").
+	// Name is the provider's short name.
 	Name() string
 	Capabilities() Capabilities
+	// Info describes the hypervisor. It does not wait for anything slow;
+	// ctx is for providers that ask a running process.
+	Info(ctx context.Context) Info
 	// Create boots a new VM from spec and returns once it is running.
 	Create(ctx context.Context, spec Spec) (VM, error)
 	// Pause stops the vCPUs; Resume starts them again. Both are idempotent.
@@ -48,6 +83,16 @@ type Provider interface {
 	// List returns every VM the provider knows, including those left by an
 	// earlier process when the provider has CapAdopt.
 	List(ctx context.Context) ([]VM, error)
+}
+
+// BootPreparer is a provider that cannot boot a guest image as it is built
+// (a compressed bzImage with a command line for QEMU's microvm): it turns
+// the image into what it boots.
+type BootPreparer interface {
+	// PrepareBoot returns spec with Kernel, Initrd and Cmdline replaced by
+	// what this provider boots for them; the other fields are unchanged.
+	// Preparing the same kernel again reuses the earlier result.
+	PrepareBoot(ctx context.Context, spec Spec) (Spec, error)
 }
 
 // Snapshotter creates and restores snapshots.

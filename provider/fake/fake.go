@@ -199,6 +199,10 @@ func (p *Provider) updateSettings(change func(s *settings)) {
 // Name implements vm.Provider.
 func (p *Provider) Name() string { return Name }
 
+// Info implements vm.Provider. The fake boots no kernel, so callers need
+// no guest image for it.
+func (p *Provider) Info(context.Context) vm.Info { return vm.Info{Name: Name, NoGuestImage: true} }
+
 // Capabilities implements vm.Provider.
 func (p *Provider) Capabilities() vm.Capabilities {
 	return vm.Capabilities{

@@ -143,10 +143,11 @@ type child struct {
 }
 
 var (
-	_ vm.Provider    = (*Provider)(nil)
-	_ vm.Snapshotter = (*Provider)(nil)
-	_ vm.Ballooner   = (*Provider)(nil)
-	_ vm.AgentDialer = (*Provider)(nil)
+	_ vm.Provider     = (*Provider)(nil)
+	_ vm.Snapshotter  = (*Provider)(nil)
+	_ vm.Ballooner    = (*Provider)(nil)
+	_ vm.AgentDialer  = (*Provider)(nil)
+	_ vm.BootPreparer = (*Provider)(nil)
 )
 
 // New checks opts and prepares the state directory.
@@ -215,8 +216,13 @@ func (p *Provider) Capabilities() vm.Capabilities {
 		vm.CapDataDisk:     true,
 		vm.CapAdopt:        true,
 		vm.CapSuspend:      true,
+		vm.CapPrepareBoot:  true,
 	}
 }
+
+// Info implements vm.Provider. Firecracker's version is known only from a
+// running process, so it stays empty; each snapshot records it.
+func (p *Provider) Info(context.Context) vm.Info { return vm.Info{Name: p.Name()} }
 
 // record is what a VM's directory remembers about it.
 type record struct {
@@ -561,7 +567,7 @@ func checkELF(path string) error {
 	defer f.Close()
 	magic := make([]byte, 4)
 	if _, err := io.ReadFull(f, magic); err != nil || string(magic) != "\x7fELF" {
-		return errors.New("not an uncompressed ELF vmlinux, which Firecracker on x86_64 requires (extract it with guest.ExtractVMLinux)")
+		return errors.New("not an uncompressed ELF vmlinux, which Firecracker on x86_64 requires (PrepareBoot extracts it from a bzImage)")
 	}
 	return nil
 }

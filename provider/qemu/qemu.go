@@ -80,10 +80,6 @@ type Options struct {
 	// /dev/shm when empty. Guest RAM must not be on a disk-backed file
 	// system, or it would be written back to the disk.
 	RAMDir string
-	// GuestShutdown, when set, asks the guest to power off over a fresh
-	// agent connection (the daemon wires the agent client in here; this
-	// package cannot import it). Stop falls back to ACPI system_powerdown.
-	GuestShutdown func(ctx context.Context, conn net.Conn) error
 	// StatsPollInterval is how often the guest reports memory statistics
 	// through the balloon; 2s when zero.
 	StatsPollInterval time.Duration
@@ -234,6 +230,11 @@ func (p *Provider) Name() string { return "qemu" }
 
 // Version is the QEMU version this provider runs.
 func (p *Provider) Version() string { return p.version }
+
+// Info implements vm.Provider.
+func (p *Provider) Info(context.Context) vm.Info {
+	return vm.Info{Name: p.Name(), Version: p.version, Accel: p.Accel()}
+}
 
 // Capabilities lists what this provider does.
 func (p *Provider) Capabilities() vm.Capabilities {
@@ -802,7 +803,7 @@ func (p *Provider) runState(ctx context.Context, id, cmd string) error {
 	return nil
 }
 
-// Stop asks the guest to power off (through GuestShutdown, else ACPI),
+// Stop asks the guest to power off (through its agent, else ACPI),
 // waits up to grace for QEMU to exit, then quits QEMU and finally kills it.
 // A paused VM cannot shut itself down and is stopped at once.
 func (p *Provider) Stop(ctx context.Context, id string, grace time.Duration) error {
@@ -850,17 +851,15 @@ func (p *Provider) Stop(ctx context.Context, id string, grace time.Duration) err
 }
 
 func (p *Provider) askShutdown(ctx context.Context, m *machine) {
-	if p.opts.GuestShutdown != nil {
-		conn, err := p.DialAgent(ctx, m.id)
-		if err == nil {
-			err = p.opts.GuestShutdown(ctx, conn)
-			conn.Close()
-		}
-		if err == nil {
-			return
-		}
-		p.log.Debug("agent shutdown failed, trying ACPI", "id", m.id, "err", err)
+	conn, err := p.DialAgent(ctx, m.id)
+	if err == nil {
+		err = agentShutdown(ctx, conn)
+		conn.Close()
 	}
+	if err == nil {
+		return
+	}
+	p.log.Debug("agent shutdown failed, trying ACPI", "id", m.id, "err", err)
 	if c, err := p.conn(ctx, m); err == nil {
 		if err := c.Execute(ctx, "system_powerdown", nil, nil); err != nil {
 			p.log.Debug("system_powerdown failed", "id", m.id, "err", err)

@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"context"
 	"errors"
-	"net"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -24,7 +23,7 @@ const vmTimeout = 3 * time.Minute
 
 func newProvider(t testing.TB, stateDir string, opts ...func(*qemu.Options)) *qemu.Provider {
 	t.Helper()
-	o := qemu.Options{StateDir: stateDir, GuestShutdown: agentShutdown}
+	o := qemu.Options{StateDir: stateDir}
 	for _, f := range opts {
 		f(&o)
 	}
@@ -33,12 +32,6 @@ func newProvider(t testing.TB, stateDir string, opts ...func(*qemu.Options)) *qe
 		t.Fatalf("qemu.New: %v", err)
 	}
 	return p
-}
-
-func agentShutdown(ctx context.Context, conn net.Conn) error {
-	c := agent.NewClient(conn)
-	defer c.Close()
-	return c.Shutdown(ctx)
 }
 
 func testSpec(t testing.TB) vm.Spec {

@@ -175,8 +175,8 @@ func (s *suite) needBase(t *testing.T) vm.VM {
 
 func (s *suite) snapshotter(t *testing.T) vm.Snapshotter {
 	t.Helper()
-	sn, ok := s.p.(vm.Snapshotter)
-	if !ok || !s.p.Capabilities().Has(vm.CapSnapshot) {
+	sn, ok := vm.As[vm.Snapshotter](s.p, vm.CapSnapshot)
+	if !ok {
 		t.Skip("provider has no snapshot capability")
 	}
 	return sn
@@ -184,8 +184,8 @@ func (s *suite) snapshotter(t *testing.T) vm.Snapshotter {
 
 func (s *suite) ping(t *testing.T, id string) {
 	t.Helper()
-	d, ok := s.p.(vm.AgentDialer)
-	if !ok || !s.p.Capabilities().Has(vm.CapAgent) {
+	d, ok := vm.As[vm.AgentDialer](s.p, vm.CapAgent)
+	if !ok {
 		return
 	}
 	ctx := s.ctx(t)
@@ -230,6 +230,8 @@ func (s *suite) testCapabilities(t *testing.T) {
 			}
 		}
 	}
+	// The raw assertions here are the point: they check that the
+	// capabilities vm.As trusts match the interfaces.
 	sn, ok := s.p.(vm.Snapshotter)
 	check(vm.CapSnapshot, ok, func() error {
 		_, err := sn.Snapshot(ctx, "no-such-vm", t.TempDir())
@@ -245,8 +247,15 @@ func (s *suite) testCapabilities(t *testing.T) {
 		}
 		return err
 	})
+	su, ok := s.p.(vm.Suspender)
+	check(vm.CapSuspend, ok, func() error { _, err := su.Suspend(ctx, "no-such-vm", t.TempDir()); return err })
+	bp, ok := s.p.(vm.BootPreparer)
+	check(vm.CapPrepareBoot, ok, func() error { _, err := bp.PrepareBoot(ctx, vm.Spec{}); return err })
 	if s.p.Name() == "" {
 		t.Error("Name() is empty")
+	}
+	if got := s.p.Info(ctx).Name; got != s.p.Name() {
+		t.Errorf("Info().Name = %q, want Name() %q", got, s.p.Name())
 	}
 }
 
@@ -260,7 +269,7 @@ func (s *suite) testUnknownID(t *testing.T) {
 		"Destroy": func() error { return s.p.Destroy(ctx, id) },
 		"Inspect": func() error { _, err := s.p.Inspect(ctx, id); return err },
 	}
-	if sn, ok := s.p.(vm.Snapshotter); ok && s.p.Capabilities().Has(vm.CapSnapshot) {
+	if sn, ok := vm.As[vm.Snapshotter](s.p, vm.CapSnapshot); ok {
 		calls["Snapshot"] = func() error { _, err := sn.Snapshot(ctx, id, t.TempDir()); return err }
 	}
 	for name, call := range calls {
@@ -293,7 +302,7 @@ func (s *suite) testBadSpec(t *testing.T) {
 			t.Errorf("Create with %s = %v, want vm.ErrInvalid", what, err)
 		}
 	}
-	if sn, ok := s.p.(vm.Snapshotter); ok && s.p.Capabilities().Has(vm.CapSnapshot) {
+	if sn, ok := vm.As[vm.Snapshotter](s.p, vm.CapSnapshot); ok {
 		_, err := sn.Restore(ctx, vm.Snapshot{})
 		if !errors.Is(err, vm.ErrInvalid) {
 			t.Errorf("Restore of a snapshot without ID = %v, want vm.ErrInvalid", err)
@@ -388,7 +397,7 @@ func (s *suite) testPauseResume(t *testing.T) {
 
 func (s *suite) testAgent(t *testing.T) {
 	base := s.needBase(t)
-	if _, ok := s.p.(vm.AgentDialer); !ok || !s.p.Capabilities().Has(vm.CapAgent) {
+	if _, ok := vm.As[vm.AgentDialer](s.p, vm.CapAgent); !ok {
 		t.Skip("provider has no agent capability")
 	}
 	// Two rounds: every dial must give a fresh, working connection.
@@ -398,8 +407,8 @@ func (s *suite) testAgent(t *testing.T) {
 
 func (s *suite) testBalloon(t *testing.T) {
 	base := s.needBase(t)
-	b, ok := s.p.(vm.Ballooner)
-	if !ok || !s.p.Capabilities().Has(vm.CapBalloon) {
+	b, ok := vm.As[vm.Ballooner](s.p, vm.CapBalloon)
+	if !ok {
 		t.Skip("provider has no balloon capability")
 	}
 	ctx := s.ctx(t)
@@ -494,7 +503,7 @@ func (s *suite) testSnapshotRestore(t *testing.T) {
 		t.Errorf("restored VM has %d vCPUs %d MiB, template had %d and %d", v.Spec.VCPUs, v.Spec.MemoryMiB, base.Spec.VCPUs, base.Spec.MemoryMiB)
 	}
 	wantStatus(ctx, t, s.p, v.ID, vm.StatusPaused)
-	if b, ok := s.p.(vm.Ballooner); ok && s.p.Capabilities().Has(vm.CapBalloon) {
+	if b, ok := vm.As[vm.Ballooner](s.p, vm.CapBalloon); ok {
 		// A clone has its template's devices: no balloon either.
 		if err := b.SetBalloon(ctx, v.ID, v.Spec.MemoryMiB/2); !errors.Is(err, vm.ErrUnsupported) {
 			t.Errorf("SetBalloon on a clone of a NoBalloon template = %v, want vm.ErrUnsupported", err)

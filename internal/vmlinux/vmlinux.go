@@ -1,4 +1,6 @@
-package guest
+// Package vmlinux unpacks the uncompressed ELF kernel inside a bzImage, for
+// hypervisors that boot only an ELF vmlinux (Firecracker on x86_64).
+package vmlinux
 
 import (
 	"bufio"
@@ -13,20 +15,13 @@ import (
 	"path/filepath"
 )
 
-// FirecrackerCmdline is the kernel command line for a Firecracker guest.
-// Firecracker describes its virtio-mmio devices to the kernel itself, so
-// nothing device-specific belongs here: a serial console, reboot through the
-// keyboard controller (so the guest's reboot ends the Firecracker process)
-// and no PCI probing.
-const FirecrackerCmdline = "console=ttyS0 reboot=k panic=1 pci=off"
-
-// ExtractVMLinux writes the uncompressed ELF kernel inside the bzImage at
+// Extract writes the uncompressed ELF kernel inside the bzImage at
 // bzImagePath to outPath. Firecracker on x86_64 boots only an ELF vmlinux,
 // while distributions ship compressed bzImages. It reads the payload the
 // bzImage header points at and, failing that, scans for a compressed stream
 // the way the kernel's scripts/extract-vmlinux does. gzip and the legacy LZ4
 // framing the kernel uses (Debian's choice) are understood.
-func ExtractVMLinux(bzImagePath, outPath string) error {
+func Extract(bzImagePath, outPath string) error {
 	image, err := os.ReadFile(bzImagePath)
 	if err != nil {
 		return fmt.Errorf("extract vmlinux: %w", err)

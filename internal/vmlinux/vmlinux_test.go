@@ -1,4 +1,4 @@
-package guest
+package vmlinux
 
 import (
 	"bytes"
@@ -71,11 +71,11 @@ func debianKernel(t *testing.T) string {
 	return found[0]
 }
 
-func TestExtractVMLinuxFromDebianKernel(t *testing.T) {
+func TestExtractFromDebianKernel(t *testing.T) {
 	bz := debianKernel(t)
 	out := filepath.Join(t.TempDir(), "vmlinux")
-	if err := ExtractVMLinux(bz, out); err != nil {
-		t.Fatalf("ExtractVMLinux(%s): %v", bz, err)
+	if err := Extract(bz, out); err != nil {
+		t.Fatalf("Extract(%s): %v", bz, err)
 	}
 	f, err := elf.Open(out)
 	if err != nil {
@@ -102,7 +102,7 @@ func TestExtractVMLinuxFromDebianKernel(t *testing.T) {
 	}
 }
 
-func TestExtractVMLinuxGzipPayload(t *testing.T) {
+func TestExtractGzipPayload(t *testing.T) {
 	// Any ELF executable stands in for a kernel: the test binary itself.
 	self, err := os.Executable()
 	if err != nil {
@@ -130,8 +130,8 @@ func TestExtractVMLinuxGzipPayload(t *testing.T) {
 		t.Fatal(err)
 	}
 	out := filepath.Join(dir, "vmlinux")
-	if err := ExtractVMLinux(bz, out); err != nil {
-		t.Fatalf("ExtractVMLinux: %v", err)
+	if err := Extract(bz, out); err != nil {
+		t.Fatalf("Extract: %v", err)
 	}
 	got, _ := os.ReadFile(out)
 	if !bytes.Equal(got, payload) {
@@ -139,7 +139,7 @@ func TestExtractVMLinuxGzipPayload(t *testing.T) {
 	}
 }
 
-func TestExtractVMLinuxRejectsNonKernel(t *testing.T) {
+func TestExtractRejectsNonKernel(t *testing.T) {
 	dir := t.TempDir()
 	bz := filepath.Join(dir, "bzImage")
 	// A gzip stream of something that is not ELF must not be accepted.
@@ -151,9 +151,9 @@ func TestExtractVMLinuxRejectsNonKernel(t *testing.T) {
 		t.Fatal(err)
 	}
 	out := filepath.Join(dir, "vmlinux")
-	err := ExtractVMLinux(bz, out)
+	err := Extract(bz, out)
 	if err == nil {
-		t.Fatal("ExtractVMLinux accepted a gzip of plain text")
+		t.Fatal("Extract accepted a gzip of plain text")
 	}
 	if !strings.Contains(err.Error(), bz) {
 		t.Errorf("error %q does not name the input", err)

@@ -1,17 +1,25 @@
-package daemon
+package firecracker
 
 import (
 	"bytes"
 	"compress/gzip"
 	"debug/elf"
 	"encoding/binary"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
 
 	"github.com/warmpool/warmpool/guest"
+	"github.com/warmpool/warmpool/vm"
 )
+
+// bootProvider is a Provider with only what PrepareBoot uses: no
+// Firecracker binary is needed to prepare a guest image.
+func bootProvider(t *testing.T, stateDir string) *Provider {
+	return &Provider{opts: Options{StateDir: stateDir}, log: slog.New(slog.NewTextHandler(t.Output(), nil))}
+}
 
 // tinyELF is the smallest executable ELF that passes for a kernel: a header
 // and one loadable segment; entry marks it apart from other ones.
@@ -44,13 +52,14 @@ func writeBzImage(t *testing.T, path string, kernel []byte) {
 	}
 }
 
-func TestFirecrackerImageExtractsOnceAndFollowsTheKernel(t *testing.T) {
+func TestPrepareBootExtractsOnceAndFollowsTheKernel(t *testing.T) {
 	dir, state := t.TempDir(), t.TempDir()
-	img := guest.Image{Dir: dir, Kernel: filepath.Join(dir, "vmlinuz"), Initrd: filepath.Join(dir, "initrd.img"), Cmdline: guest.DefaultCmdline, Digest: "d1"}
+	ctx := t.Context()
+	p := bootProvider(t, state)
+	img := vm.Spec{Name: "t", VCPUs: 1, MemoryMiB: 128, Kernel: filepath.Join(dir, "vmlinuz"), Initrd: filepath.Join(dir, "initrd.img"), Cmdline: guest.DefaultCmdline}
 	writeBzImage(t, img.Kernel, tinyELF(1))
-	log := testLogger(t)
 
-	got, err := firecrackerImage(img, state, log)
+	got, err := p.PrepareBoot(ctx, img)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -60,8 +69,8 @@ func TestFirecrackerImageExtractsOnceAndFollowsTheKernel(t *testing.T) {
 	if b, _ := os.ReadFile(got.Kernel); !bytes.Equal(b, tinyELF(1)) {
 		t.Errorf("extracted kernel is not the bzImage's payload")
 	}
-	if got.Initrd != img.Initrd || got.Digest != img.Digest || got.Dir != img.Dir {
-		t.Errorf("image %+v changed more than kernel and command line of %+v", got, img)
+	if got.Initrd != img.Initrd || got.Name != img.Name || got.VCPUs != img.VCPUs || got.MemoryMiB != img.MemoryMiB {
+		t.Errorf("spec %+v changed more than kernel and command line of %+v", got, img)
 	}
 	if got.Cmdline != "console=ttyS0 reboot=k panic=1 pci=off quiet" {
 		t.Errorf("command line %q", got.Cmdline)
@@ -71,7 +80,7 @@ func TestFirecrackerImageExtractsOnceAndFollowsTheKernel(t *testing.T) {
 	if err := os.WriteFile(got.Kernel, []byte("reused"), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	again, err := firecrackerImage(img, state, log)
+	again, err := p.PrepareBoot(ctx, img)
 	if err != nil || again.Kernel != got.Kernel {
 		t.Fatalf("second call = %s, %v; want %s", again.Kernel, err, got.Kernel)
 	}
@@ -81,7 +90,7 @@ func TestFirecrackerImageExtractsOnceAndFollowsTheKernel(t *testing.T) {
 
 	// A new bzImage gets its own vmlinux.
 	writeBzImage(t, img.Kernel, tinyELF(2))
-	newer, err := firecrackerImage(img, state, log)
+	newer, err := p.PrepareBoot(ctx, img)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -93,30 +102,42 @@ func TestFirecrackerImageExtractsOnceAndFollowsTheKernel(t *testing.T) {
 	}
 }
 
-func TestFirecrackerImageRejectsWhatIsNoKernel(t *testing.T) {
+func TestPrepareBootKeepsAnELFKernel(t *testing.T) {
 	dir := t.TempDir()
-	img := guest.Image{Kernel: filepath.Join(dir, "vmlinuz")}
+	kernel := filepath.Join(dir, "vmlinux")
+	if err := os.WriteFile(kernel, tinyELF(3), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	got, err := bootProvider(t, t.TempDir()).PrepareBoot(t.Context(), vm.Spec{Kernel: kernel, Cmdline: guest.DefaultCmdline})
+	if err != nil || got.Kernel != kernel || got.Cmdline != BootCmdline+" quiet" {
+		t.Fatalf("PrepareBoot of a vmlinux = %+v, %v; want %s booted as it is with Firecracker's command line", got, err, kernel)
+	}
+}
+
+func TestPrepareBootRejectsWhatIsNoKernel(t *testing.T) {
+	dir := t.TempDir()
+	img := vm.Spec{Kernel: filepath.Join(dir, "vmlinuz")}
 	if err := os.WriteFile(img.Kernel, []byte("neither ELF nor compressed"), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := firecrackerImage(img, t.TempDir(), testLogger(t)); err == nil || !strings.Contains(err.Error(), img.Kernel) {
-		t.Errorf("firecrackerImage of a non-kernel = %v, want an error naming %s", err, img.Kernel)
+	if _, err := bootProvider(t, t.TempDir()).PrepareBoot(t.Context(), img); err == nil || !strings.Contains(err.Error(), img.Kernel) {
+		t.Errorf("PrepareBoot of a non-kernel = %v, want an error naming %s", err, img.Kernel)
 	}
 	if left, _ := filepath.Glob(filepath.Join(dir, "*vmlinux*")); len(left) != 0 {
 		t.Errorf("failed extraction left %v", left)
 	}
 }
 
-func TestFirecrackerCmdline(t *testing.T) {
+func TestBootCmdline(t *testing.T) {
 	for _, c := range []struct{ image, want string }{
-		{"", guest.FirecrackerCmdline},
-		{guest.DefaultCmdline, guest.FirecrackerCmdline + " quiet"},
+		{"", BootCmdline},
+		{guest.DefaultCmdline, BootCmdline + " quiet"},
 		// QEMU's machine description and TSC hint do not apply; the
 		// image's own parameters pass, once.
-		{"console=hvc0 tsc_early_khz=2000 virtio_mmio.device=4K@0xd0000000:5 warmpool.debug quiet quiet", guest.FirecrackerCmdline + " warmpool.debug quiet"},
+		{"console=hvc0 tsc_early_khz=2000 virtio_mmio.device=4K@0xd0000000:5 warmpool.debug quiet quiet", BootCmdline + " warmpool.debug quiet"},
 	} {
-		if got := firecrackerCmdline(c.image); got != c.want {
-			t.Errorf("firecrackerCmdline(%q) = %q, want %q", c.image, got, c.want)
+		if got := bootCmdline(c.image); got != c.want {
+			t.Errorf("bootCmdline(%q) = %q, want %q", c.image, got, c.want)
 		}
 	}
 }
