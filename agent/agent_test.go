@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"io"
 	"net"
 	"strings"
@@ -124,9 +125,12 @@ func TestHandoffAppliesEffectsAndEnv(t *testing.T) {
 	ctx := ctxT(t)
 	when := time.Date(2031, 5, 6, 7, 8, 9, 123456789, time.UTC)
 	entropy := []byte("0123456789abcdef0123456789abcdef")
-	err := c.Handoff(ctx, agent.HandoffRequest{Entropy: entropy, Time: when, Hostname: "lease-42", Env: map[string]string{"LEASE": "42", "TENANT": "acme"}})
+	res, err := c.Handoff(ctx, agent.HandoffRequest{Entropy: entropy, Time: when, Hostname: "lease-42", Env: map[string]string{"LEASE": "42", "TENANT": "acme"}})
 	if err != nil {
 		t.Fatal(err)
+	}
+	if want := (agent.HandoffResult{Reported: true, EntropyBytes: len(entropy), Reseeded: true}); res != want {
+		t.Errorf("hand-off result = %+v, want %+v", res, want)
 	}
 	rec.mu.Lock()
 	if len(rec.entropy) != 1 || !bytes.Equal(rec.entropy[0], entropy) {
@@ -155,7 +159,7 @@ func TestHandoffEnvSurvivesReconnect(t *testing.T) {
 	opts := server.Options{State: state, Env: []string{"PATH=/usr/bin:/bin"}}
 	c1, _ := pipeAgent(t, opts)
 	ctx := ctxT(t)
-	if err := c1.Handoff(ctx, agent.HandoffRequest{Env: map[string]string{"K": "v"}}); err != nil {
+	if _, err := c1.Handoff(ctx, agent.HandoffRequest{Env: map[string]string{"K": "v"}}); err != nil {
 		t.Fatal(err)
 	}
 	c1.Close()
@@ -171,7 +175,7 @@ func TestHandoffEnvSurvivesReconnect(t *testing.T) {
 
 func TestHandoffRejectsTooMuchEntropy(t *testing.T) {
 	c, _ := pipeAgent(t, server.Options{})
-	err := c.Handoff(ctxT(t), agent.HandoffRequest{Entropy: make([]byte, proto.MaxEntropy+1)})
+	_, err := c.Handoff(ctxT(t), agent.HandoffRequest{Entropy: make([]byte, proto.MaxEntropy+1)})
 	if !errors.Is(err, vm.ErrInvalid) {
 		t.Errorf("handoff with %d bytes of entropy = %v, want ErrInvalid", proto.MaxEntropy+1, err)
 	}
@@ -179,9 +183,28 @@ func TestHandoffRejectsTooMuchEntropy(t *testing.T) {
 
 func TestHandoffReportsFailedEffect(t *testing.T) {
 	c, _ := pipeAgent(t, server.Options{AddEntropy: func([]byte) error { return errors.New("permission denied") }})
-	err := c.Handoff(ctxT(t), agent.HandoffRequest{Entropy: []byte{1, 2, 3}})
+	_, err := c.Handoff(ctxT(t), agent.HandoffRequest{Entropy: []byte{1, 2, 3}})
 	if err == nil || !strings.Contains(err.Error(), "permission denied") {
 		t.Errorf("handoff with failing entropy = %v, want the failure", err)
+	}
+}
+
+// A kernel that takes the entropy but cannot reseed its CRNG does not fail
+// the hand-off, but the host hears about it, with the guest's reason.
+func TestHandoffReportsEntropyAddedWithoutReseed(t *testing.T) {
+	notReseeded := fmt.Errorf("%w: RNDRESEEDCRNG: no data available (the CRNG is not initialised yet)", server.ErrNotReseeded)
+	c, _ := pipeAgent(t, server.Options{AddEntropy: func([]byte) error { return notReseeded }})
+	res, err := c.Handoff(ctxT(t), agent.HandoffRequest{Entropy: []byte{1, 2, 3}})
+	if err != nil {
+		t.Fatalf("hand-off whose entropy was added without a reseed = %v, want success", err)
+	}
+	if !res.Reported || res.EntropyBytes != 3 || res.Reseeded || !strings.Contains(res.NotReseeded, "not initialised") {
+		t.Errorf("hand-off result = %+v, want 3 bytes added, not reseeded, with the reason", res)
+	}
+	// Without an entropy source (the fake's default), nothing is claimed.
+	c, _ = pipeAgent(t, server.Options{})
+	if res, err := c.Handoff(ctxT(t), agent.HandoffRequest{Entropy: []byte{1, 2, 3}}); err != nil || res.EntropyBytes != 0 || res.Reseeded {
+		t.Errorf("hand-off to an agent without an entropy source = %+v, %v; want 0 bytes, not reseeded", res, err)
 	}
 }
 

@@ -67,6 +67,22 @@ type HandoffRequest struct {
 	Env map[string]string
 }
 
+// HandoffResult is what the guest agent reports it did with a hand-off's
+// entropy.
+type HandoffResult struct {
+	// Reported is false when the agent said nothing (one built before
+	// agents reported it); the other fields are then zero.
+	Reported bool
+	// EntropyBytes were mixed into the guest kernel's random pool.
+	EntropyBytes int
+	// Reseeded: the guest's CRNG was reseeded from that pool, so its random
+	// numbers no longer follow the snapshot it was restored from.
+	Reseeded bool
+	// NotReseeded is the guest's reason when entropy was added without a
+	// reseed.
+	NotReseeded string
+}
+
 // ExecRequest is a command to run in the guest.
 type ExecRequest struct {
 	Argv []string
@@ -364,38 +380,53 @@ func (c *Client) Ping(ctx context.Context) error {
 	return err
 }
 
-// Handoff gives the guest its own entropy, clock, hostname and environment.
-func (c *Client) Handoff(ctx context.Context, h HandoffRequest) error {
+// Handoff gives the guest its own entropy, clock, hostname and environment,
+// and returns what the guest did with the entropy.
+func (c *Client) Handoff(ctx context.Context, h HandoffRequest) (HandoffResult, error) {
 	req, err := handoffRequest(h)
 	if err != nil {
-		return err
+		return HandoffResult{}, err
 	}
-	_, err = c.call(ctx, req)
-	return err
+	resp, err := c.call(ctx, req)
+	if err != nil {
+		return HandoffResult{}, err
+	}
+	return handoffResult(resp), nil
 }
 
 // HandoffAndPing sends a hand-off and a ping together and waits for both
 // answers: the ping proves the agent still answers after the hand-off
 // without costing a second round trip.
-func (c *Client) HandoffAndPing(ctx context.Context, h HandoffRequest) error {
+func (c *Client) HandoffAndPing(ctx context.Context, h HandoffRequest) (HandoffResult, error) {
 	req, err := handoffRequest(h)
 	if err != nil {
-		return err
+		return HandoffResult{}, err
 	}
 	ps, err := c.startAll(req, &proto.Request{Op: proto.OpPing})
 	if err != nil {
-		return err
+		return HandoffResult{}, err
 	}
 	defer func() {
 		for _, p := range ps {
 			c.forget(p)
 		}
 	}()
-	if _, err := c.wait(ctx, ps[0], proto.OpHandoff); err != nil {
-		return err
+	resp, err := c.wait(ctx, ps[0], proto.OpHandoff)
+	if err != nil {
+		return HandoffResult{}, err
 	}
-	_, err = c.wait(ctx, ps[1], proto.OpPing)
-	return err
+	if _, err := c.wait(ctx, ps[1], proto.OpPing); err != nil {
+		return HandoffResult{}, err
+	}
+	return handoffResult(resp), nil
+}
+
+func handoffResult(resp *proto.Response) HandoffResult {
+	r := resp.Handoff
+	if r == nil {
+		return HandoffResult{}
+	}
+	return HandoffResult{Reported: true, EntropyBytes: r.EntropyBytes, Reseeded: r.Reseeded, NotReseeded: r.NotReseeded}
 }
 
 func handoffRequest(h HandoffRequest) (*proto.Request, error) {

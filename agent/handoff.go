@@ -55,6 +55,8 @@ type HandoffTimings struct {
 	Dial time.Duration
 	// Handoff is the hand-off and the ping sent with it, until both answered.
 	Handoff time.Duration
+	// Result is what the guest agent did with the tenant's entropy.
+	Result HandoffResult
 }
 
 // Total is the whole hand-off.
@@ -105,7 +107,7 @@ func (h *Handoffer) Prepare(ctx context.Context, v vm.VM) error {
 	if err != nil {
 		return fmt.Errorf("prepare %s: %w", v.ID, err)
 	}
-	if err := c.HandoffAndPing(ctx, HandoffRequest{Entropy: entropy, Time: time.Now(), Hostname: st.Hostname}); err != nil {
+	if _, err := c.HandoffAndPing(ctx, HandoffRequest{Entropy: entropy, Time: time.Now(), Hostname: st.Hostname}); err != nil {
 		return fmt.Errorf("prepare %s: %w", v.ID, err)
 	}
 	if err := h.prov.Pause(ctx, v.ID); err != nil {
@@ -171,10 +173,12 @@ func (h *Handoffer) Handoff(ctx context.Context, v vm.VM, req HandoffRequest) (H
 	}
 	defer c.Close()
 	step := time.Now()
-	if err := c.HandoffAndPing(ctx, req); err != nil {
+	res, err := c.HandoffAndPing(ctx, req)
+	if err != nil {
 		return t, fmt.Errorf("hand off VM %s: %w", v.ID, err)
 	}
 	t.Handoff = time.Since(step)
+	t.Result = res
 	return t, nil
 }
 

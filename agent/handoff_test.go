@@ -84,6 +84,9 @@ func TestPreparedVMIsHandedOffOverTheKeptConnection(t *testing.T) {
 	if !timings.Prepared || timings.Dial != 0 || timings.Handoff <= 0 {
 		t.Errorf("timings = %+v, want a prepared hand-off without dialing", timings)
 	}
+	if want := (agent.HandoffResult{Reported: true, EntropyBytes: len(tenant), Reseeded: true}); timings.Result != want {
+		t.Errorf("hand-off result = %+v, want the agent's report %+v", timings.Result, want)
+	}
 	if n := p.Calls(fake.OpDialAgent); n != 1 {
 		t.Errorf("agent dialed %d times, want once (by Prepare)", n)
 	}
@@ -172,7 +175,7 @@ func TestCloseDropsKeptConnections(t *testing.T) {
 func TestHandoffAndPingReportsFailedEffect(t *testing.T) {
 	opts := server.Options{SetHostname: func(string) error { return errors.New("read-only") }}
 	c, _ := pipeAgent(t, opts)
-	err := c.HandoffAndPing(ctxT(t), agent.HandoffRequest{Hostname: "x"})
+	_, err := c.HandoffAndPing(ctxT(t), agent.HandoffRequest{Hostname: "x"})
 	var remote *agent.RemoteError
 	if !errors.As(err, &remote) || remote.Op != "handoff" {
 		t.Fatalf("HandoffAndPing with a failing effect = %v, want the agent's handoff error", err)

@@ -91,6 +91,8 @@ type Daemon struct {
 	// handoffer warms restored VMs before they enter a pool and hands them
 	// to tenants over the connection it kept.
 	handoffer *agent.Handoffer
+	// entropy counts what guests report doing with their hand-off's entropy.
+	entropy *handoffEntropy
 
 	// repair rebuilds templates the provider can no longer restore.
 	repair *templateRepair
@@ -205,6 +207,7 @@ func start(ctx context.Context, opts Options) (d *Daemon, srv *server, err error
 		return nil, nil, err
 	}
 	d.registerMetrics()
+	d.entropy = newHandoffEntropy(d.reg)
 	d.handoffer = agent.NewHandoffer(d.prov, d.prov)
 	// A tenant's first exec otherwise pays for translating process creation
 	// under TCG (~190 ms against ~25 ms).

@@ -200,7 +200,10 @@ func TestAcquireExecRelease(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, m := range []string{"warmpool_leases_active 0", "warmpool_uptime_seconds", "warmpool_build_info{"} {
+	// The one acquire's hand-off gave its guest 32 bytes of entropy, and
+	// the guest reported them added and its CRNG reseeded.
+	for _, m := range []string{"warmpool_leases_active 0", "warmpool_uptime_seconds", "warmpool_build_info{",
+		"\nwarmpool_handoff_entropy_bytes_total 32\n", "\nwarmpool_handoffs_total{entropy=\"reseeded\"} 1\n"} {
 		if !strings.Contains(metrics, m) {
 			t.Errorf("metrics lack %q", m)
 		}

@@ -148,10 +148,12 @@ func (d *Daemon) handoff(ctx context.Context, v vm.VM, ident pool.Identity) erro
 	}
 	timings, err := d.handoffer.Handoff(ctx, v, agent.HandoffRequest{Entropy: entropy, Time: time.Now(), Hostname: id})
 	d.log.Debug("hand-off", "vm", v.ID, "lease", id, "prepared", timings.Prepared,
-		"dial_ms", timings.Dial.Milliseconds(), "handoff_ping_ms", timings.Handoff.Milliseconds())
+		"dial_ms", timings.Dial.Milliseconds(), "handoff_ping_ms", timings.Handoff.Milliseconds(),
+		"entropy_bytes", timings.Result.EntropyBytes, "reseeded", timings.Result.Reseeded)
 	if err != nil {
 		return fmt.Errorf("hand off VM %s: %w", v.ID, err)
 	}
+	d.entropy.record(d.log, v.ID, id, len(entropy), timings.Result)
 	return nil
 }
 

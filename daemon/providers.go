@@ -69,7 +69,9 @@ func newFakeProvider() *fake.Provider {
 	state := agentserver.NewState()
 	var p *fake.Provider
 	p = fake.New(fake.Options{AgentHandler: func(c net.Conn) {
-		opts := agentserver.Options{State: state, Agent: "fake-agent"}
+		// The fake guest has no kernel to give entropy to; it takes it and
+		// reports it as a guest whose CRNG reseeded would.
+		opts := agentserver.Options{State: state, Agent: "fake-agent", AddEntropy: func([]byte) error { return nil }}
 		if id, ok := fake.AgentConnVM(c); ok {
 			opts.PowerOff = func() error { return p.Kill(id) }
 		}

@@ -289,10 +289,15 @@ func TestAgentInQEMU(t *testing.T) {
 	}
 	when := time.Date(2030, 1, 2, 3, 4, 5, 0, time.UTC)
 	start := time.Now()
-	if err := c.Handoff(ctx, agent.HandoffRequest{Entropy: []byte("e2e entropy"), Time: when, Hostname: "leased-vm", Env: map[string]string{"LEASE_ID": "l-123"}}); err != nil {
+	res, err := c.Handoff(ctx, agent.HandoffRequest{Entropy: []byte("e2e entropy"), Time: when, Hostname: "leased-vm", Env: map[string]string{"LEASE_ID": "l-123"}})
+	if err != nil {
 		t.Fatal(err)
 	}
-	t.Logf("handoff %s", time.Since(start).Round(time.Microsecond))
+	t.Logf("handoff %s: %+v", time.Since(start).Round(time.Microsecond), res)
+	// The real guest's kernel took the bytes and reseeded its CRNG.
+	if want := (agent.HandoffResult{Reported: true, EntropyBytes: len("e2e entropy"), Reseeded: true}); res != want {
+		t.Errorf("hand-off result %+v, want %+v", res, want)
+	}
 	out, _ := run(t, c, "sh", "-c", `echo "$(hostname) $(date -u +%Y) $LEASE_ID"`)
 	if out != "leased-vm 2030 l-123\n" {
 		t.Errorf("after handoff guest says %q, want hostname, year and env from the handoff", out)
@@ -370,8 +375,10 @@ func TestHandoffEntropyMakesClonesDiverge(t *testing.T) {
 		if entropy != nil {
 			ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 			defer cancel()
-			if err := c.Handoff(ctx, agent.HandoffRequest{Entropy: entropy}); err != nil {
+			if res, err := c.Handoff(ctx, agent.HandoffRequest{Entropy: entropy}); err != nil {
 				t.Fatal(err)
+			} else if !res.Reseeded {
+				t.Errorf("hand-off result %+v: the clone's CRNG was not reseeded", res)
 			}
 		}
 		out, code := run(t, c, "sh", "-c", "head -c 32 /dev/urandom | od -An -tx1")

@@ -21,7 +21,8 @@
 // operation. The agent answers with one or more responses carrying the same
 // ID: exec streams "stdout" and "stderr" chunks before its final "exit";
 // every other operation has exactly one final response ("ok", "hello",
-// "stats" or "error"). Requests are served concurrently, so a ping is answered
+// "stats" or "error"); a hand-off's "ok" says what the agent did with its
+// entropy. Requests are served concurrently, so a ping is answered
 // while an exec runs.
 package proto
 
@@ -106,6 +107,21 @@ type Handoff struct {
 	Env map[string]string `json:"env,omitempty"`
 }
 
+// HandoffResult is what the agent did with a hand-off's entropy, in the
+// answer to it ("ok"). An agent from before this field answers without it.
+type HandoffResult struct {
+	// EntropyBytes is how many bytes were mixed into the kernel's random
+	// pool (and credited as entropy); zero when the hand-off carried none or
+	// the agent has no kernel to give them to.
+	EntropyBytes int `json:"entropy_bytes"`
+	// Reseeded says the kernel's CRNG was reseeded from the pool afterwards,
+	// so the guest's random numbers no longer follow the snapshot's.
+	Reseeded bool `json:"reseeded"`
+	// NotReseeded is why not, when entropy was added but the CRNG was not
+	// reseeded.
+	NotReseeded string `json:"not_reseeded,omitempty"`
+}
+
 // Exec runs a command in the guest.
 type Exec struct {
 	Argv  []string `json:"argv"`
@@ -127,6 +143,8 @@ type Response struct {
 	ExitCode int    `json:"exit_code,omitempty"`
 	Hello    *Hello `json:"hello,omitempty"`
 	Stats    *Stats `json:"stats,omitempty"`
+	// Handoff is the result of a hand-off (kind "ok").
+	Handoff *HandoffResult `json:"handoff,omitempty"`
 }
 
 // Final reports whether r ends its request.

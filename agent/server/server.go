@@ -28,7 +28,9 @@ import (
 // real ones.
 type Options struct {
 	// AddEntropy mixes host-supplied bytes into the kernel's random pool and
-	// reseeds it so that clones of one snapshot diverge.
+	// reseeds it so that clones of one snapshot diverge. An error wrapping
+	// ErrNotReseeded means the bytes were added but the CRNG was not
+	// reseeded: the hand-off succeeds and says so; any other error fails it.
 	AddEntropy  func([]byte) error
 	SetTime     func(time.Time) error
 	SetHostname func(string) error
@@ -47,6 +49,10 @@ type Options struct {
 	// Nil gives each Serve call its own state.
 	State *State
 }
+
+// ErrNotReseeded is wrapped by an AddEntropy error when the entropy was
+// added but the kernel's CRNG could not be reseeded from it.
+var ErrNotReseeded = errors.New("entropy added but the CRNG was not reseeded")
 
 // State is what a handoff leaves behind for later requests.
 type State struct {
@@ -168,11 +174,12 @@ func (s *session) dispatch(req *proto.Request) {
 			s.fail(req.ID, proto.CodeBadRequest, errors.New("handoff request without handoff"))
 			return
 		}
-		if err := s.handoff(req.Handoff); err != nil {
+		res, err := s.handoff(req.Handoff)
+		if err != nil {
 			s.fail(req.ID, proto.CodeInternal, err)
 			return
 		}
-		s.reply(&proto.Response{ID: req.ID, Kind: proto.KindOK})
+		s.reply(&proto.Response{ID: req.ID, Kind: proto.KindOK, Handoff: &res})
 	case proto.OpStats:
 		read := s.opts.Stats
 		if read == nil {
@@ -211,30 +218,38 @@ func (s *session) dispatch(req *proto.Request) {
 	}
 }
 
-func (s *session) handoff(h *proto.Handoff) error {
+func (s *session) handoff(h *proto.Handoff) (proto.HandoffResult, error) {
+	var res proto.HandoffResult
 	if len(h.Entropy) > proto.MaxEntropy {
-		return fmt.Errorf("handoff entropy of %d bytes exceeds %d", len(h.Entropy), proto.MaxEntropy)
+		return res, fmt.Errorf("handoff entropy of %d bytes exceeds %d", len(h.Entropy), proto.MaxEntropy)
 	}
 	if len(h.Entropy) > 0 && s.opts.AddEntropy != nil {
-		if err := s.opts.AddEntropy(h.Entropy); err != nil {
-			return fmt.Errorf("add %d bytes of entropy: %w", len(h.Entropy), err)
+		err := s.opts.AddEntropy(h.Entropy)
+		switch {
+		case errors.Is(err, ErrNotReseeded):
+			res.EntropyBytes, res.NotReseeded = len(h.Entropy), err.Error()
+			s.opts.Logger.Warn("hand-off entropy added without a CRNG reseed", "bytes", len(h.Entropy), "err", err)
+		case err != nil:
+			return res, fmt.Errorf("add %d bytes of entropy: %w", len(h.Entropy), err)
+		default:
+			res.EntropyBytes, res.Reseeded = len(h.Entropy), true
 		}
 	}
 	if h.UnixNano != 0 && s.opts.SetTime != nil {
 		t := time.Unix(0, h.UnixNano)
 		if err := s.opts.SetTime(t); err != nil {
-			return fmt.Errorf("set clock to %s: %w", t.UTC().Format(time.RFC3339Nano), err)
+			return res, fmt.Errorf("set clock to %s: %w", t.UTC().Format(time.RFC3339Nano), err)
 		}
 	}
 	if h.Hostname != "" && s.opts.SetHostname != nil {
 		if err := s.opts.SetHostname(h.Hostname); err != nil {
-			return fmt.Errorf("set hostname %q: %w", h.Hostname, err)
+			return res, fmt.Errorf("set hostname %q: %w", h.Hostname, err)
 		}
 	}
 	if len(h.Env) > 0 {
 		s.opts.State.setEnv(h.Env)
 	}
-	return nil
+	return res, nil
 }
 
 func (s *session) startExec(id uint64, e *proto.Exec) {

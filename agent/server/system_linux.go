@@ -50,7 +50,9 @@ const (
 // AddKernelEntropy mixes b into the kernel's input pool, crediting it as
 // entropy, and then forces the CRNG to reseed from the pool. Without the
 // reseed, clones restored from one snapshot would keep the identical CRNG
-// state they were frozen with until the next scheduled reseed.
+// state they were frozen with until the next scheduled reseed. A kernel that
+// took the bytes but cannot reseed now gives an error wrapping
+// ErrNotReseeded.
 func AddKernelEntropy(b []byte) error {
 	if len(b) > proto.MaxEntropy {
 		return fmt.Errorf("entropy of %d bytes exceeds %d", len(b), proto.MaxEntropy)
@@ -65,13 +67,18 @@ func AddKernelEntropy(b []byte) error {
 	if _, _, errno := unix.Syscall(unix.SYS_IOCTL, f.Fd(), ioctlRNDADDENTROPY, uintptr(unsafe.Pointer(&info))); errno != 0 {
 		return fmt.Errorf("RNDADDENTROPY: %w", errno)
 	}
-	// ENODATA: the CRNG is not initialised yet. It will be once enough
-	// entropy is credited (these bytes count), and it seeds from the pool
-	// then. EINVAL/ENOTTY: a kernel before 4.17.
-	if _, _, errno := unix.Syscall(unix.SYS_IOCTL, f.Fd(), ioctlRNDRESEEDCRNG, 0); errno != 0 && errno != unix.ENODATA && errno != unix.EINVAL && errno != unix.ENOTTY {
-		return fmt.Errorf("RNDRESEEDCRNG: %w", errno)
+	_, _, errno := unix.Syscall(unix.SYS_IOCTL, f.Fd(), ioctlRNDRESEEDCRNG, 0)
+	switch errno {
+	case 0:
+		return nil
+	case unix.ENODATA:
+		// It will be initialised once enough entropy is credited (these
+		// bytes count), and seeds from the pool then.
+		return fmt.Errorf("%w: RNDRESEEDCRNG: %w (the CRNG is not initialised yet)", ErrNotReseeded, errno)
+	case unix.EINVAL, unix.ENOTTY:
+		return fmt.Errorf("%w: RNDRESEEDCRNG: %w (a kernel before 4.17 has no reseed ioctl)", ErrNotReseeded, errno)
 	}
-	return nil
+	return fmt.Errorf("RNDRESEEDCRNG: %w", errno)
 }
 
 func setTime(t time.Time) error {

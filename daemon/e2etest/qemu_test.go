@@ -20,6 +20,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/warmpool/warmpool/api"
+	"github.com/warmpool/warmpool/internal/paths"
 	"github.com/warmpool/warmpool/store"
 )
 
@@ -370,6 +372,57 @@ func ramFiles(t *testing.T, ids []string) []string {
 	return left
 }
 
+// metric returns the value of the sample name (labels included, as in
+// `warmpool_handoffs_total{entropy="reseeded"}`) on the daemon's /metrics.
+func metric(t *testing.T, state, name string) float64 {
+	t.Helper()
+	c := api.NewClient(paths.Socket(state), "")
+	defer c.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	text, err := c.Metrics(ctx)
+	if err != nil {
+		t.Fatalf("GET /metrics: %v", err)
+	}
+	for line := range strings.SplitSeq(text, "\n") {
+		if v, ok := strings.CutPrefix(line, name+" "); ok {
+			f, err := strconv.ParseFloat(v, 64)
+			if err != nil {
+				t.Fatalf("metric %s: %v", line, err)
+			}
+			return f
+		}
+	}
+	t.Fatalf("/metrics has no sample %s", name)
+	return 0
+}
+
+// assertEntropyHandedOff checks that each of the daemon's acquires so far
+// gave its guest 32 bytes of entropy and that the guest reported them added
+// and its CRNG reseeded.
+func assertEntropyHandedOff(t *testing.T, state string, acquires int) {
+	t.Helper()
+	if got := metric(t, state, "warmpool_handoff_entropy_bytes_total"); got != float64(32*acquires) {
+		t.Errorf("guests report %v bytes of hand-off entropy after %d acquires, want %d", got, acquires, 32*acquires)
+	}
+	if got := metric(t, state, `warmpool_handoffs_total{entropy="reseeded"}`); got != float64(acquires) {
+		t.Errorf("%v hand-offs reseeded their guest's CRNG after %d acquires, want every one", got, acquires)
+	}
+}
+
+// warmVMs is the VMs of state's QEMU processes other than those of leases
+// and machines.
+func warmVMs(t *testing.T, state string, notWarm ...string) []string {
+	t.Helper()
+	var ids []string
+	for _, id := range processVMs(t, state) {
+		if !slices.Contains(notWarm, id) {
+			ids = append(ids, id)
+		}
+	}
+	return ids
+}
+
 func TestQEMUDaemonSurvivesKill9(t *testing.T) {
 	if buildErr != nil {
 		t.Fatal(buildErr)
@@ -413,6 +466,7 @@ func TestQEMUDaemonSurvivesKill9(t *testing.T) {
 	see()
 
 	l1 := acquire(t, state, "py")
+	assertEntropyHandedOff(t, state, 1)
 	if out := mustCLI(t, state, time.Minute, "exec", l1.ID, "--", "echo", "hello from the guest"); out != "hello from the guest\n" {
 		t.Errorf("exec output %q", out)
 	}
@@ -435,9 +489,11 @@ func TestQEMUDaemonSurvivesKill9(t *testing.T) {
 
 	waitPool(t, state, "py", 2)
 	l2 := acquire(t, state, "py")
+	assertEntropyHandedOff(t, state, 2)
 	waitPool(t, state, "py", 2)
 	see()
 	assertProcessesMatchState(t, state)
+	warmBefore := warmVMs(t, state, l2.VMID, m.VMID)
 
 	// kill -9 with a lease held, VMs warm and a machine running.
 	d.kill()
@@ -453,6 +509,11 @@ func TestQEMUDaemonSurvivesKill9(t *testing.T) {
 	}
 	if p := waitPool(t, state, "py", 2); p.Ready != 2 {
 		t.Errorf("pool after the restart holds %d ready VMs, want its 2 adopted ones and no more", p.Ready)
+	}
+	// Adopted, not replaced: the same warm VMs as before the kill, and no
+	// new ones (freshly restored VMs would make the counts right too).
+	if warmAfter := warmVMs(t, state, l2.VMID, m.VMID); !slices.Equal(warmBefore, warmAfter) {
+		t.Errorf("warm VMs before kill -9 %v, after the restart %v: want the same, adopted", warmBefore, warmAfter)
 	}
 	see()
 	assertProcessesMatchState(t, state)
