@@ -23,6 +23,7 @@ import (
 	"github.com/warmpool/warmpool/events"
 	"github.com/warmpool/warmpool/guest"
 	"github.com/warmpool/warmpool/internal/paths"
+	"github.com/warmpool/warmpool/lease"
 	"github.com/warmpool/warmpool/pool"
 	"github.com/warmpool/warmpool/store"
 	"github.com/warmpool/warmpool/vm"
@@ -74,14 +75,12 @@ type Daemon struct {
 	stopAll    bool
 	closing    atomic.Bool
 
-	// leaseMu guards leases, the live leases by ID.
-	leaseMu sync.Mutex
-	leases  map[string]*liveLease
+	// vms writes every VM record; leases every lease record.
+	vms    *vmRecords
+	leases *lease.Registry
 
-	// tplMu guards templates (by name) and builds (names being built).
-	tplMu     sync.Mutex
-	templates map[string]store.Template
-	buildMu   sync.Mutex
+	// buildMu lets one template build run at a time.
+	buildMu sync.Mutex
 
 	imageMu sync.Mutex
 	image   *guest.Image
@@ -177,17 +176,15 @@ func start(ctx context.Context, opts Options) (d *Daemon, srv *server, err error
 		return nil, nil, err
 	}
 	d = &Daemon{
-		cfg:       cfg,
-		stateDir:  stateDir,
-		log:       log,
-		st:        st,
-		bus:       events.NewBus(),
-		reg:       prometheus.NewRegistry(),
-		started:   time.Now(),
-		stopAll:   opts.StopAll,
-		agent:     opts.GuestAgent,
-		leases:    map[string]*liveLease{},
-		templates: map[string]store.Template{},
+		cfg:      cfg,
+		stateDir: stateDir,
+		log:      log,
+		st:       st,
+		bus:      events.NewBus(),
+		reg:      prometheus.NewRegistry(),
+		started:  time.Now(),
+		stopAll:  opts.StopAll,
+		agent:    opts.GuestAgent,
 	}
 	defer func() {
 		if err != nil {
@@ -202,8 +199,9 @@ func start(ctx context.Context, opts Options) (d *Daemon, srv *server, err error
 		d.provCloser, _ = inner.(io.Closer)
 	}
 	d.repair = newTemplateRepair(ctx)
-	d.prov = &ownedProvider{inner: inner, st: st, log: log, snapshotOwner: d.snapshotOwner, onIncompatible: d.restoreIncompatible}
-	if err := d.loadTemplates(); err != nil {
+	d.vms = &vmRecords{st: st, provider: inner.Name(), snapshotOwner: d.snapshotOwner}
+	d.prov = &ownedProvider{inner: inner, recs: d.vms, log: log, onIncompatible: d.restoreIncompatible}
+	if d.leases, err = d.newLeases(); err != nil {
 		return nil, nil, err
 	}
 	d.registerMetrics()
@@ -255,10 +253,9 @@ func start(ctx context.Context, opts Options) (d *Daemon, srv *server, err error
 		return nil, nil, err
 	}
 	d.checkTemplates()
-	d.bg.Add(1)
-	go d.expireLeases(ctx)
+	d.bg.Go(func() { d.leases.Run(ctx) })
 	log.Info("daemon started", "state", stateDir, "provider", inner.Name(), "listen", cfg.Listen,
-		"pools", len(d.pools.Pools()), "leases", len(d.leases),
+		"pools", len(d.pools.Pools()), "leases", d.leaseCount(),
 		"reconcile_ms", time.Since(reconcileStart).Milliseconds())
 	return d, srv, nil
 }
@@ -346,8 +343,12 @@ func (d *Daemon) shutdown(ctx context.Context) {
 	step("pool shutdown", d.pools.Shutdown)
 	d.handoffer.Close()
 	if d.stopAll {
-		for _, l := range d.liveLeases() {
-			step("release lease at shutdown", func(ctx context.Context) error { return d.Release(ctx, l.rec.ID) }, "lease", l.rec.ID)
+		leases, err := d.leases.List()
+		if err != nil {
+			d.log.Warn("list leases to release at shutdown", "err", err)
+		}
+		for _, l := range leases {
+			step("release lease at shutdown", func(ctx context.Context) error { return d.Release(ctx, l.ID) }, "lease", l.ID)
 		}
 		step("stop machines at shutdown", func(ctx context.Context) error { d.mach.stopAll(ctx); return nil })
 	}

@@ -12,29 +12,46 @@ import (
 	"github.com/warmpool/warmpool/agent"
 	"github.com/warmpool/warmpool/api"
 	"github.com/warmpool/warmpool/events"
+	"github.com/warmpool/warmpool/lease"
 	"github.com/warmpool/warmpool/pool"
 	"github.com/warmpool/warmpool/store"
 	"github.com/warmpool/warmpool/vm"
 )
 
-// liveLease is a lease the daemon serves. pl is nil for a lease adopted
-// from an earlier run. Either way release destroys the VM through the
-// provider: the pool gave it up at hand-off.
-type liveLease struct {
-	rec store.Lease
-	pl  *pool.Lease
+func leaseAPI(l store.Lease) api.Lease {
+	return api.Lease{
+		ID:        l.ID,
+		Pool:      l.Pool,
+		VMID:      l.VMID,
+		Owner:     l.Owner,
+		CreatedAt: l.CreatedAt,
+		ExpiresAt: l.ExpiresAt,
+		Timings:   api.Timings{WaitMS: l.WaitMS, HandoffMS: l.HandoffMS, TotalMS: l.TotalMS},
+	}
 }
 
-func (l *liveLease) api() api.Lease {
-	return api.Lease{
-		ID:        l.rec.ID,
-		Pool:      l.rec.Pool,
-		VMID:      l.rec.VMID,
-		Owner:     l.rec.Owner,
-		CreatedAt: l.rec.CreatedAt,
-		ExpiresAt: l.rec.ExpiresAt,
-		Timings:   api.Timings{WaitMS: l.rec.WaitMS, HandoffMS: l.rec.HandoffMS, TotalMS: l.rec.TotalMS},
-	}
+// newLeases is the lease registry over the daemon's store. A release
+// destroys the VM through the provider (the pool gave it up at hand-off)
+// and removes the lease with the VM's record.
+func (d *Daemon) newLeases() (*lease.Registry, error) {
+	return lease.New(lease.Config{
+		Store: d.st,
+		DestroyVM: func(ctx context.Context, vmID string, forget func(*store.Tx) error) error {
+			if err := d.prov.destroyWith(ctx, vmID, forget); err != nil && !errors.Is(err, vm.ErrNotFound) {
+				return err
+			}
+			d.handoffer.Forget(vmID)
+			return nil
+		},
+		OnRelease: func(l store.Lease, expired bool) {
+			d.bus.Publish(events.Event{Kind: "lease.released", Subject: l.ID, Detail: map[string]any{"pool": l.Pool, "vm_id": l.VMID}})
+			if expired {
+				d.bus.Publish(events.Event{Kind: "lease.expired", Subject: l.ID, Detail: map[string]any{"pool": l.Pool}})
+			}
+		},
+		Interval: d.cfg.Intervals.LeaseCheck.Std(),
+		Logger:   d.log.With("component", "lease"),
+	})
 }
 
 // newLeaseID is "l-" and 16 random hex digits: a valid name and hostname.
@@ -96,34 +113,22 @@ func (d *Daemon) Acquire(ctx context.Context, poolName string, req api.AcquireRe
 		exp := now.Add(rec.TTL)
 		rec.ExpiresAt = &exp
 	}
-	err = d.st.Update(func(tx *store.Tx) error {
-		v, err := store.VMs.Get(tx, pl.VM.ID)
-		if err != nil {
-			return err
-		}
-		v.Role, v.Lease, v.Pool = store.RoleLeased, id, poolName
-		if err := store.VMs.Put(tx, v); err != nil {
-			return err
-		}
-		return store.Leases.Put(tx, rec)
-	})
-	if err != nil {
+	// The hand-off recorded the VM as this lease's; only the lease itself
+	// is left to record.
+	if err := d.leases.Add(rec); err != nil {
 		rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), time.Minute)
 		defer cancel()
-		if rerr := d.destroyLeased(rctx, pl.VM.ID); rerr != nil {
+		if rerr := d.prov.Destroy(rctx, pl.VM.ID); rerr != nil && !errors.Is(rerr, vm.ErrNotFound) {
 			d.log.Error("destroy VM of a lease that could not be recorded", "vm", pl.VM.ID, "err", rerr)
 		}
-		return api.Lease{}, fmt.Errorf("record lease of pool %s: %w", poolName, err)
+		d.handoffer.Forget(pl.VM.ID)
+		return api.Lease{}, fmt.Errorf("acquire from pool %s: %w", poolName, err)
 	}
-	// The recorded total stops before the write that records it; the live
-	// lease's includes it.
-	rec.TotalMS = time.Since(now.Add(-pl.Timings.Total)).Milliseconds()
-	l := &liveLease{rec: rec, pl: pl}
-	d.leaseMu.Lock()
-	d.leases[id] = l
-	d.leaseMu.Unlock()
 	d.bus.Publish(events.Event{Kind: "lease.acquired", Subject: id, Detail: map[string]any{"pool": poolName, "vm_id": pl.VM.ID}})
-	return l.api(), nil
+	// The recorded total stops before the write that records it; the
+	// acquire's answer includes it.
+	rec.TotalMS = time.Since(now.Add(-pl.Timings.Total)).Milliseconds()
+	return leaseAPI(rec), nil
 }
 
 // handoff gives a freshly resumed warm VM its identity. It first marks the
@@ -131,15 +136,7 @@ func (d *Daemon) Acquire(ctx context.Context, poolName string, req api.AcquireRe
 // that a tenant may have seen back into a pool.
 func (d *Daemon) handoff(ctx context.Context, v vm.VM, ident pool.Identity) error {
 	id := ident.LeaseID
-	err := d.st.Update(func(tx *store.Tx) error {
-		rec, err := store.VMs.Get(tx, v.ID)
-		if err != nil {
-			return err
-		}
-		rec.Role, rec.Lease = store.RoleLeased, id
-		return store.VMs.Put(tx, rec)
-	})
-	if err != nil {
+	if err := d.vms.leased(v.ID, id); err != nil {
 		return fmt.Errorf("mark VM %s leased: %w", v.ID, err)
 	}
 	entropy := make([]byte, 32)
@@ -171,104 +168,43 @@ func (d *Daemon) validateWarm(ctx context.Context, v vm.VM) error {
 
 // onVMCreated records that a VM the pool restored is warm in poolName.
 func (d *Daemon) onVMCreated(poolName string, v vm.VM) {
-	err := d.st.Update(func(tx *store.Tx) error {
-		rec, err := store.VMs.Get(tx, v.ID)
-		if errors.Is(err, vm.ErrNotFound) {
-			return nil // destroyed already
-		}
-		if err != nil {
-			return err
-		}
-		if rec.Role == store.RoleNew {
-			rec.Role = store.RoleWarm
-		}
-		rec.Pool = poolName
-		return store.VMs.Put(tx, rec)
-	})
-	if err != nil {
+	if err := d.vms.warm(v.ID, poolName); err != nil {
 		d.log.Error("record warm VM", "pool", poolName, "vm", v.ID, "err", err)
 	}
 }
 
+// onVMDestroyed drops the hand-off connection of a VM the pool destroyed;
+// destroying it through ownedProvider removed its record.
 func (d *Daemon) onVMDestroyed(poolName, id string) {
 	d.handoffer.Forget(id)
-	if err := store.Delete(d.st, store.VMs, id); err != nil {
-		d.log.Error("forget destroyed VM", "pool", poolName, "vm", id, "err", err)
-	}
 }
 
 // Release implements api.Backend. Releasing an unknown lease is a no-op.
 func (d *Daemon) Release(ctx context.Context, id string) error {
-	d.leaseMu.Lock()
-	l := d.leases[id]
-	delete(d.leases, id)
-	d.leaseMu.Unlock()
-	if l == nil {
-		return nil
-	}
-	if err := d.destroyLeased(ctx, l.rec.VMID); err != nil {
-		d.leaseMu.Lock()
-		d.leases[id] = l
-		d.leaseMu.Unlock()
-		return fmt.Errorf("release lease %s: destroy VM %s: %w", id, l.rec.VMID, err)
-	}
-	err := d.st.Update(func(tx *store.Tx) error {
-		if err := store.Leases.Delete(tx, id); err != nil {
-			return err
-		}
-		return store.VMs.Delete(tx, l.rec.VMID)
-	})
-	if err != nil {
-		return fmt.Errorf("release lease %s: %w", id, err)
-	}
-	d.bus.Publish(events.Event{Kind: "lease.released", Subject: id, Detail: map[string]any{"pool": l.rec.Pool, "vm_id": l.rec.VMID}})
-	return nil
-}
-
-// destroyLeased destroys a handed-out VM: the pool gave it up at hand-off,
-// so it is the lease's to destroy. A VM already gone counts as destroyed.
-func (d *Daemon) destroyLeased(ctx context.Context, vmID string) error {
-	err := d.prov.Destroy(ctx, vmID)
-	if err != nil && !errors.Is(err, vm.ErrNotFound) {
-		return err
-	}
-	d.handoffer.Forget(vmID)
-	return nil
+	_, err := d.leases.Release(ctx, id)
+	return err
 }
 
 // Leases implements api.Backend.
 func (d *Daemon) Leases(ctx context.Context) ([]api.Lease, error) {
-	var out []api.Lease
-	for _, l := range d.liveLeases() {
-		out = append(out, l.api())
+	leases, err := d.leases.List()
+	if err != nil {
+		return nil, err
+	}
+	out := make([]api.Lease, 0, len(leases))
+	for _, l := range leases {
+		out = append(out, leaseAPI(l))
 	}
 	return out, nil
 }
 
-func (d *Daemon) liveLeases() []*liveLease {
-	d.leaseMu.Lock()
-	defer d.leaseMu.Unlock()
-	out := make([]*liveLease, 0, len(d.leases))
-	for _, k := range sortedKeys(d.leases) {
-		out = append(out, d.leases[k])
-	}
-	return out
-}
-
+// leaseCount is the number of live leases, 0 when the store cannot say.
 func (d *Daemon) leaseCount() int {
-	d.leaseMu.Lock()
-	defer d.leaseMu.Unlock()
-	return len(d.leases)
-}
-
-func (d *Daemon) lease(id string) (*liveLease, error) {
-	d.leaseMu.Lock()
-	defer d.leaseMu.Unlock()
-	l := d.leases[id]
-	if l == nil {
-		return nil, fmt.Errorf("lease %s: %w", id, vm.ErrNotFound)
+	n, err := d.leases.Count()
+	if err != nil {
+		d.log.Error("count leases", "err", err)
 	}
-	return l, nil
+	return n
 }
 
 // Exec implements api.Backend. A command that cannot start or that times
@@ -278,11 +214,11 @@ func (d *Daemon) Exec(ctx context.Context, id string, req api.ExecRequest, stdou
 	if err := d.checkOpen(); err != nil {
 		return -1, err
 	}
-	l, err := d.lease(id)
+	l, err := d.leases.Get(id)
 	if err != nil {
 		return -1, err
 	}
-	c, err := agent.Dial(ctx, d.prov, l.rec.VMID)
+	c, err := agent.Dial(ctx, d.prov, l.VMID)
 	if err != nil {
 		return -1, fmt.Errorf("exec in lease %s: %w", id, err)
 	}
@@ -300,30 +236,4 @@ func (d *Daemon) Exec(ctx context.Context, id string, req api.ExecRequest, stdou
 		return -1, fmt.Errorf("exec in lease %s: %w", id, err)
 	}
 	return code, nil
-}
-
-// expireLeases destroys leases whose TTL has passed until ctx ends or the
-// daemon shuts down.
-func (d *Daemon) expireLeases(ctx context.Context) {
-	defer d.bg.Done()
-	t := time.NewTicker(d.cfg.Intervals.LeaseCheck.Std())
-	defer t.Stop()
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case now := <-t.C:
-			for _, l := range d.liveLeases() {
-				if !l.rec.Expired(now) {
-					continue
-				}
-				d.log.Info("lease expired", "lease", l.rec.ID, "vm", l.rec.VMID)
-				if err := d.Release(ctx, l.rec.ID); err != nil {
-					d.log.Error("destroy expired lease", "lease", l.rec.ID, "err", err)
-					continue
-				}
-				d.bus.Publish(events.Event{Kind: "lease.expired", Subject: l.rec.ID, Detail: map[string]any{"pool": l.rec.Pool}})
-			}
-		}
-	}
 }

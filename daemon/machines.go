@@ -239,15 +239,7 @@ func (ms *machines) onChange(m lifecycle.Machine) {
 		if m.VMID == "" {
 			return nil
 		}
-		v, err := store.VMs.Get(tx, m.VMID)
-		if errors.Is(err, vm.ErrNotFound) {
-			return nil
-		}
-		if err != nil {
-			return err
-		}
-		v.Role, v.Machine = store.RoleMachine, m.Name
-		return store.VMs.Put(tx, v)
+		return ms.d.vms.machineTx(tx, m.VMID, m.Name)
 	})
 	if err != nil {
 		ms.d.log.Error("record machine", "machine", m.Name, "err", err)

@@ -104,8 +104,12 @@ func (d *Daemon) poolAPI(p store.Pool) api.Pool {
 	if t, ok := d.template(p.Template); ok {
 		out.Generation = uint64(t.Generation)
 	}
-	for _, l := range d.liveLeases() {
-		if l.rec.Pool == p.Name {
+	leases, err := d.leases.List()
+	if err != nil {
+		d.log.Error("list leases", "err", err)
+	}
+	for _, l := range leases {
+		if l.Pool == p.Name {
 			out.Leased++
 		}
 	}

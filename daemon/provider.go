@@ -26,19 +26,16 @@ func withPurpose(ctx context.Context, p vmPurpose) context.Context {
 	return context.WithValue(ctx, purposeKey{}, p)
 }
 
-// ownedProvider records every VM its inner provider creates or restores in
-// the store before handing it back, and removes the record once the VM is
-// destroyed. Pools, the template builder and the machine manager all create
-// VMs through it, so whatever crashes where, the next start finds each VM
-// either in the store (and knows what it was for) or in provider.List only
-// (and destroys it).
+// ownedProvider has every VM its inner provider creates or restores
+// recorded (by recs) before handing it back, and the record removed once
+// the VM is destroyed. Pools, the template builder and the machine manager
+// all create VMs through it, so whatever crashes where, the next start
+// finds each VM either in the store (and knows what it was for) or in
+// provider.List only (and destroys it).
 type ownedProvider struct {
 	inner vm.Provider
-	st    *store.Store
+	recs  *vmRecords
 	log   *slog.Logger
-	// snapshotOwner maps a snapshot directory to the template and
-	// generation it belongs to.
-	snapshotOwner func(dir string) (template string, generation int)
 	// onIncompatible, when set, hears of every restore the provider refused
 	// with vm.ErrIncompatible: retrying cannot fix those, rebuilding can.
 	onIncompatible func(snap vm.Snapshot, err error)
@@ -74,22 +71,7 @@ func (p *ownedProvider) Restore(ctx context.Context, snap vm.Snapshot) (vm.VM, e
 // record writes the VM's record. When that fails the VM is destroyed: a VM
 // the store does not know about must not be used.
 func (p *ownedProvider) record(ctx context.Context, v vm.VM, snapshotDir string) error {
-	purpose, _ := ctx.Value(purposeKey{}).(vmPurpose)
-	rec := store.VM{
-		ID:          v.ID,
-		Provider:    p.inner.Name(),
-		Role:        purpose.role,
-		Machine:     purpose.machine,
-		SnapshotDir: snapshotDir,
-		CreatedAt:   time.Now(),
-	}
-	if rec.Role == "" {
-		rec.Role = store.RoleNew
-	}
-	if snapshotDir != "" && p.snapshotOwner != nil {
-		rec.Template, rec.Generation = p.snapshotOwner(snapshotDir)
-	}
-	err := store.Put(p.st, store.VMs, rec)
+	err := p.recs.created(ctx, v, snapshotDir)
 	if err == nil {
 		return nil
 	}
@@ -101,12 +83,24 @@ func (p *ownedProvider) record(ctx context.Context, v vm.VM, snapshotDir string)
 	return fmt.Errorf("record VM %s: %w", v.ID, err)
 }
 
+// Destroy destroys the VM and removes its record.
 func (p *ownedProvider) Destroy(ctx context.Context, id string) error {
+	return p.destroyWith(ctx, id, nil)
+}
+
+// destroyWith destroys the VM and, once it is gone, removes its record
+// and runs also in one transaction: a release removes the lease with it.
+// A VM the provider does not know counts as destroyed.
+func (p *ownedProvider) destroyWith(ctx context.Context, id string, also func(*store.Tx) error) error {
 	err := p.inner.Destroy(ctx, id)
-	if err == nil || errors.Is(err, vm.ErrNotFound) {
-		if derr := store.Delete(p.st, store.VMs, id); derr != nil {
-			p.log.Error("forget destroyed VM", "vm", id, "err", derr)
+	if err != nil && !errors.Is(err, vm.ErrNotFound) {
+		return err
+	}
+	if ferr := p.recs.forget(id, also); ferr != nil {
+		if also != nil {
+			return fmt.Errorf("forget destroyed VM %s: %w", id, ferr)
 		}
+		p.log.Error("forget destroyed VM", "vm", id, "err", ferr)
 	}
 	return err
 }

@@ -65,6 +65,7 @@ func (d *Daemon) reconcile(ctx context.Context) ([]warmCandidate, error) {
 	}
 
 	var warm []warmCandidate
+	keptLeases := map[string]bool{}
 	now := time.Now()
 	destroy := func(id, why string) {
 		d.log.Info("destroying VM left by an earlier run", "vm", id, "reason", why)
@@ -77,7 +78,7 @@ func (d *Daemon) reconcile(ctx context.Context) ([]warmCandidate, error) {
 		delete(liveByID, rec.ID)
 		if !alive {
 			d.log.Info("forgetting VM that no longer exists", "vm", rec.ID, "role", rec.Role)
-			if err := store.Delete(d.st, store.VMs, rec.ID); err != nil {
+			if err := d.vms.forget(rec.ID, nil); err != nil {
 				return nil, err
 			}
 			continue
@@ -114,7 +115,7 @@ func (d *Daemon) reconcile(ctx context.Context) ([]warmCandidate, error) {
 					destroy(rec.ID, "agent does not answer: "+err.Error())
 					continue
 				}
-				d.leases[l.ID] = &liveLease{rec: l}
+				keptLeases[l.ID] = true
 			}
 		case store.RoleMachine:
 			if !d.mach.knows(rec.Machine) {
@@ -128,8 +129,7 @@ func (d *Daemon) reconcile(ctx context.Context) ([]warmCandidate, error) {
 		if d.mach.ownsVM(liveByID[id]) {
 			// A machine VM whose record was not written before a crash:
 			// the machine manager recognises it by its labels.
-			if err := store.Put(d.st, store.VMs, store.VM{ID: id, Provider: d.prov.Name(), Role: store.RoleMachine,
-				Machine: liveByID[id].Spec.Labels[machineLabel], CreatedAt: liveByID[id].CreatedAt}); err != nil {
+			if err := d.vms.adoptMachine(liveByID[id], liveByID[id].Spec.Labels[machineLabel]); err != nil {
 				return nil, err
 			}
 			continue
@@ -137,9 +137,9 @@ func (d *Daemon) reconcile(ctx context.Context) ([]warmCandidate, error) {
 		destroy(id, "not in the state")
 	}
 	for _, l := range leases {
-		if _, ok := d.leases[l.ID]; !ok {
+		if !keptLeases[l.ID] {
 			d.log.Info("dropping lease whose VM is gone", "lease", l.ID, "vm", l.VMID)
-			if err := store.Delete(d.st, store.Leases, l.ID); err != nil {
+			if err := d.leases.Drop(l.ID); err != nil {
 				return nil, err
 			}
 		}

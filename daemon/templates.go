@@ -28,31 +28,25 @@ func templateRequest(name string, tc TemplateConfig) api.TemplateRequest {
 	return api.TemplateRequest{Name: name, Image: tc.Image, VCPUs: tc.VCPUs, MemoryMiB: tc.MemoryMiB}
 }
 
-func (d *Daemon) loadTemplates() error {
-	tpls, err := store.List(d.st, store.Templates)
-	if err != nil {
-		return err
-	}
-	d.tplMu.Lock()
-	defer d.tplMu.Unlock()
-	for _, t := range tpls {
-		d.templates[t.Name] = t
-	}
-	return nil
-}
-
+// template reads the template name from the store.
 func (d *Daemon) template(name string) (store.Template, bool) {
-	d.tplMu.Lock()
-	defer d.tplMu.Unlock()
-	t, ok := d.templates[name]
-	return t, ok
+	t, err := store.Get(d.st, store.Templates, name)
+	if err != nil {
+		if !errors.Is(err, vm.ErrNotFound) {
+			d.log.Error("read template", "template", name, "err", err)
+		}
+		return store.Template{}, false
+	}
+	return t, true
 }
 
 // snapshotOwner says which template generation a snapshot directory holds.
 func (d *Daemon) snapshotOwner(dir string) (string, int) {
-	d.tplMu.Lock()
-	defer d.tplMu.Unlock()
-	for _, t := range d.templates {
+	tpls, err := store.List(d.st, store.Templates)
+	if err != nil {
+		d.log.Error("list templates", "err", err)
+	}
+	for _, t := range tpls {
 		if t.Snapshot.Dir == dir {
 			return t.Name, t.Generation
 		}
@@ -76,11 +70,13 @@ func templateAPI(t store.Template) api.Template {
 
 // Templates implements api.Backend.
 func (d *Daemon) Templates(ctx context.Context) ([]api.Template, error) {
-	d.tplMu.Lock()
-	defer d.tplMu.Unlock()
-	out := make([]api.Template, 0, len(d.templates))
-	for _, name := range sortedKeys(d.templates) {
-		out = append(out, templateAPI(d.templates[name]))
+	tpls, err := store.List(d.st, store.Templates)
+	if err != nil {
+		return nil, err
+	}
+	out := make([]api.Template, 0, len(tpls))
+	for _, t := range tpls {
+		out = append(out, templateAPI(t))
 	}
 	return out, nil
 }
@@ -211,9 +207,6 @@ func (d *Daemon) buildGeneration(ctx context.Context, req api.TemplateRequest, p
 		os.RemoveAll(dir)
 		return api.Template{}, fmt.Errorf("record template %s: %w", req.Name, err)
 	}
-	d.tplMu.Lock()
-	d.templates[req.Name] = rec
-	d.tplMu.Unlock()
 	d.bus.Publish(events.Event{Kind: "template.built", Subject: req.Name, Detail: map[string]any{"generation": gen}})
 	// Pools of this template move to the new snapshot; their warm VMs of
 	// the old one are replaced by the pool.
@@ -229,11 +222,14 @@ func (d *Daemon) buildGeneration(ctx context.Context, req api.TemplateRequest, p
 // or before the API is up, so no build is writing a directory meanwhile.
 func (d *Daemon) removeUnusedTemplateDirs() {
 	keep := map[string]bool{}
-	d.tplMu.Lock()
-	for _, t := range d.templates {
+	tpls, err := store.List(d.st, store.Templates)
+	if err != nil {
+		d.log.Error("list templates to clean up their directories", "err", err)
+		return
+	}
+	for _, t := range tpls {
 		keep[t.Snapshot.Dir] = true
 	}
-	d.tplMu.Unlock()
 	vms, err := store.List(d.st, store.VMs)
 	if err != nil {
 		d.log.Error("list VMs to clean up templates", "err", err)

@@ -72,20 +72,14 @@ func (r *templateRepair) close() {
 	r.wg.Wait()
 }
 
-// versioned is implemented by providers that know their hypervisor's
-// version without starting a VM (QEMU does; Firecracker only tells from a
-// running process, so its restores find out instead).
-type versioned interface{ Version() string }
-
 // checkTemplates looks for templates that cannot be restored before any pool
 // tries, and starts rebuilding them.
 func (d *Daemon) checkTemplates() {
-	d.tplMu.Lock()
-	tpls := make([]store.Template, 0, len(d.templates))
-	for _, name := range sortedKeys(d.templates) {
-		tpls = append(tpls, d.templates[name])
+	tpls, err := store.List(d.st, store.Templates)
+	if err != nil {
+		d.log.Error("list templates to check", "err", err)
+		return
 	}
-	d.tplMu.Unlock()
 	for _, t := range tpls {
 		if reason := d.unrestorable(t); reason != "" {
 			d.repairTemplate(t.Name, t.Generation, reason)
@@ -100,8 +94,10 @@ func (d *Daemon) unrestorable(t store.Template) string {
 	if snap.Provider != d.prov.Name() {
 		return fmt.Sprintf("built for provider %s, the daemon runs %s", snap.Provider, d.prov.Name())
 	}
-	if v, ok := d.prov.inner.(versioned); ok && snap.ProviderVersion != v.Version() {
-		return fmt.Sprintf("built with %s %q, this is %s %s", snap.Provider, snap.ProviderVersion, snap.Provider, v.Version())
+	// A provider that knows its hypervisor's version without starting a VM
+	// says so in Info; the others' restores find out instead.
+	if v := d.prov.Info(context.Background()).Version; v != "" && snap.ProviderVersion != v {
+		return fmt.Sprintf("built with %s %q, this is %s %s", snap.Provider, snap.ProviderVersion, snap.Provider, v)
 	}
 	if _, err := os.Stat(snap.Dir); err != nil {
 		return fmt.Sprintf("snapshot files are gone: %v", err)

@@ -250,7 +250,11 @@ type versionedFake struct {
 	version string
 }
 
-func (p versionedFake) Version() string { return p.version }
+func (p versionedFake) Info(ctx context.Context) vm.Info {
+	info := p.Provider.Info(ctx)
+	info.Version = p.version
+	return info
+}
 
 func (p versionedFake) Snapshot(ctx context.Context, id, dir string) (vm.Snapshot, error) {
 	s, err := p.Provider.Snapshot(ctx, id, dir)

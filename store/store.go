@@ -13,6 +13,7 @@ import (
 	"os"
 	"path/filepath"
 	"strconv"
+	"sync/atomic"
 	"time"
 
 	bolt "go.etcd.io/bbolt"
@@ -39,8 +40,31 @@ var ErrInUse = errors.New("state database is in use by another process")
 
 // Store is an open state database. It is safe for concurrent use.
 type Store struct {
-	db   *bolt.DB
-	path string
+	db       *bolt.DB
+	path     string
+	observer atomic.Pointer[func(Mutation)]
+	txSeq    atomic.Uint64
+}
+
+// Mutation is one Put or Delete made inside a transaction that committed.
+type Mutation struct {
+	// Tx numbers the observed transactions: mutations with equal Tx
+	// committed together.
+	Tx     uint64
+	Bucket string
+	Key    string
+	Delete bool
+}
+
+// Observe makes every committed Put and Delete call fn, in order, after
+// the transaction commits; nil stops it. Tests use it to count who writes
+// which record.
+func (s *Store) Observe(fn func(Mutation)) {
+	if fn == nil {
+		s.observer.Store(nil)
+		return
+	}
+	s.observer.Store(&fn)
 }
 
 // Open opens (creating if needed) the database in stateDir. It fails with
@@ -102,13 +126,37 @@ func (s *Store) Close() error { return s.db.Close() }
 // Update or View.
 type Tx struct {
 	btx *bolt.Tx
+	// mutations is collected only while an observer is set.
+	mutations *[]Mutation
+}
+
+func (tx *Tx) note(m Mutation) {
+	if tx.mutations != nil {
+		*tx.mutations = append(*tx.mutations, m)
+	}
 }
 
 // Update runs fn in a read-write transaction. Every change fn makes is
 // committed together when fn returns nil and discarded when it returns an
 // error.
 func (s *Store) Update(fn func(*Tx) error) error {
-	return s.db.Update(func(btx *bolt.Tx) error { return fn(&Tx{btx: btx}) })
+	obs := s.observer.Load()
+	if obs == nil {
+		return s.db.Update(func(btx *bolt.Tx) error { return fn(&Tx{btx: btx}) })
+	}
+	var muts []Mutation
+	err := s.db.Update(func(btx *bolt.Tx) error {
+		muts = muts[:0]
+		return fn(&Tx{btx: btx, mutations: &muts})
+	})
+	if err == nil {
+		seq := s.txSeq.Add(1)
+		for _, m := range muts {
+			m.Tx = seq
+			(*obs)(m)
+		}
+	}
+	return err
 }
 
 // View runs fn in a read-only transaction that sees one consistent state.
@@ -144,6 +192,7 @@ func (k Kind[T]) Put(tx *Tx, v T) error {
 	if err := k.b(tx).Put([]byte(key), data); err != nil {
 		return fmt.Errorf("put %s %s: %w", k.bucket, key, err)
 	}
+	tx.note(Mutation{Bucket: k.bucket, Key: key})
 	return nil
 }
 
@@ -167,7 +216,13 @@ func (k Kind[T]) Delete(tx *Tx, key string) error {
 	if err := k.b(tx).Delete([]byte(key)); err != nil {
 		return fmt.Errorf("delete %s %q: %w", k.bucket, key, err)
 	}
+	tx.note(Mutation{Bucket: k.bucket, Key: key, Delete: true})
 	return nil
+}
+
+// Count is the number of records.
+func (k Kind[T]) Count(tx *Tx) (int, error) {
+	return k.b(tx).Stats().KeyN, nil
 }
 
 // List returns every record in key order.

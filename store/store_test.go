@@ -239,3 +239,29 @@ func TestLeaseExpired(t *testing.T) {
 		t.Error("Expired disagrees with the deadline")
 	}
 }
+
+func TestObserveSeesCommittedWritesOnly(t *testing.T) {
+	s, _ := openTemp(t)
+	var got []Mutation
+	s.Observe(func(m Mutation) { got = append(got, m) })
+	if err := s.Update(func(tx *Tx) error {
+		if err := Pools.Put(tx, Pool{Name: "a"}); err != nil {
+			return err
+		}
+		return Pools.Delete(tx, "b")
+	}); err != nil {
+		t.Fatal(err)
+	}
+	_ = s.Update(func(tx *Tx) error {
+		_ = Pools.Put(tx, Pool{Name: "rolled-back"})
+		return errors.New("abort")
+	})
+	s.Observe(nil)
+	if err := Put(s, Pools, Pool{Name: "unobserved"}); err != nil {
+		t.Fatal(err)
+	}
+	want := []Mutation{{Tx: 1, Bucket: "pools", Key: "a"}, {Tx: 1, Bucket: "pools", Key: "b", Delete: true}}
+	if fmt.Sprint(got) != fmt.Sprint(want) {
+		t.Errorf("observed %v, want %v", got, want)
+	}
+}
