@@ -2,129 +2,90 @@ package bench
 
 import (
 	"context"
-	"crypto/rand"
 	"errors"
 	"fmt"
+	"io"
 	"sync"
-	"sync/atomic"
 	"time"
 
-	"github.com/warmpool/warmpool/agent"
-	"github.com/warmpool/warmpool/pool"
+	"github.com/warmpool/warmpool/api"
 	"github.com/warmpool/warmpool/vm"
 )
 
 // poolWaitTimeout bounds waiting for a pool to reach its depth.
 const poolWaitTimeout = 5 * time.Minute
 
-// handoffTimes records how long each step of the hand-off took, so the
-// report can say where a slow acquire spends its time.
-type handoffTimes struct {
-	mu            sync.Mutex
-	dial, handoff []time.Duration
-	prepared      int
-}
-
-// warmExec is the command a warm VM runs once while it is prepared, as the
-// daemon's pools do, so that a tenant's first exec is not the first one.
-var warmExec = []string{"true"}
-
-// warmPoolConfig is how the daemon runs a pool of real warm VMs: each VM
-// is prepared for a fast hand-off before it enters the pool (see
-// agent.Handoffer), and acquire hands it fresh entropy, the wall clock and a
-// hostname through the agent, then pings it, so that the measured acquire
-// pays for the real hand-off. times, when not nil, records each step.
-func (e *env) warmPoolConfig(times *handoffTimes) pool.Config {
-	h := agent.NewHandoffer(e.provider, e.dialer)
-	h.WarmExec = warmExec
-	e.onCleanup("handoffer", func(context.Context) error { h.Close(); return nil })
-	return pool.Config{
-		Validate: h.Validate(validateWarm(e.provider)),
-		Handoff: func(ctx context.Context, v vm.VM, id pool.Identity) error {
-			entropy := make([]byte, 32)
-			if _, err := rand.Read(entropy); err != nil {
-				return fmt.Errorf("entropy for %s: %w", v.ID, err)
-			}
-			t, err := h.Handoff(ctx, v, agent.HandoffRequest{Entropy: entropy, Time: time.Now(), Hostname: id.LeaseID})
-			if err != nil {
-				return err
-			}
-			if times != nil {
-				times.mu.Lock()
-				times.dial = append(times.dial, t.Dial)
-				times.handoff = append(times.handoff, t.Handoff)
-				if t.Prepared {
-					times.prepared++
-				}
-				times.mu.Unlock()
-			}
-			return nil
-		},
-	}
-}
-
-// validateWarm is the daemon's check of a paused warm VM: still there, not
-// stopped. A paused guest cannot answer its agent.
-func validateWarm(p vm.Provider) func(ctx context.Context, v vm.VM) error {
-	return func(ctx context.Context, v vm.VM) error {
-		got, err := p.Inspect(ctx, v.ID)
-		if err != nil {
-			return err
-		}
-		if got.Status == vm.StatusStopped || got.Status == vm.StatusUnknown {
-			return fmt.Errorf("VM %s is %s: %w", v.ID, got.Status, vm.ErrInvalidState)
-		}
-		return nil
-	}
-}
-
-// benchPool is one pool with one stack of the run's template, shut down
-// (every warm VM destroyed) by the run's cleanup if not before.
+// benchPool is one pool of the run's daemon, restored from the run's
+// template and deleted (its warm VMs destroyed) at the end of its scenario,
+// or by the run's cleanup if not before. Its VMs are prepared, validated and
+// handed off by the daemon, exactly as for a client of `warmpool serve`.
 type benchPool struct {
-	*pool.Pool
-	prov  vm.Provider // destroys what the pool hands out
 	name  string
-	key   vm.StackKey
 	depth int
 	e     *env
 	once  sync.Once
 	err   error
 }
 
-func (e *env) newPool(ctx context.Context, name string, depth int, p vm.Provider, snap vm.Snapshot, cfg pool.Config) (*benchPool, error) {
-	cfg.Provider = p
-	if cfg.Validate == nil {
-		cfg.Validate = validateWarm(p)
+func (e *env) newPool(ctx context.Context, name string, depth int) (*benchPool, error) {
+	req := api.PoolRequest{Template: e.templateName, Min: depth, Max: depth}
+	if _, err := e.d.SetPool(ctx, name, req); err != nil {
+		return nil, fmt.Errorf("set pool %s: %w", name, err)
 	}
-	pl, err := pool.New(cfg)
-	if err != nil {
-		return nil, err
-	}
-	key := vm.StackKey{Template: "bench", VCPUs: snap.Spec.VCPUs, MemoryMiB: snap.Spec.MemoryMiB}
-	bp := &benchPool{Pool: pl, prov: p, name: name, key: key, depth: depth, e: e}
+	bp := &benchPool{name: name, depth: depth, e: e}
 	e.onCleanup("pool "+name, bp.shutdown)
-	spec := pool.StackSpec{
-		Name:     name,
-		Key:      key,
-		Snapshot: snap,
-		Min:      depth,
-		Max:      depth,
-	}
-	if err := pl.Register(spec); err != nil {
-		return nil, fmt.Errorf("register stack %s: %w", name, err)
-	}
 	return bp, nil
 }
 
-// shutdown destroys the pool's warm VMs once; later calls return the first
-// result.
+// shutdown deletes the pool once and waits until its VMs are gone, so the
+// next scenario does not measure their destruction; later calls return the
+// first result.
 func (bp *benchPool) shutdown(ctx context.Context) error {
 	bp.once.Do(func() {
 		ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 2*time.Minute)
 		defer cancel()
-		bp.err = bp.Shutdown(ctx)
+		if err := bp.e.d.DeletePool(ctx, bp.name); err != nil {
+			bp.err = err
+			return
+		}
+		bp.err = bp.e.waitNoVMs(ctx)
 	})
 	return bp.err
+}
+
+// waitNoVMs polls until the daemon's provider runs no VM. Between
+// scenarios nothing else should run: baselines destroy their VMs
+// themselves, and the pool of the last scenario was just deleted.
+func (e *env) waitNoVMs(ctx context.Context) error {
+	t := time.NewTicker(5 * time.Millisecond)
+	defer t.Stop()
+	for {
+		vms, err := e.provider.List(ctx)
+		if err != nil {
+			return fmt.Errorf("list VMs: %w", err)
+		}
+		if len(vms) == 0 {
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("%d VMs still run after their pool was deleted: %w", len(vms), ctx.Err())
+		case <-t.C:
+		}
+	}
+}
+
+func (bp *benchPool) status(ctx context.Context) (api.Pool, error) {
+	ps, err := bp.e.d.Pools(ctx)
+	if err != nil {
+		return api.Pool{}, err
+	}
+	for _, p := range ps {
+		if p.Name == bp.name {
+			return p, nil
+		}
+	}
+	return api.Pool{}, fmt.Errorf("pool %s: %w", bp.name, vm.ErrNotFound)
 }
 
 // waitFull polls until the pool holds its full depth of ready VMs.
@@ -134,7 +95,7 @@ func (bp *benchPool) waitFull(ctx context.Context) error {
 	t := time.NewTicker(time.Millisecond)
 	defer t.Stop()
 	for {
-		st, err := bp.Status(bp.name)
+		st, err := bp.status(ctx)
 		if err != nil {
 			return err
 		}
@@ -149,28 +110,24 @@ func (bp *benchPool) waitFull(ctx context.Context) error {
 	}
 }
 
-func (bp *benchPool) release(ctx context.Context, l *pool.Lease) error {
+// acquire takes a lease the way `warmpool acquire` does.
+func (bp *benchPool) acquire(ctx context.Context) (api.Lease, error) {
+	return bp.e.d.Acquire(ctx, bp.name, api.AcquireRequest{Wait: poolWaitTimeout})
+}
+
+func (bp *benchPool) release(ctx context.Context, l api.Lease) error {
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), time.Minute)
 	defer cancel()
-	if err := bp.prov.Destroy(ctx, l.VM.ID); err != nil && !errors.Is(err, vm.ErrNotFound) {
-		return fmt.Errorf("release lease %s: destroy %s: %w", l.ID, l.VM.ID, err)
-	}
-	return nil
+	return bp.e.d.Release(ctx, l.ID)
 }
 
-// leaseSeq numbers the bench's leases: the ID is the guest's hostname.
-var leaseSeq atomic.Uint64
-
-// acquire leases a VM under a fresh lease ID, as the daemon does.
-func (bp *benchPool) acquire(ctx context.Context) (*pool.Lease, error) {
-	return bp.Acquire(ctx, bp.name, pool.Identity{LeaseID: fmt.Sprintf("bench-%d", leaseSeq.Add(1))})
-}
+// hit says whether an acquire found a ready VM without waiting.
+func hit(l api.Lease) bool { return l.Timings.WaitMS == 0 }
 
 // warmAcquire is scenario 3: acquire from a full pool (every sample is a
-// hit) until a handed-off, pinged lease is returned.
+// hit) until a handed-off lease is returned.
 func warmAcquire(ctx context.Context, e *env) ([]Scenario, error) {
-	var steps handoffTimes
-	bp, err := e.newPool(ctx, "warm", e.opts.PoolDepth, e.provider, e.template, e.warmPoolConfig(&steps))
+	bp, err := e.newPool(ctx, "warm", e.opts.PoolDepth)
 	if err != nil {
 		return nil, err
 	}
@@ -188,8 +145,8 @@ func warmAcquire(ctx context.Context, e *env) ([]Scenario, error) {
 		if err != nil {
 			return 0, err
 		}
-		handoffs = append(handoffs, l.Timings.Handoff)
-		fe, err := firstExec(actx, e.dialer, l.VM.ID)
+		handoffs = append(handoffs, time.Duration(l.Timings.HandoffMS)*time.Millisecond)
+		fe, err := e.firstExec(actx, l.ID)
 		if err != nil {
 			return 0, err
 		}
@@ -203,46 +160,31 @@ func warmAcquire(ctx context.Context, e *env) ([]Scenario, error) {
 		return nil, err
 	}
 	row := latencyRow("warm-acquire", 3, "acquire from warm pool to handed-off lease", ds, e.opts.WarmupRuns, "cold-boot")
-	st, err := bp.Status(bp.name)
-	if err == nil {
+	if st, err := bp.status(ctx); err == nil {
 		row.Metrics = map[string]float64{"pool_depth": float64(bp.depth), "hits": float64(st.Counters.Hits), "waits": float64(st.Counters.Waits)}
 	}
 	// Warm-up runs are the first ones; the handoff part of the measured ones.
-	if len(handoffs) > e.opts.WarmupRuns {
-		hs := Summarize(millis(handoffs[e.opts.WarmupRuns:]))
+	if w := e.opts.WarmupRuns; len(handoffs) > w {
 		if row.Metrics == nil {
 			row.Metrics = map[string]float64{}
 		}
-		row.Metrics["handoff_p50_ms"] = hs.P50
-		row.Metrics["first_exec_p50_ms"] = Summarize(millis(firstExecs[e.opts.WarmupRuns:])).P50
-		w := e.opts.WarmupRuns
-		steps.mu.Lock()
-		if len(steps.dial) > w {
-			row.Metrics["handoff_dial_p50_ms"] = Summarize(millis(steps.dial[w:])).P50
-			row.Metrics["handoff_call_p50_ms"] = Summarize(millis(steps.handoff[w:])).P50
-			row.Metrics["handoff_call_p99_ms"] = Summarize(millis(steps.handoff[w:])).P99
-			row.Metrics["handoffs_prepared"] = float64(steps.prepared)
-		}
-		steps.mu.Unlock()
+		// The lease reports its hand-off in whole milliseconds.
+		row.Metrics["handoff_p50_ms"] = Summarize(millis(handoffs[w:])).P50
+		row.Metrics["first_exec_p50_ms"] = Summarize(millis(firstExecs[w:])).P50
 	}
 	return []Scenario{row}, nil
 }
 
 // firstExec is what a tenant's first command costs right after acquire
-// (connect to the agent, run true), not counted in the acquire itself.
-func firstExec(ctx context.Context, d vm.AgentDialer, id string) (time.Duration, error) {
+// (`warmpool exec LEASE -- true`), not counted in the acquire itself.
+func (e *env) firstExec(ctx context.Context, leaseID string) (time.Duration, error) {
 	start := time.Now()
-	c, err := agent.Dial(ctx, d, id)
+	code, err := e.d.Exec(ctx, leaseID, api.ExecRequest{Argv: []string{"true"}}, io.Discard, io.Discard)
 	if err != nil {
-		return 0, err
-	}
-	defer c.Close()
-	code, err := c.Exec(ctx, agent.ExecRequest{Argv: []string{"true"}}, nil, nil)
-	if err != nil {
-		return 0, fmt.Errorf("first exec in %s: %w", id, err)
+		return 0, fmt.Errorf("first exec in lease %s: %w", leaseID, err)
 	}
 	if code != 0 {
-		return 0, fmt.Errorf("first exec in %s: true exited %d", id, code)
+		return 0, fmt.Errorf("first exec in lease %s: true exited %d", leaseID, code)
 	}
 	return time.Since(start), nil
 }
@@ -252,7 +194,7 @@ func firstExec(ctx context.Context, d vm.AgentDialer, id string) (time.Duration,
 // the pool is back to depth, as a burst of real tenants would.
 func burst(ctx context.Context, e *env) ([]Scenario, error) {
 	k, depth := e.opts.BurstConcurrency, e.opts.BurstDepth
-	bp, err := e.newPool(ctx, "burst", depth, e.provider, e.template, e.warmPoolConfig(nil))
+	bp, err := e.newPool(ctx, "burst", depth)
 	if err != nil {
 		return nil, err
 	}
@@ -323,7 +265,7 @@ func burstOnce(ctx context.Context, bp *benchPool, k int) (burstResult, error) {
 	defer cancel()
 	var (
 		mu     sync.Mutex
-		leases []*pool.Lease
+		leases []api.Lease
 		res    burstResult
 		errs   []error
 		wg     sync.WaitGroup
@@ -340,7 +282,9 @@ func burstOnce(ctx context.Context, bp *benchPool, k int) (burstResult, error) {
 		go func() {
 			defer wg.Done()
 			<-startGate
+			start := time.Now()
 			l, err := bp.acquire(ctx)
+			d := time.Since(start)
 			mu.Lock()
 			defer mu.Unlock()
 			if err != nil {
@@ -348,7 +292,7 @@ func burstOnce(ctx context.Context, bp *benchPool, k int) (burstResult, error) {
 				return
 			}
 			leases = append(leases, l)
-			res.acquires = append(res.acquires, acquireResult{total: l.Timings.Total, hit: l.Timings.Wait == 0})
+			res.acquires = append(res.acquires, acquireResult{total: d, hit: hit(l)})
 		}()
 	}
 	start := time.Now()
@@ -371,7 +315,7 @@ func burstOnce(ctx context.Context, bp *benchPool, k int) (burstResult, error) {
 func memory(ctx context.Context, e *env) ([]Scenario, error) {
 	const titleP, titleS = "memory per warm VM: private", "memory per warm VM: PSS"
 	n := e.opts.MemoryVMs
-	bp, err := e.newPool(ctx, "memory", n, e.provider, e.template, e.warmPoolConfig(nil))
+	bp, err := e.newPool(ctx, "memory", n)
 	if err != nil {
 		return nil, err
 	}

@@ -16,7 +16,7 @@ import (
 	"sync"
 	"time"
 
-	"github.com/warmpool/warmpool/provider/fake"
+	"github.com/warmpool/warmpool/daemon"
 	"github.com/warmpool/warmpool/vm"
 )
 
@@ -27,9 +27,12 @@ type Options struct {
 	// Quick takes few samples so that a run with real VMs stays under two
 	// minutes on a 2-core machine.
 	Quick bool
-	// StateDir is where the run keeps its VMs and template; a fresh
-	// directory is created inside it and removed at the end. Empty means the
-	// system's temporary directory.
+	// StateDir is where the run keeps its daemon's state, VMs and template;
+	// a fresh directory is created inside it and removed at the end. Empty
+	// means the system's temporary directory, or with the fake provider
+	// /dev/shm when there is one: the fake's VMs live in memory, so its
+	// daemon's state does too, and its numbers are the code's, not the
+	// disk's (the daemon commits its state at every acquire).
 	StateDir string
 	// CacheDir keeps the guest image between runs (it is slow to build the
 	// first time). Empty means the user's cache directory.
@@ -42,7 +45,8 @@ type Options struct {
 	// FakeLatency slows operations of the fake provider down, replacing
 	// its own latencies (Provider "fake" only). A slow fake misses
 	// targets, which is how a test proves that a miss is reported.
-	FakeLatency map[fake.Op]time.Duration
+	// Names are the daemon's (create, restore, resume, ...).
+	FakeLatency map[string]time.Duration
 	// GuestAgent is a prebuilt static guest agent for the image build (the
 	// one the warmpool binary embeds); nil compiles it from source.
 	GuestAgent []byte
@@ -150,21 +154,26 @@ func (o Options) validate() error {
 	return nil
 }
 
-// env is what every scenario shares: one provider, one template, one state
-// directory, and the cleanups that must run however the run ends.
+// env is what every scenario shares: one daemon in-process (the wiring of
+// `warmpool serve`), its provider, one template, one state directory, and
+// the cleanups that must run however the run ends.
 type env struct {
-	opts     Options
+	opts Options
+	// d is the daemon every pool, template and machine of the run belongs
+	// to; scenarios drive it through its api.Backend methods.
+	d *daemon.Local
+	// provider is the daemon's, for what a platform without warmpool does
+	// by hand (the cold boot and restore baselines) and for reading VMs.
 	provider vm.Provider
 	snaps    vm.Snapshotter
 	dialer   vm.AgentDialer
-	// bootSpec cold-boots the guest image; template was snapshotted from it.
+	// bootSpec cold-boots the daemon's guest image in the template's shape.
 	bootSpec vm.Spec
-	template vm.Snapshot
-	stateDir string
-	// accel is what the template VM's hypervisor ran with, if known.
-	accel string
-	// closeProvider lets go of the provider after the final sweep.
-	closeProvider func() error
+	// templateName names the template every pool is restored from; template
+	// is its snapshot.
+	templateName string
+	template     vm.Snapshot
+	stateDir     string
 
 	mu       sync.Mutex
 	cleanups []cleanup
@@ -175,16 +184,18 @@ type cleanup struct {
 	fn   func(context.Context) error
 }
 
-// defer_ registers fn to run at the end of the run, last registered first.
+// onCleanup registers fn to run at the end of the run, last registered first.
 func (e *env) onCleanup(what string, fn func(context.Context) error) {
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	e.cleanups = append(e.cleanups, cleanup{what, fn})
 }
 
-// cleanupAll runs every registered cleanup, then destroys whatever VM the
-// provider still lists: the provider's state lives in this run's own
-// directory, so everything it lists was started by this run.
+// cleanupAll runs every registered cleanup, the daemon's shutdown among
+// them: it was opened with StopAll, so it destroys its warm and leased VMs,
+// stops its machines and destroys whatever VM its provider still lists
+// (the provider's state lives in this run's own directory, so everything
+// it lists was started by this run).
 func (e *env) cleanupAll(ctx context.Context) error {
 	e.mu.Lock()
 	cs := e.cleanups
@@ -199,23 +210,6 @@ func (e *env) cleanupAll(ctx context.Context) error {
 			errs = append(errs, fmt.Errorf("clean up %s: %w", cs[i].what, err))
 		}
 	}
-	if e.provider != nil {
-		vms, err := e.provider.List(ctx)
-		if err != nil {
-			errs = append(errs, fmt.Errorf("list leftover VMs: %w", err))
-		}
-		for _, v := range vms {
-			if err := e.provider.Destroy(ctx, v.ID); err != nil && !errors.Is(err, vm.ErrNotFound) {
-				errs = append(errs, fmt.Errorf("destroy leftover VM %s: %w", v.ID, err))
-			}
-		}
-	}
-	if e.closeProvider != nil {
-		if err := e.closeProvider(); err != nil {
-			errs = append(errs, fmt.Errorf("close provider: %w", err))
-		}
-		e.closeProvider = nil
-	}
 	return errors.Join(errs...)
 }
 
@@ -225,6 +219,9 @@ func (e *env) progress(format string, args ...any) {
 	}
 	fmt.Fprintf(e.opts.Progress, format+"\n", args...)
 }
+
+// memoryDir is where the fake provider's runs keep their state by default.
+const memoryDir = "/dev/shm"
 
 // testHookEnv, when set by a test, sees every run's environment.
 var testHookEnv func(*env)
@@ -248,6 +245,9 @@ func Run(ctx context.Context, opts Options) (rep Report, err error) {
 	parent := opts.StateDir
 	if parent == "" {
 		parent = os.TempDir()
+		if fi, err := os.Stat(memoryDir); opts.Provider == "fake" && err == nil && fi.IsDir() {
+			parent = memoryDir
+		}
 	}
 	if err := os.MkdirAll(parent, 0o755); err != nil {
 		return Report{}, fmt.Errorf("bench state directory %s: %w", parent, err)

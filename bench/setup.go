@@ -3,90 +3,89 @@ package bench
 import (
 	"context"
 	"fmt"
-	"net"
+	"maps"
 	"time"
 
-	"github.com/warmpool/warmpool/agent"
-	"github.com/warmpool/warmpool/agent/server"
-	"github.com/warmpool/warmpool/provider/fake"
+	"github.com/warmpool/warmpool/api"
+	"github.com/warmpool/warmpool/daemon"
 	"github.com/warmpool/warmpool/vm"
 )
 
 // Latencies of the fake provider. They only need to keep the run's shape
-// (restore far cheaper than boot) so that the smoke run exercises every code
-// path quickly; its numbers say nothing about real VMs.
-const (
-	fakeCreateLatency  = 40 * time.Millisecond
-	fakeRestoreLatency = 2 * time.Millisecond
-)
-
-// setup creates the provider and the one template every scenario shares.
-func setup(ctx context.Context, e *env, host *Host) error {
-	switch e.opts.Provider {
-	case "fake":
-		return setupFake(ctx, e, host)
-	case "qemu":
-		return setupQEMU(ctx, e, host)
-	}
-	return fmt.Errorf("unknown provider %q", e.opts.Provider)
+// so that the smoke run exercises every code path quickly and its targets
+// mean what they mean with real VMs: restore far cheaper than boot, and a
+// cold boot slow enough that a warm acquire (which commits the daemon's
+// state twice) is a hundredth of it, as under TCG. Its numbers say nothing
+// about real VMs.
+var fakeLatency = map[string]time.Duration{
+	"create":  400 * time.Millisecond,
+	"restore": 2 * time.Millisecond,
 }
 
-func setupFake(ctx context.Context, e *env, host *Host) error {
-	// Agent sessions end when the run ends, even if a connection is leaked.
-	agentCtx, stopAgents := context.WithCancel(context.WithoutCancel(ctx))
-	e.onCleanup("fake agents", func(context.Context) error { stopAgents(); return nil })
-	p := newFakeProvider(agentCtx, fakeCreateLatency, fakeRestoreLatency)
-	for op, d := range e.opts.FakeLatency {
-		p.SetLatency(op, d)
+// benchTemplate is the one template every pool of the run is restored from.
+const benchTemplate = "bench"
+
+// setup starts the run's daemon in-process, the way `warmpool serve` wires
+// it, on the run's own state directory, and builds the template every
+// scenario shares through it.
+func setup(ctx context.Context, e *env, host *Host) error {
+	opts := daemon.Options{
+		StateDir:      e.subdir("daemon"),
+		Provider:      e.opts.Provider,
+		Accel:         e.opts.Accel,
+		Image:         e.opts.ImageDir,
+		ImageCacheDir: e.opts.CacheDir,
+		GuestAgent:    e.opts.GuestAgent,
+		Logger:        e.opts.Logger,
+		// The run leaves nothing behind: no lease, machine or VM.
+		StopAll: true,
 	}
-	e.provider, e.snaps, e.dialer = p, p, p
-	e.bootSpec = vm.Spec{Name: "bench", VCPUs: e.opts.VCPUs, MemoryMiB: e.opts.MemoryMiB}
-	host.Accel = "none"
-	snap, err := snapshotTemplate(ctx, e, e.subdir("template"))
+	if e.opts.Provider == "fake" {
+		opts.FakeLatency = maps.Clone(fakeLatency)
+		maps.Copy(opts.FakeLatency, e.opts.FakeLatency)
+	}
+	d, err := daemon.Open(ctx, opts)
+	if err != nil {
+		return fmt.Errorf("start the daemon: %w", err)
+	}
+	e.onCleanup("daemon", func(ctx context.Context) error { d.Close(ctx); return nil })
+	e.d = d
+	e.provider = d.Provider()
+	var ok bool
+	if e.snaps, ok = vm.As[vm.Snapshotter](e.provider, vm.CapSnapshot); !ok {
+		return fmt.Errorf("provider %s cannot restore snapshots: %w", e.provider.Name(), vm.ErrUnsupported)
+	}
+	if e.dialer, ok = vm.As[vm.AgentDialer](e.provider, vm.CapAgent); !ok {
+		return fmt.Errorf("provider %s has no guest agent channel: %w", e.provider.Name(), vm.ErrUnsupported)
+	}
+	info := e.provider.Info(ctx)
+	host.Accel, host.QEMUVersion = info.Accel, info.Version
+	if host.Accel == "" {
+		host.Accel = "none"
+	}
+
+	e.progress("template (%d vCPU, %d MiB)", e.opts.VCPUs, e.opts.MemoryMiB)
+	lastStep := ""
+	req := api.TemplateRequest{Name: benchTemplate, VCPUs: e.opts.VCPUs, MemoryMiB: e.opts.MemoryMiB}
+	if _, err := d.BuildTemplate(ctx, req, func(step string) {
+		if step != lastStep {
+			lastStep = step
+			e.progress("  %s", step)
+		}
+	}); err != nil {
+		return fmt.Errorf("build template: %w", err)
+	}
+	e.templateName = benchTemplate
+	if e.template, err = d.TemplateSnapshot(benchTemplate); err != nil {
+		return err
+	}
+	img, err := d.GuestImage(ctx)
 	if err != nil {
 		return err
 	}
-	e.template = snap
+	e.bootSpec = vm.Spec{
+		Name: "bench", VCPUs: e.opts.VCPUs, MemoryMiB: e.opts.MemoryMiB,
+		Kernel: img.Kernel, Initrd: img.Initrd, Cmdline: img.Cmdline,
+	}
 	return nil
-}
-
-// newFakeProvider returns a fake provider whose agent is the real agent
-// server in-process, so that readiness checks and handoffs take the same
-// code path as with real VMs.
-func newFakeProvider(ctx context.Context, create, restore time.Duration) *fake.Provider {
-	return fake.New(fake.Options{
-		CreateLatency:  create,
-		RestoreLatency: restore,
-		AgentHandler: func(c net.Conn) {
-			_ = server.Serve(ctx, c, server.Options{})
-		},
-	})
-}
-
-// snapshotTemplate boots the boot spec, waits for its agent, pauses it and
-// snapshots it into dir, the way a template is made.
-func snapshotTemplate(ctx context.Context, e *env, dir string) (vm.Snapshot, error) {
-	ctx, cancel := context.WithTimeout(ctx, readyTimeout)
-	defer cancel()
-	// Like template.Build: clones share the template's memory file, which a
-	// balloon in every clone could punch holes into.
-	spec := e.bootSpec
-	spec.NoBalloon = true
-	v, err := e.provider.Create(ctx, spec)
-	if err != nil {
-		return vm.Snapshot{}, fmt.Errorf("boot template VM: %w", err)
-	}
-	defer e.destroy(ctx, v.ID) //nolint:errcheck // the final sweep retries
-	e.accel = accelOf(v.PID)
-	if err := agent.WaitReady(ctx, e.dialer, v.ID); err != nil {
-		return vm.Snapshot{}, fmt.Errorf("template VM %s: %w", v.ID, err)
-	}
-	if err := e.provider.Pause(ctx, v.ID); err != nil {
-		return vm.Snapshot{}, fmt.Errorf("pause template VM %s: %w", v.ID, err)
-	}
-	snap, err := e.snaps.Snapshot(ctx, v.ID, dir)
-	if err != nil {
-		return vm.Snapshot{}, fmt.Errorf("snapshot template VM %s into %s: %w", v.ID, dir, err)
-	}
-	return snap, nil
 }

@@ -8,7 +8,6 @@ import (
 	"os"
 	"strings"
 	"testing"
-	"time"
 )
 
 func TestSummarizeUsesMeasuredValues(t *testing.T) {
@@ -165,43 +164,5 @@ Private_Dirty:     41000 kB
 	}
 	if self.RssKiB <= 0 || self.PssKiB <= 0 {
 		t.Errorf("own memory %+v has no resident pages", self)
-	}
-}
-
-func TestShiftClockFiresOnAdvanceAndInRealTime(t *testing.T) {
-	c := newShiftClock()
-	start := c.Now()
-	far := c.NewTimer(time.Hour)
-	soon := c.NewTimer(20 * time.Millisecond)
-	stopped := c.NewTimer(time.Hour)
-	if !stopped.Stop() {
-		t.Errorf("Stop of a pending timer reported it was not pending")
-	}
-	select {
-	case <-soon.C():
-	case <-time.After(5 * time.Second):
-		t.Fatal("a 20ms timer did not fire in real time")
-	}
-	select {
-	case <-far.C():
-		t.Fatal("an hour timer fired without Advance")
-	default:
-	}
-	c.Advance(time.Hour)
-	select {
-	case <-far.C():
-	case <-time.After(5 * time.Second):
-		t.Fatal("Advance past the deadline did not fire the timer")
-	}
-	select {
-	case <-stopped.C():
-		t.Error("a stopped timer fired")
-	default:
-	}
-	if got := c.Now().Sub(start); got < time.Hour {
-		t.Errorf("Now moved by %v after Advance(1h)", got)
-	}
-	if fired := c.NewTimerAt(start); len(fired.C()) != 1 {
-		t.Errorf("a timer for a past instant did not fire at once")
 	}
 }

@@ -30,6 +30,8 @@ type Config struct {
 	Provider string `yaml:"provider" doc:"VM provider: qemu, firecracker or fake (in-memory, for tests)."`
 	// Accel is QEMU's accelerator choice.
 	Accel string `yaml:"accel" doc:"QEMU accelerator: auto (probe once, cached), kvm or tcg."`
+	// local is what Options set for a daemon run in-process.
+	local localConfig
 	// Image is the guest image directory templates are built from.
 	Image string `yaml:"image" doc:"Guest image directory (kernel + initramfs) for templates. Default: built on first use into the guest image cache (the one 'warmpool image build' fills)."`
 	// Firecracker holds that provider's binaries.

@@ -49,6 +49,21 @@ type Options struct {
 	// embeds); nil compiles it from this module's source.
 	GuestAgent []byte
 
+	// The fields below are for programs that run the daemon in-process
+	// (Open): `warmpool bench` measures through them what `warmpool serve`
+	// does.
+
+	// Image is the guest image directory (the configuration's image).
+	Image string
+	// ImageCacheDir is where the image built on first use is cached;
+	// empty means the user's guest image cache.
+	ImageCacheDir string
+	// FakeLatency delays operations of the fake provider by name
+	// ("create", "restore", "resume", ...). Provider "fake" only.
+	FakeLatency map[string]time.Duration
+
+	// noListen leaves the API unserved (Open).
+	noListen bool
 	// provider replaces the one named by Provider (tests share one fake
 	// provider across daemon restarts this way).
 	provider vm.Provider
@@ -130,6 +145,8 @@ func resolveConfig(opts Options) (Config, string, error) {
 	set(&cfg.TokenFile, opts.TokenFile)
 	set(&cfg.Firecracker.Binary, opts.FirecrackerBin)
 	set(&cfg.Firecracker.Jailer, opts.JailerBin)
+	set(&cfg.Image, opts.Image)
+	cfg.local = localConfig{imageCacheDir: opts.ImageCacheDir, fakeLatency: opts.FakeLatency}
 	cfg.Provider = or(cfg.Provider, defaultProvider)
 	cfg.Accel = or(cfg.Accel, "auto")
 	cfg.Intervals.Sweep = or(cfg.Intervals.Sweep, Duration(time.Second))
@@ -248,9 +265,10 @@ func start(ctx context.Context, opts Options) (d *Daemon, srv *server, err error
 	if err := d.checkAccounted(ctx); err != nil {
 		return nil, nil, err
 	}
-	srv, err = d.listen(cfg)
-	if err != nil {
-		return nil, nil, err
+	if !opts.noListen {
+		if srv, err = d.listen(cfg); err != nil {
+			return nil, nil, err
+		}
 	}
 	d.checkTemplates()
 	d.bg.Go(func() { d.leases.Run(ctx) })
@@ -351,6 +369,7 @@ func (d *Daemon) shutdown(ctx context.Context) {
 			step("release lease at shutdown", func(ctx context.Context) error { return d.Release(ctx, l.ID) }, "lease", l.ID)
 		}
 		step("stop machines at shutdown", func(ctx context.Context) error { d.mach.stopAll(ctx); return nil })
+		step("destroy the VMs left at shutdown", d.destroyLeftovers)
 	}
 	d.mach.close()
 	d.closeProvider()

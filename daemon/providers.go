@@ -20,6 +20,9 @@ import (
 // the one place in the daemon that knows providers by name; everything else
 // reaches them through vm.Provider, its Info and vm.As.
 func newProvider(cfg Config, stateDir string, log *slog.Logger) (vm.Provider, error) {
+	if len(cfg.local.fakeLatency) > 0 && cfg.Provider != "fake" {
+		return nil, &vm.FieldError{Field: "fake_latency", Value: cfg.Provider, Reason: "only the fake provider has latencies to set"}
+	}
 	switch cfg.Provider {
 	case "qemu":
 		p, err := qemu.New(qemu.Options{StateDir: stateDir, Accel: cfg.Accel, Logger: log.With("component", "qemu")})
@@ -43,7 +46,15 @@ func newProvider(cfg Config, stateDir string, log *slog.Logger) (vm.Provider, er
 		}
 		return p, nil
 	case "fake":
-		return newFakeProvider(), nil
+		p := newFakeProvider()
+		for name, d := range cfg.local.fakeLatency {
+			op, err := fake.ParseOp(name)
+			if err != nil {
+				return nil, fmt.Errorf("fake latency: %w", err)
+			}
+			p.SetLatency(op, d)
+		}
+		return p, nil
 	}
 	return nil, checkProviderName(cfg.Provider)
 }

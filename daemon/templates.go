@@ -103,7 +103,7 @@ func (d *Daemon) guestImage(ctx context.Context, dir string, progress func(strin
 	if d.image != nil && imageFilesExist(*d.image) {
 		return *d.image, nil
 	}
-	img, err := guest.Build(ctx, guest.BuildOptions{Agent: d.agent, Progress: func(step string, _, _ int64) {
+	img, err := guest.Build(ctx, guest.BuildOptions{Agent: d.agent, CacheDir: d.cfg.local.imageCacheDir, Progress: func(step string, _, _ int64) {
 		if progress != nil {
 			progress(step)
 		}

@@ -53,7 +53,7 @@ Ctrl-C. --quick takes few samples (under two minutes with real VMs).`,
 				opts.Progress = cmd.ErrOrStderr()
 			}
 			if len(fakeLatency) > 0 {
-				opts.FakeLatency = map[fake.Op]time.Duration{}
+				opts.FakeLatency = map[string]time.Duration{}
 				for name, value := range fakeLatency {
 					op, err := fake.ParseOp(name)
 					if err != nil {
@@ -63,7 +63,7 @@ Ctrl-C. --quick takes few samples (under two minutes with real VMs).`,
 					if err != nil {
 						return usagef("--fake-latency %s=%s: %w", name, value, err)
 					}
-					opts.FakeLatency[op] = d
+					opts.FakeLatency[string(op)] = d
 				}
 			}
 			if debug {
