@@ -103,7 +103,7 @@ func (d *Daemon) unrestorable(t store.Template) string {
 		return fmt.Sprintf("snapshot files are gone: %v", err)
 	}
 	if t.Image == "" {
-		return "" // built from no image directory (the fake provider's)
+		return "" // built from no image directory (a provider that needs none)
 	}
 	// Restores need the template's kernel and initrd, not only its snapshot.
 	for _, f := range []string{snap.Spec.Kernel, snap.Spec.Initrd} {
