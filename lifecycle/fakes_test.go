@@ -458,7 +458,7 @@ func (h *harness) newManager() {
 
 func (h *harness) ensure(spec MachineSpec) Machine {
 	h.t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	ctx, cancel := context.WithTimeout(context.Background(), max(20*time.Second, h.cfg.StartTimeout))
 	defer cancel()
 	m, err := h.mgr.Ensure(ctx, spec)
 	if err != nil {
