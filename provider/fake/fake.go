@@ -86,6 +86,9 @@ type Options struct {
 	// returns. Nil means the provider has no agent channel: CapAgent is not
 	// advertised and DialAgent returns an error wrapping vm.ErrUnsupported.
 	AgentHandler func(net.Conn)
+	// NoExitEvents hides CapExitEvents, as a provider that cannot tell
+	// when a VM dies; OnExit then never reports anything.
+	NoExitEvents bool
 }
 
 // Provider is the in-memory provider. Calls on different VMs share no lock
@@ -106,6 +109,9 @@ type Provider struct {
 	snapMu    sync.Mutex
 	snapshots map[string]vm.Snapshot
 	suspends  map[string]*suspendState // single-use snapshots by ID; made on first Suspend
+
+	noExitEvents bool
+	exits        vm.ExitFeed
 }
 
 // settings are the faults, latencies and hook in force; never modified once
@@ -144,10 +150,11 @@ func ParseOp(name string) (Op, error) {
 }
 
 var (
-	_ vm.Provider    = (*Provider)(nil)
-	_ vm.Snapshotter = (*Provider)(nil)
-	_ vm.Ballooner   = (*Provider)(nil)
-	_ vm.AgentDialer = (*Provider)(nil)
+	_ vm.Provider     = (*Provider)(nil)
+	_ vm.Snapshotter  = (*Provider)(nil)
+	_ vm.Ballooner    = (*Provider)(nil)
+	_ vm.AgentDialer  = (*Provider)(nil)
+	_ vm.ExitNotifier = (*Provider)(nil)
 )
 
 // New returns a provider configured by opts. opts' maps are copied.
@@ -157,6 +164,8 @@ func New(opts Options) *Provider {
 		rng:       rand.New(rand.NewPCG(opts.Seed, opts.Seed^0x9e3779b97f4a7c15)),
 		calls:     make(map[Op]*atomic.Int64),
 		snapshots: make(map[string]vm.Snapshot),
+
+		noExitEvents: opts.NoExitEvents,
 	}
 	for _, op := range allOps {
 		p.calls[op] = new(atomic.Int64)
@@ -210,6 +219,8 @@ func (p *Provider) Capabilities() vm.Capabilities {
 		vm.CapSuspend:  true,
 		vm.CapBalloon:  true,
 		vm.CapAgent:    p.agent != nil,
+
+		vm.CapExitEvents: !p.noExitEvents,
 	}
 }
 
@@ -237,20 +248,41 @@ func (p *Provider) Calls(op Op) int {
 }
 
 // Kill makes a VM die as if its hypervisor process crashed: it becomes
-// stopped, its agent connections close, and it stays listed until Destroy.
+// stopped, its agent connections close, it stays listed until Destroy, and
+// OnExit subscribers hear of it (unless Options.NoExitEvents).
 func (p *Provider) Kill(id string) error {
 	m := p.machine(id)
 	if m == nil {
 		return fmt.Errorf("kill %s: %w", id, vm.ErrNotFound)
 	}
 	m.mu.Lock()
-	defer m.mu.Unlock()
 	if m.gone {
+		m.mu.Unlock()
 		return fmt.Errorf("kill %s: %w", id, vm.ErrNotFound)
 	}
+	wasAlive := m.vm.Status != vm.StatusStopped
 	m.vm.Status = vm.StatusStopped
 	m.closeConns()
+	m.mu.Unlock()
+	if wasAlive && !p.noExitEvents {
+		p.exits.Notify(vm.Exit{ID: id, At: time.Now(), Reason: "killed"})
+	}
 	return nil
+}
+
+// OnExit implements vm.ExitNotifier: Kill is the only exit the fake's
+// caller does not ask for.
+func (p *Provider) OnExit(fn func(vm.Exit)) (stop func()) { return p.exits.OnExit(fn) }
+
+// Alive implements vm.ExitNotifier.
+func (p *Provider) Alive(id string) bool {
+	m := p.machine(id)
+	if m == nil {
+		return false
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return !m.gone && m.vm.Status != vm.StatusStopped
 }
 
 // AddSnapshot records a snapshot of spec without booting anything, so tests

@@ -50,15 +50,21 @@ func ping(ctx context.Context, c net.Conn) error {
 
 func TestConformance(t *testing.T) {
 	providertest.Run(t, func(t *testing.T) (vm.Provider, providertest.Fixture) {
-		return fake.New(fake.Options{AgentHandler: echoAgent, RestoreLatency: time.Millisecond}),
-			providertest.Fixture{Spec: spec, AgentPing: ping, Timeout: 10 * time.Second}
+		p := fake.New(fake.Options{AgentHandler: echoAgent, RestoreLatency: time.Millisecond})
+		return p, providertest.Fixture{Spec: spec, AgentPing: ping, Timeout: 10 * time.Second, Kill: killer(p)}
 	})
 }
 
 func TestConformanceWithoutAgent(t *testing.T) {
 	providertest.Run(t, func(t *testing.T) (vm.Provider, providertest.Fixture) {
-		return fake.New(fake.Options{CreateLatency: 100 * time.Millisecond}), providertest.Fixture{Spec: spec}
+		p := fake.New(fake.Options{CreateLatency: 100 * time.Millisecond})
+		return p, providertest.Fixture{Spec: spec, Kill: killer(p)}
 	})
+}
+
+// killer is the fake's crash for the conformance suite's exit-event case.
+func killer(p *fake.Provider) func(context.Context, vm.VM) error {
+	return func(_ context.Context, v vm.VM) error { return p.Kill(v.ID) }
 }
 
 func TestFailNthFailsExactlyThatCall(t *testing.T) {

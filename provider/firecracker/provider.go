@@ -135,6 +135,9 @@ type Provider struct {
 	// children are processes this provider started: their exit is observed
 	// by Wait (so no zombie remains). Adopted VMs are not children.
 	children map[string]*child
+
+	exits      vm.ExitFeed
+	exitStates map[string]*exitState
 }
 
 type child struct {
@@ -198,7 +201,7 @@ func New(opts Options) (*Provider, error) {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	return &Provider{opts: opts, log: log.With("provider", "firecracker"), cgroups: cgroups, mountsFile: "/proc/mounts", children: map[string]*child{}}, nil
+	return &Provider{opts: opts, log: log.With("provider", "firecracker"), cgroups: cgroups, mountsFile: "/proc/mounts", children: map[string]*child{}, exitStates: map[string]*exitState{}}, nil
 }
 
 // Name implements vm.Provider.
@@ -217,6 +220,7 @@ func (p *Provider) Capabilities() vm.Capabilities {
 		vm.CapAdopt:        true,
 		vm.CapSuspend:      true,
 		vm.CapPrepareBoot:  true,
+		vm.CapExitEvents:   true,
 	}
 }
 
@@ -382,6 +386,9 @@ func (p *Provider) start(ctx context.Context, in *instance) (*apiClient, error) 
 	c := &child{pid: cmd.Process.Pid, exited: make(chan struct{})}
 	go func() {
 		cmd.Wait()
+		// Before exited closes: a Stop or Destroy waiting for the exit has
+		// marked it as its own by then.
+		p.processExited(in.ID, describeExit(cmd.ProcessState))
 		close(c.exited)
 	}()
 	p.mu.Lock()
@@ -466,6 +473,7 @@ func (p *Provider) Create(ctx context.Context, spec vm.Spec) (vm.VM, error) {
 		return vm.VM{}, fmt.Errorf("create firecracker vm: %w", err)
 	}
 	p.log.Info("vm created", "vm", in.ID, "name", spec.Name)
+	p.handOver(in.ID)
 	return p.Inspect(ctx, in.ID)
 }
 
@@ -628,6 +636,7 @@ func (p *Provider) inspect(ctx context.Context, in *instance) vm.VM {
 		return v
 	}
 	v.PID = pid
+	p.watchAdopted(in, pid)
 	api := in.client()
 	defer api.close()
 	var info instanceInfo
@@ -764,6 +773,7 @@ func (p *Provider) Stop(ctx context.Context, id string, grace time.Duration) err
 	if pid == 0 {
 		return nil
 	}
+	defer p.expectExit(in)()
 	api := in.client()
 	defer api.close()
 	var info instanceInfo
@@ -817,6 +827,7 @@ func (p *Provider) kill(ctx context.Context, in *instance) error {
 	if pid == 0 {
 		return nil
 	}
+	p.expectExit(in)
 	if err := syscall.Kill(pid, syscall.SIGKILL); err != nil && !errors.Is(err, syscall.ESRCH) {
 		return fmt.Errorf("kill firecracker %s (pid %d): %w", in.ID, pid, err)
 	}
@@ -842,6 +853,7 @@ func (p *Provider) Destroy(ctx context.Context, id string) error {
 	p.mu.Lock()
 	delete(p.children, id)
 	p.mu.Unlock()
+	p.forgetExits(id)
 	p.log.Info("vm destroyed", "vm", id)
 	return nil
 }
@@ -857,6 +869,7 @@ func (p *Provider) discard(in *instance) {
 	p.mu.Lock()
 	delete(p.children, in.ID)
 	p.mu.Unlock()
+	p.forgetExits(in.ID)
 }
 
 func (p *Provider) removeFiles(in *instance) error {
@@ -987,6 +1000,7 @@ func (p *Provider) Restore(ctx context.Context, snap vm.Snapshot) (vm.VM, error)
 		return vm.VM{}, fmt.Errorf("restore from %s: %w", snap.Dir, err)
 	}
 	p.log.Info("vm restored", "vm", in.ID, "snapshot", snap.ID)
+	p.handOver(in.ID)
 	return p.Inspect(ctx, in.ID)
 }
 

@@ -168,6 +168,7 @@ func (p *Provider) restoreSuspended(ctx context.Context, snap vm.Snapshot) (_ vm
 	p.log.Info("vm restored from suspend", "vm", in.ID, "snapshot", snap.ID, "from_vm", mark.SourceVM)
 	// The restore has happened and cannot be given back: a late
 	// cancellation must not lose the VM that now holds the memory.
+	p.handOver(in.ID)
 	return p.Inspect(context.WithoutCancel(ctx), in.ID)
 }
 

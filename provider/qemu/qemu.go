@@ -103,6 +103,9 @@ type Provider struct {
 	mu  sync.Mutex
 	vms map[string]*machine
 
+	exits  vm.ExitFeed
+	closed atomic.Bool // exits after Close belong to whoever adopts the VMs
+
 	// beforeHandOver, set by tests, runs once a new VM exists and before
 	// its caller hears of it.
 	beforeHandOver func(id string)
@@ -145,6 +148,16 @@ type machine struct {
 	exited   chan struct{} // closed when our child exits; nil when adopted
 	creating bool
 	gone     bool // destroyed
+
+	// handedOver: the caller knows the VM (Create or Restore returned it,
+	// or it was adopted), so its exit is news worth reporting.
+	handedOver bool
+	// expected: the caller's Stop or Destroy ends the process.
+	expected bool
+	// guestReason is why the guest shut down, from QMP, for the exit.
+	guestReason string
+	qmpDrained  chan struct{} // closed when the QMP event loop of the current connection ends
+	stopWatch   func()        // ends the pidfd watch of an adopted VM
 }
 
 // maxSocketPath is the room a Unix socket path has on Linux.
@@ -246,6 +259,7 @@ func (p *Provider) Capabilities() vm.Capabilities {
 		vm.CapDataDisk:     true,
 		vm.CapAdopt:        true,
 		vm.CapSuspend:      true,
+		vm.CapExitEvents:   true,
 	}
 }
 
@@ -259,14 +273,18 @@ func (p *Provider) Close() error {
 		ms = append(ms, m)
 	}
 	p.vms = make(map[string]*machine)
+	p.closed.Store(true)
 	p.mu.Unlock()
 	for _, m := range ms {
 		m.mu.Lock()
-		c := m.qmp
-		m.qmp = nil
+		c, stopWatch := m.qmp, m.stopWatch
+		m.qmp, m.stopWatch = nil, nil
 		m.mu.Unlock()
 		if c != nil {
 			c.Close()
+		}
+		if stopWatch != nil {
+			stopWatch()
 		}
 	}
 	return nil
@@ -359,6 +377,9 @@ func (p *Provider) Create(ctx context.Context, spec vm.Spec) (vm.VM, error) {
 // knows the ID of, so the status query does not heed it. A VM whose status
 // still cannot be read is removed before the error returns.
 func (p *Provider) handOver(ctx context.Context, m *machine) (vm.VM, error) {
+	m.mu.Lock()
+	m.handedOver = true
+	m.mu.Unlock()
 	if p.beforeHandOver != nil {
 		p.beforeHandOver(m.id)
 	}
@@ -440,6 +461,9 @@ func (p *Provider) startPrepared(ctx context.Context, rec record, prepare func(d
 	exited := make(chan struct{})
 	go func() {
 		cmd.Wait() // reap; the exit shows up as the VM's status
+		// Reported before exited closes, so that a Destroy or Stop,
+		// which waits for exited, has marked the exit as its own in time.
+		p.processExited(m, describeExit(cmd.ProcessState))
 		close(exited)
 	}()
 	proc, err := identityOf(cmd.Process.Pid)
@@ -458,8 +482,9 @@ func (p *Provider) startPrepared(ctx context.Context, rec record, prepare func(d
 	if err != nil {
 		return nil, err
 	}
+	drained := p.watchQMP(m, conn)
 	m.mu.Lock()
-	m.qmp = conn
+	m.qmp, m.qmpDrained = conn, drained
 	m.creating = false
 	m.mu.Unlock()
 	if !rec.Config.Incoming && !rec.Config.NoBalloon {
@@ -525,10 +550,13 @@ func (p *Provider) logTail(dir string) string {
 // remove kills the VM's process and deletes everything it owns.
 func (p *Provider) remove(m *machine) error {
 	m.mu.Lock()
-	conn, proc, exited, cfg := m.qmp, m.proc, m.exited, m.rec.Config
-	m.qmp = nil
+	conn, proc, exited, cfg, stopWatch := m.qmp, m.proc, m.exited, m.rec.Config, m.stopWatch
+	m.qmp, m.stopWatch = nil, nil
 	m.gone = true
 	m.mu.Unlock()
+	if stopWatch != nil {
+		stopWatch()
+	}
 	if err := proc.kill(); err != nil {
 		return err
 	}
@@ -603,7 +631,7 @@ func (p *Provider) adopt(ctx context.Context, id string) (*machine, error) {
 	if err := json.Unmarshal(b, &rec); err != nil {
 		return nil, fmt.Errorf("read qemu vm %s record: %w", id, err)
 	}
-	m := &machine{id: id, dir: dir, rec: rec}
+	m := &machine{id: id, dir: dir, rec: rec, handedOver: true}
 	if b, err := os.ReadFile(filepath.Join(dir, pidFile)); err == nil {
 		if proc, err := parseIdentity(b); err == nil {
 			m.proc = proc
@@ -617,6 +645,7 @@ func (p *Provider) adopt(ctx context.Context, id string) (*machine, error) {
 	p.vms[id] = m
 	p.mu.Unlock()
 	p.log.Info("vm adopted", "id", id, "pid", m.proc.PID, "alive", m.proc.alive())
+	p.watchAdopted(m)
 	return m, nil
 }
 
@@ -645,7 +674,7 @@ func (p *Provider) conn(ctx context.Context, m *machine) (*qmp.Conn, error) {
 	if err != nil {
 		return nil, fmt.Errorf("qemu vm %s: %w", m.id, err)
 	}
-	m.qmp = c
+	m.qmp, m.qmpDrained = c, p.watchQMP(m, c)
 	return c, nil
 }
 
@@ -819,6 +848,7 @@ func (p *Provider) Stop(ctx context.Context, id string, grace time.Duration) err
 	if !proc.alive() {
 		return nil
 	}
+	defer m.expectExit()()
 	st, _ := p.queryStatus(ctx, m)
 	if mapStatus(st) == vm.StatusRunning && grace > 0 {
 		gctx, cancel := context.WithTimeout(ctx, grace)

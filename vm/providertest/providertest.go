@@ -46,6 +46,14 @@ type Fixture struct {
 	StopGrace time.Duration
 	// ConcurrentRestores is how many VMs are restored at once; zero means 3.
 	ConcurrentRestores int
+	// Kill ends a VM's hypervisor process from outside the provider, as a
+	// crash would. Nil sends SIGKILL to VM.PID; a provider whose VMs have
+	// no PID must set it for the exit-event case to run.
+	Kill func(ctx context.Context, v vm.VM) error
+	// ExitTimeout bounds how long an exit may take to be reported; zero
+	// means ten seconds (a process killed on a loaded machine takes a
+	// while to be torn down).
+	ExitTimeout time.Duration
 }
 
 // Run runs the conformance suite against the provider newProvider returns.
@@ -61,6 +69,9 @@ func Run(t *testing.T, newProvider func(t *testing.T) (vm.Provider, Fixture)) {
 	}
 	if fx.ConcurrentRestores <= 0 {
 		fx.ConcurrentRestores = 3
+	}
+	if fx.ExitTimeout <= 0 {
+		fx.ExitTimeout = 10 * time.Second
 	}
 	s := &suite{p: p, fx: fx, ids: make(map[string]bool), snapDir: t.TempDir()}
 	if err := fx.Spec.Validate(); err != nil {
@@ -80,6 +91,7 @@ func Run(t *testing.T, newProvider func(t *testing.T) (vm.Provider, Fixture)) {
 	t.Run("SnapshotOfRunningRejected", s.testSnapshotRunning)
 	t.Run("SnapshotRestore", s.testSnapshotRestore)
 	t.Run("ConcurrentRestores", s.testConcurrentRestores)
+	t.Run("ExitEvents", s.testExitEvents)
 	t.Run("RestoreCancelled", s.testRestoreCancelled)
 	t.Run("RestoreCancelledAtAnyPoint", s.testRestoreCancelledAnywhere)
 	t.Run("StopWithGrace", s.testStop)
