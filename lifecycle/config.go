@@ -46,6 +46,11 @@ type Config struct {
 	// HealthFailures is how many consecutive failed pings make a machine
 	// Failed; default 3. A VM whose process is gone fails at once.
 	HealthFailures int
+	// LivenessWindow is how long an agent answer vouches for a running
+	// machine: an Ensure on a machine whose agent last answered longer ago,
+	// or whose last ping failed, pings it before answering. Default
+	// HealthInterval.
+	LivenessWindow time.Duration
 	// StopTimeout is the graceful-stop deadline before a forced stop;
 	// default 30s.
 	StopTimeout time.Duration
@@ -140,6 +145,7 @@ func (c *Config) setDefaults() error {
 	def(&c.StartTimeout, 60*time.Second)
 	def(&c.HealthInterval, 5*time.Second)
 	def(&c.PingTimeout, 2*time.Second)
+	def(&c.LivenessWindow, c.HealthInterval)
 	def(&c.StopTimeout, 30*time.Second)
 	def(&c.Backoff.Initial, time.Second)
 	def(&c.Backoff.Max, 2*time.Minute)

@@ -7,11 +7,12 @@ import (
 
 	"github.com/warmpool/warmpool/events"
 	"github.com/warmpool/warmpool/provider/fake"
+	"github.com/warmpool/warmpool/vm"
 )
 
 // fakeManager is a manager on the shared fake provider (provider/fake), with
 // no agent: a running VM counts as answering.
-func fakeManager(tb testing.TB, p *fake.Provider, clock Clock, bus *events.Bus) *Manager {
+func fakeManager(tb testing.TB, p vm.Provider, clock Clock, bus *events.Bus) *Manager {
 	tb.Helper()
 	cfg := Config{
 		Provider:       p,
@@ -38,9 +39,10 @@ func fakeManager(tb testing.TB, p *fake.Provider, clock Clock, bus *events.Bus) 
 }
 
 // TestWithFakeProvider runs the main paths on the shared fake provider, so
-// the manager is known to work with a provider it did not write itself.
+// the manager is known to work with a provider it did not write itself. The
+// provider reports no exits here, so the health loop must notice the kill.
 func TestWithFakeProvider(t *testing.T) {
-	p := fake.New(fake.Options{CreateLatency: 5 * time.Millisecond})
+	p := fake.New(fake.Options{CreateLatency: 5 * time.Millisecond, NoExitEvents: true})
 	clock := newFakeClock()
 	bus := events.NewBus()
 	defer bus.Close()

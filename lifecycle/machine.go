@@ -22,6 +22,7 @@ const (
 	cmdUnhold
 	cmdTouch
 	cmdSetIdle
+	cmdExited // the provider reported that a VM exited
 )
 
 type command struct {
@@ -32,6 +33,7 @@ type command struct {
 	ttl    time.Duration
 	holdID string
 	idle   *IdlePolicy
+	exit   vm.Exit
 	reply  chan reply // buffered: the machine goroutine never blocks on it
 }
 
@@ -137,6 +139,8 @@ type machine struct {
 	healthFails  int
 	nextHealth   time.Time
 	pinging      bool
+	lastAnswer   time.Time // when the agent last answered (ready or a health ping)
+	exitedVM     *vm.Exit  // an exit of cur not acted on yet (an operation was in flight)
 	announcedFP  *Fingerprint
 	op           *runningOp
 	opSeq        uint64
@@ -266,10 +270,12 @@ func (mc *machine) handle(c command) {
 				mc.log().Info("machine spec drifted, recreating", "fields", fields)
 			}
 		}
-		if mc.state == Running && mc.op == nil && len(mc.drift()) == 0 {
+		if mc.state == Running && mc.op == nil && len(mc.drift()) == 0 && mc.live(now) {
 			c.reply <- reply{machine: mc.publish()}
 			return
 		}
+		// reconcile answers once the machine is running and its agent is
+		// known to answer.
 		mc.waiters = append(mc.waiters, c.reply)
 	case cmdStop:
 		mc.activity(now)
@@ -321,6 +327,11 @@ func (mc *machine) handle(c command) {
 		c.reply <- reply{machine: mc.publish()}
 	case cmdTouch:
 		mc.activity(now)
+	case cmdExited:
+		if mc.cur != nil && mc.cur.ID == c.exit.ID {
+			e := c.exit
+			mc.exitedVM = &e
+		}
 	case cmdSetIdle:
 		// Not a drift: the idle steps are rescheduled from now on, the VM
 		// stays. Changing the policy is a call about the machine, so it
@@ -367,6 +378,12 @@ func (mc *machine) reconcile() {
 	if mc.op != nil {
 		return
 	}
+	if e := mc.exitedVM; e != nil {
+		mc.exitedVM = nil
+		if mc.cur != nil && mc.cur.ID == e.ID && (mc.state == Running || mc.state == Idle) {
+			mc.crash(*e)
+		}
+	}
 	if mc.want == DesiredStopped {
 		switch mc.state {
 		case NotExist, Stopped:
@@ -403,7 +420,20 @@ func (mc *machine) reconcile() {
 			return
 		}
 		if mc.state == Running && len(mc.waiters) > 0 {
-			mc.resolveWaiters()
+			switch {
+			case !mc.mgr.vmAlive(mc.cur.ID):
+				// The exit is on its way; do not answer from before it.
+				mc.crash(vm.Exit{ID: mc.cur.ID, At: time.Now(), Reason: "process not running (seen by ensure)"})
+				return
+			case mc.live(now):
+				mc.resolveWaiters()
+			case !mc.pinging && mc.healthFails == 0:
+				mc.startProbe()
+				return
+			}
+			// Else a ping is out, or the last one failed and the health
+			// loop's next ping decides: not a burst of them, which would
+			// turn one slow moment into a recreate.
 		}
 		if at, ok := mc.suspendAt(); ok && !now.Before(at) {
 			mc.startSuspend()
@@ -785,6 +815,7 @@ func (mc *machine) vanish() {
 func (mc *machine) ready() {
 	now := mc.now()
 	mc.transition(EvReady, "")
+	mc.lastAnswer = now
 	if mc.recovering {
 		mc.emit("machine.recovered", map[string]any{"vm_id": mc.vmID(), "attempts": mc.attempts})
 		mc.recovering = false
@@ -795,14 +826,37 @@ func (mc *machine) ready() {
 	mc.resolveWaiters()
 }
 
+// live reports whether the machine's VM is known to work: its process runs
+// (as far as the provider can tell without waiting) and its agent answered
+// within the liveness window, with no failed ping since.
+func (mc *machine) live(now time.Time) bool {
+	return mc.cur != nil && mc.healthFails == 0 && !mc.lastAnswer.IsZero() &&
+		now.Sub(mc.lastAnswer) <= mc.cfg.LivenessWindow && mc.mgr.vmAlive(mc.cur.ID)
+}
+
+// crash handles the exit of a running machine's VM: the machine fails and
+// recovery starts at once (later crashes in a row back off as failed
+// starts do). The dead VM stays in cur so the recovery destroys it.
+func (mc *machine) crash(e vm.Exit) {
+	mc.emit("machine.crashed", map[string]any{"vm_id": e.ID, "reason": e.Reason, "exited_at": e.At.UTC().Format(time.RFC3339Nano)})
+	mc.log().Warn("machine crashed", "vm_id", e.ID, "reason", e.Reason)
+	mc.healthFails = 0
+	mc.fail(EvCrash, fmt.Errorf("vm %s exited: %s", e.ID, e.Reason), true)
+}
+
 // startFailed records a failed start (or a VM that broke) and schedules the
 // next attempt with backoff, or gives up.
-func (mc *machine) startFailed(err error) {
+func (mc *machine) startFailed(err error) { mc.fail(EvFail, err, false) }
+
+// fail moves the machine to Failed on ev and schedules the next attempt:
+// with backoff, or at once when immediate and this is the first failure in
+// a row.
+func (mc *machine) fail(ev Event, err error, immediate bool) {
 	msg := err.Error()
 	mc.lastErr = &msg
 	mc.attempts++
 	mc.recovering = true
-	mc.transition(EvFail, msg)
+	mc.transition(ev, msg)
 	mc.emit("machine.failed", map[string]any{"error": msg, "attempt": mc.attempts})
 	mc.log().Warn("machine failed", "err", err, "attempt", mc.attempts)
 	if mc.want != DesiredRunning {
@@ -815,6 +869,9 @@ func (mc *machine) startFailed(err error) {
 		return
 	}
 	delay := mc.cfg.Backoff.Delay(mc.attempts, mc.cfg.Rand())
+	if immediate && mc.attempts == 1 {
+		delay = 0
+	}
 	mc.retryAt = mc.now().Add(delay)
 	mc.emit("machine.recovering", map[string]any{
 		"attempt": mc.attempts + 1, "delay_ms": delay.Milliseconds(), "delay": delay.String(), "counted": true,
@@ -909,7 +966,7 @@ func (mc *machine) finishWake(r opResult) {
 	}
 	mc.emit("machine.woke", map[string]any{"memory_mib": mc.spec.MemoryMiB})
 	mc.transition(EvWake, "activity")
-	mc.resolveWaiters()
+	// Waiters are answered by reconcile, which checks the VM first.
 }
 
 func (mc *machine) startSuspend() {
@@ -955,6 +1012,7 @@ func (mc *machine) onHealth(h healthResult) {
 	}
 	if h.err == nil {
 		mc.healthFails = 0
+		mc.lastAnswer = mc.now()
 		return
 	}
 	mc.healthFails++

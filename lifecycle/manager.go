@@ -19,6 +19,7 @@
 //	machine.vanished         vm_id (the provider lost the VM during start)
 //	machine.ping_failed      error, failures (below HealthFailures)
 //	machine.health_failed    error, failures, process_gone, vanished
+//	machine.crashed          vm_id, reason, exited_at (the provider reported the VM's exit; recovery starts at once)
 //	machine.idle             balloon_mib, guest_used_mib, reserve_mib
 //	machine.idle_failed      step (shrink|suspend), error
 //	machine.idle_policy      shrink_after, suspend_after, reserve_mib, default (changed by SetIdle or Ensure)
@@ -99,6 +100,11 @@ type Manager struct {
 	cancel context.CancelFunc
 	wg     sync.WaitGroup
 
+	// exits is the provider's exit feed when it has one (CapExitEvents):
+	// a crashed VM is known when it happens, not at the next ping.
+	exits     vm.ExitNotifier
+	stopExits func()
+
 	mu       sync.Mutex
 	machines map[string]*machine
 	closed   bool
@@ -111,7 +117,39 @@ func NewManager(cfg Config) (*Manager, error) {
 		return nil, fmt.Errorf("machine manager config: %w", err)
 	}
 	ctx, cancel := context.WithCancel(context.Background())
-	return &Manager{cfg: cfg, ctx: ctx, cancel: cancel, machines: map[string]*machine{}}, nil
+	m := &Manager{cfg: cfg, ctx: ctx, cancel: cancel, machines: map[string]*machine{}}
+	if n, ok := cfg.Provider.(vm.ExitNotifier); ok && cfg.Provider.Capabilities().Has(vm.CapExitEvents) {
+		m.exits = n
+		m.stopExits = n.OnExit(m.vmExited)
+	}
+	return m, nil
+}
+
+// vmExited hands a VM's exit to the machine whose VM it is, if any (most
+// exits are of pool VMs).
+func (m *Manager) vmExited(e vm.Exit) {
+	m.mu.Lock()
+	var owner *machine
+	for _, mc := range m.machines {
+		if mc.current().VMID == e.ID {
+			owner = mc
+			break
+		}
+	}
+	m.mu.Unlock()
+	if owner == nil {
+		return
+	}
+	select {
+	case owner.cmds <- command{kind: cmdExited, exit: e}:
+	case <-owner.exited:
+	}
+}
+
+// vmAlive says, without waiting, whether the VM's process still runs, as
+// far as the provider can tell cheaply; true when it cannot.
+func (m *Manager) vmAlive(id string) bool {
+	return m.exits == nil || m.exits.Alive(id)
 }
 
 // Ensure makes the machine exist, run and match spec, and returns once its
@@ -265,6 +303,9 @@ func (m *Manager) Close(ctx context.Context) error {
 		return nil
 	}
 	m.closed = true
+	if m.stopExits != nil {
+		m.stopExits()
+	}
 	all := make([]*machine, 0, len(m.machines))
 	for _, mc := range m.machines {
 		all = append(all, mc)

@@ -42,18 +42,19 @@ const (
 	EvStop    Event = "stop"    // power-off requested (by a caller or for a recreate)
 	EvStopped Event = "stopped" // power-off finished
 	EvVanish  Event = "vanish"  // the VM disappeared underneath us
+	EvCrash   Event = "crash"   // the provider reported that the VM's process exited unasked
 )
 
 // Events lists every input of the state machine.
-var Events = []Event{EvCreate, EvCreated, EvStart, EvResume, EvReady, EvFail, EvShrink, EvWake, EvSuspend, EvStop, EvStopped, EvVanish}
+var Events = []Event{EvCreate, EvCreated, EvStart, EvResume, EvReady, EvFail, EvShrink, EvWake, EvSuspend, EvStop, EvStopped, EvVanish, EvCrash}
 
 var transitions = map[State]map[Event]State{
 	NotExist: {EvCreate: Creating},
 	Creating: {EvCreated: Created, EvFail: Failed, EvStop: Stopping},
 	Created:  {EvStart: Starting, EvFail: Failed, EvStop: Stopping, EvVanish: NotExist},
 	Starting: {EvReady: Running, EvFail: Failed, EvStop: Stopping, EvVanish: NotExist},
-	Running:  {EvShrink: Idle, EvSuspend: Suspended, EvFail: Failed, EvStop: Stopping, EvVanish: NotExist},
-	Idle:     {EvWake: Running, EvSuspend: Suspended, EvFail: Failed, EvStop: Stopping, EvVanish: NotExist},
+	Running:  {EvShrink: Idle, EvSuspend: Suspended, EvFail: Failed, EvStop: Stopping, EvVanish: NotExist, EvCrash: Failed},
+	Idle:     {EvWake: Running, EvSuspend: Suspended, EvFail: Failed, EvStop: Stopping, EvVanish: NotExist, EvCrash: Failed},
 	// A suspended machine has no VM: stopping it only discards the snapshot.
 	Suspended: {EvResume: Starting, EvStop: Stopping},
 	Stopping:  {EvStopped: Stopped, EvFail: Failed},

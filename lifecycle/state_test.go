@@ -19,14 +19,14 @@ func TestTransitionTable(t *testing.T) {
 		Creating:  {EvCreated: Created, EvFail: Failed, EvStop: Stopping},
 		Created:   {EvStart: Starting, EvFail: Failed, EvStop: Stopping, EvVanish: NotExist},
 		Starting:  {EvReady: Running, EvFail: Failed, EvStop: Stopping, EvVanish: NotExist},
-		Running:   {EvShrink: Idle, EvSuspend: Suspended, EvFail: Failed, EvStop: Stopping, EvVanish: NotExist},
-		Idle:      {EvWake: Running, EvSuspend: Suspended, EvFail: Failed, EvStop: Stopping, EvVanish: NotExist},
+		Running:   {EvShrink: Idle, EvSuspend: Suspended, EvFail: Failed, EvStop: Stopping, EvVanish: NotExist, EvCrash: Failed},
+		Idle:      {EvWake: Running, EvSuspend: Suspended, EvFail: Failed, EvStop: Stopping, EvVanish: NotExist, EvCrash: Failed},
 		Suspended: {EvResume: Starting, EvStop: Stopping},
 		Stopping:  {EvStopped: Stopped, EvFail: Failed},
 		Stopped:   {EvCreate: Creating, EvVanish: NotExist},
 		Failed:    {EvCreate: Creating, EvStop: Stopping, EvVanish: NotExist},
 	}
-	if len(States) != 10 || len(Events) != 12 {
+	if len(States) != 10 || len(Events) != 13 {
 		t.Fatalf("table covers %d states and %d events; update the test", len(States), len(Events))
 	}
 	for _, s := range States {

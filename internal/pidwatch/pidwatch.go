@@ -5,8 +5,12 @@
 package pidwatch
 
 import (
+	"bytes"
 	"errors"
 	"fmt"
+	"os"
+	"strconv"
+	"strings"
 	"sync"
 
 	"golang.org/x/sys/unix"
@@ -48,4 +52,40 @@ func Watch(pid int, onExit func()) (stop func(), err error) {
 	}()
 	var once sync.Once
 	return func() { once.Do(func() { unix.Close(wake[1]) }) }, nil
+}
+
+// pfExiting is the kernel's PF_EXITING task flag: do_exit has begun.
+const pfExiting = 0x4
+
+// Exiting reports whether the process pid is on its way out or gone: it
+// was sent SIGKILL (the kernel queues it on every thread at once, in the
+// sender's kill call), has begun to exit, is a zombie, or does not exist.
+// It closes the moment between a kill and the exit itself, which for a
+// process with a large address space lasts milliseconds, in which a plain
+// liveness check still sees a running process.
+func Exiting(pid int) bool {
+	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
+	if err != nil {
+		return true
+	}
+	// Fields resume after the command name's last ')'.
+	i := bytes.LastIndexByte(b, ')')
+	if i < 0 {
+		return false
+	}
+	f := strings.Fields(string(b[i+1:]))
+	// f[0] is field 3 of proc(5): state; f[6] flags; f[28] signal (the
+	// thread's pending signals).
+	if len(f) < 29 {
+		return false
+	}
+	if f[0] == "Z" || f[0] == "X" || f[0] == "x" {
+		return true
+	}
+	flags, err1 := strconv.ParseUint(f[6], 10, 64)
+	pending, err2 := strconv.ParseUint(f[28], 10, 64)
+	if err1 != nil || err2 != nil {
+		return false
+	}
+	return flags&pfExiting != 0 || pending&(1<<(uint(unix.SIGKILL)-1)) != 0
 }

@@ -1,7 +1,12 @@
 package pidwatch
 
 import (
+	"bytes"
+	"os"
 	"os/exec"
+	"strconv"
+	"strings"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -52,4 +57,43 @@ func TestStopEndsTheWatchWithoutAReport(t *testing.T) {
 		t.Fatal("exit reported after stop")
 	case <-time.After(200 * time.Millisecond):
 	}
+}
+
+func TestExitingFromTheKillOn(t *testing.T) {
+	cmd := exec.Command("sleep", "60")
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	pid := cmd.Process.Pid
+	if Exiting(pid) {
+		t.Fatal("a sleeping process counts as exiting")
+	}
+	// Stopped with SIGSTOP, the process cannot act on the SIGKILL: only the
+	// pending signal tells that it is doomed.
+	if err := cmd.Process.Signal(syscall.SIGSTOP); err != nil {
+		t.Fatal(err)
+	}
+	waitState(t, pid, "T")
+	if Exiting(pid) {
+		t.Fatal("a stopped process counts as exiting")
+	}
+	cmd.Process.Kill()
+	if !Exiting(pid) {
+		t.Error("not exiting right after SIGKILL")
+	}
+	cmd.Wait()
+	if !Exiting(pid) {
+		t.Error("a reaped process is not reported as exiting")
+	}
+}
+
+func waitState(t *testing.T, pid int, want string) {
+	t.Helper()
+	for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(time.Millisecond) {
+		b, _ := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
+		if f := strings.Fields(string(b[bytes.LastIndexByte(b, ')')+1:])); len(f) > 0 && f[0] == want {
+			return
+		}
+	}
+	t.Fatalf("pid %d never reached state %s", pid, want)
 }

@@ -31,7 +31,11 @@ func (p *Provider) OnExit(fn func(vm.Exit)) (stop func()) { return p.exits.OnExi
 // Alive implements vm.ExitNotifier.
 func (p *Provider) Alive(id string) bool {
 	in, err := p.load(id)
-	return err == nil && p.alivePID(in) != 0
+	if err != nil {
+		return false
+	}
+	pid := p.alivePID(in)
+	return pid != 0 && !pidwatch.Exiting(pid)
 }
 
 func (p *Provider) exitStateOf(id string) *exitState {

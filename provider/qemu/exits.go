@@ -24,7 +24,9 @@ var _ vm.ExitNotifier = (*Provider)(nil)
 // reaction to an I/O error, and the process stays.
 func (p *Provider) OnExit(fn func(vm.Exit)) (stop func()) { return p.exits.OnExit(fn) }
 
-// Alive implements vm.ExitNotifier: one read of /proc/PID/stat.
+// Alive implements vm.ExitNotifier from /proc/PID/stat: a QEMU that was
+// sent SIGKILL counts as dead at once, though tearing down its memory
+// takes it a while.
 func (p *Provider) Alive(id string) bool {
 	if vm.ValidateName("id", id) != nil {
 		return false
@@ -40,7 +42,7 @@ func (p *Provider) Alive(id string) bool {
 	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	return !m.gone && m.proc.alive()
+	return !m.gone && m.proc.alive() && !pidwatch.Exiting(m.proc.PID)
 }
 
 // expectExit marks the VM's coming exit as one the caller asked for. It

@@ -54,6 +54,11 @@ func (s *suite) testExitEvents(t *testing.T) {
 	if err := s.kill(ctx, killed); err != nil {
 		t.Fatalf("kill the process of %s: %v", killed.ID, err)
 	}
+	// Before any notification: a caller checking Alive right after the
+	// kill must not be told the VM runs while its process dies.
+	if n.Alive(killed.ID) {
+		t.Errorf("Alive(%s) = true right after its process was killed", killed.ID)
+	}
 	// Each subscriber gets exits in order: by the time the killed VM's
 	// arrives, any wrongly reported stop or destroy has arrived too.
 	for name, ch := range map[string]chan vm.Exit{"first": first, "second": second} {
