@@ -94,6 +94,9 @@ type Daemon struct {
 	vms    *vmRecords
 	leases *lease.Registry
 
+	// stopPoolExits ends the pools' subscription to the provider's exits.
+	stopPoolExits func()
+
 	// buildMu lets one template build run at a time.
 	buildMu sync.Mutex
 
@@ -243,6 +246,7 @@ func start(ctx context.Context, opts Options) (d *Daemon, srv *server, err error
 	if err != nil {
 		return nil, nil, fmt.Errorf("start pools: %w", err)
 	}
+	d.stopPoolExits = d.watchPoolExits()
 	if d.mach, err = d.newMachines(); err != nil {
 		return nil, nil, err
 	}
@@ -283,6 +287,9 @@ func start(ctx context.Context, opts Options) (d *Daemon, srv *server, err error
 func (d *Daemon) abort() {
 	if d.repair != nil {
 		d.repair.close()
+	}
+	if d.stopPoolExits != nil {
+		d.stopPoolExits()
 	}
 	if d.pools != nil {
 		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
@@ -358,6 +365,7 @@ func (d *Daemon) shutdown(ctx context.Context) {
 			d.log.Warn(what, append(args, "err", err)...)
 		}
 	}
+	d.stopPoolExits()
 	step("pool shutdown", d.pools.Shutdown)
 	d.handoffer.Close()
 	if d.stopAll {

@@ -118,7 +118,7 @@ func NewManager(cfg Config) (*Manager, error) {
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	m := &Manager{cfg: cfg, ctx: ctx, cancel: cancel, machines: map[string]*machine{}}
-	if n, ok := cfg.Provider.(vm.ExitNotifier); ok && cfg.Provider.Capabilities().Has(vm.CapExitEvents) {
+	if n, ok := vm.As[vm.ExitNotifier](cfg.Provider, vm.CapExitEvents); ok {
 		m.exits = n
 		m.stopExits = n.OnExit(m.vmExited)
 	}
