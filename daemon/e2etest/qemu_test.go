@@ -45,14 +45,41 @@ func run(m *testing.M) int {
 	}
 	defer os.RemoveAll(tmp)
 	bin := filepath.Join(tmp, "warmpool")
-	build := exec.Command("go", "build", "-o", bin, "./cmd/warmpool")
-	build.Dir = "../.."
-	if out, err := build.CombinedOutput(); err != nil {
-		buildErr = fmt.Errorf("build warmpool: %v\n%s", err, out)
-	} else {
-		warmpoolBin = bin
+	// As `make build` does: the guest agent first, embedded in the binary.
+	for _, argv := range [][]string{{"go", "generate", "./cmd/warmpool"}, {"go", "build", "-o", bin, "./cmd/warmpool"}} {
+		build := exec.Command(argv[0], argv[1:]...)
+		build.Dir = "../.."
+		if out, err := build.CombinedOutput(); err != nil {
+			buildErr = fmt.Errorf("build warmpool: %s: %v\n%s", strings.Join(argv, " "), err, out)
+			return m.Run()
+		}
 	}
+	warmpoolBin = bin
 	return m.Run()
+}
+
+// installation is how a test runs the warmpool binary: which file, in which
+// working directory (empty: the test's) and with which environment (nil:
+// the test's).
+type installation struct {
+	bin string
+	dir string
+	env []string
+}
+
+// checkout runs the binary TestMain built from the test's directory, inside
+// the source tree.
+func checkout() installation { return installation{bin: warmpoolBin} }
+
+func (in installation) command(ctx context.Context, args ...string) *exec.Cmd {
+	cmd := exec.CommandContext(ctx, in.bin, args...)
+	cmd.Dir = in.dir
+	env := in.env
+	if env == nil {
+		env = os.Environ()
+	}
+	cmd.Env = append(slices.Clone(env), "WARMPOOL_SOCKET=")
+	return cmd
 }
 
 // daemon is `warmpool serve` running as a subprocess.
@@ -66,13 +93,18 @@ type daemon struct {
 // once the daemon answers, which is after its restart reconciliation.
 func startDaemon(t *testing.T, state string, flags ...string) *daemon {
 	t.Helper()
+	return checkout().startDaemon(t, state, flags...)
+}
+
+func (in installation) startDaemon(t *testing.T, state string, flags ...string) *daemon {
+	t.Helper()
 	start := time.Now()
 	logf, err := os.OpenFile(filepath.Join(state, "daemon.log"), os.O_CREATE|os.O_APPEND|os.O_WRONLY, 0o600)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer logf.Close()
-	cmd := exec.Command(warmpoolBin, append([]string{"serve", "--state", state, "--provider", "qemu"}, flags...)...)
+	cmd := in.command(context.Background(), append([]string{"serve", "--state", state, "--provider", "qemu"}, flags...)...)
 	cmd.Stdout, cmd.Stderr = logf, logf
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
@@ -82,7 +114,7 @@ func startDaemon(t *testing.T, state string, flags ...string) *daemon {
 	t.Cleanup(func() { d.kill() })
 	deadline := time.Now().Add(2 * time.Minute)
 	for {
-		if _, err := cli(t, state, 10*time.Second, "status"); err == nil {
+		if _, err := in.cli(t, state, 10*time.Second, "status"); err == nil {
 			t.Logf("daemon %v answered %s after its start", flags, time.Since(start).Round(time.Millisecond))
 			return d
 		}
@@ -127,10 +159,14 @@ func tail(state string) string {
 // cli runs the warmpool CLI against the daemon of state.
 func cli(t *testing.T, state string, timeout time.Duration, args ...string) (string, error) {
 	t.Helper()
+	return checkout().cli(t, state, timeout, args...)
+}
+
+func (in installation) cli(t *testing.T, state string, timeout time.Duration, args ...string) (string, error) {
+	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), timeout)
 	defer cancel()
-	cmd := exec.CommandContext(ctx, warmpoolBin, append([]string{"--state", state}, args...)...)
-	cmd.Env = append(os.Environ(), "WARMPOOL_SOCKET=")
+	cmd := in.command(ctx, append([]string{"--state", state}, args...)...)
 	var out, errb bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &out, &errb
 	err := cmd.Run()
@@ -142,7 +178,12 @@ func cli(t *testing.T, state string, timeout time.Duration, args ...string) (str
 
 func mustCLI(t *testing.T, state string, timeout time.Duration, args ...string) string {
 	t.Helper()
-	out, err := cli(t, state, timeout, args...)
+	return checkout().mustCLI(t, state, timeout, args...)
+}
+
+func (in installation) mustCLI(t *testing.T, state string, timeout time.Duration, args ...string) string {
+	t.Helper()
+	out, err := in.cli(t, state, timeout, args...)
 	if err != nil {
 		t.Fatalf("%v\ndaemon log:\n%s", err, tail(state))
 	}
@@ -167,10 +208,15 @@ type leaseJSON struct {
 
 func waitPool(t *testing.T, state, name string, ready int) poolJSON {
 	t.Helper()
+	return checkout().waitPool(t, state, name, ready)
+}
+
+func (in installation) waitPool(t *testing.T, state, name string, ready int) poolJSON {
+	t.Helper()
 	deadline := time.Now().Add(5 * time.Minute)
 	var last string
 	for time.Now().Before(deadline) {
-		out, err := cli(t, state, 30*time.Second, "pool", "ls", "-o", "json")
+		out, err := in.cli(t, state, 30*time.Second, "pool", "ls", "-o", "json")
 		last = out
 		if err == nil {
 			var pools []poolJSON
@@ -317,9 +363,14 @@ func machineState(t *testing.T, state, name string) machineJSON {
 
 func acquire(t *testing.T, state, pool string) leaseJSON {
 	t.Helper()
+	return checkout().acquire(t, state, pool)
+}
+
+func (in installation) acquire(t *testing.T, state, pool string) leaseJSON {
+	t.Helper()
 	start := time.Now()
 	var l leaseJSON
-	if err := json.Unmarshal([]byte(mustCLI(t, state, 2*time.Minute, "acquire", pool, "--wait", "60s", "-o", "json")), &l); err != nil || l.ID == "" {
+	if err := json.Unmarshal([]byte(in.mustCLI(t, state, 2*time.Minute, "acquire", pool, "--wait", "60s", "-o", "json")), &l); err != nil || l.ID == "" {
 		t.Fatalf("acquire output: %v", err)
 	}
 	t.Logf("acquire through the CLI took %s; the daemon's timings: %+v", time.Since(start).Round(time.Millisecond), l.Timings)

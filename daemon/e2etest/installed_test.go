@@ -1,0 +1,170 @@
+package e2etest
+
+import (
+	"context"
+	"encoding/json"
+	"io"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/warmpool/warmpool/guest"
+)
+
+// A user who copies bin/warmpool somewhere else has no source tree and
+// perhaps no Go toolchain: the binary must still build the guest image, and
+// the daemon it runs must build templates (whose default image it builds on
+// first use) that pools restore and leases exec in.
+func TestQEMUInstalledBinaryOutsideCheckout(t *testing.T) {
+	if buildErr != nil {
+		t.Fatal(buildErr)
+	}
+	if _, err := exec.LookPath("qemu-system-x86_64"); err != nil {
+		t.Skip("SKIPPING the installed-binary test: qemu-system-x86_64 is not installed (make deps installs it)")
+	}
+	root, err := os.MkdirTemp("", "wp-inst-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	state := filepath.Join(root, "s")
+	t.Cleanup(func() {
+		killStrays(state)
+		if t.Failed() {
+			t.Logf("daemon log:\n%s", tail(state))
+		}
+		os.RemoveAll(root)
+	})
+	for _, d := range []string{filepath.Join(root, "bin"), filepath.Join(root, "wd"), filepath.Join(root, "home"), state} {
+		if err := os.MkdirAll(d, 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	bin := filepath.Join(root, "bin", "warmpool")
+	copyFile(t, warmpoolBin, bin)
+
+	// The CLI and the daemon each get a cache of their own, so that each
+	// builds the image itself.
+	cliCache, daemonCache := filepath.Join(root, "cli-cache"), filepath.Join(root, "daemon-cache")
+	seedKernel(t, cliCache)
+	seedKernel(t, daemonCache)
+	user := installation{bin: bin, dir: filepath.Join(root, "wd"), env: installedEnv(root, cliCache)}
+	server := installation{bin: bin, dir: filepath.Join(root, "wd"), env: installedEnv(root, daemonCache)}
+
+	var img guest.Image
+	start := time.Now()
+	if err := json.Unmarshal([]byte(user.mustCLI(t, state, 15*time.Minute, "image", "build", "-o", "json")), &img); err != nil {
+		t.Fatalf("image build output: %v", err)
+	}
+	t.Logf("image build outside the checkout took %s", time.Since(start).Round(time.Millisecond))
+	if !strings.HasPrefix(img.Dir, cliCache) {
+		t.Errorf("image built into %s, want the cache of the binary's user under %s", img.Dir, cliCache)
+	}
+	// Built here, inside the checkout, the agent comes from the source: an
+	// equal digest means the binary's embedded agent is the source's.
+	srcCache := filepath.Join(root, "src-cache")
+	seedKernel(t, srcCache)
+	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Minute)
+	defer cancel()
+	fromSource, err := guest.Build(ctx, guest.BuildOptions{CacheDir: srcCache, KernelPackage: img.KernelPackage})
+	if err != nil {
+		t.Fatalf("build the image from the source tree: %v", err)
+	}
+	if img.Digest != fromSource.Digest {
+		t.Errorf("the installed binary's image has digest %s, the source tree's %s: the embedded agent is not the source's", img.Digest, fromSource.Digest)
+	}
+
+	d := server.startDaemon(t, state)
+	server.mustCLI(t, state, 15*time.Minute, "template", "build", "base", "--vcpus", "1", "--mem", "256")
+	var tpls []struct {
+		Name  string `json:"name"`
+		Image string `json:"image"`
+	}
+	if err := json.Unmarshal([]byte(server.mustCLI(t, state, time.Minute, "template", "ls", "-o", "json")), &tpls); err != nil || len(tpls) != 1 {
+		t.Fatalf("template ls: %v, %+v", err, tpls)
+	}
+	if !strings.HasPrefix(tpls[0].Image, daemonCache) {
+		t.Errorf("the daemon's template uses the image %s, want one it built into its cache %s", tpls[0].Image, daemonCache)
+	} else if daemonImg, err := guest.Load(tpls[0].Image); err != nil || daemonImg.Digest != fromSource.Digest {
+		t.Errorf("the daemon's image: %v, digest %s, want %s", err, daemonImg.Digest, fromSource.Digest)
+	}
+	user.mustCLI(t, state, time.Minute, "pool", "set", "py", "--template", "base", "--min", "1", "--max", "1")
+	user.waitPool(t, state, "py", 1)
+	l := user.acquire(t, state, "py")
+	if out := user.mustCLI(t, state, time.Minute, "exec", l.ID, "--", "echo", "hello from outside"); out != "hello from outside\n" {
+		t.Errorf("exec output %q", out)
+	}
+	user.mustCLI(t, state, time.Minute, "release", l.ID)
+	d.term(t)
+	waitProcesses(t, state)
+}
+
+// installedEnv is the environment of a user with a fresh home, cache and
+// state, and no Go toolchain in PATH.
+func installedEnv(root, cache string) []string {
+	var env []string
+	for _, kv := range os.Environ() {
+		k, _, _ := strings.Cut(kv, "=")
+		if k == "HOME" || k == "PATH" || strings.HasPrefix(k, "XDG_") || strings.HasPrefix(k, "GO") || strings.HasPrefix(k, "WARMPOOL_") {
+			continue
+		}
+		env = append(env, kv)
+	}
+	var path []string
+	for _, dir := range filepath.SplitList(os.Getenv("PATH")) {
+		if _, err := os.Stat(filepath.Join(dir, "go")); err == nil {
+			continue
+		}
+		path = append(path, dir)
+	}
+	home := filepath.Join(root, "home")
+	return append(env,
+		"PATH="+strings.Join(path, string(filepath.ListSeparator)),
+		"HOME="+home,
+		"XDG_CACHE_HOME="+cache,
+		"XDG_STATE_HOME="+filepath.Join(home, "state"),
+		"XDG_CONFIG_HOME="+filepath.Join(home, "config"),
+	)
+}
+
+// seedKernel links the kernel packages the user's guest image cache has
+// already unpacked into cache/warmpool, so that a cold image cache does not
+// download the kernel again; without any, the build downloads it.
+func seedKernel(t *testing.T, cache string) {
+	t.Helper()
+	dst := filepath.Join(cache, "warmpool", "kernels")
+	if err := os.MkdirAll(dst, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	done, _ := filepath.Glob(filepath.Join(guest.DefaultCacheDir(), "kernels", "*", ".complete"))
+	for _, marker := range done {
+		pkg := filepath.Dir(marker)
+		if err := os.Symlink(pkg, filepath.Join(dst, filepath.Base(pkg))); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if len(done) == 0 {
+		t.Logf("no unpacked kernel in %s: the image builds download it", guest.DefaultCacheDir())
+	}
+}
+
+func copyFile(t *testing.T, src, dst string) {
+	t.Helper()
+	in, err := os.Open(src)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer in.Close()
+	out, err := os.OpenFile(dst, os.O_CREATE|os.O_WRONLY|os.O_TRUNC, 0o755)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := io.Copy(out, in); err != nil {
+		t.Fatal(err)
+	}
+	if err := out.Close(); err != nil {
+		t.Fatal(err)
+	}
+}
