@@ -23,8 +23,9 @@ const machineLabel = lifecycle.LabelMachine
 // config) lives only in its store record; the manager's own record (what
 // its VM runs) is kept next to it so a restart can restore it.
 type machines struct {
-	d *Daemon
-	m *lifecycle.Manager
+	d       *Daemon
+	m       *lifecycle.Manager
+	metrics *machineMetrics
 
 	locksMu sync.Mutex
 	// locks serialise the changes of one machine's spec with handing the
@@ -35,6 +36,10 @@ type machines struct {
 
 func (d *Daemon) newMachines() (*machines, error) {
 	ms := &machines{d: d, locks: map[string]chan struct{}{}}
+	ms.metrics = newMachineMetrics(func() ([]api.Machine, error) { return d.Machines(context.Background()) })
+	if err := ms.metrics.register(d.reg); err != nil {
+		return nil, err
+	}
 	m, err := lifecycle.NewManager(lifecycle.Config{
 		Idle:         ms.defaultIdle(),
 		Provider:     d.prov,
@@ -42,7 +47,7 @@ func (d *Daemon) newMachines() (*machines, error) {
 		Ping:         func(ctx context.Context, v vm.VM) error { return d.pingVM(ctx, v.ID) },
 		Shutdown:     d.agentShutdown,
 		GuestMemUsed: d.guestMemUsed,
-		Events:       d.bus,
+		Events:       countingPublisher{metrics: ms.metrics, next: d.bus},
 		Logger:       d.log.With("component", "machines"),
 		OnChange:     ms.onChange,
 	})
@@ -358,6 +363,7 @@ func (d *Daemon) checkMachineRequest(name string, req api.Validator) error {
 // before the machine is brought to it, and an ensure that asks for nothing
 // new writes nothing.
 func (d *Daemon) EnsureMachine(ctx context.Context, name string, req api.MachineEnsureRequest) (api.Machine, error) {
+	start := time.Now()
 	if err := d.checkMachineRequest(name, req); err != nil {
 		return api.Machine{}, err
 	}
@@ -391,6 +397,7 @@ func (d *Daemon) EnsureMachine(ctx context.Context, name string, req api.Machine
 	if _, err := d.mach.m.Ensure(ctx, ls); err != nil {
 		return api.Machine{}, err
 	}
+	d.mach.metrics.observeEnsure(name, time.Since(start))
 	return d.mach.apiMachine(name, spec), nil
 }
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what warmpool and its tests need on a fresh Debian machine: QEMU,
 # the tools the guest image build uses, a C compiler for go test -race,
-# procps, an apt index that knows the guest kernel package, and staticcheck.
+# procps, promtool, an apt index that knows the guest kernel package, and
+# staticcheck.
 # Idempotent and quiet when everything is already there.
 set -euo pipefail
 need=()
@@ -14,6 +15,8 @@ command -v xz >/dev/null || need+=(xz-utils)
 # compiler, and the template test looks for leftover processes with pgrep.
 command -v gcc >/dev/null || need+=(gcc)
 command -v pgrep >/dev/null || need+=(procps)
+# promtool (in Debian's prometheus package) checks the daemon's /metrics.
+command -v promtool >/dev/null || need+=(prometheus)
 # The guest kernel is resolved and downloaded with apt (guest.Build), which
 # needs a package index that lists it.
 index_ok=true
