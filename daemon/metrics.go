@@ -135,8 +135,9 @@ func (m *machineMetrics) count(e events.Event) {
 		recoveries.Inc()
 	case "machine.state":
 		ev, _ := e.Detail["event"].(string)
+		to, _ := e.Detail["to"].(string)
 		switch {
-		case lifecycle.Event(ev) == lifecycle.EvFail:
+		case lifecycle.State(to) == lifecycle.Failed:
 			failures.Inc()
 		case slices.Contains(idleEvents, lifecycle.Event(ev)):
 			m.transitions.WithLabelValues(name, ev).Inc()
