@@ -59,6 +59,13 @@ func newProvider(cfg Config, stateDir string, log *slog.Logger) (vm.Provider, er
 	return nil, checkProviderName(cfg.Provider)
 }
 
+// CheckFakeLatency refuses an operation name that Options.FakeLatency
+// cannot delay, naming those it can.
+func CheckFakeLatency(op string) error {
+	_, err := fake.ParseOp(op)
+	return err
+}
+
 // defaultProvider is the provider of a configuration that names none.
 const defaultProvider = "qemu"
 

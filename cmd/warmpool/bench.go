@@ -14,7 +14,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/warmpool/warmpool/bench"
-	"github.com/warmpool/warmpool/provider/fake"
+	"github.com/warmpool/warmpool/daemon"
 )
 
 func init() { extraCommands = append(extraCommands, newBenchCommand) }
@@ -55,15 +55,14 @@ Ctrl-C. --quick takes few samples (under two minutes with real VMs).`,
 			if len(fakeLatency) > 0 {
 				opts.FakeLatency = map[string]time.Duration{}
 				for name, value := range fakeLatency {
-					op, err := fake.ParseOp(name)
-					if err != nil {
+					if err := daemon.CheckFakeLatency(name); err != nil {
 						return usagef("--fake-latency %s=%s: %w", name, value, err)
 					}
 					d, err := time.ParseDuration(value)
 					if err != nil {
 						return usagef("--fake-latency %s=%s: %w", name, value, err)
 					}
-					opts.FakeLatency[string(op)] = d
+					opts.FakeLatency[name] = d
 				}
 			}
 			if debug {
