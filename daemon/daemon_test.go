@@ -29,7 +29,7 @@ type running struct {
 	done   chan error
 }
 
-func testLogger(t *testing.T) *slog.Logger {
+func testLogger(t testing.TB) *slog.Logger {
 	if testing.Verbose() {
 		return slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelDebug}))
 	}
@@ -37,14 +37,14 @@ func testLogger(t *testing.T) *slog.Logger {
 }
 
 // startFake runs a daemon on dir with prov until the test ends (or stop).
-func startFake(t *testing.T, dir string, prov *fake.Provider, cfg string) *running {
+func startFake(t testing.TB, dir string, prov *fake.Provider, cfg string) *running {
 	t.Helper()
 	return startWrapped(t, dir, prov, prov, cfg)
 }
 
 // startWrapped is startFake with the daemon using served, a provider built
 // around prov (for example one that advertises more capabilities).
-func startWrapped(t *testing.T, dir string, prov *fake.Provider, served vm.Provider, cfg string) *running {
+func startWrapped(t testing.TB, dir string, prov *fake.Provider, served vm.Provider, cfg string) *running {
 	t.Helper()
 	opts := Options{StateDir: dir, Provider: "fake", Logger: testLogger(t), provider: served}
 	if cfg != "" {
@@ -72,7 +72,7 @@ func startWrapped(t *testing.T, dir string, prov *fake.Provider, served vm.Provi
 	return r
 }
 
-func (r *running) stop(t *testing.T) {
+func (r *running) stop(t testing.TB) {
 	t.Helper()
 	if r.cancel == nil {
 		return
@@ -90,14 +90,14 @@ func (r *running) stop(t *testing.T) {
 	}
 }
 
-func ctxT(t *testing.T) context.Context {
+func ctxT(t testing.TB) context.Context {
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	t.Cleanup(cancel)
 	return ctx
 }
 
 // waitReady waits until pool has want ready VMs.
-func waitReady(t *testing.T, c *api.Client, pool string, want int) api.Pool {
+func waitReady(t testing.TB, c *api.Client, pool string, want int) api.Pool {
 	t.Helper()
 	deadline := time.Now().Add(30 * time.Second)
 	var last api.Pool
@@ -144,7 +144,7 @@ func assertAccounted(t *testing.T, dir string, prov vm.Provider) {
 	}
 }
 
-func setupPool(t *testing.T, c *api.Client, min, max int) {
+func setupPool(t testing.TB, c *api.Client, min, max int) {
 	t.Helper()
 	if _, err := c.BuildTemplate(ctxT(t), api.TemplateRequest{Name: "base"}, nil); err != nil {
 		t.Fatalf("build template: %v", err)
