@@ -38,16 +38,17 @@ func TestQEMUKillThenEnsureAtOnce(t *testing.T) {
 			crashed <- e
 		}
 	}()
-	next := func(kind string) events.Event {
+	next := func(kind string, within time.Duration) events.Event {
 		t.Helper()
+		timeout := time.After(within)
 		for {
 			select {
 			case e := <-crashed:
 				if e.Kind == kind {
 					return e
 				}
-			case <-time.After(qemuTimeout):
-				t.Fatalf("no %s event within %v", kind, qemuTimeout)
+			case <-timeout:
+				t.Fatalf("no %s event within %v", kind, within)
 			}
 		}
 	}
@@ -64,7 +65,7 @@ func TestQEMUKillThenEnsureAtOnce(t *testing.T) {
 	if err := syscall.Kill(dead.PID, syscall.SIGKILL); err != nil {
 		t.Fatalf("kill qemu %d: %v", dead.PID, err)
 	}
-	e := next("machine.crashed")
+	e := next("machine.crashed", crashedWithin)
 	latency := e.Time.Sub(killed)
 	t.Logf("machine.crashed %v after SIGKILL, nobody calling Ensure: %v", latency, e.Detail)
 	if latency > crashedWithin {
@@ -73,7 +74,7 @@ func TestQEMUKillThenEnsureAtOnce(t *testing.T) {
 	if reason, _ := e.Detail["reason"].(string); reason != "qemu killed by signal 9 (SIGKILL)" {
 		t.Errorf("machine.crashed reason %q, want the provider's exit report", reason)
 	}
-	rec := next("machine.recovered")
+	rec := next("machine.recovered", qemuTimeout)
 	t.Logf("recovered by itself %v after SIGKILL", rec.Time.Sub(killed))
 	first = h.waitState("crashy", Running)
 	if dead, err = p.Inspect(ctx, first.VMID); err != nil || dead.PID <= 0 {
@@ -103,6 +104,6 @@ func TestQEMUKillThenEnsureAtOnce(t *testing.T) {
 		t.Errorf("agent of the new vm: %q", out)
 	}
 	t.Logf("ensure right after SIGKILL returned in %v, on vm %s (pid %d; killed pid %d)", took, again.VMID, now.PID, dead.PID)
-	e = next("machine.crashed")
+	e = next("machine.crashed", crashedWithin)
 	t.Logf("machine.crashed %v after the second SIGKILL: %v", e.Time.Sub(killed), e.Detail)
 }
