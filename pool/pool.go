@@ -1,22 +1,24 @@
 // Package pool keeps warm VMs restored from template snapshots and hands them
 // out in microseconds.
 //
-// Each registered stack has a bucket: a FIFO of validated, paused VMs plus
-// the acquirers waiting for one. One dispatcher goroutine starts restores
-// whenever a bucket is below its target, round-robin over the buckets that
-// need one and bounded by Config.Parallelism; it is woken by every event that
-// changes a bucket (acquire, eviction, registration, a finished restore) and
-// by timers for back-off and max-age, so no acquirer ever waits for the
-// periodic sweep. A finished restore goes straight to the oldest waiting
-// acquirer, or into the bucket.
+// Each registered stack has a bucket, and each bucket one owner goroutine
+// that alone changes its state: it fills the bucket's ready queue (a FIFO
+// of validated, paused VMs), takes entries out of it for health checks,
+// max-age replacement, eviction and a new generation, counts restores in
+// flight and backs off after failures. Other calls (Register, Status,
+// Adopt, VMExited, the results of restores and checks) reach it as
+// messages. Restores across all buckets are bounded by Config.Parallelism:
+// a small allocator hands free slots round-robin to the buckets that want
+// one, and a finished restore hands its slot straight on.
 //
 // The acquire hit path takes no lock the rest of the pool holds: it finds
 // the bucket through an immutable map behind an atomic pointer, receives a
-// VM from the bucket's ready channel, calls Validate, Resume and Handoff, and
-// counts with atomics. So a goroutine (or an OS thread) descheduled inside
-// the pool's mutex, or inside another acquire, stalls no acquirer. Only an
-// empty bucket takes the mutex, to queue a waiter; everything slow happens in
-// the background.
+// VM from the bucket's ready queue (a buffered channel), calls Validate,
+// Resume and Handoff, and counts with atomics. An acquirer that finds the
+// queue empty tells the owner it waits and then receives from the same
+// queue with its context: the owner's next VM goes to the oldest waiting
+// acquirer, and one that gave up has received nothing, so no VM is ever
+// delivered twice or lost.
 package pool
 
 import (
@@ -25,7 +27,6 @@ import (
 	"fmt"
 	"log/slog"
 	"runtime"
-	"slices"
 	"sort"
 	"sync"
 	"sync/atomic"
@@ -44,8 +45,9 @@ type Config struct {
 	// Parallelism bounds restores in flight across all buckets; default
 	// runtime.NumCPU().
 	Parallelism int
-	// SweepInterval is how often the dispatcher looks at every bucket even
-	// when nothing woke it (a safety net; refill is event-driven). Default 10s.
+	// SweepInterval is how often each bucket's owner looks at its bucket
+	// even when nothing woke it (a safety net; refill is event-driven).
+	// Default 10s.
 	SweepInterval time.Duration
 	// HealthInterval is how often each waiting VM is validated again.
 	// Default 30s.
@@ -69,7 +71,7 @@ type Config struct {
 	// owns. OnVMCreated runs as soon as a restore returns a VM (before it is
 	// validated); OnVMDestroyed after the pool destroyed one it owned (never
 	// for a handed-out VM: that is its owner's to destroy). They run outside
-	// the pool's lock and may call Status.
+	// every bucket's owner goroutine and may call Status.
 	OnVMCreated   func(pool string, v vm.VM)
 	OnVMDestroyed func(pool string, id string)
 
@@ -144,87 +146,41 @@ type Pool struct {
 	log     *slog.Logger
 	metrics *metrics
 
-	ctx    context.Context // cancelled by Shutdown: stops refills and in-flight restores
+	ctx    context.Context // cancelled by Shutdown: stops owners and in-flight restores
 	cancel context.CancelFunc
-	wg     sync.WaitGroup // every background goroutine
-	wake   chan struct{}
+	wg     sync.WaitGroup // every owner and background goroutine
 
-	mu sync.Mutex
-	// closed is set once by Shutdown, holding mu and closing; the hit path
-	// reads it without mu.
-	closed atomic.Bool
-	// closing is held for reading by a hand-out while it checks closed and
-	// takes its VM out of owned, so that Shutdown (the only writer) either
-	// sees the VM leased or destroys it, never both nor neither.
+	// closed is set once by Shutdown, holding closing for writing, which
+	// also closes closedCh. A hand-out holds closing for reading while it
+	// checks closed and takes its VM out of owned, so that Shutdown either
+	// sees the VM leased or destroys it, never both nor neither; a goroutine
+	// outside the wait group does the same before it joins it.
+	closed   atomic.Bool
 	closing  sync.RWMutex
-	buckets  map[string]*bucket
-	lookup   atomic.Pointer[map[string]*bucket] // copy of buckets for the hit path, replaced under mu
-	order    []*bucket                          // round-robin order for refills
-	rr       int
-	inflight int
+	closedCh chan struct{}
+
+	mu      sync.Mutex // guards buckets; never taken on the hit path
+	buckets map[string]*bucket
+	lookup  atomic.Pointer[map[string]*bucket] // copy of buckets for the hit path, replaced under mu
+
+	slots slotAllocator
+
 	// owned maps the ID of every VM the pool is responsible for (restored
 	// and not yet destroyed or handed out) to its *ownership. It is a
-	// sync.Map so that a hand-out removes its VM without the pool's mutex.
+	// sync.Map so that a hand-out removes its VM without any owner.
 	owned sync.Map
 }
 
 // ownership is what the pool knows about a VM it owns beyond its entry.
 type ownership struct {
 	pool string
-	// exited is set by VMExited. It is set before VMExited looks for the
-	// VM's entry in ready, and every path that puts an entry into ready or
-	// hands it out reads it afterwards, so a dead VM is caught by one or
-	// the other wherever it was at that moment.
+	// exited is set by VMExited before it asks the owner to look for the
+	// VM in the ready queue; whoever holds the entry outside the queue (a
+	// health check, a restore, a hand-out) reads it when done with it.
 	exited atomic.Bool
 }
 
-// readyCapacity bounds a bucket's ready channel: Max of the largest pool plus
-// room for a restore that lands while a smaller Max is being applied.
-const readyCapacity = MaxSize + 64
-
-// A bucket's fields are guarded by Pool.mu, except ready, expired, floor and
-// counters, which the hit path uses without it.
-type bucket struct {
-	name string
-	spec StackSpec
-	gen  uint64
-	// ready holds validated VMs in hand-out order: oldest first, those past
-	// MaxAge last. Acquire receives from it without a lock; everything else
-	// that adds entries or takes them out holds Pool.mu. While waiters is
-	// not empty, ready is empty: deliverLocked serves waiters first, and an
-	// acquirer looks at ready again under Pool.mu before it queues.
-	ready chan *entry
-	// expired counts entries in ready past MaxAge (pushLocked and tryPop
-	// keep it).
-	expired atomic.Int64
-	// floor is spec.Min, for the hit path's decision to wake the refiller.
-	floor atomic.Int64
-	// lastBorn is the birth of the youngest entry pushed in order: one that
-	// is older must be sorted in.
-	lastBorn time.Time
-	// nextExpiry is when the oldest fresh entry passes MaxAge; zero means
-	// unknown (look at the entries).
-	nextExpiry time.Time
-	// checking counts entries taken out of ready for a health check.
-	checking int
-	// restoring counts restores in flight; restoringCur those of the
-	// current generation, which are all that count towards the target.
-	restoring, restoringCur int
-	waiters                 []*waiter
-
-	failures    int
-	retryAt     time.Time
-	restoreEWMA time.Duration
-	// lastError is the current generation's latest refill failure, until a
-	// restore of it succeeds.
-	lastError string
-
-	removed  bool
-	counters counters
-	m        bucketMetrics
-}
-
-// counters are a bucket's Counters, updated without the pool's mutex.
+// counters are a bucket's Counters, updated without its owner.
 type counters struct {
 	acquired, hits, waits, timeouts, evicted, validationFailures atomic.Uint64
 }
@@ -240,14 +196,8 @@ func (c *counters) snapshot() Counters {
 	}
 }
 
-func newBucket(spec StackSpec, m bucketMetrics) *bucket {
-	b := &bucket{name: spec.Name, spec: spec, gen: 1, m: m, ready: make(chan *entry, readyCapacity)}
-	b.floor.Store(int64(spec.Min))
-	return b
-}
-
-// An entry's fields are written only while it is outside ready (the channel
-// orders those writes before the receiver's reads).
+// An entry's fields are written only while it is outside the ready queue
+// (the channel orders those writes before the receiver's reads).
 type entry struct {
 	vm      vm.VM
 	own     *ownership
@@ -255,15 +205,6 @@ type entry struct {
 	born    time.Time
 	checked time.Time
 	expired bool
-}
-
-type waiter struct {
-	ch chan delivery // buffered: deliveries never block the pool
-}
-
-type delivery struct {
-	e   *entry
-	err error
 }
 
 // New starts a pool with no stacks.
@@ -274,14 +215,16 @@ func New(cfg Config) (*Pool, error) {
 	snap, _ := vm.As[vm.Snapshotter](cfg.Provider, vm.CapSnapshot)
 	ctx, cancel := context.WithCancel(context.Background())
 	p := &Pool{
-		cfg:     cfg,
-		snap:    snap,
-		log:     cfg.Logger,
-		ctx:     ctx,
-		cancel:  cancel,
-		wake:    make(chan struct{}, 1),
-		buckets: make(map[string]*bucket),
+		cfg:      cfg,
+		snap:     snap,
+		log:      cfg.Logger,
+		ctx:      ctx,
+		cancel:   cancel,
+		closedCh: make(chan struct{}),
+		buckets:  make(map[string]*bucket),
 	}
+	p.slots.parallelism = cfg.Parallelism
+	p.slots.wake = make(chan struct{}, 1)
 	p.publishLookupLocked()
 	p.metrics = newMetrics(p)
 	if cfg.Registry != nil {
@@ -290,18 +233,12 @@ func New(cfg Config) (*Pool, error) {
 			return nil, err
 		}
 	}
-	p.wg.Add(2)
-	go p.dispatch()
-	go p.healthLoop()
+	p.wg.Add(1)
+	go func() {
+		defer p.wg.Done()
+		p.slots.run(ctx)
+	}()
 	return p, nil
-}
-
-// kick wakes the dispatcher without blocking; wakes coalesce.
-func (p *Pool) kick() {
-	select {
-	case p.wake <- struct{}{}:
-	default:
-	}
 }
 
 // publishLookupLocked gives the hit path a copy of the bucket map.
@@ -313,21 +250,10 @@ func (p *Pool) publishLookupLocked() {
 	p.lookup.Store(&m)
 }
 
-// target is how many current-generation VMs b should have ready or in flight.
-func (b *bucket) target() int {
-	return min(b.spec.Max, b.spec.Min+len(b.waiters))
+// bucketNamed returns the registered bucket name, or nil.
+func (p *Pool) bucketNamed(name string) *bucket {
+	return (*p.lookup.Load())[name]
 }
-
-// fresh counts current-generation VMs that are ready, being checked or on
-// their way, leaving out those past MaxAge.
-func (b *bucket) fresh() int {
-	return b.readyLen() - int(b.expired.Load()) + b.checking + b.restoringCur
-}
-
-// readyLen counts the entries in ready; acquirers may be taking some.
-func (b *bucket) readyLen() int { return len(b.ready) }
-
-func (b *bucket) need() int { return b.target() - b.fresh() }
 
 // Register adds a stack or updates it. A new snapshot (or stack key) starts
 // a new generation: VMs of the old one are destroyed and replaced, and never
@@ -336,7 +262,6 @@ func (p *Pool) Register(spec StackSpec) error {
 	if err := spec.Validate(); err != nil {
 		return fmt.Errorf("register pool %q: %w", spec.Name, err)
 	}
-	var eff effects
 	p.mu.Lock()
 	if p.closed.Load() {
 		p.mu.Unlock()
@@ -344,50 +269,26 @@ func (p *Pool) Register(spec StackSpec) error {
 	}
 	b, ok := p.buckets[spec.Name]
 	if !ok {
-		b = newBucket(spec, p.metrics.forBucket(spec.Name))
+		b = newBucket(p, spec, p.metrics.forBucket(spec.Name))
 		p.buckets[spec.Name] = b
 		p.publishLookupLocked()
-		p.order = append(p.order, b)
+		p.slots.add(b)
+		p.wg.Add(1)
+		go b.run()
+		p.mu.Unlock()
 		p.log.Info("pool registered", "pool", spec.Name, "snapshot", spec.Snapshot.ID, "min", spec.Min, "max", spec.Max)
-	} else {
-		old := b.spec
-		b.spec = spec
-		b.floor.Store(int64(spec.Min))
-		b.nextExpiry = time.Time{}
-		if old.Snapshot.ID != spec.Snapshot.ID || old.Key != spec.Key {
-			b.gen++
-			for _, e := range b.drainLocked() {
-				p.evictLocked(b, e.vm.ID, ReasonGeneration, &eff)
-			}
-			b.restoringCur, b.lastBorn = 0, time.Time{}
-			b.failures, b.retryAt, b.lastError = 0, time.Time{}, ""
-			eff.publish(events.Event{Kind: EventGeneration, Subject: b.name, Detail: map[string]any{
-				"generation": b.gen, "snapshot": spec.Snapshot.ID, "previous_snapshot": old.Snapshot.ID,
-			}})
-			p.log.Info("pool generation changed", "pool", b.name, "generation", b.gen, "snapshot", spec.Snapshot.ID)
-		}
-		p.ageLocked(b, time.Now(), &eff) // MaxAge may have changed
-		// Trim to the new Max, oldest first.
-		if b.readyLen() > b.spec.Max {
-			es := b.drainLocked()
-			slices.SortStableFunc(es, func(x, y *entry) int { return x.born.Compare(y.born) })
-			cut := max(0, len(es)-b.spec.Max)
-			for _, e := range es[:cut] {
-				p.evictLocked(b, e.vm.ID, ReasonResized, &eff)
-			}
-			p.putBackLocked(b, es[cut:])
-		}
+		return nil
 	}
 	p.mu.Unlock()
-	p.publish(eff)
-	p.kick()
+	if !b.call(func() { b.respec(spec) }) {
+		return ErrClosed
+	}
 	return nil
 }
 
 // Unregister removes a stack and destroys its warm VMs; restores in flight
 // are destroyed when they finish. Acquirers waiting on it get vm.ErrNotFound.
 func (p *Pool) Unregister(name string) error {
-	var eff effects
 	p.mu.Lock()
 	b, ok := p.buckets[name]
 	if !ok {
@@ -396,20 +297,12 @@ func (p *Pool) Unregister(name string) error {
 	}
 	delete(p.buckets, name)
 	p.publishLookupLocked()
-	p.order = slices.DeleteFunc(p.order, func(o *bucket) bool { return o == b })
-	b.removed = true
-	drained := b.drainLocked()
-	ids := make([]string, 0, len(drained))
-	for _, e := range drained {
-		p.recordEvictionLocked(b, e.vm.ID, ReasonRemoved, &eff)
-		ids = append(ids, e.vm.ID)
-	}
-	for _, w := range b.waiters {
-		w.ch <- delivery{err: fmt.Errorf("pool %q was removed: %w", name, vm.ErrNotFound)}
-	}
-	b.waiters = nil
 	p.mu.Unlock()
-	p.publish(eff)
+	p.slots.remove(b)
+	var ids []string
+	if !b.call(func() { ids = b.remove() }) {
+		return ErrClosed // Shutdown destroys them
+	}
 	ctx, cancel := context.WithTimeout(context.Background(), p.cfg.DestroyTimeout)
 	defer cancel()
 	err := p.destroyAll(ctx, name, ids)
@@ -423,9 +316,17 @@ func (p *Pool) Unregister(name string) error {
 // Validate and fit under Max. On error the VM is left alone: the caller
 // destroys it.
 func (p *Pool) Adopt(name string, v vm.VM) error {
-	p.mu.Lock()
-	b, err := p.adoptableLocked(name, v)
-	p.mu.Unlock()
+	b := p.bucketNamed(name)
+	if p.closed.Load() {
+		return ErrClosed
+	}
+	if b == nil {
+		return fmt.Errorf("adopt %s: pool %q: %w", v.ID, name, vm.ErrNotFound)
+	}
+	var err error
+	if !b.call(func() { err = b.adoptable(v) }) {
+		return ErrClosed
+	}
 	if err != nil {
 		return err
 	}
@@ -438,164 +339,16 @@ func (p *Pool) Adopt(name string, v vm.VM) error {
 	if born.IsZero() {
 		born = time.Now()
 	}
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	if b2, err := p.adoptableLocked(name, v); err != nil {
-		return err
-	} else if b2 != b {
-		return fmt.Errorf("adopt %s: pool %q was replaced meanwhile: %w", v.ID, name, vm.ErrInvalidState)
+	if !b.call(func() { err = b.adopt(v, born) }) {
+		return ErrClosed
 	}
-	own := &ownership{pool: name}
-	p.owned.Store(v.ID, own)
-	p.deliverLocked(b, &entry{vm: v, own: own, gen: b.gen, born: born, checked: time.Now()})
-	return nil
-}
-
-func (p *Pool) adoptableLocked(name string, v vm.VM) (*bucket, error) {
-	if p.closed.Load() {
-		return nil, ErrClosed
-	}
-	b, ok := p.buckets[name]
-	if !ok {
-		return nil, fmt.Errorf("adopt %s: pool %q: %w", v.ID, name, vm.ErrNotFound)
-	}
-	if v.Snapshot != b.spec.Snapshot.ID {
-		return nil, fmt.Errorf("adopt %s into pool %q: restored from snapshot %q, the pool now uses %q: %w",
-			v.ID, name, v.Snapshot, b.spec.Snapshot.ID, vm.ErrInvalidState)
-	}
-	if v.Status != vm.StatusPaused {
-		return nil, fmt.Errorf("adopt %s into pool %q: VM is %s, want paused: %w", v.ID, name, v.Status, vm.ErrInvalidState)
-	}
-	if _, dup := p.owned.Load(v.ID); dup {
-		return nil, fmt.Errorf("adopt %s into pool %q: already in a pool: %w", v.ID, name, vm.ErrInvalidState)
-	}
-	if b.spec.MaxAge > 0 && !v.CreatedAt.IsZero() && time.Since(v.CreatedAt) >= b.spec.MaxAge {
-		return nil, fmt.Errorf("adopt %s into pool %q: older than max_age %v: %w", v.ID, name, b.spec.MaxAge, vm.ErrInvalidState)
-	}
-	if have := b.readyLen() + b.checking + b.restoringCur; have >= b.spec.Max {
-		return nil, fmt.Errorf("adopt %s into pool %q: already %d of max %d: %w", v.ID, name, have, b.spec.Max, vm.ErrExhausted)
-	}
-	return b, nil
-}
-
-// deliverLocked gives a ready entry to the oldest waiting acquirer or puts
-// it in the bucket, keeping the bucket ordered by age.
-func (p *Pool) deliverLocked(b *bucket, e *entry) {
-	if p.handToWaiterLocked(b, e) {
-		return
-	}
-	if e.expired || b.expired.Load() > 0 || e.born.Before(b.lastBorn) {
-		// Rare (adopted VMs, entries past MaxAge): rebuild the order.
-		p.putBackLocked(b, append(b.drainLocked(), e))
-		return
-	}
-	b.lastBorn = e.born
-	p.pushLocked(b, e)
-}
-
-// requeueLocked puts back an entry that passed a health check. It goes to
-// the back: a health round takes entries from the front, so a whole round
-// keeps their order without re-sorting the bucket for every check.
-func (p *Pool) requeueLocked(b *bucket, e *entry) {
-	if p.handToWaiterLocked(b, e) {
-		return
-	}
-	if e.expired || b.expired.Load() > 0 {
-		p.putBackLocked(b, append(b.drainLocked(), e))
-		return
-	}
-	p.pushLocked(b, e)
-}
-
-func (p *Pool) handToWaiterLocked(b *bucket, e *entry) bool {
-	if len(b.waiters) == 0 {
-		return false
-	}
-	w := b.waiters[0]
-	b.waiters[0] = nil
-	b.waiters = b.waiters[1:]
-	w.ch <- delivery{e: e}
-	return true
-}
-
-// pushLocked appends e to ready.
-func (p *Pool) pushLocked(b *bucket, e *entry) {
-	if e.expired {
-		b.expired.Add(1)
-	}
-	if b.spec.MaxAge > 0 {
-		if exp := e.born.Add(b.spec.MaxAge); !e.expired && (b.nextExpiry.IsZero() || exp.Before(b.nextExpiry)) {
-			b.nextExpiry = exp
-		}
-	}
-	select {
-	case b.ready <- e:
-	default:
-		// Cannot happen while Max <= MaxSize; never block under the lock.
-		if e.expired {
-			b.expired.Add(-1)
-		}
-		p.log.Error("pool bucket overflow: destroying warm VM", "pool", b.name, "vm", e.vm.ID, "capacity", cap(b.ready))
-		b.counters.evicted.Add(1)
-		b.m.evicted(ReasonResized)
-		p.goDestroyLocked(b.name, e.vm.ID)
-	}
-}
-
-// tryPop takes the front entry of ready, or returns nil when it is empty.
-// It needs no lock.
-func (b *bucket) tryPop() *entry {
-	select {
-	case e := <-b.ready:
-		if e.expired {
-			b.expired.Add(-1)
-		}
-		return e
-	default:
-		return nil
-	}
-}
-
-// drainLocked takes every entry out of ready, in hand-out order. Acquirers
-// that find ready empty meanwhile queue up on Pool.mu and look again.
-func (b *bucket) drainLocked() []*entry {
-	var out []*entry
-	for {
-		e := b.tryPop()
-		if e == nil {
-			return out
-		}
-		out = append(out, e)
-	}
-}
-
-// putBackLocked fills the (drained) ready with es in hand-out order: by age,
-// entries past MaxAge last.
-func (p *Pool) putBackLocked(b *bucket, es []*entry) {
-	slices.SortStableFunc(es, func(x, y *entry) int {
-		if x.expired != y.expired {
-			if x.expired {
-				return 1
-			}
-			return -1
-		}
-		return x.born.Compare(y.born)
-	})
-	b.lastBorn = time.Time{}
-	for _, e := range es {
-		if !e.expired {
-			b.lastBorn = e.born
-		}
-	}
-	for _, e := range es {
-		p.pushLocked(b, e)
-	}
+	return err
 }
 
 // Acquire hands out a validated, resumed VM of pool name, handed off with
 // id; from then on the VM is the caller's, who destroys it through the
-// provider. When none is ready it wakes the refiller and waits until one is
-// or ctx ends; then it returns a *NothingReadyError (errors.Is(err,
+// provider. When none is ready it wakes the bucket's owner and waits until
+// one is or ctx ends; then it returns a *NothingReadyError (errors.Is(err,
 // ErrNothingReady)). An unknown pool gives vm.ErrNotFound; an invalid id a
 // *vm.FieldError.
 func (p *Pool) Acquire(ctx context.Context, name string, id Identity) (*Lease, error) {
@@ -606,34 +359,36 @@ func (p *Pool) Acquire(ctx context.Context, name string, id Identity) (*Lease, e
 	var waited time.Duration
 	hit := true
 	for {
-		b, e, w, err := p.take(name)
-		if err != nil {
-			return nil, fmt.Errorf("acquire from pool %q: %w", name, err)
+		if p.closed.Load() {
+			return nil, fmt.Errorf("acquire from pool %q: %w", name, ErrClosed)
 		}
+		b := p.bucketNamed(name)
+		if b == nil {
+			return nil, fmt.Errorf("acquire from pool %q: %w", name, vm.ErrNotFound)
+		}
+		e := b.tryPop()
 		if e == nil {
 			hit = false
 			waitStart := time.Now()
-			select {
-			case d := <-w.ch:
-				waited += time.Since(waitStart)
-				if d.err != nil {
-					return nil, fmt.Errorf("acquire from pool %q: %w", name, d.err)
+			var err error
+			e, err = b.wait(ctx)
+			waited += time.Since(waitStart)
+			if err != nil {
+				if ctx.Err() != nil {
+					return nil, b.nothingReady(ctx, waited)
 				}
-				e = d.e
-			case <-ctx.Done():
-				waited += time.Since(waitStart)
-				return nil, p.giveUp(ctx, b, w, waited)
+				return nil, fmt.Errorf("acquire from pool %q: %w", name, err)
 			}
 		}
 		handoffStart := time.Now()
 		v, err := p.handOut(ctx, b, e, id, hit)
-		p.kickIfLow(b)
+		b.kickIfLow()
 		if err != nil {
 			if errors.Is(err, ErrClosed) {
 				return nil, fmt.Errorf("acquire from pool %q: %w", name, err)
 			}
 			if ctx.Err() != nil {
-				return nil, p.giveUp(ctx, b, nil, waited)
+				return nil, b.nothingReady(ctx, waited)
 			}
 			continue
 		}
@@ -655,106 +410,43 @@ func (p *Pool) Acquire(ctx context.Context, name string, id Identity) (*Lease, e
 	}
 }
 
-// take pops a ready entry or, when there is none, queues a waiter and wakes
-// the dispatcher. A hit takes no lock; Acquire wakes the dispatcher after
-// handing the entry out (see kickIfLow).
-func (p *Pool) take(name string) (*bucket, *entry, *waiter, error) {
-	if p.closed.Load() {
-		return nil, nil, nil, ErrClosed
-	}
-	b := (*p.lookup.Load())[name]
-	if b == nil {
-		return nil, nil, nil, vm.ErrNotFound
-	}
-	if e := b.tryPop(); e != nil {
-		return b, e, nil, nil // Acquire kicks after the hand-out
-	}
-
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	if p.closed.Load() {
-		return nil, nil, nil, ErrClosed
-	}
-	b, ok := p.buckets[name] // it may have been replaced meanwhile
-	if !ok {
-		return nil, nil, nil, vm.ErrNotFound
-	}
-	if e := b.tryPop(); e != nil {
-		return b, e, nil, nil
-	}
-	w := &waiter{ch: make(chan delivery, 1)}
-	b.waiters = append(b.waiters, w)
-	p.kick()
-	return b, nil, w, nil
-}
-
-// giveUp ends a wait whose context is done. A VM delivered in the meantime
-// goes back to the bucket rather than being wasted.
-func (p *Pool) giveUp(ctx context.Context, b *bucket, w *waiter, waited time.Duration) error {
-	p.mu.Lock()
-	if w != nil {
-		if i := slices.Index(b.waiters, w); i >= 0 {
-			b.waiters = slices.Delete(b.waiters, i, i+1)
-		} else {
-			select {
-			case d := <-w.ch:
-				if d.e != nil && !b.removed && !p.closed.Load() && d.e.gen == b.gen && !d.e.own.exited.Load() {
-					p.deliverLocked(b, d.e)
-				} else if d.e != nil {
-					// Pool gone meanwhile: the VM is still in owned, so
-					// Unregister's stragglers or Shutdown destroy it.
-					p.goDestroyLocked(b.name, d.e.vm.ID)
-				}
-			default:
-			}
-		}
-	}
-	b.counters.timeouts.Add(1)
-	retry := b.restoreEWMA
-	if now := time.Now(); b.retryAt.After(now) {
-		retry = max(retry, b.retryAt.Sub(now))
-	}
-	if retry <= 0 {
-		retry = time.Second
-	}
-	p.mu.Unlock()
-	b.m.timeout.Inc()
-	return &NothingReadyError{Pool: b.name, Waited: waited, RetryAfter: retry, Err: ctx.Err()}
-}
-
 // handOut validates, resumes and hands off e, then transfers it from the
-// pool to the caller. On failure the VM is destroyed.
+// pool to the caller. On failure the VM is evicted.
 func (p *Pool) handOut(ctx context.Context, b *bucket, e *entry, id Identity, hit bool) (vm.VM, error) {
 	v := e.vm
+	if err := ctx.Err(); err != nil {
+		// It arrived as the wait ended: back to the owner, unharmed.
+		b.giveBack(e)
+		return vm.VM{}, err
+	}
 	if err := p.cfg.Validate(ctx, v); err != nil {
 		b.counters.validationFailures.Add(1)
 		b.m.validation.Inc()
 		p.log.Warn("warm VM failed validation at acquire", "pool", b.name, "vm", v.ID, "err", err)
-		p.evictNow(b, v.ID, ReasonUnhealthy)
+		b.evictLater(e, ReasonUnhealthy)
 		return vm.VM{}, err
 	}
 	if err := p.cfg.Provider.Resume(ctx, v.ID); err != nil {
 		p.log.Warn("resume of warm VM failed", "pool", b.name, "vm", v.ID, "err", err)
-		p.evictNow(b, v.ID, ReasonHandoff)
+		b.evictLater(e, ReasonHandoff)
 		return vm.VM{}, err
 	}
 	v.Status = vm.StatusRunning
 	if p.cfg.Handoff != nil {
 		if err := p.cfg.Handoff(ctx, v, id); err != nil {
 			p.log.Warn("handoff of warm VM failed", "pool", b.name, "vm", v.ID, "err", err)
-			p.evictNow(b, v.ID, ReasonHandoff)
+			b.evictLater(e, ReasonHandoff)
 			return vm.VM{}, err
 		}
 	}
 	p.closing.RLock()
 	if p.closed.Load() {
 		p.closing.RUnlock()
-		p.evictNow(b, v.ID, ReasonShutdown)
-		return vm.VM{}, ErrClosed
+		return vm.VM{}, ErrClosed // still in owned: Shutdown destroys it
 	}
 	if e.own.exited.Load() {
 		p.closing.RUnlock()
-		p.evictNow(b, v.ID, ReasonExited)
+		b.evictLater(e, ReasonExited)
 		return vm.VM{}, fmt.Errorf("VM %s exited during hand-out: %w", v.ID, vm.ErrInvalidState)
 	}
 	p.owned.Delete(v.ID)
@@ -782,29 +474,15 @@ func (p *Pool) VMExited(id string) {
 	if own.exited.Swap(true) {
 		return // reported already
 	}
-	var eff effects
-	p.mu.Lock()
-	// Not found in ready: a health check, restore or hand-out holds the
-	// entry and sees exited when it is done with it.
-	if b := p.buckets[own.pool]; b != nil && !p.closed.Load() {
-		es := b.drainLocked()
-		if i := slices.IndexFunc(es, func(e *entry) bool { return e.own == own }); i >= 0 {
-			es = slices.Delete(es, i, i+1)
-			p.evictLocked(b, id, ReasonExited, &eff)
-		}
-		p.putBackLocked(b, es)
+	if b := p.bucketNamed(own.pool); b != nil {
+		b.call(func() { b.exited(own, id) })
 	}
-	p.mu.Unlock()
-	p.publish(eff)
-	p.kick()
 }
 
 // Status reports one pool; vm.ErrNotFound if it is not registered.
 func (p *Pool) Status(name string) (Status, error) {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	b, ok := p.buckets[name]
-	if !ok {
+	b := p.bucketNamed(name)
+	if b == nil {
 		return Status{}, fmt.Errorf("pool %q: %w", name, vm.ErrNotFound)
 	}
 	return b.status(), nil
@@ -812,28 +490,13 @@ func (p *Pool) Status(name string) (Status, error) {
 
 // Pools reports every pool, by name.
 func (p *Pool) Pools() []Status {
-	p.mu.Lock()
-	out := make([]Status, 0, len(p.buckets))
-	for _, b := range p.buckets {
+	m := *p.lookup.Load()
+	out := make([]Status, 0, len(m))
+	for _, b := range m {
 		out = append(out, b.status())
 	}
-	p.mu.Unlock()
 	sort.Slice(out, func(i, j int) bool { return out[i].Name < out[j].Name })
 	return out
-}
-
-func (b *bucket) status() Status {
-	return Status{
-		Name:       b.name,
-		Template:   b.spec.Key.Template,
-		Min:        b.spec.Min,
-		Max:        b.spec.Max,
-		Ready:      b.readyLen() + b.checking,
-		Restoring:  b.restoring,
-		Generation: b.gen,
-		Counters:   b.counters.snapshot(),
-		LastError:  b.lastError,
-	}
 }
 
 type gaugeState struct {
@@ -842,11 +505,15 @@ type gaugeState struct {
 }
 
 func (p *Pool) gauges() []gaugeState {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	out := make([]gaugeState, 0, len(p.buckets))
-	for _, b := range p.buckets {
-		out = append(out, gaugeState{name: b.name, ready: b.readyLen() + b.checking, target: b.target(), restoring: b.restoring})
+	m := *p.lookup.Load()
+	out := make([]gaugeState, 0, len(m))
+	for _, b := range m {
+		var g gaugeState
+		if b.call(func() {
+			g = gaugeState{name: b.name, ready: b.readyLen() + b.checking, target: b.target(), restoring: b.restoring}
+		}) {
+			out = append(out, g)
+		}
 	}
 	return out
 }
@@ -856,17 +523,11 @@ func (p *Pool) gauges() []gaugeState {
 // of them, or when ctx ends. Leased VMs are not the pool's and are left alone.
 func (p *Pool) Shutdown(ctx context.Context) error {
 	p.mu.Lock()
-	if !p.closed.Load() {
-		p.closing.Lock()
-		p.closed.Store(true)
-		p.closing.Unlock()
-		for _, b := range p.buckets {
-			for _, w := range b.waiters {
-				w.ch <- delivery{err: ErrClosed}
-			}
-			b.waiters = nil
-		}
+	p.closing.Lock()
+	if !p.closed.Swap(true) {
+		close(p.closedCh)
 	}
+	p.closing.Unlock()
 	p.mu.Unlock()
 	p.cancel()
 
@@ -881,18 +542,15 @@ func (p *Pool) Shutdown(ctx context.Context) error {
 		return fmt.Errorf("shutdown: waiting for restores in flight: %w", ctx.Err())
 	}
 
-	// Every restore has returned and destroyed what it made after the pool
-	// closed; what is left is in owned.
-	p.mu.Lock()
+	// Every owner and restore has returned; what is left is in owned.
 	ids := make(map[string]string)
 	p.owned.Range(func(id, own any) bool {
 		ids[id.(string)] = own.(*ownership).pool
 		return true
 	})
-	for _, b := range p.buckets {
-		b.drainLocked()
+	for _, b := range *p.lookup.Load() {
+		b.drain()
 	}
-	p.mu.Unlock()
 
 	for {
 		byPool := make(map[string][]string)
@@ -924,4 +582,43 @@ func (p *Pool) Shutdown(ctx context.Context) error {
 				len(ids), p.cfg.Provider.Name(), err, ctx.Err())
 		}
 	}
+}
+
+// destroy destroys one VM the pool owns; an already-gone VM counts as
+// destroyed. A VM that could not be destroyed stays in owned, so Shutdown
+// tries again.
+func (p *Pool) destroy(ctx context.Context, pool, id string) error {
+	ctx, cancel := context.WithTimeout(ctx, p.cfg.DestroyTimeout)
+	defer cancel()
+	if err := p.cfg.Provider.Destroy(ctx, id); err != nil && !errors.Is(err, vm.ErrNotFound) {
+		p.log.Warn("destroying warm VM failed", "pool", pool, "vm", id, "err", err)
+		return fmt.Errorf("destroy %s of pool %q: %w", id, pool, err)
+	}
+	if _, owned := p.owned.LoadAndDelete(id); owned && p.cfg.OnVMDestroyed != nil {
+		p.cfg.OnVMDestroyed(pool, id)
+	}
+	return nil
+}
+
+// destroyAll destroys ids of pool in parallel and joins the errors.
+func (p *Pool) destroyAll(ctx context.Context, pool string, ids []string) error {
+	var (
+		wg   sync.WaitGroup
+		mu   sync.Mutex
+		errs []error
+		sem  = make(chan struct{}, max(p.cfg.Parallelism, 4))
+	)
+	for _, id := range ids {
+		sem <- struct{}{}
+		wg.Go(func() {
+			defer func() { <-sem }()
+			if err := p.destroy(ctx, pool, id); err != nil {
+				mu.Lock()
+				errs = append(errs, err)
+				mu.Unlock()
+			}
+		})
+	}
+	wg.Wait()
+	return errors.Join(errs...)
 }
