@@ -6,6 +6,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/warmpool/warmpool/events"
 	"github.com/warmpool/warmpool/vm"
 )
 
@@ -58,4 +59,45 @@ func warmVMs(t *testing.T, r *running) []string {
 		}
 	}
 	return ids
+}
+
+// TestMachineCrashIsNoticedWithoutAnEnsure: the daemon's machine manager
+// hears of its VM's death through the provider wrapper: machine.crashed
+// (which no health check publishes) comes with nobody calling ensure, and
+// the machine runs again on a new VM. An ensure right after a second kill
+// answers only from a new VM.
+func TestMachineCrashIsNoticedWithoutAnEnsure(t *testing.T) {
+	r := startFake(t, t.TempDir(), newFakeProvider(), "")
+	sub := r.d.bus.Subscribe(1024, func(e events.Event) bool { return e.Subject == "box" })
+	defer sub.Close()
+	first := ensure2(t, r, "box")
+	if err := r.prov.Kill(first.VMID); err != nil {
+		t.Fatal(err)
+	}
+	timeout := time.After(20 * time.Second)
+	for crashed, recovered := false, false; !crashed || !recovered; {
+		select {
+		case e := <-sub.C:
+			switch e.Kind {
+			case "machine.crashed":
+				crashed = e.Detail["vm_id"] == first.VMID
+			case "machine.recovered":
+				recovered = crashed
+			case "machine.health_failed":
+				t.Fatalf("the health check noticed the kill first: %v", e.Detail)
+			}
+		case <-timeout:
+			t.Fatalf("no machine.crashed and machine.recovered for %s within 20s of killing its vm %s", "box", first.VMID)
+		}
+	}
+	second, err := r.client.Machine(ctxT(t), "box")
+	if err != nil || second.State != "running" || second.VMID == first.VMID {
+		t.Fatalf("after the crash: %+v, %v; want running on a new vm", second, err)
+	}
+	if err := r.prov.Kill(second.VMID); err != nil {
+		t.Fatal(err)
+	}
+	if third := ensure2(t, r, "box"); third.VMID == second.VMID || third.State != "running" {
+		t.Errorf("ensure right after killing vm %s answered %s on vm %s", second.VMID, third.State, third.VMID)
+	}
 }
