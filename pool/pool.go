@@ -8,17 +8,19 @@
 // flight and backs off after failures. Other calls (Register, Status,
 // Adopt, VMExited, the results of restores and checks) reach it as
 // messages. Restores across all buckets are bounded by Config.Parallelism:
-// a small allocator hands free slots round-robin to the buckets that want
-// one, and a finished restore hands its slot straight on.
+// an allocator goroutine grants free slots round-robin to the buckets that
+// want one, and a finished restore returns its slot to it at once, so the
+// next restore starts without waiting for any sweep.
 //
 // The acquire hit path takes no lock the rest of the pool holds: it finds
 // the bucket through an immutable map behind an atomic pointer, receives a
 // VM from the bucket's ready queue (a buffered channel), calls Validate,
 // Resume and Handoff, and counts with atomics. An acquirer that finds the
-// queue empty tells the owner it waits and then receives from the same
-// queue with its context: the owner's next VM goes to the oldest waiting
-// acquirer, and one that gave up has received nothing, so no VM is ever
-// delivered twice or lost.
+// queue empty tells the owner it waits and then receives, with its
+// context, from the queue or from the owner directly: the owner's next VM
+// goes to the oldest waiting acquirer, and one that gave up has received
+// nothing, so no VM is ever delivered twice or lost. A VM that arrives just
+// as its acquirer's context ends goes back to the owner.
 package pool
 
 import (
