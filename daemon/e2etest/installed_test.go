@@ -7,6 +7,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -166,5 +167,94 @@ func copyFile(t *testing.T, src, dst string) {
 	}
 	if err := out.Close(); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// A binary from `go install .../cmd/warmpool@VERSION` has no embedded agent
+// (the module zip holds only what git tracks): its image build compiles the
+// agent of its own version from the module cache. The module is served at a
+// made-up version from a local proxy made of this checkout's HEAD, into a
+// module cache of the test's own.
+func TestGoInstalledBinaryBuildsImage(t *testing.T) {
+	for _, tool := range []string{"git", "go"} {
+		if _, err := exec.LookPath(tool); err != nil {
+			t.Skipf("SKIPPING the go install test: %s is not installed", tool)
+		}
+	}
+	root := t.TempDir()
+	const version = "v0.0.1-e2etest"
+	proxy := filepath.Join(root, "proxy", "github.com", "warmpool", "warmpool", "@v")
+	if err := os.MkdirAll(proxy, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	archive := exec.Command("git", "archive", "--format=zip", "--prefix=github.com/warmpool/warmpool@"+version+"/",
+		"-o", filepath.Join(proxy, version+".zip"), "HEAD")
+	archive.Dir = "../.."
+	if out, err := archive.CombinedOutput(); err != nil {
+		t.Skipf("SKIPPING the go install test: not a git checkout (git archive: %v: %s)", err, out)
+	}
+	copyFile(t, "../../go.mod", filepath.Join(proxy, version+".mod"))
+	info := `{"Version":"` + version + `","Time":"2026-01-01T00:00:00Z"}`
+	if err := os.WriteFile(filepath.Join(proxy, version+".info"), []byte(info), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(proxy, "list"), []byte(version+"\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	out, err := exec.Command("go", "env", "GOMODCACHE").Output()
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Dependencies come from the shared module cache's download directory,
+	// which is laid out as a proxy; nothing goes to the network.
+	shared := filepath.Join(strings.TrimSpace(string(out)), "cache", "download")
+	gobin := filepath.Join(root, "bin")
+	var env []string
+	for _, kv := range os.Environ() {
+		k, _, _ := strings.Cut(kv, "=")
+		if k == "HOME" || strings.HasPrefix(k, "XDG_") || k == "GOPROXY" || k == "GOMODCACHE" || k == "GOSUMDB" || k == "GOBIN" || k == "GOFLAGS" || k == "GOPATH" || k == "GOTOOLCHAIN" {
+			continue
+		}
+		env = append(env, kv)
+	}
+	cache := filepath.Join(root, "cache")
+	seedKernel(t, cache)
+	gocache, err := exec.Command("go", "env", "GOCACHE").Output()
+	if err != nil {
+		t.Fatal(err)
+	}
+	env = append(env,
+		"GOPROXY=file://"+filepath.Join(root, "proxy")+",file://"+shared,
+		"GOMODCACHE="+filepath.Join(root, "modcache"),
+		"GOCACHE="+strings.TrimSpace(string(gocache)),
+		"GOPATH="+filepath.Join(root, "gopath"),
+		"GOSUMDB=off",
+		"GOFLAGS=-modcacherw",
+		"GOTOOLCHAIN=local",
+		"HOME="+filepath.Join(root, "home"),
+		"XDG_CACHE_HOME="+cache,
+	)
+	install := exec.Command("go", "install", "-trimpath", "github.com/warmpool/warmpool/cmd/warmpool@"+version)
+	install.Env = append(slices.Clone(env), "GOBIN="+gobin)
+	install.Dir = root
+	start := time.Now()
+	if out, err := install.CombinedOutput(); err != nil {
+		t.Fatalf("go install: %v\n%s", err, out)
+	}
+	t.Logf("go install took %s", time.Since(start).Round(time.Millisecond))
+
+	user := installation{bin: filepath.Join(gobin, "warmpool"), dir: root, env: env}
+	var img guest.Image
+	start = time.Now()
+	if err := json.Unmarshal([]byte(user.mustCLI(t, filepath.Join(root, "s"), 15*time.Minute, "image", "build", "-o", "json")), &img); err != nil {
+		t.Fatalf("image build output: %v", err)
+	}
+	t.Logf("image build with the agent compiled from the module cache took %s", time.Since(start).Round(time.Millisecond))
+	if !strings.HasPrefix(img.Dir, cache) {
+		t.Errorf("image built into %s, want under %s", img.Dir, cache)
+	}
+	var again guest.Image
+	if err := json.Unmarshal([]byte(user.mustCLI(t, filepath.Join(root, "s"), 15*time.Minute, "image", "build", "-o", "json")), &again); err != nil || again.Digest != img.Digest {
+		t.Errorf("a second image build gave digest %s (%v), want the first one's %s: the agent compiled from the module cache is not reproducible", again.Digest, err, img.Digest)
 	}
 }
