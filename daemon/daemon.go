@@ -24,6 +24,7 @@ import (
 	"github.com/warmpool/warmpool/guest"
 	"github.com/warmpool/warmpool/internal/paths"
 	"github.com/warmpool/warmpool/lease"
+	"github.com/warmpool/warmpool/lifecycle"
 	"github.com/warmpool/warmpool/pool"
 	"github.com/warmpool/warmpool/store"
 	"github.com/warmpool/warmpool/vm"
@@ -69,6 +70,9 @@ type Options struct {
 	provider vm.Provider
 	// ready, when set, receives the daemon once it serves.
 	ready func(*Daemon)
+	// machineClock replaces the wall clock of the machines' idle, hold
+	// and health timers (tests step through them with a manual clock).
+	machineClock lifecycle.Clock
 }
 
 // Daemon is one running warmpool daemon. It implements api.Backend.
@@ -247,7 +251,7 @@ func start(ctx context.Context, opts Options) (d *Daemon, srv *server, err error
 		return nil, nil, fmt.Errorf("start pools: %w", err)
 	}
 	d.stopPoolExits = d.watchPoolExits()
-	if d.mach, err = d.newMachines(); err != nil {
+	if d.mach, err = d.newMachines(opts.machineClock); err != nil {
 		return nil, nil, err
 	}
 	reconcileStart := time.Now()

@@ -14,6 +14,7 @@ import (
 
 	"github.com/warmpool/warmpool/api"
 	"github.com/warmpool/warmpool/internal/paths"
+	"github.com/warmpool/warmpool/lifecycle"
 	"github.com/warmpool/warmpool/provider/fake"
 	"github.com/warmpool/warmpool/store"
 	"github.com/warmpool/warmpool/vm"
@@ -21,9 +22,12 @@ import (
 
 // running is a daemon started in-process on the fake provider.
 type running struct {
-	d      *Daemon
-	dir    string
-	prov   *fake.Provider
+	d    *Daemon
+	dir  string
+	prov *fake.Provider
+	// clock drives the machines' idle, hold and health timers when the
+	// test started the daemon on a manual clock; nil otherwise.
+	clock  *lifecycle.ManualClock
 	client *api.Client
 	cancel context.CancelFunc
 	done   chan error
@@ -46,7 +50,17 @@ func startFake(t testing.TB, dir string, prov *fake.Provider, cfg string) *runni
 // around prov (for example one that advertises more capabilities).
 func startWrapped(t testing.TB, dir string, prov *fake.Provider, served vm.Provider, cfg string) *running {
 	t.Helper()
+	return startWrappedOn(t, dir, prov, served, cfg, nil)
+}
+
+// startWrappedOn is startWrapped with the machines' timers on clock (nil:
+// the wall clock).
+func startWrappedOn(t testing.TB, dir string, prov *fake.Provider, served vm.Provider, cfg string, clock *lifecycle.ManualClock) *running {
+	t.Helper()
 	opts := Options{StateDir: dir, Provider: "fake", Logger: testLogger(t), provider: served}
+	if clock != nil {
+		opts.machineClock = clock
+	}
 	if cfg != "" {
 		opts.ConfigFile = filepath.Join(dir, "config.yaml")
 		if err := os.WriteFile(opts.ConfigFile, []byte(cfg), 0o600); err != nil {
@@ -54,7 +68,7 @@ func startWrapped(t testing.TB, dir string, prov *fake.Provider, served vm.Provi
 		}
 	}
 	ctx, cancel := context.WithCancel(context.Background())
-	r := &running{dir: dir, prov: prov, cancel: cancel, done: make(chan error, 1)}
+	r := &running{dir: dir, prov: prov, clock: clock, cancel: cancel, done: make(chan error, 1)}
 	ready := make(chan struct{})
 	opts.ready = func(d *Daemon) { r.d = d; close(ready) }
 	go func() { r.done <- Run(ctx, opts) }()

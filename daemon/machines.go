@@ -34,13 +34,15 @@ type machines struct {
 	locks map[string]chan struct{}
 }
 
-func (d *Daemon) newMachines() (*machines, error) {
+// newMachines starts the machine manager; a nil clock is the wall clock.
+func (d *Daemon) newMachines(clock lifecycle.Clock) (*machines, error) {
 	ms := &machines{d: d, locks: map[string]chan struct{}{}}
 	ms.metrics = newMachineMetrics(func() ([]api.Machine, error) { return d.Machines(context.Background()) })
 	if err := ms.metrics.register(d.reg); err != nil {
 		return nil, err
 	}
 	m, err := lifecycle.NewManager(lifecycle.Config{
+		Clock:        clock,
 		Idle:         ms.defaultIdle(),
 		Provider:     d.prov,
 		StateDir:     d.stateDir,

@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"net"
 	"net/http"
 	"os"
@@ -16,6 +17,7 @@ import (
 
 	"github.com/warmpool/warmpool/api"
 	"github.com/warmpool/warmpool/internal/paths"
+	"github.com/warmpool/warmpool/lifecycle"
 	"github.com/warmpool/warmpool/provider/fake"
 	"github.com/warmpool/warmpool/vm"
 )
@@ -30,10 +32,46 @@ func (p diskFake) Capabilities() vm.Capabilities {
 	return caps
 }
 
+// startDiskFake runs a daemon on diskFake whose machine timers (idle,
+// suspend, holds, health) run on a manual clock, r.clock: a test moves
+// time, then waits for the effect, however loaded the machine is.
 func startDiskFake(t *testing.T, cfg string) *running {
 	t.Helper()
 	prov := newFakeProvider()
-	return startWrapped(t, t.TempDir(), prov, diskFake{prov}, cfg)
+	return startWrappedOn(t, t.TempDir(), prov, diskFake{prov}, cfg, lifecycle.NewManualClock(time.Now()))
+}
+
+// assertStays checks that machine name stays in state want, with holds
+// holds, for a moment of real time after the clock moved: long enough for
+// the manager to act on a timer that fired, on an idle machine.
+func assertStays(t *testing.T, c *api.Client, name, want string, holds int, why string) {
+	t.Helper()
+	for deadline := time.Now().Add(300 * time.Millisecond); time.Now().Before(deadline); time.Sleep(10 * time.Millisecond) {
+		if m, _ := c.Machine(ctxT(t), name); m.State != want || m.Holds != holds {
+			t.Fatalf("%s: machine is %s with %d holds, want %s with %d", why, m.State, m.Holds, want, holds)
+		}
+	}
+}
+
+func balloonString(mib *int) string {
+	if mib == nil {
+		return "none"
+	}
+	return fmt.Sprintf("%d MiB", *mib)
+}
+
+// waitHolds polls until machine name has want holds.
+func waitHolds(t *testing.T, c *api.Client, name string, want int) {
+	t.Helper()
+	deadline := time.Now().Add(30 * time.Second)
+	var last api.Machine
+	for time.Now().Before(deadline) {
+		if last, _ = c.Machine(ctxT(t), name); last.Holds == want {
+			return
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	t.Fatalf("machine %s has %d holds, want %d", name, last.Holds, want)
 }
 
 // rawEvents follows GET /v1/events?subject=NAME&kind=machine. as a script
@@ -160,12 +198,12 @@ func TestMachineWithDataDiskIdlesSuspendsAndRestores(t *testing.T) {
 	evs := followRawEvents(t, r.dir, "box")
 
 	spec := api.MachineSpec{VCPUs: 1, MemoryMiB: 512, DataDiskMiB: 64,
-		IdleAfter: dur(200 * time.Millisecond), SuspendAfter: dur(600 * time.Millisecond)}
+		IdleAfter: dur(10 * time.Minute), SuspendAfter: dur(time.Hour)}
 	m, err := c.EnsureMachine(ctxT(t), "box", spec.EnsureRequest())
 	if err != nil {
 		t.Fatalf("ensure: %v", err)
 	}
-	if m.State != api.MachineRunning || m.VMID == "" || m.IdleAfter.Std() != 200*time.Millisecond || m.SuspendAfter.Std() != 600*time.Millisecond {
+	if m.State != api.MachineRunning || m.VMID == "" || m.IdleAfter.Std() != 10*time.Minute || m.SuspendAfter.Std() != time.Hour {
 		t.Fatalf("after ensure: %+v", m)
 	}
 	disk := filepath.Join(r.dir, "machines", "box", "data.img")
@@ -173,10 +211,19 @@ func TestMachineWithDataDiskIdlesSuspendsAndRestores(t *testing.T) {
 		t.Fatalf("machine vm: data disk %q (%v), want %s", v.Spec.DataDisk, err, disk)
 	}
 
+	assertStays(t, c, "box", api.MachineRunning, 0, "before idle_after")
+	r.clock.Advance(10 * time.Minute)
+	// The fake guest uses fakeGuestUsedMiB of its 512: the balloon goes
+	// down to that plus the reserve, in the API and in the provider.
 	idle := waitMachine(t, c, "box", api.MachineIdle)
-	if idle.BalloonMiB == nil {
-		t.Errorf("idle machine reports no balloon")
+	wantBalloon := fakeGuestUsedMiB + defaultIdleReserveMiB
+	if idle.BalloonMiB == nil || *idle.BalloonMiB != wantBalloon {
+		t.Errorf("idle machine's balloon %s, want %d MiB (guest uses %d + reserve %d) of its %d", balloonString(idle.BalloonMiB), wantBalloon, fakeGuestUsedMiB, defaultIdleReserveMiB, spec.MemoryMiB)
 	}
+	if b, err := r.prov.BalloonStats(ctxT(t), m.VMID); err != nil || b.TargetMiB != wantBalloon {
+		t.Errorf("provider's balloon of the idle VM: target %d MiB (%v), want %d", b.TargetMiB, err, wantBalloon)
+	}
+	r.clock.Advance(50 * time.Minute)
 	sus := waitMachine(t, c, "box", api.MachineSuspended)
 	if sus.VMID != "" || sus.BalloonMiB != nil {
 		t.Errorf("suspended machine: vm %q balloon %v, want none", sus.VMID, sus.BalloonMiB)
@@ -212,8 +259,8 @@ func TestMachineWithDataDiskIdlesSuspendsAndRestores(t *testing.T) {
 			t.Errorf("event lacks %q: %v", key, shrink)
 		}
 	}
-	if d := shrink["detail"].(map[string]any); d["balloon_mib"] == nil || d["reserve_mib"] != float64(defaultIdleReserveMiB) {
-		t.Errorf("shrink event detail %v", d)
+	if d := shrink["detail"].(map[string]any); d["balloon_mib"] != float64(wantBalloon) || d["guest_used_mib"] != float64(fakeGuestUsedMiB) || d["reserve_mib"] != float64(defaultIdleReserveMiB) {
+		t.Errorf("shrink event detail %v, want balloon %d = guest used %d + reserve %d", d, wantBalloon, fakeGuestUsedMiB, defaultIdleReserveMiB)
 	}
 	evs.wait(t, "machine.state", toState(api.MachineIdle))
 	suspended := evs.wait(t, "machine.suspended", nil)
@@ -273,7 +320,7 @@ func TestMachineWithDataDiskIdlesSuspendsAndRestores(t *testing.T) {
 func TestMachineHoldsBlockIdling(t *testing.T) {
 	r := startDiskFake(t, "")
 	c := r.client
-	idleAfter := 200 * time.Millisecond
+	idleAfter := 10 * time.Minute
 	spec := api.MachineSpec{VCPUs: 1, MemoryMiB: 256, IdleAfter: dur(idleAfter)}
 	if _, err := c.PutMachine(ctxT(t), "box", spec); err != nil {
 		t.Fatal(err)
@@ -292,36 +339,39 @@ func TestMachineHoldsBlockIdling(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	h2, err := c.HoldMachine(ctxT(t), "box", api.HoldRequest{Owner: "build", TTL: api.Duration(time.Hour)})
+	h2, err := c.HoldMachine(ctxT(t), "box", api.HoldRequest{Owner: "build", TTL: api.Duration(24 * time.Hour)})
 	if err != nil || h2.ExpiresAt == nil || h2.Owner != "build" || h2.Machine != "box" {
 		t.Fatalf("hold with ttl: %+v, %v", h2, err)
 	}
 	if m, _ := c.Machine(ctxT(t), "box"); m.Holds != 2 {
 		t.Errorf("holds %d, want 2", m.Holds)
 	}
-	time.Sleep(4 * idleAfter)
-	if m, _ := c.Machine(ctxT(t), "box"); m.State != api.MachineRunning {
-		t.Fatalf("held machine is %s after %s, want running", m.State, 4*idleAfter)
-	}
+	r.clock.Advance(4 * idleAfter)
+	assertStays(t, c, "box", api.MachineRunning, 2, "held machine "+(4*idleAfter).String()+" after its last activity")
 	if err := c.ReleaseHold(ctxT(t), "box", h1.ID); err != nil {
 		t.Fatal(err)
 	}
-	time.Sleep(4 * idleAfter)
-	if m, _ := c.Machine(ctxT(t), "box"); m.State != api.MachineRunning || m.Holds != 1 {
-		t.Fatalf("machine with one hold left is %s with %d holds, want running with 1", m.State, m.Holds)
-	}
+	r.clock.Advance(4 * idleAfter)
+	assertStays(t, c, "box", api.MachineRunning, 1, "machine with one hold left")
 	if err := c.ReleaseHold(ctxT(t), "box", h2.ID); err != nil {
 		t.Fatal(err)
 	}
+	// The idle clock starts at the last release, not at the last call.
+	r.clock.Advance(idleAfter - time.Second)
+	assertStays(t, c, "box", api.MachineRunning, 0, "a second before idle_after from the last release")
+	r.clock.Advance(time.Second)
 	waitMachine(t, c, "box", api.MachineIdle)
 
 	// A hold wakes an idle machine; when its TTL runs out the machine idles again.
-	if _, err := c.HoldMachine(ctxT(t), "box", api.HoldRequest{TTL: api.Duration(300 * time.Millisecond)}); err != nil {
+	if _, err := c.HoldMachine(ctxT(t), "box", api.HoldRequest{TTL: api.Duration(5 * time.Minute)}); err != nil {
 		t.Fatal(err)
 	}
 	if m := waitMachine(t, c, "box", api.MachineRunning); m.BalloonMiB != nil {
 		t.Errorf("woken machine's balloon %d, want full (null)", *m.BalloonMiB)
 	}
+	r.clock.Advance(5 * time.Minute)
+	waitHolds(t, c, "box", 0)
+	r.clock.Advance(idleAfter)
 	if m := waitMachine(t, c, "box", api.MachineIdle); m.Holds != 0 {
 		t.Errorf("idle again with %d holds, want the expired one gone", m.Holds)
 	}
@@ -353,14 +403,15 @@ func TestMachineDefaultsAndPutIdle(t *testing.T) {
 
 	evs := followRawEvents(t, r.dir, "bare")
 	spec := m.Spec
-	spec.IdleAfter = dur(100 * time.Millisecond)
+	spec.IdleAfter = dur(10 * time.Minute)
 	put, err := c.PutMachine(ctxT(t), "bare", spec)
-	if err != nil || put.IdleAfter.Std() != 100*time.Millisecond || put.VMID != m.VMID {
+	if err != nil || put.IdleAfter.Std() != 10*time.Minute || put.VMID != m.VMID {
 		t.Fatalf("put idle policy: %+v, %v", put, err)
 	}
 	if e := evs.wait(t, "machine.idle_policy", nil); e["detail"].(map[string]any)["reserve_mib"] != float64(32) {
 		t.Errorf("idle policy event %v, want the configured reserve", e)
 	}
+	r.clock.Advance(10 * time.Minute)
 	idle := waitMachine(t, c, "bare", api.MachineIdle)
 	if idle.VMID != m.VMID {
 		t.Errorf("machine moved from vm %s to %s on an idle policy change", m.VMID, idle.VMID)

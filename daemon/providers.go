@@ -7,7 +7,9 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"time"
 
+	"github.com/warmpool/warmpool/agent/proto"
 	agentserver "github.com/warmpool/warmpool/agent/server"
 	"github.com/warmpool/warmpool/provider/fake"
 	"github.com/warmpool/warmpool/provider/firecracker"
@@ -92,8 +94,36 @@ func newFakeProvider() *fake.Provider {
 		opts := agentserver.Options{State: state, Agent: "fake-agent", AddEntropy: func([]byte) error { return nil }}
 		if id, ok := fake.AgentConnVM(c); ok {
 			opts.PowerOff = func() error { return p.Kill(id) }
+			opts.Stats = func() (proto.Stats, error) { return fakeGuestStats(p, id) }
 		}
 		_ = agentserver.Serve(context.Background(), c, opts)
 	}})
 	return p
+}
+
+// fakeGuestUsedMiB is the memory the fake guest says it uses: about what
+// the real busybox guest uses, so that an idle machine's balloon shrinks
+// below its memory as a real one's does.
+const fakeGuestUsedMiB = 40
+
+// fakeGuestStats is the guest's view of the fake VM id, as a real guest's
+// /proc/meminfo would show it: its memory (what the balloon leaves it), of
+// which fakeGuestUsedMiB is in use. The host's /proc would make every
+// machine look as busy as the host, so an idle balloon would never shrink.
+func fakeGuestStats(p *fake.Provider, id string) (proto.Stats, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	v, err := p.Inspect(ctx, id)
+	if err != nil {
+		return proto.Stats{}, fmt.Errorf("fake guest stats of %s: %w", id, err)
+	}
+	totalMiB := v.Spec.MemoryMiB
+	if b, err := p.BalloonStats(ctx, id); err == nil && b.ActualMiB > 0 {
+		totalMiB = b.ActualMiB
+	}
+	freeKiB := uint64(max(totalMiB-fakeGuestUsedMiB, 0)) << 10
+	return proto.Stats{
+		MemTotalKiB: uint64(totalMiB) << 10, MemFreeKiB: freeKiB, MemAvailableKiB: freeKiB,
+		UptimeMillis: time.Since(v.CreatedAt).Milliseconds(), Procs: 1, UnixNano: time.Now().UnixNano(),
+	}, nil
 }

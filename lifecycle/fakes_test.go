@@ -335,77 +335,39 @@ func (p *testProvider) counts() (creates, snapshots, restores int) {
 	return p.creates, p.snapshots + p.suspends, p.restores
 }
 
-// fakeClock only moves when told. Timers fire at absolute instants.
-type fakeClock struct {
-	mu     sync.Mutex
-	now    time.Time
-	timers map[*fakeTimer]struct{}
-}
-
-type fakeTimer struct {
-	c     chan time.Time
-	at    time.Time
-	clock *fakeClock
-}
-
-func newFakeClock() *fakeClock {
-	return &fakeClock{now: time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC), timers: map[*fakeTimer]struct{}{}}
-}
-
-func (c *fakeClock) Now() time.Time {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return c.now
-}
-
-func (c *fakeClock) NewTimer(d time.Duration) Timer { return c.NewTimerAt(c.Now().Add(d)) }
-
-func (c *fakeClock) NewTimerAt(at time.Time) Timer {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	t := &fakeTimer{c: make(chan time.Time, 1), at: at, clock: c}
-	if !at.After(c.now) {
-		t.c <- c.now
-		return t
-	}
-	c.timers[t] = struct{}{}
-	return t
-}
-
-func (t *fakeTimer) C() <-chan time.Time { return t.c }
-
-func (t *fakeTimer) Stop() bool {
-	t.clock.mu.Lock()
-	defer t.clock.mu.Unlock()
-	_, ok := t.clock.timers[t]
-	delete(t.clock.timers, t)
-	return ok
-}
-
-func (c *fakeClock) Advance(d time.Duration) {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	c.now = c.now.Add(d)
-	for t := range c.timers {
-		if !t.at.After(c.now) {
-			t.c <- c.now
-			delete(c.timers, t)
-		}
-	}
+// newFakeClock is a manual clock at a fixed instant.
+func newFakeClock() *ManualClock {
+	return NewManualClock(time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC))
 }
 
 // harness is a manager on a testProvider and a fakeClock, with its events.
 type harness struct {
 	t     *testing.T
 	p     *testProvider
-	clock *fakeClock
+	clock *ManualClock
 	mgr   *Manager
 	cfg   Config
 	sub   *events.Subscription
 	bus   *events.Bus
 
+	// stepTimeout bounds each ensure, state wait and event wait, and the
+	// manager's Close; zero means fakeStepTimeout. A real-VM harness sets
+	// what a TCG boot on a loaded machine needs.
+	stepTimeout time.Duration
+
 	mu      sync.Mutex
 	changes []Machine
+}
+
+// fakeStepTimeout bounds one harness step on fakes: plenty, since nothing
+// waits for real time but the machine goroutines.
+const fakeStepTimeout = 20 * time.Second
+
+func (h *harness) step() time.Duration {
+	if h.stepTimeout > 0 {
+		return h.stepTimeout
+	}
+	return fakeStepTimeout
 }
 
 func newHarness(t *testing.T, tweak func(*Config)) *harness {
@@ -448,7 +410,7 @@ func (h *harness) newManager() {
 	}
 	h.mgr = mgr
 	h.t.Cleanup(func() {
-		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		ctx, cancel := context.WithTimeout(context.Background(), h.step())
 		defer cancel()
 		if err := mgr.Close(ctx); err != nil {
 			h.t.Errorf("Close: %v", err)
@@ -458,7 +420,7 @@ func (h *harness) newManager() {
 
 func (h *harness) ensure(spec MachineSpec) Machine {
 	h.t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), max(20*time.Second, h.cfg.StartTimeout))
+	ctx, cancel := context.WithTimeout(context.Background(), max(h.step(), h.cfg.StartTimeout))
 	defer cancel()
 	m, err := h.mgr.Ensure(ctx, spec)
 	if err != nil {
@@ -474,7 +436,7 @@ func (h *harness) ensure(spec MachineSpec) Machine {
 func (h *harness) waitState(name string, want State) Machine {
 	h.t.Helper()
 	var m Machine
-	deadline := time.Now().Add(20 * time.Second)
+	deadline := time.Now().Add(h.step())
 	for time.Now().Before(deadline) {
 		var err error
 		m, err = h.mgr.Get(name)
@@ -491,7 +453,7 @@ func (h *harness) waitState(name string, want State) Machine {
 // that matches ok, skipping the others.
 func (h *harness) waitEvent(subject, kind string, ok func(events.Event) bool) events.Event {
 	h.t.Helper()
-	timeout := time.After(20 * time.Second)
+	timeout := time.After(h.step())
 	for {
 		select {
 		case e := <-h.sub.C:

@@ -50,7 +50,7 @@ func qemuHarness(t *testing.T) (*harness, *qemu.Provider) {
 	clock := newFakeClock()
 	bus := events.NewBus()
 	t.Cleanup(bus.Close)
-	h := &harness{t: t, clock: clock, bus: bus, sub: bus.Subscribe(4096, nil)}
+	h := &harness{t: t, clock: clock, bus: bus, sub: bus.Subscribe(4096, nil), stepTimeout: qemuTimeout}
 	h.cfg = Config{
 		Provider: p,
 		StateDir: t.TempDir(),
@@ -230,8 +230,11 @@ func TestQEMUIdleShrinkAndSuspendKeepMemory(t *testing.T) {
 
 	h.clock.Advance(h.cfg.Idle.ShrinkAfter)
 	idle := h.waitState("sleeper", Idle)
-	if idle.BalloonMiB == nil || *idle.BalloonMiB >= spec.MemoryMiB {
-		t.Fatalf("idle balloon %v, want below %d MiB", idle.BalloonMiB, spec.MemoryMiB)
+	if idle.BalloonMiB == nil {
+		t.Fatalf("idle machine has no balloon, want one below %d MiB", spec.MemoryMiB)
+	}
+	if *idle.BalloonMiB >= spec.MemoryMiB {
+		t.Fatalf("idle balloon %d MiB, want below %d MiB", *idle.BalloonMiB, spec.MemoryMiB)
 	}
 	target := *idle.BalloonMiB
 	var after agent.Stats
