@@ -25,10 +25,13 @@ func TestMetricsCoverMachinesPoolsAndLeases(t *testing.T) {
 	// box shrinks, suspends, and resumes on the next ensure, which turns its
 	// idling off so that it stays running.
 	box := api.MachineSpec{VCPUs: 1, MemoryMiB: 512, DataDiskMiB: 64,
-		IdleAfter: dur(100 * time.Millisecond), SuspendAfter: dur(300 * time.Millisecond)}
+		IdleAfter: dur(10 * time.Minute), SuspendAfter: dur(time.Hour)}
 	if _, err := c.EnsureMachine(ctxT(t), "box", box.EnsureRequest()); err != nil {
 		t.Fatal(err)
 	}
+	r.clock.Advance(10 * time.Minute)
+	waitMachine(t, c, "box", api.MachineIdle)
+	r.clock.Advance(50 * time.Minute)
 	waitMachine(t, c, "box", api.MachineSuspended)
 	awake := api.MachineSpec{VCPUs: 1, MemoryMiB: 512, DataDiskMiB: 64, IdleAfter: dur(0), SuspendAfter: dur(0)}
 	if m, err := c.EnsureMachine(ctxT(t), "box", awake.EnsureRequest()); err != nil || m.State != api.MachineRunning {
@@ -43,7 +46,8 @@ func TestMetricsCoverMachinesPoolsAndLeases(t *testing.T) {
 	if err := r.prov.Kill(dev.VMID); err != nil {
 		t.Fatal(err)
 	}
-	text := waitMetric(t, c, `warmpool_machine_recoveries_total{machine="dev"}`, 1)
+	// The recovery waits out its backoff on the manual clock.
+	text := waitMetric(t, c, `warmpool_machine_recoveries_total{machine="dev"}`, 1, func() { r.clock.Advance(time.Minute) })
 	if m := waitMachine(t, c, "dev", api.MachineRunning); m.VMID == dev.VMID {
 		t.Errorf("dev recovered on its killed VM %s", m.VMID)
 	}
@@ -100,7 +104,9 @@ func metricValue(text, series string) (float64, bool) {
 
 // waitMetric scrapes /metrics until series has value want and returns that
 // scrape.
-func waitMetric(t *testing.T, c *api.Client, series string, want float64) string {
+// waitMetric scrapes /metrics until series is want, calling each (if any)
+// between scrapes, and returns the last scrape.
+func waitMetric(t *testing.T, c *api.Client, series string, want float64, each ...func()) string {
 	t.Helper()
 	deadline := time.Now().Add(time.Minute)
 	var text string
@@ -111,6 +117,9 @@ func waitMetric(t *testing.T, c *api.Client, series string, want float64) string
 		}
 		if v, ok := metricValue(text, series); ok && v == want {
 			return text
+		}
+		for _, f := range each {
+			f()
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
