@@ -57,13 +57,21 @@ func Watch(pid int, onExit func()) (stop func(), err error) {
 // pfExiting is the kernel's PF_EXITING task flag: do_exit has begun.
 const pfExiting = 0x4
 
+// sigkillBit is SIGKILL in the kernel's pending-signal masks.
+const sigkillBit = 1 << (uint(unix.SIGKILL) - 1)
+
 // Exiting reports whether the process pid is on its way out or gone: it
-// was sent SIGKILL (the kernel queues it on every thread at once, in the
-// sender's kill call), has begun to exit, is a zombie, or does not exist.
-// It closes the moment between a kill and the exit itself, which for a
-// process with a large address space lasts milliseconds, in which a plain
-// liveness check still sees a running process.
+// was sent SIGKILL, has begun to exit, is a zombie, or does not exist. It
+// closes the moment between a kill and the exit itself, which for a process
+// with a large address space lasts milliseconds, in which a plain liveness
+// check still sees a running process.
 func Exiting(pid int) bool {
+	return exitingByStat(pid) || sigkillShared(pid)
+}
+
+// exitingByStat reads /proc/PID/stat: zombie or gone, PF_EXITING, or a
+// SIGKILL still pending on the main thread.
+func exitingByStat(pid int) bool {
 	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
 	if err != nil {
 		return true
@@ -87,5 +95,25 @@ func Exiting(pid int) bool {
 	if err1 != nil || err2 != nil {
 		return false
 	}
-	return flags&pfExiting != 0 || pending&(1<<(uint(unix.SIGKILL)-1)) != 0
+	return flags&pfExiting != 0 || pending&sigkillBit != 0
+}
+
+// sigkillShared reads the process-wide pending signals from
+// /proc/PID/status. A kill(2) queues SIGKILL there (and on every thread) in
+// the sender's call; a thread taking it off its own queue to exit leaves
+// this one set, so it covers the instant before PF_EXITING.
+func sigkillShared(pid int) bool {
+	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/status")
+	if err != nil {
+		return true
+	}
+	for line := range strings.Lines(string(b)) {
+		hex, ok := strings.CutPrefix(line, "ShdPnd:")
+		if !ok {
+			continue
+		}
+		mask, err := strconv.ParseUint(strings.TrimSpace(hex), 16, 64)
+		return err == nil && mask&sigkillBit != 0
+	}
+	return false
 }
