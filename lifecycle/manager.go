@@ -31,7 +31,11 @@
 //	machine.restored         state, recorded_state, vm_id, reason
 //
 // Providers: Inspect must report StatusStopped (or ErrNotFound) once a guest
-// powered itself off, or graceful stops wait for StopTimeout and force.
+// powered itself off, or graceful stops wait for StopTimeout and force. A
+// provider with vm.CapExitEvents reports a VM's exit as it happens: a
+// running machine whose VM exits crashes and recovers at once, and Ensure
+// asks its Alive before answering from a running machine. Without it, the
+// health loop notices a dead VM at its next ping.
 package lifecycle
 
 import (
