@@ -63,6 +63,12 @@ func (r Report) WriteTable(w io.Writer) error {
 	if h.Accel != "" {
 		fmt.Fprintf(&b, "  accel=%s", h.Accel)
 	}
+	// Which run this is: a table pasted somewhere (the README) says so itself.
+	build := h.Build
+	if build == "" {
+		build = "devel"
+	}
+	fmt.Fprintf(&b, "\nrun started %s, warmpool %s", r.Started.UTC().Format("2006-01-02 15:04 UTC"), build)
 	fmt.Fprintf(&b, "\nload average %.2f %.2f %.2f before, %.2f %.2f %.2f after; run took %.1fs; warm-up runs excluded\n\n",
 		h.LoadAvgBefore[0], h.LoadAvgBefore[1], h.LoadAvgBefore[2],
 		h.LoadAvgAfter[0], h.LoadAvgAfter[1], h.LoadAvgAfter[2], r.DurationSeconds)

@@ -3,6 +3,7 @@ package bench
 import (
 	"os"
 	"runtime"
+	"runtime/debug"
 	"strconv"
 	"strings"
 	"time"
@@ -11,7 +12,10 @@ import (
 // Host describes the machine a report was measured on, so readers can judge
 // how much noise to expect.
 type Host struct {
-	Time          time.Time  `json:"time"`
+	Time time.Time `json:"time"`
+	// Build names the warmpool that ran: the commit it was built from
+	// ("+modified" with uncommitted changes) or its module version.
+	Build         string     `json:"build,omitempty"`
 	CPUs          int        `json:"cpus"`
 	Kernel        string     `json:"kernel"`
 	GoVersion     string     `json:"go_version"`
@@ -52,9 +56,37 @@ func kernelRelease() string {
 	return strings.TrimSpace(string(data))
 }
 
+// buildName is the commit the binary was built from, or its module version
+// when it carries no VCS stamp (go install), or "devel" (go run).
+func buildName() string {
+	bi, ok := debug.ReadBuildInfo()
+	if !ok {
+		return "devel"
+	}
+	var rev, modified string
+	for _, s := range bi.Settings {
+		switch s.Key {
+		case "vcs.revision":
+			rev = s.Value
+		case "vcs.modified":
+			modified = s.Value
+		}
+	}
+	switch {
+	case rev != "" && modified == "true":
+		return "commit " + rev[:min(12, len(rev))] + "+modified"
+	case rev != "":
+		return "commit " + rev[:min(12, len(rev))]
+	case bi.Main.Version != "" && bi.Main.Version != "(devel)":
+		return bi.Main.Version
+	}
+	return "devel"
+}
+
 func hostInfo() Host {
 	return Host{
 		Time:          time.Now().UTC(),
+		Build:         buildName(),
 		CPUs:          runtime.NumCPU(),
 		Kernel:        kernelRelease(),
 		GoVersion:     runtime.Version(),

@@ -8,6 +8,7 @@ import (
 	"os"
 	"strings"
 	"testing"
+	"time"
 )
 
 func TestSummarizeUsesMeasuredValues(t *testing.T) {
@@ -48,7 +49,8 @@ func sampleReport() Report {
 	}
 	computeRatios(sc)
 	evaluateTargets(sc)
-	return Report{Provider: "qemu", Host: Host{CPUs: 2, Accel: "tcg", QEMUVersion: "7.2.22"}, Scenarios: sc}
+	return Report{Provider: "qemu", Started: time.Date(2026, 11, 23, 17, 13, 0, 0, time.UTC),
+		Host: Host{CPUs: 2, Accel: "tcg", QEMUVersion: "7.2.22", Build: "commit abf5b8e0c1d2"}, Scenarios: sc}
 }
 
 func TestRatiosAndTargets(t *testing.T) {
@@ -89,7 +91,9 @@ func TestTableJSONAndSVG(t *testing.T) {
 		t.Fatal(err)
 	}
 	out := table.String()
-	for _, want := range []string{"SCENARIO", "cold boot to agent-ready", "2.2s", "100ms", "FAIL", "skipped: provider cannot snapshot", "per_acquire_ns = 1234ns"} {
+	// The header names the run, so a table pasted elsewhere says where it came from.
+	for _, want := range []string{"run started 2026-11-23 17:13 UTC, warmpool commit abf5b8e0c1d2",
+		"SCENARIO", "cold boot to agent-ready", "2.2s", "100ms", "FAIL", "skipped: provider cannot snapshot", "per_acquire_ns = 1234ns"} {
 		if !strings.Contains(out, want) {
 			t.Errorf("table lacks %q:\n%s", want, out)
 		}
