@@ -36,7 +36,7 @@ func (b *builder) kernelPackage(ctx context.Context) (string, error) {
 		return b.opts.KernelPackage, nil
 	}
 	if _, err := exec.LookPath("apt-cache"); err != nil {
-		return "", fmt.Errorf("resolve the guest kernel: apt-cache not found (Debian's apt package), or set BuildOptions.KernelPackage")
+		return "", fmt.Errorf("resolve the guest kernel: apt-cache not found (Debian's apt package), or name the kernel package (BuildOptions.KernelPackage, warmpool image build --kernel-package)")
 	}
 	out, err := exec.CommandContext(ctx, "apt-cache", "depends", KernelMetaPackage).CombinedOutput()
 	if err != nil {
