@@ -119,17 +119,23 @@ type Daemon struct {
 	repair *templateRepair
 
 	bg sync.WaitGroup
+	// srv is the API server serve runs (tests make it fail).
+	srv *server
 }
 
 // Run starts the daemon described by opts and serves until ctx ends, then
 // shuts down gracefully. It returns an error when the daemon could not
 // start or could not serve.
 func Run(ctx context.Context, opts Options) error {
+	// The background work started with ctx (lease expiry, template builds
+	// from the config, repairs) must also end when the API server fails.
+	ctx, stop := context.WithCancel(ctx)
+	defer stop()
 	d, srv, err := start(ctx, opts)
 	if err != nil {
 		return err
 	}
-	return d.serve(ctx, srv, opts)
+	return d.serve(ctx, stop, srv, opts)
 }
 
 // resolveConfig merges the config file and the flags.
@@ -323,8 +329,9 @@ func (d *Daemon) closeProvider() {
 // in-flight requests finish for limits.shutdown_wait and cancel the rest,
 // destroy the warm VMs, keep leased VMs and machines (or stop them too with
 // StopAll).
-func (d *Daemon) serve(ctx context.Context, srv *server, opts Options) error {
+func (d *Daemon) serve(ctx context.Context, stop context.CancelFunc, srv *server, opts Options) error {
 	errc := make(chan error, 1)
+	d.srv = srv
 	go func() { errc <- srv.serve() }()
 	if opts.ready != nil {
 		opts.ready(d)
@@ -335,6 +342,7 @@ func (d *Daemon) serve(ctx context.Context, srv *server, opts Options) error {
 	case serveErr = <-errc:
 		d.log.Error("API server failed", "err", serveErr)
 	}
+	stop()
 	d.log.Info("shutting down")
 	d.closing.Store(true)
 	if err := srv.shutdown(d.cfg.Limits.ShutdownWait.Std(), requestCancelWait); err != nil {

@@ -103,3 +103,30 @@ func waitGone(t *testing.T, pid int) {
 	_ = syscall.Kill(pid, syscall.SIGKILL)
 	t.Errorf("the exec's process %d still ran a minute after shutdown", pid)
 }
+
+// A failed API server stops the daemon as SIGTERM would: the background work
+// ends and Run returns the server's error instead of waiting for a context
+// nobody cancels.
+func TestAPIServerFailureStopsTheDaemon(t *testing.T) {
+	dir := t.TempDir()
+	prov := newFakeProvider()
+	r := startFake(t, dir, prov, "")
+	setupPool(t, r.client, 1, 1)
+	if err := r.d.srv.ln.Close(); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case err := <-r.done:
+		r.cancel() // it stopped already
+		r.cancel = nil
+		if err == nil {
+			t.Error("Run returned no error after its API server failed")
+		}
+	case <-time.After(time.Minute):
+		t.Fatal("the daemon still ran a minute after its API server failed")
+	}
+	if live, _ := prov.List(context.Background()); len(live) != 0 {
+		t.Errorf("warm VMs left after the daemon stopped: %+v", live)
+	}
+	assertAccounted(t, dir, prov)
+}
