@@ -63,6 +63,10 @@ func buildName() string {
 	if !ok {
 		return "devel"
 	}
+	return buildNameOf(bi)
+}
+
+func buildNameOf(bi *debug.BuildInfo) string {
 	var rev, modified string
 	for _, s := range bi.Settings {
 		switch s.Key {

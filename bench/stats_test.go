@@ -6,6 +6,7 @@ import (
 	"encoding/xml"
 	"io"
 	"os"
+	"runtime/debug"
 	"strings"
 	"testing"
 	"time"
@@ -168,5 +169,19 @@ Private_Dirty:     41000 kB
 	}
 	if self.RssKiB <= 0 || self.PssKiB <= 0 {
 		t.Errorf("own memory %+v has no resident pages", self)
+	}
+}
+
+func TestBuildNameSaysWhichCommit(t *testing.T) {
+	rev := debug.BuildSetting{Key: "vcs.revision", Value: "e19e28e0123456789abcdef0123456789abcdef0"}
+	for want, bi := range map[string]*debug.BuildInfo{
+		"commit e19e28e01234":          {Settings: []debug.BuildSetting{rev, {Key: "vcs.modified", Value: "false"}}},
+		"commit e19e28e01234+modified": {Settings: []debug.BuildSetting{rev, {Key: "vcs.modified", Value: "true"}}},
+		"v1.2.0":                       {Main: debug.Module{Version: "v1.2.0"}},
+		"devel":                        {Main: debug.Module{Version: "(devel)"}},
+	} {
+		if got := buildNameOf(bi); got != want {
+			t.Errorf("buildNameOf(%+v) = %q, want %q", bi, got, want)
+		}
 	}
 }
