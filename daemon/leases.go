@@ -78,8 +78,7 @@ func (d *Daemon) Acquire(ctx context.Context, poolName string, req api.AcquireRe
 	if wait <= 0 {
 		wait = api.DefaultWait
 	}
-	// The lease ID becomes the guest's hostname, and the VM's store record
-	// names it before the VM is touched.
+	// The lease ID becomes the guest's hostname at hand-off.
 	actx, cancel := context.WithTimeout(ctx, wait)
 	defer cancel()
 	pl, err := d.pools.Acquire(actx, poolName, pool.Identity{LeaseID: id})
@@ -113,9 +112,11 @@ func (d *Daemon) Acquire(ctx context.Context, poolName string, req api.AcquireRe
 		exp := now.Add(rec.TTL)
 		rec.ExpiresAt = &exp
 	}
-	// The hand-off recorded the VM as this lease's; only the lease itself
-	// is left to record.
-	if err := d.leases.Add(rec); err != nil {
+	// The lease and its VM's leased role are committed together, once.
+	// Until then the VM's record says warm, which a crash cannot turn into
+	// a pool VM again: the hand-off resumed it, and a restart puts only
+	// paused warm VMs back into their pools (reconcile).
+	if err := d.leases.Add(rec, func(tx *store.Tx) error { return d.vms.leasedTx(tx, pl.VM.ID, id) }); err != nil {
 		rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), time.Minute)
 		defer cancel()
 		if rerr := d.prov.Destroy(rctx, pl.VM.ID); rerr != nil && !errors.Is(rerr, vm.ErrNotFound) {
@@ -131,14 +132,9 @@ func (d *Daemon) Acquire(ctx context.Context, poolName string, req api.AcquireRe
 	return leaseAPI(rec), nil
 }
 
-// handoff gives a freshly resumed warm VM its identity. It first marks the
-// VM leased in the store, so that a crash from here on can never put a VM
-// that a tenant may have seen back into a pool.
+// handoff gives a freshly resumed warm VM its identity.
 func (d *Daemon) handoff(ctx context.Context, v vm.VM, ident pool.Identity) error {
 	id := ident.LeaseID
-	if err := d.vms.leased(v.ID, id); err != nil {
-		return fmt.Errorf("mark VM %s leased: %w", v.ID, err)
-	}
 	entropy := make([]byte, 32)
 	if _, err := rand.Read(entropy); err != nil {
 		return fmt.Errorf("entropy for %s: %w", v.ID, err)

@@ -104,10 +104,20 @@ func TestReleaseDeletesTheVMRecordOnceWithTheLease(t *testing.T) {
 		if last := vmWrites[len(vmWrites)-1]; !last.Delete {
 			t.Errorf("lease %s: VM record written after its delete: %v", l.ID, vmWrites)
 		}
-		// From the acquire on, the hand-off marks the VM leased and
+		// From the acquire on, the lease's commit marks the VM leased and
 		// nothing else writes its record until the release deletes it.
 		if puts := len(vmWrites) - 1; puts != 1 {
 			t.Errorf("lease %s: VM record written %d times from acquire to release, want 1: %v", l.ID, puts, vmWrites)
+		}
+		// An acquire commits once: the lease and its VM's leased role.
+		var leasePuts []store.Mutation
+		for _, m := range leaseWrites {
+			if !m.Delete {
+				leasePuts = append(leasePuts, m)
+			}
+		}
+		if len(leasePuts) != 1 || len(vmWrites) < 2 || vmWrites[0].Tx != leasePuts[0].Tx {
+			t.Errorf("lease %s: lease written %v and its VM %v, want both once in one transaction", l.ID, leasePuts, vmWrites)
 		}
 	}
 

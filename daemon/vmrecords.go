@@ -3,6 +3,7 @@ package daemon
 import (
 	"context"
 	"errors"
+	"fmt"
 	"time"
 
 	"github.com/warmpool/warmpool/store"
@@ -68,17 +69,15 @@ func (r *vmRecords) warm(id, pool string) error {
 	})
 }
 
-// leased records that VM id belongs to lease from now on. It fails for a
-// VM without a record: such a VM must not reach a tenant.
-func (r *vmRecords) leased(id, lease string) error {
-	return r.st.Update(func(tx *store.Tx) error {
-		rec, err := store.VMs.Get(tx, id)
-		if err != nil {
-			return err
-		}
-		rec.Role, rec.Lease = store.RoleLeased, lease
-		return store.VMs.Put(tx, rec)
-	})
+// leasedTx records in tx that VM id belongs to lease from now on. It fails
+// for a VM without a record: such a VM must not reach a tenant.
+func (r *vmRecords) leasedTx(tx *store.Tx, id, lease string) error {
+	rec, err := store.VMs.Get(tx, id)
+	if err != nil {
+		return fmt.Errorf("mark VM %s leased: %w", id, err)
+	}
+	rec.Role, rec.Lease = store.RoleLeased, lease
+	return store.VMs.Put(tx, rec)
 }
 
 // machineTx records in tx that VM id runs machine.

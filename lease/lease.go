@@ -66,16 +66,26 @@ func New(cfg Config) (*Registry, error) {
 	return &Registry{cfg: cfg, log: log, releasing: map[string]chan struct{}{}}, nil
 }
 
-// Add records a new lease. Its VM must already be recorded as leased to it
-// (the hand-off does that before the guest is touched).
-func (r *Registry) Add(l store.Lease) error {
+// Add records a new lease and, in the same transaction, runs also when it
+// is set (the daemon records the lease's VM as leased there, so an acquire
+// commits the state once).
+func (r *Registry) Add(l store.Lease, also func(*store.Tx) error) error {
 	if err := vm.ValidateName("lease id", l.ID); err != nil {
 		return err
 	}
 	if l.VMID == "" {
 		return &vm.FieldError{Field: "vm_id", Value: l.VMID, Reason: "a lease needs its VM"}
 	}
-	if err := store.Put(r.cfg.Store, store.Leases, l); err != nil {
+	err := r.cfg.Store.Update(func(tx *store.Tx) error {
+		if err := store.Leases.Put(tx, l); err != nil {
+			return err
+		}
+		if also != nil {
+			return also(tx)
+		}
+		return nil
+	})
+	if err != nil {
 		return fmt.Errorf("record lease %s: %w", l.ID, err)
 	}
 	return nil

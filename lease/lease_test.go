@@ -89,7 +89,7 @@ func (w *world) add(t *testing.T, id, vmID string, ttl time.Duration) store.Leas
 		exp := t0.Add(ttl)
 		l.ExpiresAt = &exp
 	}
-	if err := w.r.Add(l); err != nil {
+	if err := w.r.Add(l, nil); err != nil {
 		t.Fatalf("Add(%s): %v", id, err)
 	}
 	return l
@@ -142,7 +142,7 @@ func TestAcquireAndRelease(t *testing.T) {
 func TestAddRefusesALeaseWithoutIDOrVM(t *testing.T) {
 	w := newWorld(t, "")
 	for _, l := range []store.Lease{{VMID: "vm"}, {ID: "l-x"}, {ID: "no/slash", VMID: "vm"}} {
-		if err := w.r.Add(l); !errors.Is(err, vm.ErrInvalid) {
+		if err := w.r.Add(l, nil); !errors.Is(err, vm.ErrInvalid) {
 			t.Errorf("Add(%+v) = %v, want ErrInvalid", l, err)
 		}
 	}
