@@ -106,6 +106,40 @@ type Image struct {
 	KernelPackage string   `json:"kernel_package,omitempty"`
 	KernelRelease string   `json:"kernel_release,omitempty"`
 	Modules       []string `json:"modules,omitempty"` // in load order
+	// Source is what the image was built from (see package rootfs): empty
+	// or "busybox" for the initramfs-only image Build makes.
+	Source string `json:"source,omitempty"`
+	// Rootfs is the image's read-only root filesystem disk; nil for the
+	// busybox image, whose root is the initramfs.
+	Rootfs *Rootfs `json:"rootfs,omitempty"`
+}
+
+// Rootfs describes an image's root filesystem disk. The kernel and the
+// initramfs (agent and modules) are those of the busybox image it was built
+// on (BaseDigest); the disk holds only the source's files.
+type Rootfs struct {
+	// Path is the disk image, set by Load from File.
+	Path string `json:"-"`
+	File string `json:"file"` // name inside the image directory
+	// Format is the filesystem on the disk: "ext4".
+	Format    string `json:"format"`
+	SizeBytes int64  `json:"size_bytes"`
+	// BaseDigest is the digest of the busybox image whose kernel and
+	// initramfs this image boots with.
+	BaseDigest string       `json:"base_digest"`
+	Packages   []string     `json:"packages,omitempty"`
+	Exec       ExecDefaults `json:"exec"`
+}
+
+// ExecDefaults are what an exec in the image runs with unless the request
+// overrides them: an OCI image config's Env, WorkingDir, User,
+// Entrypoint and Cmd, or Debian's defaults.
+type ExecDefaults struct {
+	Env        []string `json:"env,omitempty"`
+	WorkingDir string   `json:"working_dir,omitempty"`
+	User       string   `json:"user,omitempty"`
+	Entrypoint []string `json:"entrypoint,omitempty"`
+	Cmd        []string `json:"cmd,omitempty"`
 }
 
 const manifestName = "image.json"
@@ -136,7 +170,15 @@ func Load(dir string) (Image, error) {
 	img.Dir = abs
 	img.Kernel = filepath.Join(abs, "vmlinuz")
 	img.Initrd = filepath.Join(abs, "initrd.img")
-	for _, f := range []string{img.Kernel, img.Initrd} {
+	files := []string{img.Kernel, img.Initrd}
+	if img.Rootfs != nil {
+		if img.Rootfs.File == "" || filepath.Base(img.Rootfs.File) != img.Rootfs.File {
+			return Image{}, fmt.Errorf("load guest image from %s: bad root filesystem file name %q", dir, img.Rootfs.File)
+		}
+		img.Rootfs.Path = filepath.Join(abs, img.Rootfs.File)
+		files = append(files, img.Rootfs.Path)
+	}
+	for _, f := range files {
 		if _, err := os.Stat(f); err != nil {
 			return Image{}, fmt.Errorf("load guest image from %s: %w", dir, err)
 		}
@@ -457,6 +499,16 @@ func releasedVersion() string {
 		return ""
 	}
 	return bi.Main.Version
+}
+
+// LockCache takes the cache directory's lock, which Build, Prune and
+// package rootfs hold while they change the cache; the returned function
+// releases it.
+func LockCache(ctx context.Context, cacheDir string) (func(), error) {
+	if err := os.MkdirAll(cacheDir, 0o755); err != nil {
+		return nil, fmt.Errorf("guest image cache: %w", err)
+	}
+	return lockDir(ctx, cacheDir)
 }
 
 // lockDir takes an exclusive lock on dir's lock file, waiting while ctx lasts.

@@ -7,6 +7,7 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+	"regexp"
 	"slices"
 	"strings"
 	"time"
@@ -17,13 +18,96 @@ type CachedImage struct {
 	Image
 	SizeBytes int64     `json:"size_bytes"`
 	BuiltAt   time.Time `json:"built_at"`
+	// Names are the names (image build --name) that refer to it.
+	Names []string `json:"names,omitempty"`
+}
+
+var imageName = regexp.MustCompile(`^[a-z0-9][a-z0-9._-]{0,62}$`)
+
+// CheckName says whether name can name an image.
+func CheckName(name string) error {
+	if !imageName.MatchString(name) {
+		return fmt.Errorf("image name %q: use 1-63 lower-case letters, digits, '.', '_' or '-', starting with a letter or digit", name)
+	}
+	return nil
+}
+
+// SetName makes name refer to the image in imageDir, a directory of
+// cacheDir's images, replacing what it referred to before. The caller holds
+// LockCache.
+func SetName(cacheDir, name, imageDir string) error {
+	if err := CheckName(name); err != nil {
+		return err
+	}
+	images, err := filepath.Abs(filepath.Join(cacheDir, "images"))
+	if err != nil {
+		return err
+	}
+	abs, err := filepath.Abs(imageDir)
+	if err != nil {
+		return err
+	}
+	if filepath.Dir(abs) != images {
+		return fmt.Errorf("name image %s: not an image of the cache %s", imageDir, cacheDir)
+	}
+	names := filepath.Join(cacheDir, "names")
+	if err := os.MkdirAll(names, 0o755); err != nil {
+		return fmt.Errorf("name image %s: %w", name, err)
+	}
+	tmp := filepath.Join(names, ".new-"+name)
+	_ = os.Remove(tmp)
+	if err := os.Symlink(filepath.Join("..", "images", filepath.Base(imageDir)), tmp); err != nil {
+		return fmt.Errorf("name image %s: %w", name, err)
+	}
+	if err := os.Rename(tmp, filepath.Join(names, name)); err != nil {
+		return fmt.Errorf("name image %s: %w", name, err)
+	}
+	return nil
+}
+
+// ResolveName returns the directory of the image called name in cacheDir
+// (DefaultCacheDir() when empty).
+func ResolveName(cacheDir, name string) (string, error) {
+	if err := CheckName(name); err != nil {
+		return "", err
+	}
+	link := filepath.Join(cmp.Or(cacheDir, DefaultCacheDir()), "names", name)
+	target, err := os.Readlink(link)
+	if err != nil {
+		return "", fmt.Errorf("image %s: no image of that name in the cache (image ls lists them): %w", name, err)
+	}
+	dir := filepath.Join(filepath.Dir(link), target)
+	if _, err := Load(dir); err != nil {
+		return "", fmt.Errorf("image %s: %w", name, err)
+	}
+	return dir, nil
+}
+
+// namesByDir maps image directories to the names that refer to them.
+func namesByDir(cacheDir string) map[string][]string {
+	names := filepath.Join(cacheDir, "names")
+	entries, _ := os.ReadDir(names)
+	out := map[string][]string{}
+	for _, e := range entries {
+		if strings.HasPrefix(e.Name(), ".") {
+			continue
+		}
+		target, err := os.Readlink(filepath.Join(names, e.Name()))
+		if err != nil {
+			continue
+		}
+		dir := filepath.Clean(filepath.Join(names, target))
+		out[dir] = append(out[dir], e.Name())
+	}
+	return out
 }
 
 // ListCached returns the finished images in cacheDir (DefaultCacheDir() when
 // empty), newest first. Builds in progress and unreadable directories are
 // left out.
 func ListCached(cacheDir string) ([]CachedImage, error) {
-	root := filepath.Join(cmp.Or(cacheDir, DefaultCacheDir()), "images")
+	cacheDir = cmp.Or(cacheDir, DefaultCacheDir())
+	root := filepath.Join(cacheDir, "images")
 	entries, err := os.ReadDir(root)
 	if os.IsNotExist(err) {
 		return nil, nil
@@ -31,6 +115,7 @@ func ListCached(cacheDir string) ([]CachedImage, error) {
 	if err != nil {
 		return nil, fmt.Errorf("list guest images in %s: %w", root, err)
 	}
+	named := namesByDir(cacheDir)
 	var out []CachedImage
 	for _, e := range entries {
 		if !e.IsDir() || strings.HasPrefix(e.Name(), ".") {
@@ -41,7 +126,7 @@ func ListCached(cacheDir string) ([]CachedImage, error) {
 		if err != nil {
 			continue
 		}
-		c := CachedImage{Image: img}
+		c := CachedImage{Image: img, Names: named[filepath.Clean(dir)]}
 		if fi, err := os.Stat(filepath.Join(dir, manifestName)); err == nil {
 			c.BuiltAt = fi.ModTime().UTC()
 		}
@@ -70,6 +155,7 @@ type PruneOptions struct {
 	// InUse lists image directories that something (a daemon's templates)
 	// still boots or restores from; they are kept.
 	InUse []string
+	// Named images (SetName) are always kept.
 	// DryRun reports what would be removed without removing it.
 	DryRun bool
 }
@@ -102,7 +188,7 @@ func Prune(ctx context.Context, opts PruneOptions) ([]CachedImage, error) {
 	}
 	var removed []CachedImage
 	for i, img := range images {
-		if i < opts.KeepNewest || inUse[filepath.Clean(img.Dir)] {
+		if i < opts.KeepNewest || inUse[filepath.Clean(img.Dir)] || len(img.Names) > 0 {
 			continue
 		}
 		if !opts.DryRun {

@@ -95,3 +95,52 @@ func TestPruneKeepsNewestAndInUseImages(t *testing.T) {
 		t.Errorf("prune of a missing cache = %v, %v", removed, err)
 	}
 }
+
+func TestNamedImagesAreListedResolvedAndKeptByPrune(t *testing.T) {
+	cache := t.TempDir()
+	fakeCachedImage(t, cache, "new", time.Minute)
+	named := fakeCachedImage(t, cache, "named", time.Hour)
+	fakeCachedImage(t, cache, "old", 2*time.Hour)
+	if err := guest.SetName(cache, "py", named); err != nil {
+		t.Fatal(err)
+	}
+	if err := guest.SetName(cache, "Bad/Name", named); err == nil {
+		t.Error("SetName accepted a name with a slash")
+	}
+	if err := guest.SetName(cache, "elsewhere", t.TempDir()); err == nil {
+		t.Error("SetName accepted a directory outside the cache")
+	}
+	dir, err := guest.ResolveName(cache, "py")
+	if err != nil || filepath.Base(dir) != "named" {
+		t.Fatalf("ResolveName(py) = %s, %v", dir, err)
+	}
+	if _, err := guest.ResolveName(cache, "nope"); err == nil {
+		t.Error("ResolveName of an unknown name succeeded")
+	}
+	imgs, err := guest.ListCached(cache)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, img := range imgs {
+		if want := filepath.Base(img.Dir) == "named"; want != slices.Equal(img.Names, []string{"py"}) {
+			t.Errorf("%s: names %v", img.Dir, img.Names)
+		}
+	}
+	removed, err := guest.Prune(context.Background(), guest.PruneOptions{CacheDir: cache, KeepNewest: 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(removed) != 1 || filepath.Base(removed[0].Dir) != "old" {
+		t.Errorf("prune removed %v, want only old", removed)
+	}
+	if got, want := cachedNames(t, cache), []string{"new", "named"}; !slices.Equal(got, want) {
+		t.Errorf("after prune: %v, want %v", got, want)
+	}
+	// Renaming moves the name.
+	if err := guest.SetName(cache, "py", filepath.Join(cache, "images", "new")); err != nil {
+		t.Fatal(err)
+	}
+	if dir, _ := guest.ResolveName(cache, "py"); filepath.Base(dir) != "new" {
+		t.Errorf("py after renaming: %s", dir)
+	}
+}

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs what warmpool and its tests need on a fresh Debian machine: QEMU,
-# the tools the guest image build uses, a C compiler for go test -race,
+# the tools the guest image builds use (debootstrap and e2fsprogs included), a C compiler for go test -race,
 # procps, promtool, an apt index that knows the guest kernel package, and
 # staticcheck.
 # Idempotent and quiet when everything is already there.
@@ -11,6 +11,11 @@ dpkg -s busybox-static >/dev/null 2>&1 || need+=(busybox-static)
 command -v cpio >/dev/null || need+=(cpio)
 command -v zstd >/dev/null || need+=(zstd)
 command -v xz >/dev/null || need+=(xz-utils)
+# Root filesystem images (package rootfs): mkfs.ext4 -d builds the disk and
+# debugfs reads it in the tests (e2fsprogs); debootstrap builds debian:SUITE.
+command -v mkfs.ext4 >/dev/null || [ -x /usr/sbin/mkfs.ext4 ] || need+=(e2fsprogs)
+command -v debugfs >/dev/null || [ -x /usr/sbin/debugfs ] || need+=(e2fsprogs)
+command -v debootstrap >/dev/null || [ -x /usr/sbin/debootstrap ] || need+=(debootstrap)
 # What the tests run besides the above: the race detector needs a C
 # compiler, and the template test looks for leftover processes with pgrep.
 command -v gcc >/dev/null || need+=(gcc)
