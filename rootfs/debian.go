@@ -29,6 +29,9 @@ func debootstrapTree(ctx context.Context, cache, suite, mirror string, packages 
 	if _, err := exec.LookPath("debootstrap"); err != nil {
 		return "", fmt.Errorf("debian:%s needs debootstrap (Debian's debootstrap package; scripts/deps.sh installs it): %w", suite, err)
 	}
+	if _, err := os.Stat(filepath.Join("/usr/share/debootstrap/scripts", suite)); err != nil {
+		return "", fmt.Errorf("debian:%s: unknown suite (debootstrap has no script for it in /usr/share/debootstrap/scripts)", suite)
+	}
 	version, _ := exec.Command("dpkg-query", "-W", "-f=${Version}", "debootstrap").Output()
 	h := sha256.New()
 	fmt.Fprintf(h, "debootstrap %s\nvariant minbase\nsuite %s\nmirror %s\npackages %s\n", version, suite, mirror, strings.Join(packages, ","))

@@ -68,7 +68,7 @@ func TestDebianBadInput(t *testing.T) {
 		want     string
 	}{
 		{"unknown package", "bookworm", []string{"python3", "no-such-package-warmpool"}, "unknown package no-such-package-warmpool"},
-		{"unknown suite", "no-such-suite", nil, "no-such-suite"},
+		{"unknown suite", "no-such-suite", nil, "debian:no-such-suite: unknown suite"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			cache, trees := t.TempDir(), t.TempDir()

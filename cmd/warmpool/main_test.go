@@ -9,6 +9,7 @@ import (
 	"os"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -17,6 +18,7 @@ import (
 	"github.com/warmpool/warmpool/api"
 	"github.com/warmpool/warmpool/api/apitest"
 	"github.com/warmpool/warmpool/events"
+	"github.com/warmpool/warmpool/guest"
 	"github.com/warmpool/warmpool/internal/paths"
 )
 
@@ -490,5 +492,56 @@ func TestMachineEnsureIsOneRequest(t *testing.T) {
 	}
 	if got := ms[0].Spec; got.VCPUs != 2 || got.MemoryMiB != 1024 || got.DataDiskMiB != 2048 || got.SuspendAfter == nil || *got.SuspendAfter != 0 {
 		t.Errorf("spec after the ensures: %+v", got)
+	}
+}
+
+func TestImageBuildRefusesBadSourcesBeforeBuilding(t *testing.T) {
+	cache := t.TempDir()
+	for _, tc := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"--from", "docker:alpine"}, `unknown kind "docker"`},
+		{[]string{"--from", "debian:"}, "want busybox, dir:PATH"},
+		{[]string{"--packages", "python3"}, "--packages and --size need a --from source other than busybox"},
+		{[]string{"--from", "tar:x.tar", "--name", "Not/A/Name"}, `image name "Not/A/Name"`},
+	} {
+		r := cli(t, "", append([]string{"image", "build", "--out", cache}, tc.args...)...)
+		assertFailure(t, r, exitFailure, tc.want)
+	}
+	if entries, _ := os.ReadDir(cache); len(entries) != 0 {
+		t.Errorf("a refused build wrote %v into the cache", entries)
+	}
+}
+
+func TestImageLsShowsNameSourceSizeDigestCreated(t *testing.T) {
+	cache := t.TempDir()
+	dir := filepath.Join(cache, "images", "0123456789abcdef")
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	manifest := `{"digest":"0123456789abcdef00","source":"oci-archive:/srv/app.tar","rootfs":{"file":"rootfs.ext4","format":"ext4","size_bytes":3145728,"base_digest":"b","exec":{}}}`
+	for name, size := range map[string]int{"image.json": 0, "vmlinuz": 1 << 20, "initrd.img": 1 << 20, "rootfs.ext4": 3 << 20} {
+		data := make([]byte, size)
+		if name == "image.json" {
+			data = []byte(manifest)
+		}
+		if err := os.WriteFile(filepath.Join(dir, name), data, 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := guest.SetName(cache, "app", dir); err != nil {
+		t.Fatal(err)
+	}
+	r := cli(t, "", "image", "ls", "--out", cache)
+	lines := strings.Split(strings.TrimSpace(r.stdout), "\n")
+	if r.code != 0 || len(lines) != 2 {
+		t.Fatalf("image ls: %+v", r)
+	}
+	if got := strings.Fields(lines[0]); !slices.Equal(got[:5], []string{"NAME", "SOURCE", "SIZE", "DIGEST", "CREATED"}) {
+		t.Errorf("header %q", lines[0])
+	}
+	if got := strings.Fields(lines[1]); !slices.Equal(got[:4], []string{"app", "oci-archive:/srv/app.tar", "5.0MiB", "0123456789ab"}) {
+		t.Errorf("row %q", lines[1])
 	}
 }
