@@ -122,6 +122,10 @@ func checkPackagesKnown(ctx context.Context, suite string, packages []string) er
 	if len(packages) == 0 || hostSuite() != suite {
 		return nil
 	}
+	all := append([]string{"show", "--no-all-versions"}, packages...)
+	if exec.CommandContext(ctx, "apt-cache", all...).Run() == nil {
+		return nil
+	}
 	var unknown []string
 	for _, p := range packages {
 		if err := exec.CommandContext(ctx, "apt-cache", "show", "--no-all-versions", p).Run(); err != nil {

@@ -67,7 +67,7 @@ func TestDebianBadInput(t *testing.T) {
 		packages []string
 		want     string
 	}{
-		{"unknown package", "bookworm", []string{"python3", "no-such-package-warmpool"}, "unknown package no-such-package-warmpool"},
+		{"unknown package", "bookworm", []string{"no-such-package-warmpool"}, "unknown package no-such-package-warmpool"},
 		{"unknown suite", "no-such-suite", nil, "debian:no-such-suite: unknown suite"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
