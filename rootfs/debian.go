@@ -7,11 +7,16 @@ import (
 	"encoding/hex"
 	"fmt"
 	"io"
+	"log/slog"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"slices"
 	"strings"
+	"syscall"
+	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/warmpool/warmpool/guest"
 )
@@ -56,13 +61,17 @@ func debootstrapTree(ctx context.Context, cache, suite, mirror string, packages 
 	if err != nil {
 		return "", fmt.Errorf("debootstrap cache: %w", err)
 	}
-	defer os.RemoveAll(tmp)
+	defer removeUnmounted(tmp)
 	args := []string{"--variant=minbase"}
 	if len(packages) > 0 {
 		args = append(args, "--include="+strings.Join(packages, ","))
 	}
 	args = append(args, suite, filepath.Join(tmp, "root"), mirror)
 	cmd := exec.CommandContext(ctx, "debootstrap", args...)
+	// SIGTERM first: debootstrap's exit trap unmounts the /proc, /sys and
+	// /dev it mounted in the target.
+	cmd.Cancel = func() error { return cmd.Process.Signal(syscall.SIGTERM) }
+	cmd.WaitDelay = 30 * time.Second
 	out, err := cmd.StdoutPipe()
 	if err != nil {
 		return "", err
@@ -150,4 +159,35 @@ func hostSuite() string {
 		}
 	}
 	return ""
+}
+
+// removeUnmounted removes dir after detaching whatever is still mounted
+// below it (a debootstrap that was killed before its exit trap ran leaves
+// /proc, /sys and bind-mounted /dev nodes there), so that removing the tree
+// never reaches into a mounted filesystem.
+func removeUnmounted(dir string) {
+	data, err := os.ReadFile("/proc/self/mountinfo")
+	if err == nil {
+		var below []string
+		for line := range strings.SplitSeq(string(data), "\n") {
+			f := strings.Fields(line)
+			if len(f) > 4 && strings.HasPrefix(f[4], dir+"/") {
+				below = append(below, f[4])
+			}
+		}
+		// Deepest first.
+		slices.SortFunc(below, func(a, b string) int { return strings.Count(b, "/") - strings.Count(a, "/") })
+		for _, mp := range below {
+			if err := unix.Unmount(mp, unix.MNT_DETACH); err != nil {
+				slog.Warn("unmount leftover of debootstrap", "path", mp, "err", err)
+			}
+		}
+		if len(below) > 0 {
+			if err := os.RemoveAll(dir); err != nil {
+				slog.Warn("remove failed debootstrap tree", "dir", dir, "err", err)
+			}
+			return
+		}
+	}
+	_ = os.RemoveAll(dir)
 }
