@@ -704,8 +704,8 @@ func BenchmarkSlotCreate(b *testing.B) {
 	}
 }
 
-// BenchmarkSlotReuse is release of a used slot (scrub and verify) and
-// acquire of it again.
+// BenchmarkSlotReuse times the two halves of reusing a warm slot apart:
+// Acquire (on a lease's path) and Release (scrub and verify, after it).
 func BenchmarkSlotReuse(b *testing.B) {
 	needRoot(b)
 	restoreForwarding(b)
@@ -719,16 +719,42 @@ func BenchmarkSlotReuse(b *testing.B) {
 	if err := m.Fill(ctx); err != nil {
 		b.Fatal(err)
 	}
-	for b.Loop() {
-		s, err := m.Acquire(ctx, PolicyEgress, nil)
-		if err != nil {
-			b.Fatal(err)
-		}
-		if err := m.Release(ctx, s.ID); err != nil {
-			b.Fatal(err)
-		}
-	}
-	if got := m.List(); len(got) != 1 {
-		b.Fatalf("%d slots after reuse, want the 1 recycled", len(got))
+	allow := []Allow{{Prefix: netip.MustParsePrefix(outsideCIDR), Port: 443}}
+	for _, c := range []struct {
+		name    string
+		policy  Policy
+		allow   []Allow
+		release bool // time Release instead of Acquire
+	}{
+		{"acquire-isolated", PolicyIsolated, nil, false},
+		{"acquire-egress", PolicyEgress, allow, false},
+		{"release-isolated", PolicyIsolated, nil, true},
+		{"release-egress", PolicyEgress, allow, true},
+	} {
+		b.Run(c.name, func(b *testing.B) {
+			for b.Loop() {
+				if c.release {
+					b.StopTimer()
+				}
+				s, err := m.Acquire(ctx, c.policy, c.allow)
+				if err != nil {
+					b.Fatal(err)
+				}
+				if c.release {
+					b.StartTimer()
+				} else {
+					b.StopTimer()
+				}
+				if err := m.Release(ctx, s.ID); err != nil {
+					b.Fatal(err)
+				}
+				if !c.release {
+					b.StartTimer()
+				}
+			}
+			if got := m.List(); len(got) != 1 {
+				b.Fatalf("%d slots after reuse, want the 1 recycled", len(got))
+			}
+		})
 	}
 }

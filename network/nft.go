@@ -162,10 +162,9 @@ func addSlotRules(c *nftables.Conn, s Slot) {
 	addPolicyRules(c, t, eg, s)
 }
 
-// addPolicyRules queues the policy's rules into egressChain; what they do
-// not accept falls back to the forward chain's drop.
+// addPolicyRules queues the policy's rules into egressChain, which must be
+// empty; what they do not accept falls back to the forward chain's drop.
 func addPolicyRules(c *nftables.Conn, t *nftables.Table, eg *nftables.Chain, s Slot) {
-	c.FlushChain(eg)
 	if s.Policy != PolicyEgress {
 		return
 	}
