@@ -22,10 +22,11 @@ import (
 	"github.com/vishvananda/netns"
 )
 
-// The test range and the "outside" network stand-in; both must be free on
-// the test machine, which checkHost verifies for the range.
+// The tests' ranges (a second daemon's in otherCIDR) and the "outside"
+// network stand-in; needRoot skips when one is in use on the host.
 const (
 	testCIDR    = "172.20.213.0/26"
+	otherCIDR   = "172.20.214.0/30"
 	outsideCIDR = "198.51.100.0/24"
 )
 
@@ -54,6 +55,11 @@ func needRoot(t testing.TB) {
 	}
 	if _, err := os.Stat("/dev/net/tun"); err != nil {
 		t.Skipf("no /dev/net/tun: %v", err)
+	}
+	for _, r := range []string{testCIDR, otherCIDR, outsideCIDR} {
+		if err := checkHost(netip.MustParsePrefix(r), "wp-no-such-prefix"); err != nil {
+			t.Skipf("the tests' ranges must be free on this host: %v", err)
+		}
 	}
 }
 
@@ -542,7 +548,7 @@ func TestReconcileAdoptsKnownAndRemovesTheRest(t *testing.T) {
 	}
 	t.Cleanup(func() { m.Reconcile(ctx, nil); assertNothingLeft(t, tag) })
 	// Another daemon's slot, in its own range: never ours to remove.
-	other, err := New(Config{CIDR: "172.20.214.0/30", Tag: otherTag})
+	other, err := New(Config{CIDR: otherCIDR, Tag: otherTag})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Installs what warmpool and its tests need on a fresh Debian machine: QEMU,
 # the tools the guest image builds use (debootstrap and e2fsprogs included), a C compiler for go test -race,
-# procps, promtool, an apt index that knows the guest kernel package, and
-# staticcheck.
+# procps, iproute2 and nftables, promtool, an apt index that knows the
+# guest kernel package, and staticcheck.
 # Idempotent and quiet when everything is already there.
 set -euo pipefail
 need=()
@@ -20,6 +20,10 @@ command -v debootstrap >/dev/null || [ -x /usr/sbin/debootstrap ] || need+=(debo
 # compiler, and the template test looks for leftover processes with pgrep.
 command -v gcc >/dev/null || need+=(gcc)
 command -v pgrep >/dev/null || need+=(procps)
+# The network package's tests make namespaces and list what is left with
+# ip and nft.
+command -v ip >/dev/null || need+=(iproute2)
+command -v nft >/dev/null || need+=(nftables)
 # promtool (in Debian's prometheus package) checks the daemon's /metrics.
 command -v promtool >/dev/null || need+=(prometheus)
 # The guest kernel is resolved and downloaded with apt (guest.Build), which
