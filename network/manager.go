@@ -154,7 +154,6 @@ func (m *Manager) create(ctx context.Context, policy Policy, allow []Allow) (Slo
 	m.mu.Unlock()
 	s, err = withPolicy(s, policy, allow)
 	if err == nil {
-		s.Policy = policy
 		err = m.build(s)
 	}
 	if err != nil {
@@ -454,7 +453,9 @@ func (m *Manager) Acquire(ctx context.Context, policy Policy, allow []Allow) (Sl
 	// it), so isolated needs no change and egress only adds rules: deleting
 	// rules waits for an RCU grace period, adding them does not.
 	if err := m.applyPolicy(s, false); err != nil {
+		m.mu.Lock()
 		e.ready = false
+		m.mu.Unlock()
 		return Slot{}, errors.Join(fmt.Errorf("network slot %s: %w", s.ID, err), m.destroy(s))
 	}
 	m.mu.Lock()
@@ -768,7 +769,11 @@ func (p plan) slotOrName(tag string, index int, name string) Slot {
 }
 
 func parseVethName(tag, name string) (int, bool) {
-	return parseSlotName(tag, "wp-"+tag+"-"+name[min(len(name), len(hostVethPrefix(tag))):])
+	rest, ok := strings.CutPrefix(name, hostVethPrefix(tag))
+	if !ok {
+		return 0, false
+	}
+	return parseSlotName(tag, "wp-"+tag+"-"+rest)
 }
 
 func ipnet(a netip.Addr, bits int) *net.IPNet {

@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/hex"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -239,14 +240,10 @@ func get(ns netns.NsHandle, addr netip.AddrPort, timeout time.Duration) (string,
 	return string(b), err
 }
 
+// guestOf is the guest namespace of s and its name, which its server
+// answers with. makeGuest numbers guests in the order build makes them,
+// which is slot order in these tests.
 func (env *testEnv) guestOf(s Slot) (netns.NsHandle, string) {
-	for name, ns := range env.guestNS {
-		if h, err := netlink.NewHandleAt(ns); err == nil {
-			h.Close()
-		}
-		_ = name
-	}
-	// makeGuest runs inside build, in slot order.
 	name := fmt.Sprintf("wp-%s-g%d", env.tag, s.Index+1)
 	return env.guestNS[name], name
 }
@@ -570,7 +567,16 @@ func TestReconcileAdoptsKnownAndRemovesTheRest(t *testing.T) {
 	if err != nil {
 		t.Fatalf("the range of a daemon's own slots must not count as overlapping: %v", err)
 	}
-	adopted, err := m2.Reconcile(ctx, []Slot{keep})
+	// The caller keeps the record as JSON in its state database.
+	record, err := json.Marshal(keep)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var restored Slot
+	if err := json.Unmarshal(record, &restored); err != nil {
+		t.Fatal(err)
+	}
+	adopted, err := m2.Reconcile(ctx, []Slot{restored})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -762,5 +768,37 @@ func BenchmarkSlotReuse(b *testing.B) {
 				b.Fatalf("%d slots after reuse, want the 1 recycled", len(got))
 			}
 		})
+	}
+}
+
+func TestOnlyOurOwnNamesAreOurs(t *testing.T) {
+	tag := "a1b2c3"
+	for _, c := range []struct {
+		name  string
+		veth  bool
+		index int
+		ours  bool
+	}{
+		{"wp-a1b2c3-7", false, 7, true},
+		{"wp-a1b2c3-07", false, 0, false},
+		{"wp-a1b2c3-g1", false, 0, false},
+		{"wp-a1b2c3-out", false, 0, false},
+		{"wp-d4e5f6-7", false, 0, false},
+		{"wpa1b2c37", true, 7, true},
+		{"wpd4e5f67", true, 0, false},
+		{"wpoa1b2c3", true, 0, false},
+		{"eth0", true, 0, false},
+	} {
+		parse := parseSlotName
+		if c.veth {
+			parse = parseVethName
+		}
+		i, ok := parse(tag, c.name)
+		if ok != c.ours || (ok && i != c.index) {
+			t.Errorf("%s: (%d, %v), want (%d, %v)", c.name, i, ok, c.index, c.ours)
+		}
+	}
+	if a, b := TagFor("/var/lib/warmpool"), TagFor("/srv/warmpool"); a == b || validTag(a) != nil {
+		t.Errorf("tags %q and %q of two state directories", a, b)
 	}
 }
