@@ -829,3 +829,37 @@ func onOwnThread(fn func() error) error {
 	}()
 	return <-done
 }
+
+// OpenTAP opens the TAP of slot s for a VMM that is handed the descriptor
+// instead of being started inside the namespace (QEMU: -netdev
+// tap,fd=N,vhost=off). The flags match those the device was made with.
+func OpenTAP(s Slot) (*os.File, error) {
+	ns, err := netns.GetFromPath(s.NetnsPath())
+	if err != nil {
+		return nil, fmt.Errorf("opening namespace %s: %w", s.ID, err)
+	}
+	defer ns.Close()
+	var f *os.File
+	err = inNetns(ns, func() error {
+		fd, err := unix.Open("/dev/net/tun", unix.O_RDWR|unix.O_CLOEXEC, 0)
+		if err != nil {
+			return fmt.Errorf("opening /dev/net/tun: %w", err)
+		}
+		ifr, err := unix.NewIfreq(TAPName)
+		if err != nil {
+			unix.Close(fd)
+			return err
+		}
+		ifr.SetUint16(unix.IFF_TAP | unix.IFF_NO_PI | unix.IFF_VNET_HDR | unix.IFF_ONE_QUEUE)
+		if err := unix.IoctlIfreq(fd, unix.TUNSETIFF, ifr); err != nil {
+			unix.Close(fd)
+			return fmt.Errorf("attaching to TAP %s: %w", TAPName, err)
+		}
+		f = os.NewFile(uintptr(fd), "tap:"+s.ID)
+		return nil
+	})
+	if err != nil {
+		return nil, fmt.Errorf("network slot %s: %w", s.ID, err)
+	}
+	return f, nil
+}

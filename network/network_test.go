@@ -14,6 +14,7 @@ import (
 	"os"
 	"os/exec"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -800,5 +801,104 @@ func TestOnlyOurOwnNamesAreOurs(t *testing.T) {
 	}
 	if a, b := TagFor("/var/lib/warmpool"), TagFor("/srv/warmpool"); a == b || validTag(a) != nil {
 		t.Errorf("tags %q and %q of two state directories", a, b)
+	}
+}
+
+func tapAttached(t *testing.T, s Slot) bool {
+	t.Helper()
+	ns, err := netns.GetFromName(s.ID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ns.Close()
+	h, err := netlink.NewHandleAt(ns)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer h.Close()
+	l, err := h.LinkByName(TAPName)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return l.Attrs().OperState == netlink.OperUp
+}
+
+// A VMM handed the slot's TAP holds it; a slot released while it does is
+// destroyed, not handed to the next VM, whose VMM could not attach.
+func TestReleaseWhileTheTAPIsHeldDestroysTheSlot(t *testing.T) {
+	needRoot(t)
+	tag := randomTag(t)
+	m, err := New(Config{CIDR: testCIDR, Tag: tag, Warm: 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	t.Cleanup(func() { m.Reconcile(ctx, nil); assertNothingLeft(t, tag) })
+	s, err := m.Acquire(ctx, PolicyIsolated, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var holder func() // lets go of the TAP
+	if qemu, err := exec.LookPath("qemu-system-x86_64"); err == nil {
+		f, err := OpenTAP(s)
+		if err != nil {
+			t.Fatal(err)
+		}
+		cmd := exec.Command(qemu, "-M", "none", "-nodefaults", "-display", "none", "-S",
+			"-netdev", "tap,id=n0,fd=3,vhost=off")
+		cmd.ExtraFiles = []*os.File{f}
+		var out strings.Builder
+		cmd.Stdout, cmd.Stderr = &out, &out
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		f.Close()
+		exited := make(chan error, 1)
+		go func() { exited <- cmd.Wait() }()
+		var once sync.Once
+		holder = func() { once.Do(func() { cmd.Process.Kill(); <-exited }) }
+		t.Cleanup(holder)
+		// QEMU holds the descriptor it was handed from the start; make sure
+		// it accepted it before judging the slot.
+		select {
+		case err := <-exited:
+			t.Fatalf("QEMU refused the TAP: %v: %s", err, out.String())
+		case <-time.After(2 * time.Second):
+		}
+	} else {
+		f, err := OpenTAP(s)
+		if err != nil {
+			t.Fatal(err)
+		}
+		holder = func() { f.Close() }
+	}
+	if !tapAttached(t, s) {
+		t.Fatal("TAP is not up while a VMM holds it")
+	}
+	if err := m.Release(ctx, s.ID); err != nil {
+		t.Fatal(err)
+	}
+	if len(m.List()) != 0 {
+		t.Errorf("a slot released while its TAP is held was kept: %v", m.List())
+	}
+	holder()
+	// With nothing holding it, the next slot's TAP is down and recycled.
+	s2, err := m.Acquire(ctx, PolicyIsolated, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f, err := OpenTAP(s2)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f.Close()
+	if tapAttached(t, s2) {
+		t.Error("TAP still up after its holder closed it")
+	}
+	if err := m.Release(ctx, s2.ID); err != nil {
+		t.Fatal(err)
+	}
+	if got := m.List(); len(got) != 1 || got[0].ID != s2.ID {
+		t.Errorf("after a clean release: %v, want %s kept", got, s2.ID)
 	}
 }
