@@ -45,6 +45,10 @@ type Manager struct {
 	// for the guest.
 	guestLink func(slotNS netns.NsHandle) error
 
+	// hostMu orders installing the host table against removing it with
+	// the last slot, so a slot being made never loses it.
+	hostMu sync.Mutex
+
 	mu        sync.Mutex
 	slots     map[int]*entry // every slot that exists or is being made
 	idle      []int          // clean, unleased slots, oldest first
@@ -173,6 +177,8 @@ func (m *Manager) create(ctx context.Context, policy Policy, allow []Allow) (Slo
 // ensureHost installs the host table once per manager (again after the
 // last slot took it away).
 func (m *Manager) ensureHost() error {
+	m.hostMu.Lock()
+	defer m.hostMu.Unlock()
 	m.mu.Lock()
 	ready := m.hostReady
 	m.mu.Unlock()
@@ -388,19 +394,30 @@ func (m *Manager) destroy(s Slot) error {
 	err := m.teardown(s)
 	m.mu.Lock()
 	delete(m.slots, s.Index)
-	last := len(m.slots) == 0 && m.hostReady
-	if last {
-		m.hostReady = false
-	}
 	m.mu.Unlock()
-	if last {
-		err = errors.Join(err, m.removeHostTable())
-	}
+	err = errors.Join(err, m.removeHostIfUnused())
 	if err != nil {
 		return fmt.Errorf("destroying network slot %s: %w", s.ID, err)
 	}
 	m.log.Debug("network slot destroyed", "slot", s.ID)
 	return nil
+}
+
+// removeHostIfUnused removes the host table once no slot exists or is
+// being made.
+func (m *Manager) removeHostIfUnused() error {
+	m.hostMu.Lock()
+	defer m.hostMu.Unlock()
+	m.mu.Lock()
+	empty := len(m.slots) == 0
+	if empty {
+		m.hostReady = false
+	}
+	m.mu.Unlock()
+	if !empty {
+		return nil
+	}
+	return m.removeHostTable()
 }
 
 func (m *Manager) removeHostTable() error {

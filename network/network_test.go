@@ -902,3 +902,63 @@ func TestReleaseWhileTheTAPIsHeldDestroysTheSlot(t *testing.T) {
 		t.Errorf("after a clean release: %v, want %s kept", got, s2.ID)
 	}
 }
+
+// Slots made and destroyed at once by several callers get distinct
+// addresses and always have the host table. (The window in which a
+// destroy of the last slot could remove the table under a slot being made
+// is too narrow for this test to hit; hostMu closes it.)
+func TestConcurrentSlots(t *testing.T) {
+	needRoot(t)
+	tag := randomTag(t)
+	m, err := New(Config{CIDR: testCIDR, Tag: tag})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	t.Cleanup(func() { m.Reconcile(ctx, nil); assertNothingLeft(t, tag) })
+	const workers, rounds = 4, 5
+	var mu sync.Mutex
+	inUse := map[netip.Addr]bool{}
+	errs := make(chan error, workers)
+	for range workers {
+		go func() {
+			for range rounds {
+				s, err := m.Create(ctx, PolicyIsolated, nil)
+				if err != nil {
+					errs <- err
+					return
+				}
+				mu.Lock()
+				clash := inUse[s.Address]
+				inUse[s.Address] = true
+				mu.Unlock()
+				if clash {
+					errs <- fmt.Errorf("address %s handed out twice at once", s.Address)
+					return
+				}
+				c, err := nftables.New()
+				if err == nil {
+					_, err = c.ListTableOfFamily(hostTableName(tag), nftables.TableFamilyIPv4)
+				}
+				if err != nil {
+					errs <- fmt.Errorf("slot %s exists without the host table: %w", s.ID, err)
+					return
+				}
+				mu.Lock()
+				delete(inUse, s.Address)
+				mu.Unlock()
+				if err := m.Destroy(ctx, s.ID); err != nil {
+					errs <- err
+					return
+				}
+			}
+			errs <- nil
+		}()
+	}
+	for range workers {
+		if err := <-errs; err != nil {
+			t.Error(err)
+		}
+	}
+	assertNothingLeft(t, tag)
+}
