@@ -58,12 +58,6 @@ func setup(ctx context.Context, e *env, host *Host) error {
 	if e.dialer, ok = vm.As[vm.AgentDialer](e.provider, vm.CapAgent); !ok {
 		return fmt.Errorf("provider %s has no guest agent channel: %w", e.provider.Name(), vm.ErrUnsupported)
 	}
-	info := e.provider.Info(ctx)
-	host.Accel, host.QEMUVersion = info.Accel, info.Version
-	if host.Accel == "" {
-		host.Accel = "none"
-	}
-
 	e.progress("template (%d vCPU, %d MiB)", e.opts.VCPUs, e.opts.MemoryMiB)
 	lastStep := ""
 	req := api.TemplateRequest{Name: benchTemplate, VCPUs: e.opts.VCPUs, MemoryMiB: e.opts.MemoryMiB}
@@ -76,6 +70,13 @@ func setup(ctx context.Context, e *env, host *Host) error {
 		return fmt.Errorf("build template: %w", err)
 	}
 	e.templateName = benchTemplate
+	// Only after the template's VM booted: an "auto" accelerator is decided
+	// by the first boot.
+	info := e.provider.Info(ctx)
+	host.Accel, host.QEMUVersion = info.Accel, info.Version
+	if host.Accel == "" {
+		host.Accel = "none"
+	}
 	if e.template, err = d.TemplateSnapshot(benchTemplate); err != nil {
 		return err
 	}
