@@ -114,6 +114,56 @@ func makeExt4(ctx context.Context, dir, out string, u usage, sizeMiB int, uuid s
 		return fmt.Errorf("build ext4 disk from %s: %s: %w", dir, text, err)
 	}
 	progress("write ext4 disk", u.bytes, u.bytes)
+	return settleTimes(ctx, mkfs, dir, out)
+}
+
+// settleTimes gives every inode of the image at out the access and change
+// times of its modification time in dir. mkfs.ext4 -d copies all three
+// from the tree, and the tree's change times (and access times, which
+// reading it for the copy updates) are those of the build, so without this
+// two builds of the same inputs would differ in them.
+func settleTimes(ctx context.Context, mkfs, dir, out string) error {
+	var script strings.Builder
+	err := filepath.WalkDir(dir, func(path string, d fs.DirEntry, err error) error {
+		if err != nil {
+			return err
+		}
+		fi, err := d.Info()
+		if err != nil {
+			return err
+		}
+		rel, err := filepath.Rel(dir, path)
+		if err != nil {
+			return err
+		}
+		name := "/" + filepath.ToSlash(rel)
+		if rel == "." {
+			name = "/"
+		}
+		// debugfs reads one command per line and strips quotes; a name
+		// it cannot be given keeps the build's times.
+		if strings.ContainsAny(name, "\"\n\r\\") {
+			return nil
+		}
+		when := fmt.Sprintf("@%d", fi.ModTime().Unix())
+		fmt.Fprintf(&script, "sif \"%s\" atime %s\nsif \"%s\" ctime %s\n", name, when, name, when)
+		return nil
+	})
+	if err != nil {
+		return fmt.Errorf("settle times of %s: %w", out, err)
+	}
+	debugfs := filepath.Join(filepath.Dir(mkfs), "debugfs")
+	if _, err := os.Stat(debugfs); err != nil {
+		if debugfs, err = exec.LookPath("debugfs"); err != nil {
+			return fmt.Errorf("building a root filesystem needs debugfs (Debian's e2fsprogs): %w", err)
+		}
+	}
+	cmd := exec.CommandContext(ctx, debugfs, "-w", "-f", "-", out)
+	cmd.Stdin = strings.NewReader(script.String())
+	cmd.Env = append(os.Environ(), "E2FSPROGS_FAKE_TIME=1")
+	if msg, err := cmd.CombinedOutput(); err != nil {
+		return fmt.Errorf("settle times of %s: debugfs: %s: %w", out, strings.TrimSpace(string(msg)), err)
+	}
 	return nil
 }
 

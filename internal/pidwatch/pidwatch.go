@@ -8,6 +8,7 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"strconv"
 	"strings"
@@ -66,16 +67,55 @@ const sigkillBit = 1 << (uint(unix.SIGKILL) - 1)
 // with a large address space lasts milliseconds, in which a plain liveness
 // check still sees a running process.
 func Exiting(pid int) bool {
-	return exitingByStat(pid) || sigkillShared(pid)
+	stat, err1 := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
+	status, err2 := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/status")
+	return err1 != nil || err2 != nil || exitingByStat(stat) || sigkillShared(status)
 }
 
-// exitingByStat reads /proc/PID/stat: zombie or gone, PF_EXITING, or a
-// SIGKILL still pending on the main thread.
-func exitingByStat(pid int) bool {
-	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
+// Proc answers Exiting for one process from its /proc files, opened once:
+// a read through an open file skips the path lookup that makes most of the
+// cost of Exiting, and the files stay bound to the process they were
+// opened on, so a reused PID cannot answer for it.
+type Proc struct {
+	stat, status *os.File
+	buf          []byte
+}
+
+// OpenProc opens pid's /proc files. The caller must check afterwards that
+// pid is still the process it means (its start time), as with Watch.
+func OpenProc(pid int) (*Proc, error) {
+	dir := "/proc/" + strconv.Itoa(pid)
+	stat, err := os.Open(dir + "/stat")
 	if err != nil {
+		return nil, fmt.Errorf("open %s/stat: %w", dir, err)
+	}
+	status, err := os.Open(dir + "/status")
+	if err != nil {
+		stat.Close()
+		return nil, fmt.Errorf("open %s/status: %w", dir, err)
+	}
+	return &Proc{stat: stat, status: status, buf: make([]byte, 4096)}, nil
+}
+
+// Exiting is the package's Exiting for this process. It is not safe for
+// concurrent use.
+func (p *Proc) Exiting() bool {
+	n, err := p.stat.ReadAt(p.buf, 0)
+	if n == 0 || (err != nil && !errors.Is(err, io.EOF)) || exitingByStat(p.buf[:n]) {
 		return true
 	}
+	n, err = p.status.ReadAt(p.buf, 0)
+	return n == 0 || (err != nil && !errors.Is(err, io.EOF)) || sigkillShared(p.buf[:n])
+}
+
+// Close closes the files.
+func (p *Proc) Close() error {
+	return errors.Join(p.stat.Close(), p.status.Close())
+}
+
+// exitingByStat reads a /proc/PID/stat: zombie or gone, PF_EXITING, or a
+// SIGKILL still pending on the main thread.
+func exitingByStat(b []byte) bool {
 	// Fields resume after the command name's last ')'.
 	i := bytes.LastIndexByte(b, ')')
 	if i < 0 {
@@ -98,15 +138,11 @@ func exitingByStat(pid int) bool {
 	return flags&pfExiting != 0 || pending&sigkillBit != 0
 }
 
-// sigkillShared reads the process-wide pending signals from
+// sigkillShared reads the process-wide pending signals from a
 // /proc/PID/status. A kill(2) queues SIGKILL there (and on every thread) in
 // the sender's call; a thread taking it off its own queue to exit leaves
 // this one set, so it covers the instant before PF_EXITING.
-func sigkillShared(pid int) bool {
-	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/status")
-	if err != nil {
-		return true
-	}
+func sigkillShared(b []byte) bool {
 	for line := range strings.Lines(string(b)) {
 		hex, ok := strings.CutPrefix(line, "ShdPnd:")
 		if !ok {

@@ -60,30 +60,48 @@ func TestStopEndsTheWatchWithoutAReport(t *testing.T) {
 }
 
 func TestExitingFromTheKillOn(t *testing.T) {
-	cmd := exec.Command("sleep", "60")
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	pid := cmd.Process.Pid
-	if Exiting(pid) {
-		t.Fatal("a sleeping process counts as exiting")
-	}
-	// Stopped with SIGSTOP, the process cannot act on the SIGKILL: only the
-	// pending signal tells that it is doomed.
-	if err := cmd.Process.Signal(syscall.SIGSTOP); err != nil {
-		t.Fatal(err)
-	}
-	waitState(t, pid, "T")
-	if Exiting(pid) {
-		t.Fatal("a stopped process counts as exiting")
-	}
-	cmd.Process.Kill()
-	if !Exiting(pid) {
-		t.Error("not exiting right after SIGKILL")
-	}
-	cmd.Wait()
-	if !Exiting(pid) {
-		t.Error("a reaped process is not reported as exiting")
+	for _, open := range []struct {
+		name    string
+		exiting func(t *testing.T, pid int) func() bool
+	}{
+		{"by path", func(t *testing.T, pid int) func() bool { return func() bool { return Exiting(pid) } }},
+		{"open files", func(t *testing.T, pid int) func() bool {
+			p, err := OpenProc(pid)
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { p.Close() })
+			return p.Exiting
+		}},
+	} {
+		t.Run(open.name, func(t *testing.T) {
+			cmd := exec.Command("sleep", "60")
+			if err := cmd.Start(); err != nil {
+				t.Fatal(err)
+			}
+			pid := cmd.Process.Pid
+			exiting := open.exiting(t, pid)
+			if exiting() {
+				t.Fatal("a sleeping process counts as exiting")
+			}
+			// Stopped with SIGSTOP, the process cannot act on the SIGKILL:
+			// only the pending signal tells that it is doomed.
+			if err := cmd.Process.Signal(syscall.SIGSTOP); err != nil {
+				t.Fatal(err)
+			}
+			waitState(t, pid, "T")
+			if exiting() {
+				t.Fatal("a stopped process counts as exiting")
+			}
+			cmd.Process.Kill()
+			if !exiting() {
+				t.Error("not exiting right after SIGKILL")
+			}
+			cmd.Wait()
+			if !exiting() {
+				t.Error("a reaped process is not reported as exiting")
+			}
+		})
 	}
 }
 

@@ -24,9 +24,10 @@ var _ vm.ExitNotifier = (*Provider)(nil)
 // reaction to an I/O error, and the process stays.
 func (p *Provider) OnExit(fn func(vm.Exit)) (stop func()) { return p.exits.OnExit(fn) }
 
-// Alive implements vm.ExitNotifier from /proc/PID/stat: a QEMU that was
-// sent SIGKILL counts as dead at once, though tearing down its memory
-// takes it a while.
+// Alive implements vm.ExitNotifier from the QEMU process's /proc files: a
+// QEMU that was sent SIGKILL counts as dead at once, though tearing down
+// its memory takes it a while. Machine ensures ask it every time, so it
+// reads files it keeps open instead of looking the paths up again.
 func (p *Provider) Alive(id string) bool {
 	if vm.ValidateName("id", id) != nil {
 		return false
@@ -42,7 +43,34 @@ func (p *Provider) Alive(id string) bool {
 	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	return !m.gone && m.proc.alive() && !pidwatch.Exiting(m.proc.PID)
+	if m.gone {
+		return false
+	}
+	if m.procFiles == nil {
+		// The files are opened once, on a process checked to be ours
+		// before and after: from then on they answer for it alone.
+		if !m.proc.alive() {
+			return false
+		}
+		pf, err := pidwatch.OpenProc(m.proc.PID)
+		if err != nil {
+			return false
+		}
+		if !m.proc.alive() {
+			pf.Close()
+			return false
+		}
+		m.procFiles = pf
+	}
+	return !m.procFiles.Exiting()
+}
+
+// closeProcFiles closes the files Alive reads; m.mu must be held.
+func (m *machine) closeProcFiles() {
+	if m.procFiles != nil {
+		m.procFiles.Close()
+		m.procFiles = nil
+	}
 }
 
 // expectExit marks the VM's coming exit as one the caller asked for. It

@@ -35,6 +35,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/warmpool/warmpool/internal/pidwatch"
 	"github.com/warmpool/warmpool/provider/qemu/qmp"
 	"github.com/warmpool/warmpool/vm"
 )
@@ -156,8 +157,9 @@ type machine struct {
 	expected bool
 	// guestReason is why the guest shut down, from QMP, for the exit.
 	guestReason string
-	qmpDrained  chan struct{} // closed when the QMP event loop of the current connection ends
-	stopWatch   func()        // ends the pidfd watch of an adopted VM
+	qmpDrained  chan struct{}  // closed when the QMP event loop of the current connection ends
+	stopWatch   func()         // ends the pidfd watch of an adopted VM
+	procFiles   *pidwatch.Proc // the process's /proc files Alive reads; nil until it first asks
 }
 
 // maxSocketPath is the room a Unix socket path has on Linux.
@@ -279,6 +281,7 @@ func (p *Provider) Close() error {
 		m.mu.Lock()
 		c, stopWatch := m.qmp, m.stopWatch
 		m.qmp, m.stopWatch = nil, nil
+		m.closeProcFiles()
 		m.mu.Unlock()
 		if c != nil {
 			c.Close()
@@ -553,6 +556,7 @@ func (p *Provider) remove(m *machine) error {
 	conn, proc, exited, cfg, stopWatch := m.qmp, m.proc, m.exited, m.rec.Config, m.stopWatch
 	m.qmp, m.stopWatch = nil, nil
 	m.gone = true
+	m.closeProcFiles()
 	m.mu.Unlock()
 	if stopWatch != nil {
 		stopWatch()
