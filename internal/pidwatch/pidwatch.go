@@ -67,9 +67,13 @@ const sigkillBit = 1 << (uint(unix.SIGKILL) - 1)
 // with a large address space lasts milliseconds, in which a plain liveness
 // check still sees a running process.
 func Exiting(pid int) bool {
-	stat, err1 := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
-	status, err2 := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/status")
-	return err1 != nil || err2 != nil || exitingByStat(stat) || sigkillShared(status)
+	dir := "/proc/" + strconv.Itoa(pid)
+	stat, err := os.ReadFile(dir + "/stat")
+	if err != nil || exitingByStat(stat) {
+		return true
+	}
+	status, err := os.ReadFile(dir + "/status")
+	return err != nil || sigkillShared(status)
 }
 
 // Proc answers Exiting for one process from its /proc files, opened once:
