@@ -35,14 +35,8 @@ func leaseAPI(l store.Lease) api.Lease {
 // and removes the lease with the VM's record.
 func (d *Daemon) newLeases() (*lease.Registry, error) {
 	return lease.New(lease.Config{
-		Store: d.st,
-		DestroyVM: func(ctx context.Context, vmID string, forget func(*store.Tx) error) error {
-			if err := d.prov.destroyWith(ctx, vmID, forget); err != nil && !errors.Is(err, vm.ErrNotFound) {
-				return err
-			}
-			d.handoffer.Forget(vmID)
-			return nil
-		},
+		Store:     d.st,
+		DestroyVM: d.destroyHandedOut,
 		OnRelease: func(l store.Lease, expired bool) {
 			d.bus.Publish(events.Event{Kind: "lease.released", Subject: l.ID, Detail: map[string]any{"pool": l.Pool, "vm_id": l.VMID}})
 			if expired {
@@ -52,6 +46,19 @@ func (d *Daemon) newLeases() (*lease.Registry, error) {
 		Interval: d.cfg.Intervals.LeaseCheck.Std(),
 		Logger:   d.log.With("component", "lease"),
 	})
+}
+
+// destroyHandedOut destroys a VM the pool handed off (the pool no longer
+// owns it), removing its record and running also in one transaction, and
+// drops the hand-off connection kept for it (idempotent, and of no use
+// once the VM was handed off, so also when the destroy failed). A VM
+// already gone counts as destroyed.
+func (d *Daemon) destroyHandedOut(ctx context.Context, vmID string, also func(*store.Tx) error) error {
+	d.handoffer.Forget(vmID)
+	if err := d.prov.destroyWith(ctx, vmID, also); err != nil && !errors.Is(err, vm.ErrNotFound) {
+		return err
+	}
+	return nil
 }
 
 // newLeaseID is "l-" and 16 random hex digits: a valid name and hostname.
@@ -119,10 +126,9 @@ func (d *Daemon) Acquire(ctx context.Context, poolName string, req api.AcquireRe
 	if err := d.leases.Add(rec, func(tx *store.Tx) error { return d.vms.leasedTx(tx, pl.VM.ID, id) }); err != nil {
 		rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), time.Minute)
 		defer cancel()
-		if rerr := d.prov.Destroy(rctx, pl.VM.ID); rerr != nil && !errors.Is(rerr, vm.ErrNotFound) {
+		if rerr := d.destroyHandedOut(rctx, pl.VM.ID, nil); rerr != nil {
 			d.log.Error("destroy VM of a lease that could not be recorded", "vm", pl.VM.ID, "err", rerr)
 		}
-		d.handoffer.Forget(pl.VM.ID)
 		return api.Lease{}, fmt.Errorf("acquire from pool %s: %w", poolName, err)
 	}
 	d.bus.Publish(events.Event{Kind: "lease.acquired", Subject: id, Detail: map[string]any{"pool": poolName, "vm_id": pl.VM.ID}})
