@@ -474,14 +474,19 @@ func warmVMs(t *testing.T, state string, notWarm ...string) []string {
 	return ids
 }
 
-func TestQEMUDaemonSurvivesKill9(t *testing.T) {
+// qemuState skips the test when QEMU is missing and otherwise gives it a
+// fresh state directory; at the end every process of that state is
+// killed, the daemon's log shown if the test failed, and the directory
+// removed.
+func qemuState(t *testing.T, what, prefix string) string {
+	t.Helper()
 	if buildErr != nil {
 		t.Fatal(buildErr)
 	}
 	if _, err := exec.LookPath("qemu-system-x86_64"); err != nil {
-		t.Skip("SKIPPING the real-VM daemon test: qemu-system-x86_64 is not installed (make deps installs it)")
+		t.Skip("SKIPPING the " + what + ": qemu-system-x86_64 is not installed (make deps installs it)")
 	}
-	state, err := os.MkdirTemp("", "wp-e2e-")
+	state, err := os.MkdirTemp("", prefix)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -492,6 +497,11 @@ func TestQEMUDaemonSurvivesKill9(t *testing.T) {
 		}
 		os.RemoveAll(state)
 	})
+	return state
+}
+
+func TestQEMUDaemonSurvivesKill9(t *testing.T) {
+	state := qemuState(t, "real-VM daemon test", "wp-e2e-")
 
 	// Every VM ID ever seen, to check at the end that none left a RAM file.
 	seen := map[string]bool{}

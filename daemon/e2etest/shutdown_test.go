@@ -18,23 +18,7 @@ import (
 // killed, the warm VMs are destroyed, and only the leased VM and the
 // machine keep running.
 func TestQEMUSIGTERMWithEndlessExec(t *testing.T) {
-	if buildErr != nil {
-		t.Fatal(buildErr)
-	}
-	if _, err := exec.LookPath("qemu-system-x86_64"); err != nil {
-		t.Skip("SKIPPING the real-VM shutdown test: qemu-system-x86_64 is not installed (make deps installs it)")
-	}
-	state, err := os.MkdirTemp("", "wp-term-")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		killStrays(state)
-		if t.Failed() {
-			t.Logf("daemon log:\n%s", tail(state))
-		}
-		os.RemoveAll(state)
-	})
+	state := qemuState(t, "real-VM shutdown test", "wp-term-")
 	config := filepath.Join(state, "config.yaml")
 	if err := os.WriteFile(config, []byte("limits: {shutdown_wait: 2s}\n"), 0o600); err != nil {
 		t.Fatal(err)
