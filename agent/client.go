@@ -88,6 +88,9 @@ type ExecRequest struct {
 	Argv []string
 	Env  []string // KEY=VALUE
 	Dir  string
+	// User is NAME, UID, NAME:GROUP or UID:GID in the guest's account
+	// files; empty runs as root.
+	User string
 	// Stdin is the command's whole standard input (at most 512 KiB).
 	Stdin []byte
 	// Timeout kills the command after that long; zero means no limit (the
@@ -462,7 +465,7 @@ func (c *Client) Exec(ctx context.Context, req ExecRequest, stdout, stderr io.Wr
 	if req.Timeout < 0 {
 		return -1, &vm.FieldError{Field: "timeout", Value: req.Timeout, Reason: "must not be negative"}
 	}
-	e := &proto.Exec{Argv: req.Argv, Env: req.Env, Dir: req.Dir, Stdin: req.Stdin}
+	e := &proto.Exec{Argv: req.Argv, Env: req.Env, Dir: req.Dir, User: req.User, Stdin: req.Stdin}
 	if req.Timeout > 0 {
 		e.TimeoutMillis = max(1, req.Timeout.Milliseconds())
 	}

@@ -124,10 +124,14 @@ type HandoffResult struct {
 
 // Exec runs a command in the guest.
 type Exec struct {
-	Argv  []string `json:"argv"`
-	Env   []string `json:"env,omitempty"` // KEY=VALUE, added after the handoff env
-	Dir   string   `json:"dir,omitempty"`
-	Stdin []byte   `json:"stdin,omitempty"`
+	Argv []string `json:"argv"`
+	Env  []string `json:"env,omitempty"` // KEY=VALUE, added after the handoff env
+	Dir  string   `json:"dir,omitempty"`
+	// User runs the command as NAME, UID, NAME:GROUP or UID:GID, resolved
+	// from the guest's /etc/passwd and /etc/group; empty runs it as root.
+	// HOME, USER and LOGNAME follow the user unless Env sets them.
+	User  string `json:"user,omitempty"`
+	Stdin []byte `json:"stdin,omitempty"`
 	// TimeoutMillis kills the command after that long; zero means no limit.
 	TimeoutMillis int64 `json:"timeout_ms,omitempty"`
 }

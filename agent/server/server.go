@@ -40,6 +40,9 @@ type Options struct {
 	Stats func() (proto.Stats, error)
 	// Env is the base environment of every exec; nil means os.Environ().
 	Env []string
+	// Root is where an exec's User is looked up (etc/passwd, etc/group
+	// below it); empty means "/".
+	Root string
 	// Agent names the agent in hello replies.
 	Agent  string
 	Logger *slog.Logger
@@ -285,10 +288,24 @@ func (s *session) runExec(ctx context.Context, id uint64, e *proto.Exec) {
 	if base == nil {
 		base = os.Environ()
 	}
-	cmd.Env = slices.Concat(base, s.opts.State.environ(), e.Env)
-	cmd.Dir = e.Dir
 	// A process group so that a timeout also kills what the command started.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	var userEnv []string
+	if e.User != "" {
+		root := s.opts.Root
+		if root == "" {
+			root = "/"
+		}
+		u, err := resolveUser(root, e.User)
+		if err != nil {
+			s.fail(id, proto.CodeExecFailed, fmt.Errorf("run %q as %q: %w", e.Argv[0], e.User, err))
+			return
+		}
+		cmd.SysProcAttr.Credential = &syscall.Credential{Uid: u.UID, Gid: u.GID, Groups: u.Groups}
+		userEnv = u.environ()
+	}
+	cmd.Env = slices.Concat(base, userEnv, s.opts.State.environ(), e.Env)
+	cmd.Dir = e.Dir
 	if len(e.Stdin) > 0 {
 		cmd.Stdin = bytes.NewReader(e.Stdin)
 	}
