@@ -110,7 +110,7 @@ func (o Options) withDefaults() Options {
 	def(&o.MemoryVMs, 8, 3)
 	def(&o.OverheadConcurrency, 64, 64)
 	def(&o.OverheadAcquires, 200, 20)
-	def(&o.EnsureSamples, 200, 50)
+	def(&o.EnsureSamples, 2000, 500)
 	def(&o.SuspendSamples, 5, 2)
 	if o.Logger == nil {
 		o.Logger = slog.New(slog.DiscardHandler)

@@ -32,11 +32,19 @@ type machines struct {
 	// result to the manager, so an ensure that merged first never reaches
 	// the manager after one that merged later.
 	locks map[string]chan struct{}
+
+	specsMu sync.Mutex
+	// specs holds the desired spec of each machine as last committed to
+	// the store. record is the one writer of specs and updates it after its
+	// transaction commits, so it never disagrees with the store; it spares
+	// the common ensure (one that asks for nothing new) a store read and
+	// two JSON decodes of the whole record. Values are never modified.
+	specs map[string]api.MachineSpec
 }
 
 // newMachines starts the machine manager; a nil clock is the wall clock.
 func (d *Daemon) newMachines(clock lifecycle.Clock) (*machines, error) {
-	ms := &machines{d: d, locks: map[string]chan struct{}{}}
+	ms := &machines{d: d, locks: map[string]chan struct{}{}, specs: map[string]api.MachineSpec{}}
 	ms.metrics = newMachineMetrics(func() ([]api.Machine, error) { return d.Machines(context.Background()) })
 	if err := ms.metrics.register(d.reg); err != nil {
 		return nil, err
@@ -179,6 +187,12 @@ func (ms *machines) ownsVM(v vm.VM) bool {
 
 // get returns the machine's recorded desired spec.
 func (ms *machines) get(name string) (api.MachineSpec, bool, error) {
+	ms.specsMu.Lock()
+	spec, ok := ms.specs[name]
+	ms.specsMu.Unlock()
+	if ok {
+		return spec, true, nil
+	}
 	r, err := store.Get(ms.d.st, store.Machines, name)
 	if errors.Is(err, vm.ErrNotFound) {
 		return api.MachineSpec{}, false, nil
@@ -186,8 +200,18 @@ func (ms *machines) get(name string) (api.MachineSpec, bool, error) {
 	if err != nil {
 		return api.MachineSpec{}, false, fmt.Errorf("look up machine %s: %w", name, err)
 	}
-	spec, err := decodeSpec(r)
-	return spec, err == nil, err
+	spec, err = decodeSpec(r)
+	if err != nil {
+		return api.MachineSpec{}, false, err
+	}
+	ms.remember(name, spec)
+	return spec, true, nil
+}
+
+func (ms *machines) remember(name string, spec api.MachineSpec) {
+	ms.specsMu.Lock()
+	ms.specs[name] = spec
+	ms.specsMu.Unlock()
 }
 
 // record changes the machine's desired spec in one transaction: change
@@ -224,6 +248,7 @@ func (ms *machines) record(name string, change func(cur api.MachineSpec) api.Mac
 	if err != nil {
 		return api.MachineSpec{}, fmt.Errorf("record machine %s: %w", name, err)
 	}
+	ms.remember(name, spec)
 	return spec, nil
 }
 
