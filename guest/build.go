@@ -61,7 +61,9 @@ const layoutVersion = "warmpool-image-1"
 // own depends list). Optional ones are skipped when the kernel lacks them.
 var (
 	requiredModules = []string{"virtio_mmio", "virtio_console", "virtio_balloon", "virtio_blk"}
-	optionalModules = []string{"vmw_vsock_virtio_transport"}
+	// ext4 (built in to Debian's cloud kernel) and overlay mount an image's
+	// root filesystem disk with the VM's writable layer over it.
+	optionalModules = []string{"vmw_vsock_virtio_transport", "ext4", "overlay"}
 )
 
 // BuildOptions configures Build. Every field is optional.

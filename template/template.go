@@ -29,6 +29,11 @@ type BuildOptions struct {
 	// Build leaves it as it found it.
 	Dir      string
 	Progress func(step string)
+	// DiskMiB is the size of the writable disk of a template whose image
+	// has a root filesystem disk: what the template and each clone may
+	// write over the image (DefaultDiskMiB when zero). Ignored for the
+	// busybox image, whose root is the initramfs.
+	DiskMiB int
 	// ReadyTimeout bounds the cold boot until the agent answers; 5 minutes
 	// when zero (a TCG boot on a busy host is slow).
 	ReadyTimeout time.Duration
@@ -46,6 +51,8 @@ type Template struct {
 	BootTime time.Duration `json:"boot_time"`
 	// ProviderVersion is the hypervisor version the snapshot needs.
 	ProviderVersion string `json:"provider_version,omitempty"`
+	// DiskMiB is the writable disk's size; zero for the busybox image.
+	DiskMiB int `json:"disk_mib,omitempty"`
 }
 
 // StackKey is the pool bucket VMs restored from t belong to.
@@ -144,6 +151,15 @@ func Build(ctx context.Context, opts BuildOptions) (_ Template, err error) {
 		NoBalloon: true,
 		Labels:    map[string]string{LabelTemplate: opts.Name, LabelRole: "template-build"},
 	}
+	diskMiB, err := attachRootDisk(ctx, &spec, opts)
+	if err != nil {
+		return Template{}, fmt.Errorf("template %s: %w", opts.Name, err)
+	}
+	if spec.WritableDisk != "" {
+		// The snapshot keeps its own frozen copy; the build VM's goes
+		// with the build VM.
+		defer os.Remove(spec.WritableDisk)
+	}
 	progress("boot " + opts.Name)
 	start := time.Now()
 	v, err := p.Create(ctx, spec)
@@ -200,6 +216,7 @@ func Build(ctx context.Context, opts BuildOptions) (_ Template, err error) {
 		CreatedAt:       cmp.Or(snap.CreatedAt, time.Now()).UTC(),
 		BootTime:        bootTime,
 		ProviderVersion: snap.ProviderVersion,
+		DiskMiB:         diskMiB,
 	}
 	b, err := json.MarshalIndent(t, "", "  ")
 	if err != nil {

@@ -19,8 +19,11 @@ const (
 	CapBalloon      Capability = "balloon"       // implements Ballooner
 	CapAgent        Capability = "agent"         // implements AgentDialer
 	CapDataDisk     Capability = "data-disk"     // honours Spec.DataDisk
-	CapAdopt        Capability = "adopt"         // List finds VMs started by an earlier process
-	CapSuspend      Capability = "suspend"       // implements Suspender
+	// CapRootDisk: honours Spec.RootDisk and Spec.WritableDisk, and gives
+	// each VM restored from a snapshot its own copy-on-write writable disk.
+	CapRootDisk Capability = "root-disk"
+	CapAdopt    Capability = "adopt"   // List finds VMs started by an earlier process
+	CapSuspend  Capability = "suspend" // implements Suspender
 	// CapPrepareBoot: implements BootPreparer; a guest image must pass
 	// through PrepareBoot before this provider can boot it.
 	CapPrepareBoot Capability = "prepare-boot"

@@ -23,6 +23,16 @@ type Spec struct {
 	// DataDisk is an optional host path of a raw disk image attached as a
 	// second, persistent drive. The provider never deletes it.
 	DataDisk string `json:"data_disk,omitempty"`
+	// RootDisk is an optional host path of a read-only root filesystem
+	// disk (an image's ext4), shared by every VM that boots it; the
+	// provider attaches it read-only and never writes or deletes it.
+	RootDisk string `json:"root_disk,omitempty"`
+	// WritableDisk is an optional host path of a raw disk the guest
+	// writes its root filesystem's changes to (the overlay's upper layer).
+	// The caller owns the file. A snapshot keeps a frozen copy of it, and
+	// every VM restored from the snapshot writes to a private copy-on-write
+	// layer over that copy, which goes with the VM on Destroy.
+	WritableDisk string `json:"writable_disk,omitempty"`
 	// NoBalloon asks for no memory balloon device, so Ballooner calls on
 	// the VM fail with ErrUnsupported. Templates set it because a clone's
 	// balloon could punch holes into the template memory file other clones
@@ -33,6 +43,13 @@ type Spec struct {
 	// callers can recognise VMs left by an earlier run.
 	Labels map[string]string `json:"labels,omitempty"`
 }
+
+// Serials a provider gives Spec.RootDisk and Spec.WritableDisk, by which
+// the guest's init finds them (the kernel's order of disks does not matter).
+const (
+	RootDiskSerial     = "wp-root"
+	WritableDiskSerial = "wp-rw"
+)
 
 // Validate reports the first field of s that no provider could honour.
 func (s Spec) Validate() error {

@@ -40,6 +40,19 @@ func runInit() error {
 	if err := loadModules(logf); err != nil {
 		logf("%v", err)
 	}
+	cmdline, err := os.ReadFile("/proc/cmdline")
+	if err != nil {
+		logf("read kernel command line: %v", err)
+	}
+	rooted, err := switchRoot(string(cmdline))
+	if rooted {
+		logf("root filesystem: image disk with its writable layer")
+	}
+	if err != nil {
+		// The agent still starts (from the initramfs) so that the host
+		// sees the guest and this message in its console log.
+		logf("root filesystem disk: %v", err)
+	}
 	if err := loopbackUp(); err != nil {
 		logf("bring up lo: %v", err)
 	}
@@ -161,10 +174,9 @@ func loopbackUp() error {
 // superviseAgent runs the agent as a child, restarts it if it dies, and reaps
 // every other process that ends up parented to PID 1.
 func superviseAgent(logf func(string, ...any)) error {
-	self, err := os.Executable()
-	if err != nil {
-		self = "/proc/self/exe"
-	}
+	// After a switch to an image's root the initramfs's /init is out of
+	// reach by name; the running binary is not.
+	self := "/proc/self/exe"
 	start := func() int {
 		p, err := os.StartProcess(self, []string{self, "serve"}, &os.ProcAttr{
 			Dir:   "/",

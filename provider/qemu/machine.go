@@ -51,6 +51,13 @@ type machineConfig struct {
 	// Append is the full kernel command line, machine parameters included.
 	Append   string `json:"append"`
 	DataDisk string `json:"data_disk,omitempty"`
+	// RootDisk is the image's root filesystem, attached read-only.
+	RootDisk string `json:"root_disk,omitempty"`
+	// WritableDisk takes the guest's root filesystem writes; a clone's is
+	// its own qcow2 layer (WritableFormat "qcow2") over the snapshot's
+	// frozen raw copy.
+	WritableDisk   string `json:"writable_disk,omitempty"`
+	WritableFormat string `json:"writable_format,omitempty"`
 	// MemPath is the file backing guest RAM; empty for anonymous memory.
 	MemPath string `json:"mem_path,omitempty"`
 	// MemShared maps MemPath shared (share=on): writes reach the file, which
@@ -104,6 +111,7 @@ func (c machineConfig) args(dir string) []string {
 	if !c.NoBalloon {
 		a = append(a, "-device", "virtio-balloon-device,id="+balloonID+",free-page-reporting=on")
 	}
+	a = append(a, c.diskArgs()...)
 	if c.DataDisk != "" {
 		a = append(a,
 			"-drive", "id=data,if=none,format=raw,cache=writeback,file="+c.DataDisk,

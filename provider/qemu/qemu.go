@@ -259,6 +259,7 @@ func (p *Provider) Capabilities() vm.Capabilities {
 		vm.CapBalloon:      true,
 		vm.CapAgent:        true,
 		vm.CapDataDisk:     true,
+		vm.CapRootDisk:     true,
 		vm.CapAdopt:        true,
 		vm.CapSuspend:      true,
 		vm.CapExitEvents:   true,
@@ -312,7 +313,7 @@ func (p *Provider) validateSpec(spec vm.Spec) error {
 	if spec.Kernel == "" {
 		return &vm.FieldError{Field: "kernel", Value: "", Reason: "required by the qemu provider"}
 	}
-	for _, f := range []struct{ field, path string }{{"kernel", spec.Kernel}, {"initrd", spec.Initrd}, {"data_disk", spec.DataDisk}} {
+	for _, f := range []struct{ field, path string }{{"kernel", spec.Kernel}, {"initrd", spec.Initrd}, {"data_disk", spec.DataDisk}, {"root_disk", spec.RootDisk}, {"writable_disk", spec.WritableDisk}} {
 		if f.path == "" {
 			continue
 		}
@@ -356,6 +357,9 @@ func (p *Provider) Create(ctx context.Context, spec vm.Spec) (vm.VM, error) {
 		Append:    p.kernelArgs(spec.Cmdline, accel),
 		DataDisk:  spec.DataDisk,
 		NoBalloon: spec.NoBalloon,
+		// The guest's disks by serial: see diskArgs.
+		RootDisk:     spec.RootDisk,
+		WritableDisk: spec.WritableDisk,
 	}
 	if accel == AccelTCG && p.opts.TBSizeMiB > 0 {
 		cfg.TBSizeMiB = p.opts.TBSizeMiB

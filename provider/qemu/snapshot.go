@@ -102,6 +102,17 @@ func (p *Provider) Snapshot(ctx context.Context, id, dir string) (vm.Snapshot, e
 	} else {
 		cfg.MemPath = ""
 	}
+	if cfg.WritableDisk != "" {
+		diskMeta, err := p.freezeWritableDisk(ctx, cfg, dir)
+		if err != nil {
+			return fail(err)
+		}
+		for k, v := range diskMeta {
+			meta[k] = v
+		}
+		// Each clone gets its own layer (checkSnapshot, Restore).
+		cfg.WritableDisk, cfg.WritableFormat = "", ""
+	}
 	cfgJSON, err := json.Marshal(cfg)
 	if err != nil {
 		return fail(err)
@@ -251,9 +262,19 @@ func (p *Provider) Restore(ctx context.Context, snap vm.Snapshot) (vm.VM, error)
 	}
 	spec := snap.Spec
 	spec.NoBalloon = cfg.NoBalloon // the template's device set, whatever the caller's copy says
+	layer, err := checkWritableDisk(snap)
+	if err != nil {
+		return fail(err)
+	}
+	var prepare func(dir string) error
+	if layer != "" {
+		cfg.WritableDisk, cfg.WritableFormat = filepath.Join(p.vmsDir, id, vmDiskFile), "qcow2"
+		spec.WritableDisk = cfg.WritableDisk
+		prepare = func(dir string) error { return copyCloneLayer(layer, dir) }
+	}
 	rec := record{ID: id, Spec: spec, CreatedAt: time.Now().UTC(), Snapshot: snap.ID, Config: cfg}
 	start := time.Now()
-	m, err := p.start(ctx, rec)
+	m, err := p.startPrepared(ctx, rec, prepare)
 	if err != nil {
 		return fail(err)
 	}
@@ -305,7 +326,7 @@ func (p *Provider) checkSnapshot(snap vm.Snapshot) (machineConfig, error) {
 	} else {
 		cfg.MemPath = ""
 	}
-	for _, f := range []string{cfg.Kernel, cfg.Initrd} {
+	for _, f := range []string{cfg.Kernel, cfg.Initrd, cfg.RootDisk} {
 		if f == "" {
 			continue
 		}

@@ -45,6 +45,9 @@ func (p *Provider) Suspend(ctx context.Context, id, dir string) (vm.Snapshot, er
 	if err != nil {
 		return fail(err)
 	}
+	if rec.Config.WritableDisk != "" {
+		return fail(fmt.Errorf("vm has a writable root disk layer, which goes with it: %w", vm.ErrUnsupported))
+	}
 	ramInFile := rec.Config.MemPath != "" && rec.Config.MemShared
 	abs, err := filepath.Abs(dir)
 	if err != nil {

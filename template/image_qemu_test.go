@@ -1,0 +1,147 @@
+package template_test
+
+import (
+	"bytes"
+	"context"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/warmpool/warmpool/agent"
+	"github.com/warmpool/warmpool/guest"
+	"github.com/warmpool/warmpool/provider/qemu"
+	"github.com/warmpool/warmpool/rootfs"
+	"github.com/warmpool/warmpool/template"
+	"github.com/warmpool/warmpool/vm"
+)
+
+// TestImageTemplateWithQEMU builds a template from a Debian image with a
+// root filesystem disk and checks what two clones see of their disks: the
+// template's writes, not each other's, and nothing left after Destroy.
+func TestImageTemplateWithQEMU(t *testing.T) {
+	if _, err := exec.LookPath("qemu-system-x86_64"); err != nil {
+		t.Skip("SKIPPING real-VM template test: qemu-system-x86_64 not installed (make deps)")
+	}
+	if _, err := exec.LookPath("debootstrap"); err != nil {
+		t.Skip("SKIPPING: debootstrap not installed (scripts/deps.sh installs it)")
+	}
+	if _, err := rootfs.HostDebianMirror("/"); err != nil {
+		t.Skip(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Minute)
+	defer cancel()
+	base, err := guest.Build(ctx, guest.BuildOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	start := time.Now()
+	img, err := rootfs.Build(ctx, rootfs.Options{
+		Source:   rootfs.Source{Kind: rootfs.KindDebian, Arg: "bookworm"},
+		Packages: []string{"python3"},
+		Base:     base,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("image debian:bookworm+python3: %s, %d MiB", time.Since(start).Round(time.Millisecond), img.Rootfs.SizeBytes>>20)
+	state, err := os.MkdirTemp("", "wp-timg-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(state) })
+	p, err := qemu.New(qemu.Options{StateDir: state, Accel: "tcg"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		vms, _ := p.List(context.Background())
+		for _, v := range vms {
+			p.Destroy(context.Background(), v.ID)
+		}
+		p.Close()
+	})
+	dir := filepath.Join(state, "templates", "deb")
+	tm, err := template.Build(ctx, template.BuildOptions{Name: "deb", Provider: p, Image: img, VCPUs: 1, MemoryMiB: 256, Dir: dir, DiskMiB: 256})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("template built: boot to agent-ready %s", tm.BootTime.Round(time.Millisecond))
+	if _, err := os.Stat(filepath.Join(dir, "build-disk.raw")); err == nil {
+		t.Errorf("the build VM's writable disk is still in %s", dir)
+	}
+
+	type clone struct {
+		v vm.VM
+		c *agent.Client
+	}
+	run := func(c clone, script string) (string, int) {
+		t.Helper()
+		var out, errb bytes.Buffer
+		code, err := c.c.Exec(ctx, agent.ExecRequest{Argv: []string{"sh", "-c", script}}, &out, &errb)
+		if err != nil {
+			t.Fatalf("exec %q in %s: %v", script, c.v.ID, err)
+		}
+		return out.String() + errb.String(), code
+	}
+	var clones []clone
+	for range 2 {
+		v, err := p.Restore(ctx, tm.Snapshot)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := p.Resume(ctx, v.ID); err != nil {
+			t.Fatal(err)
+		}
+		c, err := agent.Dial(ctx, p, v.ID)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { c.Close() })
+		clones = append(clones, clone{v, c})
+	}
+	if out, code := run(clones[0], "python3 -c 'print(6*7)'"); code != 0 || out != "42\n" {
+		t.Errorf("python3 in clone: %d %q", code, out)
+	}
+	if out, code := run(clones[0], "head -c 52428800 /dev/urandom > /root/big && sync && ls -l /root/big"); code != 0 {
+		t.Fatalf("write 50 MiB in clone 1: %d %q", code, out)
+	}
+	if out, code := run(clones[1], "ls /root/big"); code == 0 {
+		t.Errorf("clone 2 sees clone 1's file: %q", out)
+	}
+	disk := filepath.Join(clones[0].v.Dir, "disk.qcow2")
+	st0 := statBlocks(t, disk)
+	st1 := statBlocks(t, filepath.Join(clones[1].v.Dir, "disk.qcow2"))
+	t.Logf("clone disk bytes on host: after 50 MiB written %d, untouched %d", st0, st1)
+	if out, code := run(clones[1], "head -c 300M /dev/zero > /root/fill; echo $?; df -k /"); !strings.Contains(out, "No space left") {
+		t.Errorf("filling clone 2's 256 MiB disk: %d %q", code, out)
+	}
+	if out, code := run(clones[1], "rm /root/fill && echo ok"); code != 0 || out != "ok\n" {
+		t.Errorf("clone 2 after a full disk: %d %q", code, out)
+	}
+	for _, c := range clones {
+		c.c.Close()
+		if err := p.Destroy(ctx, c.v.ID); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := os.Stat(c.v.Dir); !os.IsNotExist(err) {
+			t.Errorf("clone %s dir left: %v", c.v.ID, err)
+		}
+	}
+}
+
+func statBlocks(t *testing.T, path string) int64 {
+	t.Helper()
+	out, err := exec.Command("du", "-B1", path).Output()
+	if err != nil {
+		t.Fatalf("du %s: %v", path, err)
+	}
+	n, err := strconv.ParseInt(strings.Fields(string(out))[0], 10, 64)
+	if err != nil {
+		t.Fatalf("du %s: %q", path, out)
+	}
+	return n
+}
