@@ -31,8 +31,23 @@ type bucket struct {
 	// expired counts entries in ready past MaxAge; whoever takes one out
 	// decrements it.
 	expired atomic.Int64
-	// floor is spec.Min, for an acquirer's decision to wake the owner.
+	// floor is the target depth, for an acquirer's decision to wake the
+	// owner.
 	floor atomic.Int64
+	// arrivals counts Acquire calls, missed those that found nothing
+	// ready; an adaptive bucket's owner feeds their increase to its
+	// controller.
+	arrivals, missed atomic.Int64
+	// allowed is what the host's memory budget lets the bucket hold; -1
+	// until the budget has looked at it.
+	allowed atomic.Int64
+	// idleNanos sums the time entries that left ready had waited in it;
+	// readyClock packs the number of entries in ready (top readyCountBits
+	// bits) with the sum of the instants they entered it (milliseconds
+	// since the pool started), so that one atomic add keeps both in step
+	// with the hit path.
+	idleNanos  atomic.Int64
+	readyClock atomic.Uint64
 	// handoff passes an entry straight to a waiting acquirer; the owner
 	// counts that acquirer out of waiting as the send succeeds, so the
 	// target never counts a waiter that was served.
@@ -79,6 +94,18 @@ type bucket struct {
 	// restore of it succeeds.
 	lastError string
 	removed   bool
+
+	// Adaptive state: ctrl is nil for a fixed-depth pool. seen* are the
+	// counters the controller has been given; est is its latest estimate;
+	// hitRate weighs recent hits, the pool's value to the budget.
+	ctrl                               *controller
+	seenArrivals, seenMissed, seenHits int64
+	seenAllowed                        int64
+	nextStep, shrinkAt                 time.Time
+	est                                estimate
+	hitRate                            demand
+	lastClaim                          budgetClaim
+	claimed                            bool
 }
 
 func newBucket(p *Pool, spec StackSpec, m bucketMetrics) *bucket {
@@ -92,7 +119,26 @@ func newBucket(p *Pool, spec StackSpec, m bucketMetrics) *bucket {
 		stopped: make(chan struct{}),
 	}
 	b.floor.Store(int64(spec.Min))
+	b.allowed.Store(-1)
+	b.seenAllowed = -1
+	b.hitRate = demand{halfLife: p.cfg.Adaptive.RateHalfLife, window: p.cfg.Adaptive.BurstWindow}
+	b.setAdaptive()
 	return b
+}
+
+// setAdaptive starts or stops the controller as the spec says.
+func (b *bucket) setAdaptive() {
+	switch {
+	case b.spec.Adaptive && b.ctrl == nil:
+		b.ctrl = newController(b.p.cfg.Adaptive)
+		if b.ewma > 0 {
+			b.ctrl.demand.restored(b.ewma)
+		}
+		b.nextStep = time.Time{}
+	case !b.spec.Adaptive:
+		b.ctrl = nil
+		b.est = estimate{}
+	}
 }
 
 // kick wakes the owner without blocking; wakes coalesce.
@@ -181,9 +227,20 @@ func (b *bucket) run() {
 	}
 }
 
-// target is how many current-generation VMs b should have ready or in flight.
+// depth is how many current-generation VMs b keeps ready or in flight:
+// Min, or an adaptive pool's target.
+func (b *bucket) depth() int {
+	if b.ctrl != nil {
+		return b.ctrl.target
+	}
+	return b.spec.Min
+}
+
+// target adds a restore for every waiting acquirer to the depth, beyond
+// Max too: those VMs go to tenants as soon as they are ready, so the
+// waiters are served at the speed of the restore slots.
 func (b *bucket) target() int {
-	return min(b.spec.Max, b.spec.Min+int(b.waiting.Load()))
+	return b.depth() + int(b.waiting.Load())
 }
 
 func (b *bucket) readyLen() int { return len(b.ready) }
@@ -210,7 +267,14 @@ func (b *bucket) settle() time.Time {
 	var eff effects
 	defer func() { b.p.publish(eff) }()
 	now := time.Now()
+	b.adapt(now, &eff)
 	next := b.age(now, &eff)
+	if at := b.shrink(now, &eff); !at.IsZero() && (next.IsZero() || at.Before(next)) {
+		next = at
+	}
+	if b.ctrl != nil && (next.IsZero() || b.nextStep.Before(next)) {
+		next = b.nextStep
+	}
 	want := 0
 	if b.retryAtTime.After(now) {
 		if next.IsZero() || b.retryAtTime.Before(next) {
@@ -245,10 +309,12 @@ func (b *bucket) push(e *entry) {
 			b.nextExpiry = exp
 		}
 	}
+	b.enteredReady(e)
 	select {
 	case b.ready <- e:
 	default:
 		// Cannot happen while Max <= MaxSize.
+		b.leftReady(e)
 		if e.expired {
 			b.expired.Add(-1)
 		}
@@ -263,6 +329,7 @@ func (b *bucket) push(e *entry) {
 func (b *bucket) tryPop() *entry {
 	select {
 	case e := <-b.ready:
+		b.leftReady(e)
 		if e.expired {
 			b.expired.Add(-1)
 		}
@@ -348,6 +415,7 @@ func (b *bucket) wait(ctx context.Context) (*entry, error) {
 	case e := <-b.handoff:
 		return e, nil // the owner counted this acquirer out
 	case e := <-b.ready: // put in ready before this acquirer was listening
+		b.leftReady(e)
 		b.waiting.Add(-1)
 		if e.expired {
 			b.expired.Add(-1)
@@ -440,12 +508,24 @@ func (b *bucket) status() Status {
 			Restoring:  b.restoring,
 			Generation: b.gen,
 			LastError:  b.lastError,
+			Waiting:    int(b.waiting.Load()),
+			Target:     b.depth(),
+			Adaptive:   b.ctrl != nil,
+			Allowed:    -1,
+		}
+		if b.p.budget.mib > 0 {
+			s.Allowed = int(b.allowed.Load())
+		}
+		if b.ctrl != nil {
+			s.Rate, s.Refill = b.est.Rate, b.est.Refill
+			s.TargetReason, s.TargetChanged = b.ctrl.reason, b.ctrl.changed
 		}
 	}) {
 		// The pool shut down: what is left is being destroyed.
 		s = Status{Name: b.name}
 	}
 	s.Counters = b.counters.snapshot()
+	s.IdleVMSeconds = b.idleSeconds(time.Now())
 	return s
 }
 
@@ -457,6 +537,12 @@ func (b *bucket) respec(spec StackSpec) {
 	b.spec = spec
 	b.floor.Store(int64(spec.Min))
 	b.nextExpiry = time.Time{}
+	b.setAdaptive()
+	if b.ctrl != nil {
+		// New bounds apply at the next step, which is now.
+		b.nextStep, b.shrinkAt = time.Time{}, time.Time{}
+		b.floor.Store(int64(b.ctrl.target))
+	}
 	if old.Snapshot.ID != spec.Snapshot.ID || old.Key != spec.Key {
 		b.gen++
 		for _, e := range b.drain() {
@@ -491,6 +577,7 @@ func (b *bucket) remove() []string {
 	defer func() { b.p.publish(eff) }()
 	b.removed = true
 	close(b.gone)
+	b.p.budget.forget(b)
 	var ids []string
 	for _, e := range b.drain() {
 		b.recordEviction(e.vm.ID, ReasonRemoved, &eff)
@@ -688,6 +775,9 @@ func (b *bucket) restored(gen uint64, r restoreResult) {
 			b.ewma = (3*b.ewma + r.elapsed) / 4
 		}
 		b.restoreEWMA.Store(int64(b.ewma))
+		if b.ctrl != nil {
+			b.ctrl.demand.restored(r.elapsed)
+		}
 		b.m.restoreDuration.Observe(r.elapsed.Seconds())
 		b.deliver(&entry{vm: r.v, own: r.own, gen: gen, born: r.done, checked: r.done})
 	}

@@ -18,6 +18,7 @@ type metrics struct {
 	validation      *prometheus.CounterVec
 	evictions       *prometheus.CounterVec
 	refillErrors    *prometheus.CounterVec
+	targetChanges   *prometheus.CounterVec
 	state           *stateCollector
 }
 
@@ -29,6 +30,7 @@ type bucketMetrics struct {
 	validation           prometheus.Counter
 	refillErrors         prometheus.Counter
 	evictions            *prometheus.CounterVec
+	targetChanges        *prometheus.CounterVec
 	name                 string
 }
 
@@ -60,17 +62,23 @@ func newMetrics(p *Pool) *metrics {
 			Name: metricPrefix + "refill_errors_total",
 			Help: "Restores that failed or produced a VM that failed validation.",
 		}, []string{"pool"}),
+		targetChanges: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: metricPrefix + "target_changes_total",
+			Help: "Changes of an adaptive pool's target depth, by reason (start, rate, burst, miss, idle, bounds, budget).",
+		}, []string{"pool", "reason"}),
 		state: &stateCollector{
 			p:         p,
 			depth:     prometheus.NewDesc(metricPrefix+"depth", "VMs ready in the pool.", []string{"pool"}, nil),
-			target:    prometheus.NewDesc(metricPrefix+"target", "VMs the pool is filling towards: min plus waiting acquirers, at most max.", []string{"pool"}, nil),
+			target:    prometheus.NewDesc(metricPrefix+"target", "Depth the pool fills towards: min, or an adaptive pool's target; waiting acquirers get restores on top of it.", []string{"pool"}, nil),
 			restoring: prometheus.NewDesc(metricPrefix+"restoring", "Restores in flight.", []string{"pool"}, nil),
+			rate:      prometheus.NewDesc(metricPrefix+"arrival_rate", "An adaptive pool's estimated acquire arrivals per second (0 for a fixed pool).", []string{"pool"}, nil),
+			idle:      prometheus.NewDesc(metricPrefix+"idle_vm_seconds_total", "Time VMs have waited ready in the pool, summed over VMs.", []string{"pool"}, nil),
 		},
 	}
 }
 
 func (m *metrics) register(r prometheus.Registerer) error {
-	for _, c := range []prometheus.Collector{m.acquires, m.acquireLatency, m.restoreDuration, m.validation, m.evictions, m.refillErrors, m.state} {
+	for _, c := range []prometheus.Collector{m.acquires, m.acquireLatency, m.restoreDuration, m.validation, m.evictions, m.refillErrors, m.targetChanges, m.state} {
 		if err := r.Register(c); err != nil {
 			return fmt.Errorf("register pool metrics: %w", err)
 		}
@@ -89,6 +97,7 @@ func (m *metrics) forBucket(name string) bucketMetrics {
 		validation:      m.validation.WithLabelValues(name),
 		refillErrors:    m.refillErrors.WithLabelValues(name),
 		evictions:       m.evictions,
+		targetChanges:   m.targetChanges,
 	}
 }
 
@@ -100,32 +109,41 @@ func (m *metrics) forget(name string) {
 	m.validation.DeletePartialMatch(l)
 	m.evictions.DeletePartialMatch(l)
 	m.refillErrors.DeletePartialMatch(l)
+	m.targetChanges.DeletePartialMatch(l)
 }
 
 func (bm bucketMetrics) evicted(reason string) {
 	bm.evictions.WithLabelValues(bm.name, reason).Inc()
 }
 
+func (bm bucketMetrics) targetChanged(reason string) {
+	bm.targetChanges.WithLabelValues(bm.name, reason).Inc()
+}
+
 type stateCollector struct {
-	p                        *Pool
-	depth, target, restoring *prometheus.Desc
+	p                                    *Pool
+	depth, target, restoring, rate, idle *prometheus.Desc
 }
 
 func (c *stateCollector) Describe(ch chan<- *prometheus.Desc) {
 	ch <- c.depth
 	ch <- c.target
 	ch <- c.restoring
+	ch <- c.rate
+	ch <- c.idle
 }
 
 func (c *stateCollector) Collect(ch chan<- prometheus.Metric) {
-	send := func(d *prometheus.Desc, v int, pool string) {
-		if m, err := prometheus.NewConstMetric(d, prometheus.GaugeValue, float64(v), pool); err == nil {
+	send := func(d *prometheus.Desc, t prometheus.ValueType, v float64, pool string) {
+		if m, err := prometheus.NewConstMetric(d, t, v, pool); err == nil {
 			ch <- m
 		}
 	}
 	for _, s := range c.p.gauges() {
-		send(c.depth, s.ready, s.name)
-		send(c.target, s.target, s.name)
-		send(c.restoring, s.restoring, s.name)
+		send(c.depth, prometheus.GaugeValue, float64(s.ready), s.name)
+		send(c.target, prometheus.GaugeValue, float64(s.target), s.name)
+		send(c.restoring, prometheus.GaugeValue, float64(s.restoring), s.name)
+		send(c.rate, prometheus.GaugeValue, s.rate, s.name)
+		send(c.idle, prometheus.CounterValue, s.idle, s.name)
 	}
 }

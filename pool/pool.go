@@ -84,6 +84,15 @@ type Config struct {
 	// BackoffBase and BackoffMax shape the per-bucket exponential back-off
 	// (with jitter) after failed restores; defaults 100ms and 30s.
 	BackoffBase, BackoffMax time.Duration
+
+	// Adaptive tunes the pools whose spec is Adaptive.
+	Adaptive AdaptiveConfig
+	// MemoryBudgetMiB is the guest memory all pools' targets may hold
+	// together (each VM counted at its stack's MemoryMiB); 0 means no
+	// budget. Every pool keeps its Min (a fixed pool its whole depth);
+	// beyond that the adaptive pools whose warm memory earned the fewest
+	// hits recently give way first.
+	MemoryBudgetMiB int
 }
 
 func (c *Config) setDefaults() error {
@@ -112,6 +121,12 @@ func (c *Config) setDefaults() error {
 		if *d.v == 0 {
 			*d.v = d.def
 		}
+	}
+	if err := c.Adaptive.setDefaults(); err != nil {
+		return err
+	}
+	if c.MemoryBudgetMiB < 0 {
+		return &vm.FieldError{Field: "memory_budget_mib", Value: c.MemoryBudgetMiB, Reason: "must not be negative"}
 	}
 	if c.Parallelism < 0 {
 		return &vm.FieldError{Field: "parallelism", Value: c.Parallelism, Reason: "must not be negative"}
@@ -171,6 +186,11 @@ type Pool struct {
 	// and not yet destroyed or handed out) to its *ownership. It is a
 	// sync.Map so that a hand-out removes its VM without any owner.
 	owned sync.Map
+
+	// epoch is when the pool started; idle accounting counts from it.
+	epoch time.Time
+	// budget shares limits.memory_mib among the buckets.
+	budget budget
 }
 
 // ownership is what the pool knows about a VM it owns beyond its entry.
@@ -207,6 +227,9 @@ type entry struct {
 	born    time.Time
 	checked time.Time
 	expired bool
+	// readyAt is when it last entered ready, in milliseconds since the
+	// pool started (idle accounting).
+	readyAt int64
 }
 
 // New starts a pool with no stacks.
@@ -224,7 +247,9 @@ func New(cfg Config) (*Pool, error) {
 		cancel:   cancel,
 		closedCh: make(chan struct{}),
 		buckets:  make(map[string]*bucket),
+		epoch:    time.Now(),
 	}
+	p.budget.mib = cfg.MemoryBudgetMiB
 	p.slots.parallelism = cfg.Parallelism
 	p.slots.wake = make(chan struct{}, 1)
 	p.publishLookupLocked()
@@ -359,7 +384,7 @@ func (p *Pool) Acquire(ctx context.Context, name string, id Identity) (*Lease, e
 	}
 	start := time.Now()
 	var waited time.Duration
-	hit := true
+	hit, arrived := true, false
 	for {
 		if p.closed.Load() {
 			return nil, fmt.Errorf("acquire from pool %q: %w", name, ErrClosed)
@@ -369,6 +394,13 @@ func (p *Pool) Acquire(ctx context.Context, name string, id Identity) (*Lease, e
 			return nil, fmt.Errorf("acquire from pool %q: %w", name, vm.ErrNotFound)
 		}
 		e := b.tryPop()
+		if !arrived {
+			arrived = true
+			b.arrivals.Add(1)
+			if e == nil {
+				b.missed.Add(1)
+			}
+		}
 		if e == nil {
 			hit = false
 			waitStart := time.Now()
@@ -504,6 +536,7 @@ func (p *Pool) Pools() []Status {
 type gaugeState struct {
 	name                     string
 	ready, target, restoring int
+	rate, idle               float64
 }
 
 func (p *Pool) gauges() []gaugeState {
@@ -512,8 +545,9 @@ func (p *Pool) gauges() []gaugeState {
 	for _, b := range m {
 		var g gaugeState
 		if b.call(func() {
-			g = gaugeState{name: b.name, ready: b.readyLen() + b.checking, target: b.target(), restoring: b.restoring}
+			g = gaugeState{name: b.name, ready: b.readyLen() + b.checking, target: b.depth(), restoring: b.restoring, rate: b.est.Rate}
 		}) {
+			g.idle = b.idleSeconds(time.Now())
 			out = append(out, g)
 		}
 	}

@@ -24,6 +24,9 @@ type StackSpec struct {
 	// MaxAge replaces entries that have waited this long; zero keeps them
 	// until they are handed out or fail a health check.
 	MaxAge time.Duration `json:"max_age"`
+	// Adaptive sizes the pool from its demand between Min and Max (see
+	// AdaptiveConfig) instead of keeping Min ready.
+	Adaptive bool `json:"adaptive,omitempty"`
 }
 
 // Validate reports the first field of s that a pool cannot honour, as a
@@ -157,6 +160,25 @@ type Status struct {
 	// the current generation failed; empty once one succeeds. It tells a
 	// pool that keeps failing (and the acquirers waiting on it) why.
 	LastError string `json:"last_error,omitempty"`
+	// Waiting counts acquirers waiting for a VM.
+	Waiting int `json:"waiting"`
+	// Target is the depth the pool fills towards (Min for a fixed pool);
+	// acquirers waiting get restores on top of it.
+	Target   int  `json:"target"`
+	Adaptive bool `json:"adaptive"`
+	// Rate is an adaptive pool's estimated acquire arrival rate, per
+	// second; Refill the restore time its target covers.
+	Rate   float64       `json:"rate"`
+	Refill time.Duration `json:"refill"`
+	// TargetReason says why an adaptive pool's target last changed (one of
+	// the Target* constants), at TargetChanged.
+	TargetReason  string    `json:"target_reason,omitempty"`
+	TargetChanged time.Time `json:"target_changed,omitempty"`
+	// Allowed is what the host's memory budget lets the pool hold; -1 when
+	// no budget applies.
+	Allowed int `json:"allowed"`
+	// IdleVMSeconds sums the time VMs have waited ready in the pool.
+	IdleVMSeconds float64 `json:"idle_vm_seconds"`
 }
 
 // Counters count what happened to a pool since it was registered.
@@ -176,14 +198,15 @@ type Counters struct {
 
 // Eviction reasons, used in events and the evictions metric.
 const (
-	ReasonMaxAge     = "max_age"    // older than the stack's MaxAge
-	ReasonUnhealthy  = "unhealthy"  // failed Validate in a health check or at hand-out
-	ReasonHandoff    = "handoff"    // Resume or Handoff failed at acquire
-	ReasonGeneration = "generation" // restored from a snapshot the pool no longer uses
-	ReasonResized    = "resized"    // more ready than the new Max
-	ReasonRemoved    = "removed"    // the pool was unregistered
-	ReasonShutdown   = "shutdown"   // the pool shut down
-	ReasonExited     = "exited"     // its process exited (VMExited)
+	ReasonMaxAge     = "max_age"     // older than the stack's MaxAge
+	ReasonUnhealthy  = "unhealthy"   // failed Validate in a health check or at hand-out
+	ReasonHandoff    = "handoff"     // Resume or Handoff failed at acquire
+	ReasonGeneration = "generation"  // restored from a snapshot the pool no longer uses
+	ReasonResized    = "resized"     // more ready than the new Max
+	ReasonRemoved    = "removed"     // the pool was unregistered
+	ReasonShutdown   = "shutdown"    // the pool shut down
+	ReasonExited     = "exited"      // its process exited (VMExited)
+	ReasonScaledDown = "scaled_down" // more ready than an adaptive pool's lowered target
 )
 
 // Event kinds the pool publishes.
