@@ -135,6 +135,28 @@ type Pool struct {
 	// or why its template can neither be restored nor rebuilt. Null while
 	// the pool refills fine.
 	LastError *string `json:"last_error"`
+	// Adaptive pools size themselves between Min and Max from demand.
+	Adaptive bool `json:"adaptive"`
+	// Target is the depth the pool fills towards: Min, or what an adaptive
+	// pool's controller chose. Waiting acquirers get restores on top.
+	Target  int `json:"target"`
+	Waiting int `json:"waiting"`
+	// Rate is an adaptive pool's estimated acquires per second; RefillMS
+	// the restore time its target covers (0 for a fixed pool).
+	Rate     float64 `json:"rate"`
+	RefillMS float64 `json:"refill_ms"`
+	// TargetReason says why an adaptive pool's target last changed (start,
+	// rate, burst, miss, idle, bounds, budget), at TargetChanged; null for
+	// a fixed pool.
+	TargetReason  *string    `json:"target_reason"`
+	TargetChanged *time.Time `json:"target_changed"`
+	// Allowed is how many VMs the host's memory budget (limits.memory_mib)
+	// grants the pool now: what it asks for, or less when the pools
+	// together ask for more than the budget.
+	Allowed int `json:"allowed"`
+	// IdleVMSeconds sums the time VMs have waited ready in the pool since
+	// the daemon started.
+	IdleVMSeconds float64 `json:"idle_vm_seconds"`
 }
 
 // PoolRequest creates or replaces a pool (PUT /v1/pools/{name}).
@@ -143,6 +165,8 @@ type PoolRequest struct {
 	Min      int      `json:"min"`
 	Max      int      `json:"max"`
 	MaxAge   Duration `json:"max_age,omitempty"`
+	// Adaptive sizes the pool from its demand, between Min and Max.
+	Adaptive bool `json:"adaptive,omitempty"`
 }
 
 // Validate names the first field of r that is wrong.

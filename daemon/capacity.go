@@ -12,6 +12,9 @@ import (
 // other pool at its max too, could need more guest memory than
 // limits.memory_mib. Warm clones share their template's pages, but a leased
 // VM may touch all of its memory, so the configured size is what counts.
+// An adaptive pool counts at its min: beyond it, the pools share the same
+// limit at run time (pool.Config.MemoryBudgetMiB), so its max is a bound,
+// not a claim.
 func (d *Daemon) checkPoolMemory(p store.Pool, t store.Template) error {
 	others, err := store.List(d.st, store.Pools)
 	if err != nil {
@@ -23,16 +26,29 @@ func (d *Daemon) checkPoolMemory(p store.Pool, t store.Template) error {
 			continue
 		}
 		if ot, ok := d.template(o.Template); ok {
-			committed += o.Max * ot.MemoryMiB
+			committed += committedVMs(o) * ot.MemoryMiB
 		}
 	}
-	want := p.Max * t.MemoryMiB
+	want := committedVMs(p) * t.MemoryMiB
 	limit := d.cfg.Limits.MemoryMiB
 	if committed+want > limit {
-		return fmt.Errorf("%d VMs of %d MiB need %d MiB, other pools may hold %d MiB, and this host offers %d MiB (limits.memory_mib): lower max or free other pools: %w",
-			p.Max, t.MemoryMiB, want, committed, limit, vm.ErrExhausted)
+		bound := "max"
+		if p.Adaptive {
+			bound = "min"
+		}
+		return fmt.Errorf("%d VMs of %d MiB need %d MiB, other pools may hold %d MiB, and this host offers %d MiB (limits.memory_mib): lower %s or free other pools: %w",
+			committedVMs(p), t.MemoryMiB, want, committed, limit, bound, vm.ErrExhausted)
 	}
 	return nil
+}
+
+// committedVMs is what a pool may hold whatever the budget: a fixed pool's
+// max, an adaptive pool's min.
+func committedVMs(p store.Pool) int {
+	if p.Adaptive {
+		return p.Min
+	}
+	return p.Max
 }
 
 // hostMemoryMiB is MemTotal from /proc/meminfo; if it cannot be read, the

@@ -37,3 +37,35 @@ func TestPoolBeyondHostMemoryIsRefused(t *testing.T) {
 		t.Errorf("after a refused change pool a = %+v, %v; want max 4 kept", p, err)
 	}
 }
+
+// An adaptive pool is admitted at its min: it grows only within the
+// budget at run time, and says so in pool ls.
+func TestAdaptivePoolIsAdmittedAtItsMin(t *testing.T) {
+	r := startFake(t, t.TempDir(), newFakeProvider(), "limits: {memory_mib: 1024}\n")
+	c := r.client
+	if _, err := c.BuildTemplate(ctxT(t), api.TemplateRequest{Name: "base", MemoryMiB: 256}, nil); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.SetPool(ctxT(t), "fixed", api.PoolRequest{Template: "base", Min: 2, Max: 2}); err != nil {
+		t.Fatal(err)
+	}
+	p, err := c.SetPool(ctxT(t), "ad", api.PoolRequest{Template: "base", Min: 1, Max: 16, Adaptive: true})
+	if err != nil {
+		t.Fatalf("adaptive pool with max beyond the limit, min within: %v", err)
+	}
+	if !p.Adaptive || p.Max != 16 {
+		t.Errorf("set adaptive pool: %+v", p)
+	}
+	if _, err := c.SetPool(ctxT(t), "ad", api.PoolRequest{Template: "base", Min: 3, Max: 16, Adaptive: true}); !errors.Is(err, vm.ErrExhausted) {
+		t.Errorf("adaptive pool whose min exceeds what the fixed pool leaves = %v, want exhausted", err)
+	}
+	waitReady(t, c, "ad", 1)
+	got, err := c.Pool(ctxT(t), "ad")
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Without demand it wants its min, and the budget grants that.
+	if got.Target != 1 || got.Allowed != 1 || got.TargetReason == nil || *got.TargetReason != "start" {
+		t.Errorf("adaptive pool: target %d allowed %d reason %v; want 1, 1, start", got.Target, got.Allowed, got.TargetReason)
+	}
+}

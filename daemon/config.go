@@ -14,6 +14,7 @@ import (
 	"gopkg.in/yaml.v3"
 
 	"github.com/warmpool/warmpool/api"
+	"github.com/warmpool/warmpool/pool"
 	"github.com/warmpool/warmpool/vm"
 )
 
@@ -45,6 +46,8 @@ type Config struct {
 	// Pools are created at start; a pool changed through the API keeps its
 	// API settings (the state wins over the file once a pool exists there).
 	Pools map[string]PoolConfig `yaml:"pools" doc:"Warm pools keyed by name. Created at start when the state has no pool of that name; changes made through the API persist and win."`
+	// Adaptive tunes the controller of every adaptive pool.
+	Adaptive AdaptiveConfig `yaml:"adaptive" doc:"How adaptive pools size themselves."`
 	// Machines are recorded at start; they start on their first ensure.
 	Machines map[string]MachineConfig `yaml:"machines" doc:"Long-lived machines keyed by name; recorded at start, started by their first ensure."`
 	// MachineDefaults is the idle policy of machines that set none.
@@ -75,7 +78,7 @@ type Limits struct {
 	LeaseTTL     Duration `yaml:"lease_ttl" doc:"TTL of a lease whose acquire names none; 0 means leases live until released."`
 	ExecTimeout  Duration `yaml:"exec_timeout" doc:"Timeout of an exec whose request names none. Default 10m."`
 	ShutdownWait Duration `yaml:"shutdown_wait" doc:"How long SIGTERM waits for in-flight requests before cancelling them (an exec's guest process is killed); destroying the warm VMs afterwards has its own time. Default 30s."`
-	MemoryMiB    int      `yaml:"memory_mib" doc:"Guest memory all pools together may hold at their max (sum of max x template memory), in MiB; a pool change beyond it is refused. Default: the host's total memory."`
+	MemoryMiB    int      `yaml:"memory_mib" doc:"Guest memory all pools together may hold (fixed pools at their max, adaptive pools at their min; sum of VMs x template memory), in MiB; a pool change beyond it is refused. At run time adaptive pools grow only within it: when their targets together exceed it, the pools whose warm memory earned the fewest hits recently give way first. Default: the host's total memory."`
 }
 
 // TemplateConfig is a template to build at start.
@@ -91,6 +94,25 @@ type PoolConfig struct {
 	Min      int      `yaml:"min" doc:"Ready VMs the pool keeps at least."`
 	Max      int      `yaml:"max" doc:"Warm VMs the pool holds at most (required, >= min)."`
 	MaxAge   Duration `yaml:"max_age" doc:"Warm VMs older than this are replaced; 0 keeps them forever."`
+	Adaptive bool     `yaml:"adaptive" doc:"Size the pool from its demand between min and max (see the adaptive section) instead of keeping min ready."`
+}
+
+// AdaptiveConfig tunes every adaptive pool.
+type AdaptiveConfig struct {
+	Quantile       float64  `yaml:"quantile" doc:"Share of refills whose arrivals an adaptive pool's target covers; the same quantile of recent restore times is the refill time. Default 0.999."`
+	Headroom       int      `yaml:"headroom" doc:"VMs added to the computed target (within max). Default 0."`
+	RateHalfLife   Duration `yaml:"rate_half_life" doc:"Half-life of the weighted acquire-rate estimate. Default 30s."`
+	BurstWindow    Duration `yaml:"burst_window" doc:"Window of the burst detector: the acquires within it set the rate when they are more than the weighted estimate. Default 3s."`
+	ScaleDownAfter Duration `yaml:"scale_down_after" doc:"How long demand must stay below the target before the pool shrinks. Default 30s."`
+	ScaleDownEvery Duration `yaml:"scale_down_every" doc:"Time between two steps down of one VM each. Default 5s."`
+	MinIdle        Duration `yaml:"min_idle" doc:"Least time a ready VM has waited before it is destroyed to shrink (not when the memory budget cuts the pool). Default 30s."`
+}
+
+func (a AdaptiveConfig) pool() pool.AdaptiveConfig {
+	return pool.AdaptiveConfig{
+		Quantile: a.Quantile, Headroom: a.Headroom, RateHalfLife: a.RateHalfLife.Std(), BurstWindow: a.BurstWindow.Std(),
+		ScaleDownAfter: a.ScaleDownAfter.Std(), ScaleDownEvery: a.ScaleDownEvery.Std(), MinIdle: a.MinIdle.Std(),
+	}
 }
 
 // MachineConfig is a machine to record at start.
@@ -217,6 +239,9 @@ func (c Config) Validate() error {
 			return fmt.Errorf("templates.%s: %w", name, err)
 		}
 	}
+	if err := c.Adaptive.pool().Validate(); err != nil {
+		return err
+	}
 	for _, name := range sortedKeys(c.Pools) {
 		p := c.Pools[name]
 		if err := vm.ValidateName("pool", name); err != nil {
@@ -241,7 +266,7 @@ func (c Config) Validate() error {
 }
 
 func (p PoolConfig) request() api.PoolRequest {
-	return api.PoolRequest{Template: p.Template, Min: p.Min, Max: p.Max, MaxAge: api.Duration(p.MaxAge)}
+	return api.PoolRequest{Template: p.Template, Min: p.Min, Max: p.Max, MaxAge: api.Duration(p.MaxAge), Adaptive: p.Adaptive}
 }
 
 func (m MachineConfig) spec() api.MachineSpec {

@@ -62,6 +62,9 @@ type Options struct {
 	// FakeLatency delays operations of the fake provider by name
 	// ("create", "restore", "resume", ...). Provider "fake" only.
 	FakeLatency map[string]time.Duration
+	// Adaptive replaces the configuration's adaptive section (bench runs a
+	// trace on a compressed clock).
+	Adaptive *pool.AdaptiveConfig
 
 	// noListen leaves the API unserved (Open).
 	noListen bool
@@ -240,6 +243,10 @@ func start(ctx context.Context, opts Options) (d *Daemon, srv *server, err error
 	// A tenant's first exec otherwise pays for translating process creation
 	// under TCG (~190 ms against ~25 ms).
 	d.handoffer.WarmExec = []string{"true"}
+	adaptive := cfg.Adaptive.pool()
+	if opts.Adaptive != nil {
+		adaptive = *opts.Adaptive
+	}
 	d.pools, err = pool.New(pool.Config{
 		Provider:       d.prov,
 		Parallelism:    cfg.Limits.Parallelism,
@@ -252,6 +259,10 @@ func start(ctx context.Context, opts Options) (d *Daemon, srv *server, err error
 		Events:         d.bus,
 		OnVMCreated:    d.onVMCreated,
 		OnVMDestroyed:  d.onVMDestroyed,
+		Adaptive:       adaptive,
+		// The same limit admits pools (checkPoolMemory) and shares what
+		// adaptive pools hold beyond their min.
+		MemoryBudgetMiB: cfg.Limits.MemoryMiB,
 	})
 	if err != nil {
 		return nil, nil, fmt.Errorf("start pools: %w", err)
@@ -428,7 +439,7 @@ func (d *Daemon) applyConfig(ctx context.Context) error {
 			continue
 		}
 		pc := d.cfg.Pools[name]
-		rec := store.Pool{Name: name, Template: pc.Template, Min: pc.Min, Max: pc.Max, MaxAge: pc.MaxAge.Std(), UpdatedAt: time.Now()}
+		rec := store.Pool{Name: name, Template: pc.Template, Min: pc.Min, Max: pc.Max, MaxAge: pc.MaxAge.Std(), Adaptive: pc.Adaptive, UpdatedAt: time.Now()}
 		if err := store.Put(d.st, store.Pools, rec); err != nil {
 			return err
 		}

@@ -21,6 +21,12 @@ func TestMetricsCoverMachinesPoolsAndLeases(t *testing.T) {
 	if _, err := c.Acquire(ctxT(t), "py", 5*time.Second, api.AcquireRequest{}); err != nil {
 		t.Fatal(err)
 	}
+	// An adaptive pool reports its target, rate, idle time and why its
+	// target changed.
+	if _, err := c.SetPool(ctxT(t), "ad", api.PoolRequest{Template: "base", Min: 1, Max: 3, Adaptive: true}); err != nil {
+		t.Fatal(err)
+	}
+	waitReady(t, c, "ad", 1)
 
 	// box shrinks, suspends, and resumes on the next ensure, which turns its
 	// idling off so that it stays running.
@@ -66,12 +72,19 @@ func TestMetricsCoverMachinesPoolsAndLeases(t *testing.T) {
 		`warmpool_machine_recoveries_total{machine="box"}`:                       0,
 		`warmpool_machine_ensure_duration_seconds_count{machine="box"}`:          2,
 		`warmpool_machine_ensure_duration_seconds_count{machine="dev"}`:          1,
-		`warmpool_leases_active`:                                1,
-		`warmpool_pool_acquires_total{outcome="hit",pool="py"}`: 1,
+		`warmpool_leases_active`:                                       1,
+		`warmpool_pool_acquires_total{outcome="hit",pool="py"}`:        1,
+		`warmpool_pool_target{pool="py"}`:                              1,
+		`warmpool_pool_target{pool="ad"}`:                              1,
+		`warmpool_pool_arrival_rate{pool="ad"}`:                        0,
+		`warmpool_pool_target_changes_total{pool="ad",reason="start"}`: 1,
 	} {
 		if got, ok := metricValue(text, series); !ok || got != want {
 			t.Errorf("%s = %v (present %v), want %v", series, got, ok, want)
 		}
+	}
+	if idle, ok := metricValue(text, `warmpool_pool_idle_vm_seconds_total{pool="py"}`); !ok || idle <= 0 {
+		t.Errorf("warmpool_pool_idle_vm_seconds_total{pool=\"py\"} = %v (present %v), want the time its VMs waited", idle, ok)
 	}
 	if states := strings.Count(text, `warmpool_machine_state{machine="dev",`); states < 2 {
 		t.Errorf("dev has %d state series, want one per state", states)

@@ -20,6 +20,7 @@ func stackSpec(p store.Pool, t store.Template) pool.StackSpec {
 		Min:      p.Min,
 		Max:      p.Max,
 		MaxAge:   p.MaxAge,
+		Adaptive: p.Adaptive,
 	}
 }
 
@@ -52,7 +53,7 @@ func (d *Daemon) SetPool(ctx context.Context, name string, req api.PoolRequest) 
 	if !ok {
 		return api.Pool{}, fmt.Errorf("set pool %s: template %s: %w (build it first)", name, req.Template, vm.ErrNotFound)
 	}
-	rec := store.Pool{Name: name, Template: req.Template, Min: req.Min, Max: req.Max, MaxAge: req.MaxAge.Std(), UpdatedAt: time.Now()}
+	rec := store.Pool{Name: name, Template: req.Template, Min: req.Min, Max: req.Max, MaxAge: req.MaxAge.Std(), Adaptive: req.Adaptive, UpdatedAt: time.Now()}
 	// Everything that can refuse the request runs before the store changes.
 	if err := stackSpec(rec, t).Validate(); err != nil {
 		return api.Pool{}, fmt.Errorf("set pool %s: %w", name, err)
@@ -100,7 +101,7 @@ func (d *Daemon) Pools(ctx context.Context) ([]api.Pool, error) {
 }
 
 func (d *Daemon) poolAPI(p store.Pool) api.Pool {
-	out := api.Pool{Name: p.Name, Template: p.Template, Min: p.Min, Max: p.Max, MaxAge: api.Duration(p.MaxAge)}
+	out := api.Pool{Name: p.Name, Template: p.Template, Min: p.Min, Max: p.Max, MaxAge: api.Duration(p.MaxAge), Adaptive: p.Adaptive, Target: p.Min, Allowed: -1}
 	if t, ok := d.template(p.Template); ok {
 		out.Generation = uint64(t.Generation)
 	}
@@ -121,6 +122,14 @@ func (d *Daemon) poolAPI(p store.Pool) api.Pool {
 		return out
 	}
 	out.Ready, out.Restoring = st.Ready, st.Restoring
+	out.Target, out.Waiting, out.Allowed, out.IdleVMSeconds = st.Target, st.Waiting, st.Allowed, st.IdleVMSeconds
+	if st.Adaptive {
+		out.Rate, out.RefillMS = st.Rate, float64(st.Refill.Microseconds())/1000
+		if st.TargetReason != "" {
+			reason, at := st.TargetReason, st.TargetChanged
+			out.TargetReason, out.TargetChanged = &reason, &at
+		}
+	}
 	c := st.Counters
 	out.Counters = api.PoolCounters{
 		Acquired:           c.Acquired,

@@ -37,6 +37,10 @@ type AdaptiveConfig struct {
 	MinIdle time.Duration
 }
 
+// Validate names the first field of c that is out of range (zero fields
+// take their defaults).
+func (c AdaptiveConfig) Validate() error { return c.setDefaults() }
+
 func (c *AdaptiveConfig) setDefaults() error {
 	durations := []struct {
 		field string

@@ -174,7 +174,8 @@ type Status struct {
 	// the Target* constants), at TargetChanged.
 	TargetReason  string    `json:"target_reason,omitempty"`
 	TargetChanged time.Time `json:"target_changed,omitempty"`
-	// Allowed is what the host's memory budget lets the pool hold; -1 when
+	// Allowed is what the host's memory budget grants the pool now: what
+	// it asks for, or less when the pools together ask for more; -1 when
 	// no budget applies.
 	Allowed int `json:"allowed"`
 	// IdleVMSeconds sums the time VMs have waited ready in the pool.

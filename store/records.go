@@ -44,6 +44,8 @@ type Pool struct {
 	Min      int           `json:"min"`
 	Max      int           `json:"max"`
 	MaxAge   time.Duration `json:"max_age,omitempty"`
+	// Adaptive sizes the pool from its demand between Min and Max.
+	Adaptive bool `json:"adaptive,omitempty"`
 	// LeaseTTL, when set, is the default lifetime of a lease from this pool.
 	LeaseTTL  time.Duration `json:"lease_ttl,omitempty"`
 	UpdatedAt time.Time     `json:"updated_at"`

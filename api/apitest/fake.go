@@ -51,7 +51,7 @@ func New() *Backend {
 		Now:       func() time.Time { return time.Date(2025, 1, 2, 3, 4, 5, 0, time.UTC) },
 	}
 	b.templates["base"] = api.Template{Name: "base", VCPUs: 1, MemoryMiB: 256, Generation: 1, CreatedAt: b.Now()}
-	b.pools["web"] = api.Pool{Name: "web", Template: "base", Min: 2, Max: 4, Ready: 2, Generation: 1}
+	b.pools["web"] = api.Pool{Name: "web", Template: "base", Min: 2, Max: 4, Ready: 2, Target: 2, Allowed: -1, Generation: 1}
 	return b
 }
 
@@ -143,7 +143,8 @@ func (b *Backend) SetPool(ctx context.Context, name string, req api.PoolRequest)
 		return api.Pool{}, &vm.FieldError{Field: "template", Value: req.Template, Reason: "no such template"}
 	}
 	p := b.pools[name]
-	p.Name, p.Template, p.Min, p.Max, p.MaxAge = name, req.Template, req.Min, req.Max, req.MaxAge
+	p.Name, p.Template, p.Min, p.Max, p.MaxAge, p.Adaptive = name, req.Template, req.Min, req.Max, req.MaxAge, req.Adaptive
+	p.Target, p.Allowed = req.Min, -1
 	p.Generation = b.templates[req.Template].Generation
 	b.pools[name] = p
 	b.mutations++

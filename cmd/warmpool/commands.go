@@ -78,7 +78,7 @@ func newPoolCommand(g *globals) *cobra.Command {
 		maxAge time.Duration
 	)
 	set := &cobra.Command{
-		Use:               "set NAME --template T [--min N] [--max N] [--max-age D]",
+		Use:               "set NAME --template T [--min N] [--max N] [--max-age D] [--adaptive]",
 		ValidArgsFunction: completeNames(g, poolNames),
 		Short:             "Create or change pool NAME; the change persists",
 		Args:              args("NAME"),
@@ -87,6 +87,9 @@ func newPoolCommand(g *globals) *cobra.Command {
 				return usagef("%s needs --template (see %s --help)", subPath(cmd), cmd.CommandPath())
 			}
 			if !cmd.Flags().Changed("max") {
+				if req.Adaptive {
+					return usagef("%s --adaptive needs --max, the most VMs the pool may grow to", subPath(cmd))
+				}
 				req.Max = max(req.Min, 1)
 			}
 			req.MaxAge = api.Duration(maxAge)
@@ -103,6 +106,7 @@ func newPoolCommand(g *globals) *cobra.Command {
 	set.Flags().IntVar(&req.Min, "min", 1, "VMs kept ready")
 	set.Flags().IntVar(&req.Max, "max", 0, "most VMs kept ready (default: --min)")
 	set.Flags().DurationVar(&maxAge, "max-age", 0, "replace ready VMs older than this (0: never)")
+	set.Flags().BoolVar(&req.Adaptive, "adaptive", false, "size the pool from its demand between --min and --max (needs --max)")
 	_ = set.RegisterFlagCompletionFunc("template", func(cmd *cobra.Command, _ []string, s string) ([]string, cobra.ShellCompDirective) {
 		return completeNames(g, templateNames)(cmd, nil, s)
 	})
@@ -148,7 +152,7 @@ func printPools(w io.Writer, g *globals, ps []api.Pool, single bool) error {
 		return printJSON(w, ps)
 	}
 	// LAST-ERROR comes last: it is the one long, free-form column.
-	t := newTable(w, "NAME", "TEMPLATE", "READY", "RESTORING", "LEASED", "MIN", "MAX", "MAX-AGE", "GEN", "ACQUIRED", "HITS", "WAITS", "TIMEOUTS", "EVICTED", "LAST-ERROR")
+	t := newTable(w, "NAME", "TEMPLATE", "READY", "TARGET", "RESTORING", "LEASED", "MIN", "MAX", "MAX-AGE", "RATE", "TARGET-REASON", "GEN", "ACQUIRED", "HITS", "WAITS", "TIMEOUTS", "EVICTED", "LAST-ERROR")
 	for _, p := range ps {
 		maxAge := "-"
 		if p.MaxAge > 0 {
@@ -158,8 +162,21 @@ func printPools(w io.Writer, g *globals, ps []api.Pool, single bool) error {
 		if p.LastError != nil {
 			lastErr = *p.LastError
 		}
+		// A fixed pool's target is its min; only an adaptive one has a
+		// rate and a reason.
+		rate, reason := "-", "-"
+		if p.Adaptive {
+			rate = fmt.Sprintf("%.2f/s", p.Rate)
+			reason = "adaptive"
+			if p.TargetReason != nil {
+				reason = *p.TargetReason
+				if p.TargetChanged != nil {
+					reason += " " + age(*p.TargetChanged) + " ago"
+				}
+			}
+		}
 		c := p.Counters
-		t.row(p.Name, p.Template, p.Ready, p.Restoring, p.Leased, p.Min, p.Max, maxAge, p.Generation,
+		t.row(p.Name, p.Template, p.Ready, p.Target, p.Restoring, p.Leased, p.Min, p.Max, maxAge, rate, reason, p.Generation,
 			c.Acquired, c.Hits, c.Waits, c.Timeouts, c.Evicted, lastErr)
 	}
 	return t.flush()

@@ -103,7 +103,7 @@ func TestPoolCommands(t *testing.T) {
 			t.Errorf("row %q is not aligned with header %q", l, lines[0])
 		}
 	}
-	if !regexp.MustCompile(`(?m)^py\s+base\s+0\s+0\s+0\s+2\s+5\s+1h0m0s\s`).MatchString(r.stdout) {
+	if !regexp.MustCompile(`(?m)^py\s+base\s+0\s+2\s+0\s+0\s+2\s+5\s+1h0m0s\s+-\s+-\s`).MatchString(r.stdout) {
 		t.Errorf("pool ls lacks the new pool's row:\n%s", r.stdout)
 	}
 

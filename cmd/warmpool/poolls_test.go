@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"encoding/json"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -61,5 +62,54 @@ func TestAgeIsCoarse(t *testing.T) {
 	}
 	if got := age(time.Time{}); got != "-" {
 		t.Errorf("age of the zero time = %q, want -", got)
+	}
+}
+
+// pool ls shows an adaptive pool's target, estimated rate and why the
+// target last changed; a fixed pool has "-" there. -o json carries them.
+func TestPoolListShowsAdaptiveTarget(t *testing.T) {
+	reason, at := "burst", time.Now().Add(-42*time.Second)
+	pools := []api.Pool{
+		{Name: "ad", Template: "base", Min: 1, Max: 16, Ready: 5, Target: 7, Adaptive: true, Rate: 12.345,
+			TargetReason: &reason, TargetChanged: &at},
+		{Name: "fixed", Template: "base", Min: 2, Max: 2, Ready: 2, Target: 2},
+	}
+	var out bytes.Buffer
+	if err := printPools(&out, &globals{}, pools, false); err != nil {
+		t.Fatal(err)
+	}
+	lines := strings.Split(strings.TrimSpace(out.String()), "\n")
+	header := strings.Fields(lines[0])
+	cell := func(row int, col string) string {
+		i := slices.Index(header, col)
+		if i < 0 {
+			t.Fatalf("pool ls has no %s column:\n%s", col, out.String())
+		}
+		// TARGET-REASON holds two words plus "ago"; it comes after RATE.
+		f := strings.Fields(lines[row])
+		if i > slices.Index(header, "TARGET-REASON") && row == 1 {
+			i += 2
+		}
+		return f[i]
+	}
+	if cell(1, "TARGET") != "7" || cell(1, "RATE") != "12.35/s" || !strings.Contains(lines[1], "burst 42s ago") {
+		t.Errorf("adaptive row %q: want target 7, rate 12.35/s, reason burst 42s ago", lines[1])
+	}
+	if cell(2, "TARGET") != "2" || cell(2, "RATE") != "-" || cell(2, "TARGET-REASON") != "-" {
+		t.Errorf("fixed row %q: want target 2 and - for rate and reason", lines[2])
+	}
+	out.Reset()
+	if err := printPools(&out, &globals{output: "json"}, pools, false); err != nil {
+		t.Fatal(err)
+	}
+	var raw []map[string]any
+	if err := json.Unmarshal(out.Bytes(), &raw); err != nil {
+		t.Fatal(err)
+	}
+	if raw[0]["adaptive"] != true || raw[0]["target"] != 7.0 || raw[0]["rate"] != 12.345 || raw[0]["target_reason"] != "burst" {
+		t.Errorf("adaptive pool JSON %v", raw[0])
+	}
+	if v, ok := raw[1]["target_reason"]; !ok || v != nil {
+		t.Errorf("fixed pool's target_reason = %v (present %v), want null", v, ok)
 	}
 }
