@@ -12,6 +12,7 @@ import (
 	"fmt"
 	"path/filepath"
 	"reflect"
+	"regexp"
 	"strconv"
 	"time"
 
@@ -196,6 +197,12 @@ type Template struct {
 	MemoryMiB int    `json:"memory_mib"`
 	// Image is the host directory of the guest image it was built from.
 	Image string `json:"image,omitempty"`
+	// ImageSource is what the image was built from (image build --from);
+	// "busybox" for the initramfs-only image.
+	ImageSource string `json:"image_source,omitempty"`
+	// DiskMiB is the writable disk over the image's root filesystem; 0
+	// for the busybox image.
+	DiskMiB int `json:"disk_mib,omitempty"`
 	// Generation increases with every rebuild of the same name.
 	Generation   uint64    `json:"generation"`
 	SnapshotID   string    `json:"snapshot_id,omitempty"`
@@ -207,20 +214,47 @@ type Template struct {
 // TemplateRequest builds (or rebuilds) a template (POST /v1/templates).
 type TemplateRequest struct {
 	Name string `json:"name"`
-	// Image is an absolute host directory holding the guest image; empty
-	// means the daemon's default image.
+	// Image is the name of an image in the daemon's image cache (image
+	// build --name) or an absolute host directory holding a guest image;
+	// empty means the daemon's default image.
 	Image     string `json:"image,omitempty"`
 	VCPUs     int    `json:"vcpus,omitempty"`      // 0: daemon default
 	MemoryMiB int    `json:"memory_mib,omitempty"` // 0: daemon default
+	// DiskMiB is the writable disk of a template whose image has a root
+	// filesystem: what the template and each VM restored from it may
+	// write over the image. 0: 1024; refused for the busybox image.
+	DiskMiB int `json:"disk_mib,omitempty"`
 }
+
+// MaxTemplateDiskMiB bounds TemplateRequest.DiskMiB (1 TiB).
+const MaxTemplateDiskMiB = 1 << 20
+
+// validateImageRef accepts an image name or a clean absolute directory.
+func validateImageRef(image string) error {
+	if image == "" || imageNameRE.MatchString(image) {
+		return nil
+	}
+	if !filepath.IsAbs(image) || filepath.Clean(image) != image {
+		return &vm.FieldError{Field: "image", Value: image, Reason: "must be an image name (image ls) or a clean absolute directory path"}
+	}
+	return nil
+}
+
+// imageNameRE is guest.CheckName's rule.
+var imageNameRE = regexp.MustCompile(`^[a-z0-9][a-z0-9._-]{0,62}$`)
 
 // Validate names the first field of r that is wrong.
 func (r TemplateRequest) Validate() error {
 	if err := vm.ValidateName("name", r.Name); err != nil {
 		return err
 	}
-	if r.Image != "" && (!filepath.IsAbs(r.Image) || filepath.Clean(r.Image) != r.Image) {
-		return &vm.FieldError{Field: "image", Value: r.Image, Reason: "must be a clean absolute directory path"}
+	if err := validateImageRef(r.Image); err != nil {
+		return err
+	}
+	if r.DiskMiB != 0 {
+		if err := vm.ValidateRange("disk_mib", r.DiskMiB, 16, MaxTemplateDiskMiB); err != nil {
+			return err
+		}
 	}
 	if r.VCPUs != 0 {
 		if err := vm.ValidateRange("vcpus", r.VCPUs, 1, vm.MaxVCPUs); err != nil {
@@ -278,8 +312,12 @@ type ExecRequest struct {
 	Argv []string `json:"argv"`
 	// Env entries are KEY=VALUE, added to the agent's environment.
 	Env []string `json:"env,omitempty"`
-	// Dir is the working directory inside the guest; empty means the agent's.
+	// Dir is the working directory inside the guest; empty means the
+	// image's WorkingDir, else the agent's (/).
 	Dir string `json:"dir,omitempty"`
+	// User runs the command as NAME, UID, NAME:GROUP or UID:GID of the
+	// guest's /etc/passwd; empty means the image's User, else root.
+	User string `json:"user,omitempty"`
 	// Stdin is fed to the command, then closed.
 	Stdin []byte `json:"stdin,omitempty"`
 	// Timeout kills the command after this long; 0 means the daemon default.
@@ -345,6 +383,11 @@ type MachineSpec struct {
 	DataDiskMiB int `json:"data_disk_mib,omitempty"`
 	// Cmdline is appended to the guest kernel command line.
 	Cmdline string `json:"cmdline,omitempty"`
+	// Image is the image (name or absolute directory) the machine boots;
+	// empty means the daemon's. An image with a root filesystem is the
+	// machine's read-only root, with its writes kept in memory (the data
+	// disk is what lasts).
+	Image string `json:"image,omitempty"`
 	// IdleAfter shrinks the balloon after this long without activity or
 	// holds; SuspendAfter suspends the machine to a snapshot. nil means the
 	// daemon default, "0s" turns the step off.
@@ -384,6 +427,7 @@ type MachineEnsureRequest struct {
 	MemoryMiB    *int      `json:"memory_mib,omitempty"`
 	DataDiskMiB  *int      `json:"data_disk_mib,omitempty"`
 	Cmdline      *string   `json:"cmdline,omitempty"`
+	Image        *string   `json:"image,omitempty"`
 	IdleAfter    *Duration `json:"idle_after,omitempty"`
 	SuspendAfter *Duration `json:"suspend_after,omitempty"`
 }
@@ -393,7 +437,7 @@ type MachineEnsureRequest struct {
 // default (a nil IdleAfter or SuspendAfter keeps the recorded step).
 func (s MachineSpec) EnsureRequest() MachineEnsureRequest {
 	return MachineEnsureRequest{
-		VCPUs: &s.VCPUs, MemoryMiB: &s.MemoryMiB, DataDiskMiB: &s.DataDiskMiB, Cmdline: &s.Cmdline,
+		VCPUs: &s.VCPUs, MemoryMiB: &s.MemoryMiB, DataDiskMiB: &s.DataDiskMiB, Cmdline: &s.Cmdline, Image: &s.Image,
 		IdleAfter: s.IdleAfter, SuspendAfter: s.SuspendAfter,
 	}
 }
@@ -410,6 +454,9 @@ func (r MachineEnsureRequest) Merge(base MachineSpec) MachineSpec {
 	set(&base.DataDiskMiB, r.DataDiskMiB)
 	if r.Cmdline != nil {
 		base.Cmdline = *r.Cmdline
+	}
+	if r.Image != nil {
+		base.Image = *r.Image
 	}
 	// Copies: the merged spec must not share a Duration with the request.
 	if r.IdleAfter != nil {
@@ -433,7 +480,7 @@ func (r MachineEnsureRequest) Validate() error {
 func (s MachineSpec) Equal(o MachineSpec) bool {
 	same := func(a, b *Duration) bool { return (a == nil) == (b == nil) && (a == nil || *a == *b) }
 	return s.VCPUs == o.VCPUs && s.MemoryMiB == o.MemoryMiB && s.DataDiskMiB == o.DataDiskMiB &&
-		s.Cmdline == o.Cmdline && same(s.IdleAfter, o.IdleAfter) && same(s.SuspendAfter, o.SuspendAfter)
+		s.Cmdline == o.Cmdline && s.Image == o.Image && same(s.IdleAfter, o.IdleAfter) && same(s.SuspendAfter, o.SuspendAfter)
 }
 
 // Validate names the first field of s that is wrong.
@@ -445,6 +492,9 @@ func (s MachineSpec) Validate() error {
 		return err
 	}
 	if err := vm.ValidateRange("data_disk_mib", s.DataDiskMiB, 0, MaxDataDiskMiB); err != nil {
+		return err
+	}
+	if err := validateImageRef(s.Image); err != nil {
 		return err
 	}
 	if len(s.Cmdline) > 4096 {

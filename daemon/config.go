@@ -85,7 +85,8 @@ type Limits struct {
 type TemplateConfig struct {
 	VCPUs     int    `yaml:"vcpus" doc:"vCPUs of the template and its clones. Default 1."`
 	MemoryMiB int    `yaml:"memory_mib" doc:"Memory of the template and its clones in MiB. Default 256."`
-	Image     string `yaml:"image" doc:"Guest image directory; default: the daemon's image."`
+	Image     string `yaml:"image" doc:"Image name (image build --name) or guest image directory; default: the daemon's image."`
+	DiskMiB   int    `yaml:"disk_mib" doc:"Writable disk over an image's root filesystem in MiB: what the template and each clone may write. Default 1024; images with a root filesystem only."`
 }
 
 // PoolConfig is a pool to create at start.
@@ -121,6 +122,7 @@ type MachineConfig struct {
 	MemoryMiB    int       `yaml:"memory_mib" doc:"Memory of the machine in MiB. Default 512."`
 	DataDiskMiB  int       `yaml:"data_disk_mib" doc:"Size of its persistent data disk in MiB; 0 means none."`
 	Cmdline      string    `yaml:"cmdline" doc:"Appended to the guest kernel command line."`
+	Image        string    `yaml:"image" doc:"Image name or guest image directory the machine boots; an image's root filesystem is read-only with writes kept in memory. Default: the daemon's image."`
 	IdleAfter    *Duration `yaml:"idle_after" doc:"Shrink the balloon after this long without activity or holds; 0s turns it off. Default: machine_defaults.idle_after."`
 	SuspendAfter *Duration `yaml:"suspend_after" doc:"Suspend to a snapshot after this long without activity or holds; 0s turns it off. Default: machine_defaults.suspend_after."`
 }
@@ -270,7 +272,7 @@ func (p PoolConfig) request() api.PoolRequest {
 }
 
 func (m MachineConfig) spec() api.MachineSpec {
-	s := api.MachineSpec{VCPUs: m.VCPUs, MemoryMiB: m.MemoryMiB, DataDiskMiB: m.DataDiskMiB, Cmdline: m.Cmdline}.WithDefaults()
+	s := api.MachineSpec{VCPUs: m.VCPUs, MemoryMiB: m.MemoryMiB, DataDiskMiB: m.DataDiskMiB, Cmdline: m.Cmdline, Image: m.Image}.WithDefaults()
 	if m.IdleAfter != nil {
 		d := api.Duration(*m.IdleAfter)
 		s.IdleAfter = &d

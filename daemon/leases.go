@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"slices"
 	"time"
 
 	"github.com/warmpool/warmpool/agent"
@@ -226,7 +227,7 @@ func (d *Daemon) Exec(ctx context.Context, id string, req api.ExecRequest, stdou
 	}
 	defer c.Close()
 	timeout := or(req.Timeout.Std(), d.cfg.Limits.ExecTimeout.Std())
-	code, err := c.Exec(ctx, agent.ExecRequest{Argv: req.Argv, Env: req.Env, Dir: req.Dir, Stdin: req.Stdin, Timeout: timeout}, stdout, stderr)
+	code, err := c.Exec(ctx, d.withImageDefaults(l.Template, agent.ExecRequest{Argv: req.Argv, Env: req.Env, Dir: req.Dir, User: req.User, Stdin: req.Stdin, Timeout: timeout}), stdout, stderr)
 	switch {
 	case errors.Is(err, agent.ErrExecFailed):
 		fmt.Fprintf(stderr, "warmpool: %v\n", err)
@@ -238,4 +239,19 @@ func (d *Daemon) Exec(ctx context.Context, id string, req api.ExecRequest, stdou
 		return -1, fmt.Errorf("exec in lease %s: %w", id, err)
 	}
 	return code, nil
+}
+
+// withImageDefaults fills in what the exec request leaves out from the
+// image the lease's template was built from: its Env goes first (the
+// request's entries win), its WorkingDir and User apply unless the request
+// names its own. A busybox template has none.
+func (d *Daemon) withImageDefaults(templateName string, req agent.ExecRequest) agent.ExecRequest {
+	t, ok := d.template(templateName)
+	if !ok || t.Exec == nil {
+		return req
+	}
+	req.Env = append(slices.Clip(t.Exec.Env), req.Env...)
+	req.Dir = or(req.Dir, t.Exec.WorkingDir)
+	req.User = or(req.User, t.Exec.User)
+	return req
 }

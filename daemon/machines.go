@@ -13,6 +13,7 @@ import (
 	"github.com/warmpool/warmpool/api"
 	"github.com/warmpool/warmpool/lifecycle"
 	"github.com/warmpool/warmpool/store"
+	"github.com/warmpool/warmpool/template"
 	"github.com/warmpool/warmpool/vm"
 )
 
@@ -409,6 +410,19 @@ func (d *Daemon) EnsureMachine(ctx context.Context, name string, req api.Machine
 	if err != nil {
 		return api.Machine{}, err
 	}
+	if spec.Image != "" {
+		if img, err = d.guestImage(ctx, spec.Image, nil); err != nil {
+			return api.Machine{}, fmt.Errorf("ensure machine %s: %w", name, err)
+		}
+	}
+	cmdline := img.Cmdline
+	var rootDisk string
+	if img.Rootfs != nil {
+		// A machine's root writes live in memory: what it keeps goes on
+		// its data disk, which survives recreate and suspend.
+		rootDisk = img.Rootfs.Path
+		cmdline += " " + template.RootCmdline("tmpfs")
+	}
 	idle := d.mach.idlePolicy(spec)
 	ls := lifecycle.MachineSpec{
 		Name:         name,
@@ -416,8 +430,9 @@ func (d *Daemon) EnsureMachine(ctx context.Context, name string, req api.Machine
 		MemoryMiB:    spec.MemoryMiB,
 		Kernel:       img.Kernel,
 		Initrd:       img.Initrd,
-		Cmdline:      strings.TrimSpace(img.Cmdline + " " + spec.Cmdline),
+		Cmdline:      strings.TrimSpace(cmdline + " " + spec.Cmdline),
 		KernelDigest: img.Digest,
+		RootDisk:     rootDisk,
 		DataDiskMiB:  spec.DataDiskMiB,
 		Idle:         &idle,
 	}

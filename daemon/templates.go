@@ -25,7 +25,7 @@ const (
 )
 
 func templateRequest(name string, tc TemplateConfig) api.TemplateRequest {
-	return api.TemplateRequest{Name: name, Image: tc.Image, VCPUs: tc.VCPUs, MemoryMiB: tc.MemoryMiB}
+	return api.TemplateRequest{Name: name, Image: tc.Image, VCPUs: tc.VCPUs, MemoryMiB: tc.MemoryMiB, DiskMiB: tc.DiskMiB}
 }
 
 // template reads the template name from the store.
@@ -65,6 +65,8 @@ func templateAPI(t store.Template) api.Template {
 		Provider:     t.Snapshot.Provider,
 		SharedMemory: t.Snapshot.SharedMemory,
 		CreatedAt:    t.CreatedAt,
+		ImageSource:  t.ImageSource,
+		DiskMiB:      t.DiskMiB,
 	}
 }
 
@@ -91,6 +93,13 @@ func (d *Daemon) guestImage(ctx context.Context, dir string, progress func(strin
 		return guest.Image{Kernel: "/nonexistent/no-guest-image/kernel", Initrd: "/nonexistent/no-guest-image/initrd", Digest: "none"}, nil
 	}
 	dir = or(dir, d.cfg.Image)
+	if dir != "" && !filepath.IsAbs(dir) {
+		named, err := guest.ResolveName(d.cfg.local.imageCacheDir, dir)
+		if err != nil {
+			return guest.Image{}, err
+		}
+		dir = named
+	}
 	if dir != "" {
 		img, err := guest.Load(dir)
 		if err != nil {
@@ -188,7 +197,7 @@ func (d *Daemon) buildGeneration(ctx context.Context, req api.TemplateRequest, p
 		return api.Template{}, fmt.Errorf("build template %s: clear %s: %w", req.Name, dir, err)
 	}
 	bctx := withPurpose(ctx, vmPurpose{role: store.RoleTemplateBuild})
-	t, err := buildTemplate(bctx, req.Name, d.prov, img, vcpus, mem, dir, progress)
+	t, err := buildTemplate(bctx, req.Name, d.prov, img, vcpus, mem, req.DiskMiB, dir, progress)
 	if err != nil {
 		os.RemoveAll(dir)
 		return api.Template{}, fmt.Errorf("build template %s: %w", req.Name, err)
@@ -202,6 +211,12 @@ func (d *Daemon) buildGeneration(ctx context.Context, req api.TemplateRequest, p
 		VCPUs:       vcpus,
 		MemoryMiB:   mem,
 		CreatedAt:   time.Now(),
+		ImageSource: or(img.Source, "busybox"),
+		DiskMiB:     t.DiskMiB,
+	}
+	if img.Rootfs != nil {
+		e := img.Rootfs.Exec
+		rec.Exec = &store.ExecDefaults{Env: e.Env, WorkingDir: e.WorkingDir, User: e.User}
 	}
 	if err := store.Put(d.st, store.Templates, rec); err != nil {
 		os.RemoveAll(dir)
@@ -270,22 +285,24 @@ func keptBy(keep map[string]bool, dir string) bool {
 type builtTemplate struct {
 	Snapshot    vm.Snapshot
 	ImageDigest string
+	DiskMiB     int
 }
 
 // buildTemplate cold-boots img with the given shape through p (so the build
 // VM is recorded while it exists) and snapshots it into dir.
-func buildTemplate(ctx context.Context, name string, p *ownedProvider, img guest.Image, vcpus, mem int, dir string, progress func(string)) (builtTemplate, error) {
+func buildTemplate(ctx context.Context, name string, p *ownedProvider, img guest.Image, vcpus, mem, diskMiB int, dir string, progress func(string)) (builtTemplate, error) {
 	t, err := template.Build(ctx, template.BuildOptions{
 		Name:      name,
 		Provider:  p,
 		Image:     img,
 		VCPUs:     vcpus,
 		MemoryMiB: mem,
+		DiskMiB:   diskMiB,
 		Dir:       dir,
 		Progress:  progress,
 	})
 	if err != nil {
 		return builtTemplate{}, err
 	}
-	return builtTemplate{Snapshot: t.Snapshot, ImageDigest: t.ImageDigest}, nil
+	return builtTemplate{Snapshot: t.Snapshot, ImageDigest: t.ImageDigest, DiskMiB: t.DiskMiB}, nil
 }

@@ -206,7 +206,7 @@ func (d *Daemon) rebuild(ctx context.Context, name string, gen int) (api.Templat
 	if err != nil {
 		return api.Template{}, err
 	}
-	return d.buildGeneration(ctx, api.TemplateRequest{Name: name, Image: image, VCPUs: t.VCPUs, MemoryMiB: t.MemoryMiB},
+	return d.buildGeneration(ctx, api.TemplateRequest{Name: name, Image: image, VCPUs: t.VCPUs, MemoryMiB: t.MemoryMiB, DiskMiB: t.DiskMiB},
 		func(step string) { d.log.Info("rebuilding template", "template", name, "step", step) }, gen)
 }
 

@@ -53,6 +53,7 @@ func vmSpec(spec MachineSpec, disk string, fp Fingerprint) vm.Spec {
 		Initrd:    spec.Initrd,
 		Cmdline:   spec.Cmdline,
 		DataDisk:  disk,
+		RootDisk:  spec.RootDisk,
 		Labels:    map[string]string{LabelMachine: spec.Name, LabelFingerprint: encodeFingerprint(fp)},
 	}
 }

@@ -30,6 +30,9 @@ type MachineSpec struct {
 	KernelDigest string `json:"kernel_digest,omitempty"`
 	// DataDiskMiB is the size of the persistent data disk; 0 means none.
 	DataDiskMiB int `json:"data_disk_mib,omitempty"`
+	// RootDisk is the image's read-only root filesystem disk, if it has
+	// one; KernelDigest covers it.
+	RootDisk string `json:"root_disk,omitempty"`
 	// Idle is this machine's idle policy; nil means the manager's
 	// Config.Idle. It is not part of the Fingerprint: changing it never
 	// recreates the machine, it only reschedules the idle steps.

@@ -31,6 +31,21 @@ type Template struct {
 	VCPUs     int       `json:"vcpus"`
 	MemoryMiB int       `json:"memory_mib"`
 	CreatedAt time.Time `json:"created_at"`
+	// ImageSource is what the image was built from (busybox, debian:SUITE...).
+	ImageSource string `json:"image_source,omitempty"`
+	// DiskMiB is the writable disk's size, 0 without a root filesystem.
+	DiskMiB int `json:"disk_mib,omitempty"`
+	// Exec is the image's exec defaults; nil for the busybox image.
+	Exec *ExecDefaults `json:"exec,omitempty"`
+}
+
+// ExecDefaults are what a command in a VM of the template runs with unless
+// the exec request says otherwise (the image config's Env, WorkingDir,
+// User).
+type ExecDefaults struct {
+	Env        []string `json:"env,omitempty"`
+	WorkingDir string   `json:"working_dir,omitempty"`
+	User       string   `json:"user,omitempty"`
 }
 
 // StoreKey is the template's name.

@@ -28,7 +28,7 @@ func SystemOptions() Options {
 	return Options{
 		AddEntropy:  AddKernelEntropy,
 		SetTime:     setTime,
-		SetHostname: func(name string) error { return unix.Sethostname([]byte(name)) },
+		SetHostname: SetIdentity,
 		PowerOff:    PowerOff,
 		Stats:       ReadProcStats,
 	}

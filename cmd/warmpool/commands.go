@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"path/filepath"
 	"slices"
 	"strings"
 	"time"
@@ -23,6 +24,10 @@ func newTemplateCommand(g *globals) *cobra.Command {
 		Args:  args("NAME"),
 		RunE: func(cmd *cobra.Command, a []string) error {
 			req.Name = a[0]
+			var err error
+			if req.Image, err = imageRef(req.Image); err != nil {
+				return err
+			}
 			return g.withClient(func(c *api.Client) error {
 				p := newProgress(cmd.ErrOrStderr())
 				stop := p.spinWhile("building template " + req.Name)
@@ -35,7 +40,8 @@ func newTemplateCommand(g *globals) *cobra.Command {
 			})
 		},
 	}
-	build.Flags().StringVar(&req.Image, "image", "", "guest image directory (default: the daemon's image)")
+	build.Flags().StringVar(&req.Image, "image", "", "image name (image build --name) or guest image directory (default: the daemon's image)")
+	build.Flags().IntVar(&req.DiskMiB, "disk", 0, "writable disk over the image's root filesystem in MiB: what the template and each clone may write (default 1024; images with a root filesystem only)")
 	build.Flags().IntVar(&req.VCPUs, "vcpus", 0, "vCPUs (default: the daemon's)")
 	build.Flags().IntVar(&req.MemoryMiB, "mem", 0, "memory in MiB (default: the daemon's)")
 	ls := &cobra.Command{
@@ -334,7 +340,8 @@ func newExecCommand(g *globals) *cobra.Command {
 		},
 	}
 	cmd.Flags().StringArrayVarP(&req.Env, "env", "e", nil, "KEY=VALUE added to the command's environment (repeatable)")
-	cmd.Flags().StringVarP(&req.Dir, "workdir", "w", "", "working directory inside the VM")
+	cmd.Flags().StringVarP(&req.Dir, "workdir", "w", "", "working directory inside the VM (default: the image's WorkingDir, else /)")
+	cmd.Flags().StringVarP(&req.User, "user", "u", "", "run as NAME, UID, NAME:GROUP or UID:GID of the guest's /etc/passwd (default: the image's User, else root)")
 	cmd.Flags().DurationVar(&timeout, "timeout", 0, "kill the command after this long (default: the daemon's)")
 	cmd.Flags().BoolVarP(&stdin, "stdin", "i", false, "send this process's stdin to the command")
 	// Flags after the command belong to it, not to warmpool.
@@ -377,6 +384,13 @@ recreates the machine (its data disk is kept), a new idle policy does not.`,
 				if f.Changed("cmdline") {
 					req.Cmdline = &spec.Cmdline
 				}
+				if f.Changed("image") {
+					ref, err := imageRef(spec.Image)
+					if err != nil {
+						return err
+					}
+					req.Image = &ref
+				}
 				if f.Changed("idle-after") {
 					d := api.Duration(idleAfter)
 					req.IdleAfter = &d
@@ -400,6 +414,7 @@ recreates the machine (its data disk is kept), a new idle policy does not.`,
 	ef.IntVar(&spec.MemoryMiB, "mem", api.DefaultMachineMemoryMiB, "memory in MiB (recreates the machine when changed)")
 	ef.IntVar(&spec.DataDiskMiB, "disk", 0, "persistent data disk in MiB (0: none; it can grow, never shrink)")
 	ef.StringVar(&spec.Cmdline, "cmdline", "", "extra guest kernel command line")
+	ef.StringVar(&spec.Image, "image", "", "image name or guest image directory to boot (recreates the machine when changed; its root filesystem is read-only, writes stay in memory, the data disk lasts)")
 	ef.DurationVar(&idleAfter, "idle-after", 0, "shrink the balloon after this long without activity or holds (0s: off; unset: the daemon's default)")
 	ef.DurationVar(&suspendAfter, "suspend-after", 0, "suspend to a snapshot after this long without activity or holds (0s: off; unset: the daemon's default)")
 
@@ -600,4 +615,17 @@ func newStatusCommand(g *globals) *cobra.Command {
 			})
 		},
 	}
+}
+
+// imageRef passes an image name through and makes a directory path
+// (anything with a '/') absolute, as the daemon wants it.
+func imageRef(ref string) (string, error) {
+	if ref == "" || !strings.ContainsRune(ref, '/') {
+		return ref, nil
+	}
+	abs, err := filepath.Abs(ref)
+	if err != nil {
+		return "", fmt.Errorf("image %s: %w", ref, err)
+	}
+	return abs, nil
 }
