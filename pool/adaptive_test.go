@@ -23,12 +23,12 @@ func testAdaptiveConfig(t *testing.T) AdaptiveConfig {
 // change with time, a step at every arrival (an acquire wakes the owner)
 // and at every tick in between, restores that always take refill.
 type sim struct {
-	t      *testing.T
-	c      *controller
-	now    time.Time
-	min    int
-	max    int
-	allow  int
+	t     *testing.T
+	c     *controller
+	now   time.Time
+	min   int
+	max   int
+	allow int
 	// history of (time, target) after every step
 	times   []time.Time
 	targets []int
