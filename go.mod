@@ -3,6 +3,7 @@ module github.com/warmpool/warmpool
 go 1.26.0
 
 require (
+	connectrpc.com/connect v1.21.1
 	github.com/getkin/kin-openapi v0.153.0
 	github.com/google/go-containerregistry v0.22.1
 	github.com/google/nftables v0.3.0

@@ -47,6 +47,8 @@ type Backend interface {
 	// released lease returns nil: release is idempotent.
 	Release(ctx context.Context, leaseID string) error
 	Leases(ctx context.Context) ([]Lease, error)
+	// SetLeaseTTL makes the lease expire ttl from now, or never for 0.
+	SetLeaseTTL(ctx context.Context, leaseID string, req LeaseTTLRequest) (Lease, error)
 	// Exec runs a command in the lease's VM, copying its output to stdout and
 	// stderr as it comes (each Write is flushed to the client), and returns
 	// the command's exit code. err is for failures to run it at all.

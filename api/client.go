@@ -237,7 +237,7 @@ func (c *Client) Acquire(ctx context.Context, pool string, wait time.Duration, r
 		path += "?wait=" + url.QueryEscape(wait.String())
 	}
 	var body any
-	if req.Owner != "" || req.TTL != 0 {
+	if req.Owner != "" || req.TTL != 0 || len(req.Labels) > 0 || len(req.Env) > 0 {
 		body = req
 	}
 	var l Lease
@@ -253,6 +253,12 @@ func (c *Client) Leases(ctx context.Context) ([]Lease, error) {
 // Release destroys a lease's VM; releasing twice is not an error.
 func (c *Client) Release(ctx context.Context, leaseID string) error {
 	return c.call(ctx, http.MethodDelete, "/v1/leases/"+url.PathEscape(leaseID), nil, nil)
+}
+
+// SetLeaseTTL makes a lease expire ttl from now, or never for 0.
+func (c *Client) SetLeaseTTL(ctx context.Context, leaseID string, ttl time.Duration) (Lease, error) {
+	var l Lease
+	return l, c.call(ctx, http.MethodPut, "/v1/leases/"+url.PathEscape(leaseID)+"/ttl", LeaseTTLRequest{TTL: Duration(ttl)}, &l)
 }
 
 // Exec runs a command in a leased VM, copying its output to stdout and

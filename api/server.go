@@ -99,6 +99,7 @@ func (s *Server) routes() {
 	handle("POST", "/v1/pools/{name}/acquire", s.acquire)
 	handle("GET", "/v1/leases", s.listLeases)
 	handle("DELETE", "/v1/leases/{id}", s.release)
+	handle("PUT", "/v1/leases/{id}/ttl", s.setLeaseTTL)
 	handle("POST", "/v1/leases/{id}/exec", s.exec)
 	handle("GET", "/v1/machines", s.listMachines)
 	handle("GET", "/v1/machines/{name}", s.getMachine)
@@ -483,6 +484,27 @@ func (s *Server) release(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	w.WriteHeader(http.StatusNoContent)
+}
+
+func (s *Server) setLeaseTTL(w http.ResponseWriter, r *http.Request) {
+	id, ok := pathName(w, r, "id", "lease")
+	if !ok {
+		return
+	}
+	var req LeaseTTLRequest
+	if !s.decode(w, r, &req, false) {
+		return
+	}
+	if err := req.Validate(); err != nil {
+		writeError(w, invalid(err.Error()))
+		return
+	}
+	l, err := s.opts.Backend.SetLeaseTTL(r.Context(), id, req)
+	if err != nil {
+		s.fail(w, r, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, l)
 }
 
 func (s *Server) exec(w http.ResponseWriter, r *http.Request) {

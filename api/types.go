@@ -102,6 +102,8 @@ type Lease struct {
 	CreatedAt time.Time  `json:"created_at"`
 	ExpiresAt *time.Time `json:"expires_at"`
 	Timings   Timings    `json:"timings"`
+	// Labels are the acquire's labels, kept with the lease.
+	Labels map[string]string `json:"labels,omitempty"`
 }
 
 // PoolCounters are cumulative since the pool was created (or the daemon
@@ -275,6 +277,12 @@ type AcquireRequest struct {
 	Owner string `json:"owner,omitempty"`
 	// TTL destroys the lease's VM after this long; 0 means no expiry.
 	TTL Duration `json:"ttl,omitempty"`
+	// Labels are free-form KEY: VALUE pairs kept with the lease and listed
+	// with it.
+	Labels map[string]string `json:"labels,omitempty"`
+	// Env entries are KEY=VALUE, the default environment of every exec in
+	// the lease (an exec's own Env wins). They are not listed.
+	Env []string `json:"env,omitempty"`
 	// Wait comes from ?wait= and is how long to wait for a ready VM. The
 	// backend applies it to the wait only, so a hand-off that starts just
 	// before the deadline is not cut short.
@@ -291,6 +299,69 @@ func (r AcquireRequest) Validate() error {
 	}
 	if r.Wait < 0 || r.Wait > MaxWait {
 		return &vm.FieldError{Field: "wait", Value: r.Wait, Reason: "must be between 0s and " + MaxWait.String()}
+	}
+	if err := validateLabels(r.Labels); err != nil {
+		return err
+	}
+	return validateEnv(r.Env)
+}
+
+// Limits on lease labels.
+const (
+	MaxLabels        = 64
+	MaxLabelKeyLen   = 128
+	MaxLabelValueLen = 1024
+)
+
+func validateLabels(labels map[string]string) error {
+	if len(labels) > MaxLabels {
+		return &vm.FieldError{Field: "labels", Value: len(labels), Reason: fmt.Sprintf("more than %d entries", MaxLabels)}
+	}
+	for k, v := range labels {
+		if k == "" || len(k) > MaxLabelKeyLen {
+			return &vm.FieldError{Field: "labels", Value: truncate(k, 40), Reason: fmt.Sprintf("a key must be 1 to %d bytes", MaxLabelKeyLen)}
+		}
+		if len(v) > MaxLabelValueLen {
+			return &vm.FieldError{Field: "labels", Value: k, Reason: fmt.Sprintf("value longer than %d bytes", MaxLabelValueLen)}
+		}
+		if hasControl(k) || hasControl(v) {
+			return &vm.FieldError{Field: "labels", Value: k, Reason: "must not contain control characters"}
+		}
+	}
+	return nil
+}
+
+func hasControl(s string) bool {
+	for _, r := range s {
+		if r < 0x20 || r == 0x7f {
+			return true
+		}
+	}
+	return false
+}
+
+func validateEnv(env []string) error {
+	if len(env) > MaxArgs {
+		return &vm.FieldError{Field: "env", Value: len(env), Reason: fmt.Sprintf("more than %d entries", MaxArgs)}
+	}
+	for _, kv := range env {
+		if i := indexByte(kv, '='); i <= 0 {
+			return &vm.FieldError{Field: "env", Value: truncate(kv, 40), Reason: "must be KEY=VALUE"}
+		}
+	}
+	return nil
+}
+
+// LeaseTTLRequest sets when a lease expires (PUT /v1/leases/{id}/ttl): TTL
+// from now, or never for 0.
+type LeaseTTLRequest struct {
+	TTL Duration `json:"ttl"`
+}
+
+// Validate names the first field of r that is wrong.
+func (r LeaseTTLRequest) Validate() error {
+	if r.TTL < 0 || r.TTL.Std() > MaxTTL {
+		return &vm.FieldError{Field: "ttl", Value: r.TTL, Reason: "must be between 0s and " + MaxTTL.String()}
 	}
 	return nil
 }
@@ -332,13 +403,8 @@ func (r ExecRequest) Validate() error {
 	if len(r.Argv) > MaxArgs {
 		return &vm.FieldError{Field: "argv", Value: len(r.Argv), Reason: fmt.Sprintf("more than %d entries", MaxArgs)}
 	}
-	if len(r.Env) > MaxArgs {
-		return &vm.FieldError{Field: "env", Value: len(r.Env), Reason: fmt.Sprintf("more than %d entries", MaxArgs)}
-	}
-	for _, kv := range r.Env {
-		if i := indexByte(kv, '='); i <= 0 {
-			return &vm.FieldError{Field: "env", Value: truncate(kv, 40), Reason: "must be KEY=VALUE"}
-		}
+	if err := validateEnv(r.Env); err != nil {
+		return err
 	}
 	if r.Timeout < 0 || r.Timeout.Std() > MaxExecTimeout {
 		return &vm.FieldError{Field: "timeout", Value: r.Timeout, Reason: "must be between 0s and " + MaxExecTimeout.String()}

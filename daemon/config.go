@@ -27,6 +27,8 @@ type Config struct {
 	Listen string `yaml:"listen" doc:"Where the API listens: unix:PATH or tcp:HOST:PORT. Default: unix socket warmpool.sock in the state directory (mode 0600). TCP requires token_file."`
 	// TokenFile holds the bearer token a TCP listener requires.
 	TokenFile string `yaml:"token_file" doc:"File holding the bearer token that clients of a TCP listener must send."`
+	// E2B serves E2B's sandbox API for the official E2B SDKs.
+	E2B E2BConfig `yaml:"e2b" doc:"E2B-compatible API (the official E2B SDKs as clients): off unless listen is set."`
 	// Provider picks the hypervisor.
 	Provider string `yaml:"provider" doc:"VM provider: qemu, firecracker or fake (in-memory, for tests)."`
 	// Accel is QEMU's accelerator choice.
@@ -52,6 +54,12 @@ type Config struct {
 	Machines map[string]MachineConfig `yaml:"machines" doc:"Long-lived machines keyed by name; recorded at start, started by their first ensure."`
 	// MachineDefaults is the idle policy of machines that set none.
 	MachineDefaults MachineDefaults `yaml:"machine_defaults" doc:"Idle policy of every machine whose own spec leaves it out."`
+}
+
+// E2BConfig is the E2B-compatible listener.
+type E2BConfig struct {
+	Listen  string `yaml:"listen" doc:"Where the E2B API (REST and every sandbox's envd on one port) listens: tcp:HOST:PORT. Default: off."`
+	KeyFile string `yaml:"key_file" doc:"File of the E2B API keys clients may send, one per line, each e2b_ and hex digits ('warmpool e2b key create' appends one). Default: e2b-keys in the state directory."`
 }
 
 // FirecrackerConfig locates Firecracker's binaries.
@@ -218,6 +226,11 @@ func (c Config) Validate() error {
 	}
 	if c.Listen != "" && !strings.HasPrefix(c.Listen, "unix:") && !strings.HasPrefix(c.Listen, "tcp:") {
 		return &vm.FieldError{Field: "listen", Value: c.Listen, Reason: "must be unix:PATH or tcp:HOST:PORT"}
+	}
+	if c.E2B.Listen != "" {
+		if !strings.HasPrefix(c.E2B.Listen, "tcp:") {
+			return &vm.FieldError{Field: "e2b.listen", Value: c.E2B.Listen, Reason: "must be tcp:HOST:PORT"}
+		}
 	}
 	if err := vm.ValidateRange("limits.parallelism", c.Limits.Parallelism, 0, 64); err != nil {
 		return err

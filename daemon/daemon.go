@@ -39,6 +39,9 @@ type Options struct {
 	Provider   string
 	Accel      string
 	TokenFile  string
+	// E2BListen and E2BKeyFile override e2b.listen and e2b.key_file.
+	E2BListen  string
+	E2BKeyFile string
 	// StopAll makes shutdown destroy leased VMs and stop machines too;
 	// without it they keep running for the next start to adopt.
 	StopAll        bool
@@ -159,6 +162,8 @@ func resolveConfig(opts Options) (Config, string, error) {
 	set(&cfg.Provider, opts.Provider)
 	set(&cfg.Accel, opts.Accel)
 	set(&cfg.TokenFile, opts.TokenFile)
+	set(&cfg.E2B.Listen, opts.E2BListen)
+	set(&cfg.E2B.KeyFile, opts.E2BKeyFile)
 	set(&cfg.Firecracker.Binary, opts.FirecrackerBin)
 	set(&cfg.Firecracker.Jailer, opts.JailerBin)
 	set(&cfg.Image, opts.Image)

@@ -27,6 +27,7 @@ func leaseAPI(l store.Lease) api.Lease {
 		Owner:     l.Owner,
 		CreatedAt: l.CreatedAt,
 		ExpiresAt: l.ExpiresAt,
+		Labels:    l.Labels,
 		Timings:   api.Timings{WaitMS: l.WaitMS, HandoffMS: l.HandoffMS, TotalMS: l.TotalMS},
 	}
 }
@@ -105,6 +106,8 @@ func (d *Daemon) Acquire(ctx context.Context, poolName string, req api.AcquireRe
 		Pool:       poolName,
 		VMID:       pl.VM.ID,
 		Owner:      req.Owner,
+		Labels:     req.Labels,
+		Env:        req.Env,
 		Template:   spec.Template,
 		CreatedAt:  now,
 		TTL:        or(req.TTL.Std(), d.cfg.Limits.LeaseTTL.Std()),
@@ -201,6 +204,18 @@ func (d *Daemon) Leases(ctx context.Context) ([]api.Lease, error) {
 	return out, nil
 }
 
+// SetLeaseTTL implements api.Backend.
+func (d *Daemon) SetLeaseTTL(ctx context.Context, id string, req api.LeaseTTLRequest) (api.Lease, error) {
+	if err := d.checkOpen(); err != nil {
+		return api.Lease{}, err
+	}
+	l, err := d.leases.SetTTL(id, req.TTL.Std())
+	if err != nil {
+		return api.Lease{}, err
+	}
+	return leaseAPI(l), nil
+}
+
 // leaseCount is the number of live leases, 0 when the store cannot say.
 func (d *Daemon) leaseCount() int {
 	n, err := d.leases.Count()
@@ -227,7 +242,13 @@ func (d *Daemon) Exec(ctx context.Context, id string, req api.ExecRequest, stdou
 	}
 	defer c.Close()
 	timeout := or(req.Timeout.Std(), d.cfg.Limits.ExecTimeout.Std())
-	code, err := c.Exec(ctx, d.withImageDefaults(l.Template, agent.ExecRequest{Argv: req.Argv, Env: req.Env, Dir: req.Dir, User: req.User, Stdin: req.Stdin, Timeout: timeout}), stdout, stderr)
+	// The image's environment, then the lease's, then the exec's own: the
+	// later wins.
+	env := req.Env
+	if len(l.Env) > 0 {
+		env = append(slices.Clip(l.Env), req.Env...)
+	}
+	code, err := c.Exec(ctx, d.withImageDefaults(l.Template, agent.ExecRequest{Argv: req.Argv, Env: env, Dir: req.Dir, User: req.User, Stdin: req.Stdin, Timeout: timeout}), stdout, stderr)
 	switch {
 	case errors.Is(err, agent.ErrExecFailed):
 		fmt.Fprintf(stderr, "warmpool: %v\n", err)

@@ -117,6 +117,36 @@ func (r *Registry) Count() (int, error) {
 	return n, err
 }
 
+// SetTTL makes the lease expire ttl from now (never for 0) and returns it
+// as recorded. An unknown lease is an error wrapping vm.ErrNotFound; a
+// lease being released one wrapping vm.ErrInvalidState.
+func (r *Registry) SetTTL(id string, ttl time.Duration) (store.Lease, error) {
+	r.mu.Lock()
+	_, busy := r.releasing[id]
+	r.mu.Unlock()
+	if busy {
+		return store.Lease{}, fmt.Errorf("set TTL of lease %s: it is being released: %w", id, vm.ErrInvalidState)
+	}
+	var out store.Lease
+	err := r.cfg.Store.Update(func(tx *store.Tx) error {
+		l, err := store.Leases.Get(tx, id)
+		if err != nil {
+			return err
+		}
+		l.TTL, l.ExpiresAt = ttl, nil
+		if ttl > 0 {
+			exp := r.cfg.Now().Add(ttl)
+			l.ExpiresAt = &exp
+		}
+		out = l
+		return store.Leases.Put(tx, l)
+	})
+	if err != nil {
+		return store.Lease{}, fmt.Errorf("set TTL of lease %s: %w", id, err)
+	}
+	return out, nil
+}
+
 // Drop forgets a lease whose VM is gone without destroying anything: the
 // reconciliation at start uses it for leases that did not survive.
 func (r *Registry) Drop(id string) error {
@@ -162,6 +192,10 @@ func (r *Registry) release(ctx context.Context, id string, expired bool) (bool, 
 			return false, nil
 		}
 		return false, fmt.Errorf("release lease %s: %w", id, err)
+	}
+	// The expiry loop listed the lease before a SetTTL moved its deadline.
+	if expired && !l.Expired(r.cfg.Now()) {
+		return false, nil
 	}
 	forget := func(tx *store.Tx) error { return store.Leases.Delete(tx, id) }
 	if err := r.cfg.DestroyVM(ctx, l.VMID, forget); err != nil {

@@ -284,3 +284,42 @@ func TestLeasesSurviveARestart(t *testing.T) {
 		t.Errorf("Drop of an unknown lease: %v", err)
 	}
 }
+
+func TestSetTTLMovesTheDeadlineFromNow(t *testing.T) {
+	w := newWorld(t, "")
+	w.add(t, "l-ext", "vm-ext", time.Minute)
+	w.add(t, "l-never", "vm-never", time.Minute)
+
+	w.setNow(t0.Add(50 * time.Second))
+	got, err := w.r.SetTTL("l-ext", time.Minute)
+	if err != nil {
+		t.Fatalf("SetTTL: %v", err)
+	}
+	if want := t0.Add(110 * time.Second); got.ExpiresAt == nil || !got.ExpiresAt.Equal(want) {
+		t.Fatalf("SetTTL answered expires_at %v, want %v (a minute from now)", got.ExpiresAt, want)
+	}
+	if _, err := w.r.SetTTL("l-never", 0); err != nil {
+		t.Fatalf("SetTTL 0: %v", err)
+	}
+	w.setNow(t0.Add(100 * time.Second))
+	if got := w.r.Expire(t.Context()); len(got) != 0 {
+		t.Fatalf("Expire past the old deadline released %v; the new one is later", got)
+	}
+	w.setNow(t0.Add(110 * time.Second))
+	if got := w.r.Expire(t.Context()); len(got) != 1 || got[0].ID != "l-ext" {
+		t.Fatalf("Expire at the new deadline = %v, want l-ext", got)
+	}
+	w.setNow(t0.Add(100 * 24 * time.Hour))
+	if got := w.r.Expire(t.Context()); len(got) != 0 {
+		t.Fatalf("a lease whose TTL was cleared expired: %v", got)
+	}
+	if _, err := w.r.SetTTL("l-gone", time.Minute); !errors.Is(err, vm.ErrNotFound) {
+		t.Errorf("SetTTL of an unknown lease = %v, want not found", err)
+	}
+	if _, err := w.r.SetTTL("l-ext", time.Minute); !errors.Is(err, vm.ErrNotFound) {
+		t.Errorf("SetTTL of an expired lease = %v, want not found (and no record written)", err)
+	}
+	if ids := w.leaseIDs(t); len(ids) != 1 || ids[0] != "l-never" {
+		t.Errorf("leases left = %v, want l-never", ids)
+	}
+}

@@ -83,6 +83,10 @@ type Lease struct {
 	// TTL is zero for a lease that lives until released.
 	TTL       time.Duration `json:"ttl,omitempty"`
 	ExpiresAt *time.Time    `json:"expires_at,omitempty"`
+	// Labels are the acquire's; Env is the default environment of every
+	// exec in the lease.
+	Labels map[string]string `json:"labels,omitempty"`
+	Env    []string          `json:"env,omitempty"`
 	// The acquire's timings, kept so that a restarted daemon still reports
 	// them.
 	WaitMS    int64 `json:"wait_ms,omitempty"`

@@ -185,7 +185,7 @@ func (b *Backend) Acquire(ctx context.Context, pool string, req api.AcquireReque
 	b.pools[pool] = p
 	now := b.Now()
 	l := api.Lease{ID: b.id("lease"), Pool: pool, VMID: b.id("vm"), Owner: req.Owner, CreatedAt: now,
-		Timings: api.Timings{HandoffMS: 3, TotalMS: 4}}
+		Timings: api.Timings{HandoffMS: 3, TotalMS: 4}, Labels: req.Labels}
 	if req.TTL > 0 {
 		exp := now.Add(req.TTL.Std())
 		l.ExpiresAt = &exp
@@ -217,6 +217,25 @@ func (b *Backend) Leases(ctx context.Context) ([]api.Lease, error) {
 	defer b.mu.Unlock()
 	b.call("Leases")
 	return sorted(b.leases), nil
+}
+
+// SetLeaseTTL implements api.Backend.
+func (b *Backend) SetLeaseTTL(ctx context.Context, leaseID string, req api.LeaseTTLRequest) (api.Lease, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	b.call("SetLeaseTTL")
+	l, ok := b.leases[leaseID]
+	if !ok {
+		return api.Lease{}, fmt.Errorf("lease %s: %w", leaseID, vm.ErrNotFound)
+	}
+	l.ExpiresAt = nil
+	if req.TTL > 0 {
+		exp := b.Now().Add(req.TTL.Std())
+		l.ExpiresAt = &exp
+	}
+	b.leases[leaseID] = l
+	b.mutations++
+	return l, nil
 }
 
 // Exec implements api.Backend.

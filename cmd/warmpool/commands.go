@@ -190,13 +190,15 @@ func printPools(w io.Writer, g *globals, ps []api.Pool, single bool) error {
 
 func newAcquireCommand(g *globals) *cobra.Command {
 	var (
-		wait  time.Duration
-		ttl   time.Duration
-		owner string
-		quiet bool
+		wait   time.Duration
+		ttl    time.Duration
+		owner  string
+		quiet  bool
+		labels map[string]string
+		env    []string
 	)
 	cmd := &cobra.Command{
-		Use:               "acquire POOL [--wait D] [--ttl D]",
+		Use:               "acquire POOL [--wait D] [--ttl D] [--label K=V]... [--env K=V]...",
 		ValidArgsFunction: completeNames(g, poolNames),
 		Short:             "Take a ready VM from POOL and print its lease",
 		Long: `acquire takes a ready VM from POOL, waiting up to --wait for one, and prints
@@ -205,7 +207,7 @@ the lease. When none is ready in time it exits with 75 (EX_TEMPFAIL).`,
 		RunE: func(cmd *cobra.Command, a []string) error {
 			return g.withClient(func(c *api.Client) error {
 				stop := newProgress(cmd.ErrOrStderr()).spinWhile("acquiring from " + a[0])
-				l, err := c.Acquire(cmd.Context(), a[0], wait, api.AcquireRequest{Owner: owner, TTL: api.Duration(ttl)})
+				l, err := c.Acquire(cmd.Context(), a[0], wait, api.AcquireRequest{Owner: owner, TTL: api.Duration(ttl), Labels: labels, Env: env})
 				stop()
 				if err != nil {
 					return wrapf(err, "acquire from pool %s", a[0])
@@ -221,6 +223,8 @@ the lease. When none is ready in time it exits with 75 (EX_TEMPFAIL).`,
 	cmd.Flags().DurationVar(&wait, "wait", 0, "how long the daemon waits for a ready VM (default: the daemon's, 10s)")
 	cmd.Flags().DurationVar(&ttl, "ttl", 0, "destroy the VM after this long (0: until released)")
 	cmd.Flags().StringVar(&owner, "owner", "", "label recorded with the lease")
+	cmd.Flags().StringToStringVar(&labels, "label", nil, "KEY=VALUE kept and listed with the lease (repeatable)")
+	cmd.Flags().StringArrayVar(&env, "env", nil, "KEY=VALUE in the environment of every exec in the lease (repeatable)")
 	cmd.Flags().BoolVarP(&quiet, "quiet", "q", false, "print only the lease ID")
 	return cmd
 }
@@ -243,7 +247,26 @@ func printLeases(w io.Writer, g *globals, ls []api.Lease, single bool) error {
 func ms(v int64) string { return fmt.Sprintf("%dms", v) }
 
 func newLeaseCommand(g *globals) *cobra.Command {
-	cmd := &cobra.Command{Use: "lease", Short: "List leases"}
+	cmd := &cobra.Command{Use: "lease", Short: "List leases and change their TTL"}
+	cmd.AddCommand(&cobra.Command{
+		Use:               "ttl LEASE DURATION",
+		ValidArgsFunction: completeNames(g, leaseIDs),
+		Short:             "Make LEASE expire DURATION from now (0: never)",
+		Args:              args("LEASE", "DURATION"),
+		RunE: func(cmd *cobra.Command, a []string) error {
+			ttl, err := time.ParseDuration(a[1])
+			if err != nil {
+				return usagef("invalid DURATION %q: want a duration such as 30m", a[1])
+			}
+			return g.withClient(func(c *api.Client) error {
+				l, err := c.SetLeaseTTL(cmd.Context(), a[0], ttl)
+				if err != nil {
+					return wrapf(err, "set TTL of lease %s", a[0])
+				}
+				return printLeases(cmd.OutOrStdout(), g, []api.Lease{l}, true)
+			})
+		},
+	})
 	cmd.AddCommand(&cobra.Command{
 		Use:     "ls",
 		Aliases: []string{"list"},

@@ -147,6 +147,7 @@ daemon shutting down (retry later); exec exits with the command's code.`,
 		newMachineCommand(g),
 		newEventsCommand(g),
 		newStatusCommand(g),
+		newE2BCommand(g),
 	)
 	for _, mk := range extraCommands {
 		root.AddCommand(mk())
