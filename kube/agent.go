@@ -96,6 +96,8 @@ type agent struct {
 	// reported is the node status last written, by local pool name.
 	reported map[string]v1alpha1.NodePoolStatus
 	poke     chan struct{}
+	// lastLease is the heartbeat Lease as last written (heartbeat only).
+	lastLease *coordinationv1.Lease
 }
 
 // localPool is a WarmPool as this node keeps it.
@@ -206,8 +208,16 @@ func (a *agent) heartbeat(ctx context.Context) error {
 func (a *agent) renew(ctx context.Context) error {
 	now := metav1.NewMicroTime(time.Now())
 	secs := int32((a.opts.HeartbeatTimeout + time.Second - 1) / time.Second)
-	var l coordinationv1.Lease
 	key := types.NamespacedName{Namespace: a.opts.Namespace, Name: heartbeatName(a.opts.Node)}
+	if l := a.lastLease; l != nil && l.Spec.HolderIdentity != nil && *l.Spec.HolderIdentity == a.opts.Node {
+		// One request per renewal: the Lease as this agent last wrote it.
+		l.Spec.RenewTime = &now
+		if err := a.direct.Update(ctx, l); err == nil {
+			return nil
+		}
+		a.lastLease = nil
+	}
+	var l coordinationv1.Lease
 	err := a.direct.Get(ctx, key, &l)
 	if apierrors.IsNotFound(err) {
 		l = coordinationv1.Lease{
@@ -217,6 +227,7 @@ func (a *agent) renew(ctx context.Context) error {
 		if err := a.direct.Create(ctx, &l); err != nil {
 			return fmt.Errorf("create Lease %s: %w", key, err)
 		}
+		a.lastLease = &l
 		return nil
 	}
 	if err != nil {
@@ -234,6 +245,7 @@ func (a *agent) renew(ctx context.Context) error {
 	if err := a.direct.Update(ctx, &l); err != nil {
 		return fmt.Errorf("renew Lease %s: %w", key, err)
 	}
+	a.lastLease = &l
 	return nil
 }
 

@@ -215,7 +215,7 @@ func (tc *testCluster) addNode(name string, labels map[string]string, latency ma
 	}
 	n := &testNode{name: name, daemon: d, opts: AgentOptions{
 		Config: testCfg, Backend: d, Node: name, Namespace: tc.ns,
-		HeartbeatInterval: 200 * time.Millisecond, HeartbeatTimeout: time.Second,
+		HeartbeatInterval: 250 * time.Millisecond, HeartbeatTimeout: 2 * time.Second,
 		ReportInterval: 100 * time.Millisecond, AcquireWait: 5 * time.Second,
 		Logger: tc.log.With("who", "agent-"+name), watchNamespace: tc.ns,
 	}}

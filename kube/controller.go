@@ -159,6 +159,20 @@ func (s *controllerState) liveness(ctx context.Context) (map[string]nodeLiveness
 	return out, nil
 }
 
+// freshLiveness reads one node agent's heartbeat from the API server,
+// past the cache.
+func (s *controllerState) freshLiveness(ctx context.Context, key types.NamespacedName) (nodeLiveness, bool, error) {
+	var l coordinationv1.Lease
+	if err := s.r.Get(ctx, key, &l); err != nil {
+		if apierrors.IsNotFound(err) {
+			return nodeLiveness{}, false, nil
+		}
+		return nodeLiveness{}, false, fmt.Errorf("get Lease %s: %w", key, err)
+	}
+	n, ok := livenessOf(&l)
+	return n, ok, nil
+}
+
 // selectedLiveNodes are the live nodes a pool selects, in name order, and
 // when the first of their heartbeats runs out.
 func (s *controllerState) selectedLiveNodes(ctx context.Context, wp *v1alpha1.WarmPool, now time.Time) ([]string, time.Time, error) {
@@ -337,6 +351,13 @@ func (s *controllerState) reconcileNode(ctx context.Context, req reconcile.Reque
 		if n.live(now) {
 			return reconcile.Result{RequeueAfter: n.Expires.Sub(now) + 50*time.Millisecond}, nil
 		}
+		// The cache may lag behind renewals on a busy API server: only
+		// what the API server itself says declares a node lost.
+		if fresh, ok, err := s.freshLiveness(ctx, req.NamespacedName); err != nil {
+			return reconcile.Result{}, err
+		} else if ok && fresh.live(now) {
+			return reconcile.Result{RequeueAfter: fresh.Expires.Sub(now) + 50*time.Millisecond}, nil
+		}
 		expired = fmt.Sprintf("its heartbeat expired at %s (renewed %s, timeout %ds)",
 			n.Expires.UTC().Format(time.RFC3339Nano), l.Spec.RenewTime.UTC().Format(time.RFC3339Nano), *l.Spec.LeaseDurationSeconds)
 	} else if !apierrors.IsNotFound(err) {
@@ -397,6 +418,13 @@ func (s *controllerState) reconcileClaim(ctx context.Context, req reconcile.Requ
 		}
 		n, ok := live[c.Status.Node]
 		alive := ok && n.live(now)
+		if !alive && ok {
+			fresh, found, err := s.freshLiveness(ctx, types.NamespacedName{Namespace: s.ns, Name: heartbeatName(c.Status.Node)})
+			if err != nil {
+				return reconcile.Result{}, err
+			}
+			alive = found && fresh.live(now)
+		}
 		if !alive && (c.Status.Phase == v1alpha1.ClaimBound || c.Status.Phase == v1alpha1.ClaimReady) {
 			return reconcile.Result{}, s.setLost(ctx, &c, "its heartbeat is not current")
 		}
