@@ -39,6 +39,8 @@ type Config struct {
 	Image string `yaml:"image" doc:"Guest image directory (kernel + initramfs) for templates. Default: built on first use into the guest image cache (the one 'warmpool image build' fills)."`
 	// Firecracker holds that provider's binaries.
 	Firecracker FirecrackerConfig `yaml:"firecracker" doc:"Firecracker provider settings."`
+	// WarmExec replaces the warm-up command of restored VMs.
+	WarmExec []string `yaml:"warm_exec" doc:"Command every restored VM runs once before it enters its pool, so that under TCG a tenant's first command finds its code translated. Default [true]; [/bin/bash, -l, -c, 'true'] readies the shell E2B's commands.run starts (a command the image lacks only loses the warm-up)."`
 	// Intervals tune the background loops.
 	Intervals Intervals `yaml:"intervals" doc:"How often background loops run."`
 	// Limits bound what the daemon does at once.

@@ -48,6 +48,8 @@ func TestParseConfigRejects(t *testing.T) {
 		{"machine_defaults: {idle_after: 5}\n", "duration"},
 		{"machine_defaults: {idle_reserve_mib: -1}\n", "idle_reserve_mib"},
 		{"listen: 0.0.0.0:80\n", "listen"},
+		{"e2b: {listen: unix:/tmp/e2b.sock}\n", "e2b.listen"},
+		{"e2b: {listne: tcp:127.0.0.1:3000}\n", "listne"},
 	} {
 		_, err := ParseConfig(strings.NewReader(tc.yaml))
 		if err == nil || !strings.Contains(err.Error(), tc.want) {

@@ -3,11 +3,13 @@ package e2b
 import (
 	"bytes"
 	"context"
+	"encoding/base64"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"net/http"
 	"strconv"
+	"strings"
 	"time"
 
 	"connectrpc.com/connect"
@@ -151,6 +153,34 @@ func (s *Server) running(ctx context.Context, id string) error {
 	}
 	return nil
 }
+
+// requestUser is the user an envd request runs as: the SDK sends it as
+// "Authorization: Basic base64(USER:)" (a command's or file operation's
+// user option) and, for file transfers, as ?username=. Empty means the
+// image's default user.
+func requestUser(r interface{ Header() http.Header }, query string) (string, error) {
+	if query != "" {
+		return query, nil
+	}
+	h := r.Header().Get("Authorization")
+	if h == "" {
+		return "", nil
+	}
+	enc, ok := strings.CutPrefix(h, "Basic ")
+	if !ok {
+		return "", connect.NewError(connect.CodeInvalidArgument, errors.New("authorization: want Basic base64(USER:)"))
+	}
+	b, err := base64.StdEncoding.DecodeString(enc)
+	if err != nil {
+		return "", connect.NewError(connect.CodeInvalidArgument, fmt.Errorf("authorization: %v", err))
+	}
+	user, _, _ := strings.Cut(string(b), ":")
+	return user, nil
+}
+
+type headers http.Header
+
+func (h headers) Header() http.Header { return http.Header(h) }
 
 // keepaliveInterval reads the SDK's Keepalive-Ping-Interval (seconds).
 func keepaliveInterval(h http.Header) time.Duration {

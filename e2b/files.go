@@ -44,12 +44,12 @@ const statFormat = `%f %s %U %G %Y %n`
 
 // sh runs script with args in sandbox sbx and returns its exit code and
 // stderr; stdout goes to out (nil: kept and returned).
-func (s *Server) sh(ctx context.Context, sbx, script string, stdin []byte, out io.Writer, args ...string) (int, []byte, string, error) {
+func (s *Server) sh(ctx context.Context, sbx, user, script string, stdin []byte, out io.Writer, args ...string) (int, []byte, string, error) {
 	var stdout, stderr bytes.Buffer
 	if out == nil {
 		out = &stdout
 	}
-	req := api.ExecRequest{Argv: append([]string{"/bin/sh", "-c", script, "sh"}, args...), Stdin: stdin, Timeout: api.Duration(execTimeout(ctx))}
+	req := api.ExecRequest{Argv: append([]string{"/bin/sh", "-c", script, "sh"}, args...), Stdin: stdin, User: user, Timeout: api.Duration(execTimeout(ctx))}
 	code, err := s.opts.Backend.Exec(ctx, sbx, req, out, &stderr)
 	return code, stdout.Bytes(), strings.TrimSpace(stderr.String()), err
 }
@@ -71,11 +71,15 @@ func fsError(code int, p, stderr string) error {
 	return connect.NewError(connect.CodeInternal, fmt.Errorf("%s: exit status %d: %s", p, code, stderr))
 }
 
-func (s *Server) statScript(ctx context.Context, sbx, script string, args ...string) ([]entryInfo, error) {
+func (s *Server) statScript(ctx context.Context, sbx string, hdr interface{ Header() http.Header }, script string, args ...string) ([]entryInfo, error) {
+	user, err := requestUser(hdr, "")
+	if err != nil {
+		return nil, err
+	}
 	if err := s.running(ctx, sbx); err != nil {
 		return nil, err
 	}
-	code, out, stderr, err := s.sh(ctx, sbx, script, nil, nil, args...)
+	code, out, stderr, err := s.sh(ctx, sbx, user, script, nil, nil, args...)
 	if err != nil {
 		return nil, rpcError(err)
 	}
@@ -170,7 +174,7 @@ func (s *Server) stat(ctx context.Context, req *connect.Request[pathRequest]) (*
 	if err := needPath(req.Msg.Path); err != nil {
 		return nil, err
 	}
-	es, err := s.statScript(ctx, sandboxFrom(ctx), resolve+`[ -e "$p" ] || [ -L "$p" ] || exit 44; exec stat -c '`+statFormat+`' -- "$p"`, req.Msg.Path)
+	es, err := s.statScript(ctx, sandboxFrom(ctx), req, resolve+`[ -e "$p" ] || [ -L "$p" ] || exit 44; exec stat -c '`+statFormat+`' -- "$p"`, req.Msg.Path)
 	if err != nil {
 		return nil, err
 	}
@@ -186,7 +190,7 @@ func (s *Server) listDir(ctx context.Context, req *connect.Request[listDirReques
 		return nil, err
 	}
 	depth := max(req.Msg.Depth, 1)
-	es, err := s.statScript(ctx, sandboxFrom(ctx), resolve+`[ -e "$p" ] || exit 44; [ -d "$p" ] || exit 47; `+
+	es, err := s.statScript(ctx, sandboxFrom(ctx), req, resolve+`[ -e "$p" ] || exit 44; [ -d "$p" ] || exit 47; `+
 		`exec find "$p" -mindepth 1 -maxdepth "$2" -exec stat -c '`+statFormat+`' -- {} +`, req.Msg.Path, strconv.Itoa(int(depth)))
 	if err != nil {
 		return nil, err
@@ -201,7 +205,7 @@ func (s *Server) makeDir(ctx context.Context, req *connect.Request[pathRequest])
 	if err := needPath(req.Msg.Path); err != nil {
 		return nil, err
 	}
-	es, err := s.statScript(ctx, sandboxFrom(ctx), resolve+`[ -e "$p" ] && exit 46; mkdir -p -- "$p" || exit 1; exec stat -c '`+statFormat+`' -- "$p"`, req.Msg.Path)
+	es, err := s.statScript(ctx, sandboxFrom(ctx), req, resolve+`[ -e "$p" ] && exit 46; mkdir -p -- "$p" || exit 1; exec stat -c '`+statFormat+`' -- "$p"`, req.Msg.Path)
 	if err != nil {
 		return nil, err
 	}
@@ -216,7 +220,7 @@ func (s *Server) move(ctx context.Context, req *connect.Request[moveRequest]) (*
 	if err := errors.Join(needPath(req.Msg.Source), needPath(req.Msg.Destination)); err != nil {
 		return nil, err
 	}
-	es, err := s.statScript(ctx, sandboxFrom(ctx), resolve+`src=$p; set -- "$2"; `+resolve+
+	es, err := s.statScript(ctx, sandboxFrom(ctx), req, resolve+`src=$p; set -- "$2"; `+resolve+
 		`[ -e "$src" ] || [ -L "$src" ] || exit 44; mkdir -p -- "$(dirname -- "$p")" && mv -- "$src" "$p" || exit 1; exec stat -c '`+statFormat+`' -- "$p"`,
 		req.Msg.Source, req.Msg.Destination)
 	if err != nil {
@@ -233,7 +237,7 @@ func (s *Server) remove(ctx context.Context, req *connect.Request[pathRequest]) 
 	if err := needPath(req.Msg.Path); err != nil {
 		return nil, err
 	}
-	if _, err := s.statScript(ctx, sandboxFrom(ctx), resolve+`[ -e "$p" ] || [ -L "$p" ] || exit 44; exec rm -rf -- "$p"`, req.Msg.Path); err != nil {
+	if _, err := s.statScript(ctx, sandboxFrom(ctx), req, resolve+`[ -e "$p" ] || [ -L "$p" ] || exit 44; exec rm -rf -- "$p"`, req.Msg.Path); err != nil {
 		return nil, err
 	}
 	return connect.NewResponse(&empty{}), nil
@@ -294,8 +298,13 @@ func (s *Server) readFile(w http.ResponseWriter, r *http.Request) {
 		s.httpFail(w, r, err)
 		return
 	}
+	user, err := requestUser(headers(r.Header), r.URL.Query().Get("username"))
+	if err != nil {
+		s.httpFail(w, r, err)
+		return
+	}
 	out := &headerOnFirstWrite{w: w}
-	code, _, stderr, err := s.sh(ctx, sbx, resolve+`[ -e "$p" ] || exit 44; [ -d "$p" ] && exit 45; exec cat -- "$p"`, nil, out, p)
+	code, _, stderr, err := s.sh(ctx, sbx, user, resolve+`[ -e "$p" ] || exit 44; [ -d "$p" ] && exit 45; exec cat -- "$p"`, nil, out, p)
 	if out.written {
 		// Too late for a status: a failure shows as a short body.
 		if err != nil || code != 0 {
@@ -343,9 +352,14 @@ func (s *Server) writeFile(w http.ResponseWriter, r *http.Request) {
 		s.httpFail(w, r, err)
 		return
 	}
+	user, err := requestUser(headers(r.Header), r.URL.Query().Get("username"))
+	if err != nil {
+		s.httpFail(w, r, err)
+		return
+	}
 	out := []writeInfo{}
 	for _, u := range uploads {
-		full, err := s.upload(ctx, sbx, u)
+		full, err := s.upload(ctx, sbx, user, u)
 		if err != nil {
 			s.httpFail(w, r, err)
 			return
@@ -413,7 +427,7 @@ func readUploads(r *http.Request) ([]upload, error) {
 
 // upload writes u in chunks the agent's stdin takes and returns the
 // file's absolute path.
-func (s *Server) upload(ctx context.Context, sbx string, u upload) (string, error) {
+func (s *Server) upload(ctx context.Context, sbx, user string, u upload) (string, error) {
 	first := true
 	data := u.data
 	var full string
@@ -425,7 +439,7 @@ func (s *Server) upload(ctx context.Context, sbx string, u upload) (string, erro
 		if first {
 			script = resolve + `[ -d "$p" ] && exit 45; mkdir -p -- "$(dirname -- "$p")" && cat > "$p" || exit 1; printf %s "$p"`
 		}
-		code, out, stderr, err := s.sh(ctx, sbx, script, chunk, nil, u.path)
+		code, out, stderr, err := s.sh(ctx, sbx, user, script, chunk, nil, u.path)
 		if err != nil {
 			return "", rpcError(err)
 		}

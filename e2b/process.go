@@ -175,13 +175,22 @@ func (s *Server) startProcess(ctx context.Context, req *connect.Request[startReq
 	if m.Process.Cwd != nil {
 		execReq.Dir = *m.Process.Cwd
 	}
+	user, err := requestUser(req, "")
+	if err != nil {
+		return err
+	}
+	execReq.User = user
 	if err := execReq.Validate(); err != nil {
 		return connect.NewError(connect.CodeInvalidArgument, err)
 	}
 	pctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	p := s.procs.add(sbx, *m.Process, m.Tag, cancel)
-	defer s.procs.remove(sbx, p.pid)
+	// Gone from the table before its end event goes out: a client that
+	// lists processes once a command ended must not see it.
+	var removeOnce sync.Once
+	remove := func() { removeOnce.Do(func() { s.procs.remove(sbx, p.pid) }) }
+	defer remove()
 	defer close(p.done)
 
 	var sendMu sync.Mutex
@@ -209,6 +218,7 @@ func (s *Server) startProcess(ctx context.Context, req *connect.Request[startReq
 		}()
 	}
 	code, err := s.opts.Backend.Exec(pctx, sbx, execReq, streamWriter{p: p}, streamWriter{p: p, stderr: true})
+	remove()
 	switch {
 	case p.wasKilled():
 		msg := "signal: killed"

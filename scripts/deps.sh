@@ -2,7 +2,8 @@
 # Installs what warmpool and its tests need on a fresh Debian machine: QEMU,
 # the tools the guest image builds use (debootstrap and e2fsprogs included), a C compiler for go test -race,
 # procps, iproute2 and nftables, promtool, an apt index that knows the
-# guest kernel package, and staticcheck.
+# guest kernel package, staticcheck, and (where Node.js is installed) the
+# E2B SDK the E2B test drives.
 # Idempotent and quiet when everything is already there.
 set -euo pipefail
 need=()
@@ -46,6 +47,13 @@ if ! command -v staticcheck >/dev/null && [ ! -x "$(go env GOPATH)/bin/staticche
   echo "installing staticcheck" >&2
   go install honnef.co/go/tools/cmd/staticcheck@latest
 fi
-# The kube package's tests run a real kube-apiserver and etcd, built from the
-# Go module proxy once per machine (about 6 minutes on 2 cores) and cached.
-"$(dirname "$0")/k8s-assets.sh" >/dev/null
+# The E2B SDK test (daemon/e2etest TestQEMUE2BSDK) drives warmpool with the
+# official E2B SDK from npm, pinned by e2b/sdktest/package-lock.json; it
+# needs Node.js (skipped without it).
+if command -v node >/dev/null && command -v npm >/dev/null; then
+  sdk="$(dirname "$0")/../e2b/sdktest"
+  if ! grep -q '"version": "2.51.0"' "$sdk/node_modules/e2b/package.json" 2>/dev/null; then
+    echo "installing the E2B SDK (npm ci in e2b/sdktest)" >&2
+    (cd "$sdk" && npm ci --no-audit --no-fund --loglevel=error >/dev/null)
+  fi
+fi

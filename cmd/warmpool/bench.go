@@ -52,10 +52,6 @@ Ctrl-C. --quick takes few samples (under two minutes with real VMs).`,
 			if progress || isTerminal(cmd.ErrOrStderr()) {
 				opts.Progress = cmd.ErrOrStderr()
 			}
-			var err error
-			if opts.ImageDir, err = imageRef(opts.ImageDir); err != nil {
-				return err
-			}
 			if len(fakeLatency) > 0 {
 				opts.FakeLatency = map[string]time.Duration{}
 				for name, value := range fakeLatency {
@@ -109,7 +105,7 @@ Ctrl-C. --quick takes few samples (under two minutes with real VMs).`,
 	f.StringVar(&svgPath, "svg", "", "also write a latency chart (SVG) to this file")
 	f.BoolVar(&check, "check", false, "exit non-zero when a target is missed")
 	f.StringVar(&opts.StateDir, "bench-dir", "", "directory for the run's temporary VMs and template (default: system temp dir)")
-	f.StringVar(&opts.ImageDir, "image", "", "image `NAME` (image build --name) or guest image directory to measure (default: build or reuse the cached busybox image)")
+	f.StringVar(&opts.ImageDir, "image", "", "guest image `DIR` made by warmpool image build --out (default: build or reuse the cached one)")
 	f.StringVar(&opts.CacheDir, "image-cache", "", "guest image cache directory (default: user cache dir)")
 	f.StringVar(&opts.Accel, "accel", "auto", "QEMU accelerator: auto, kvm or tcg")
 	f.StringToStringVar(&fakeLatency, "fake-latency", nil, "with --provider fake: `OP=DURATION` delays that fake operation (e.g. resume=30ms), to see --check fail")
