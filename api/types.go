@@ -144,6 +144,9 @@ type Pool struct {
 	// pool's controller chose. Waiting acquirers get restores on top.
 	Target  int `json:"target"`
 	Waiting int `json:"waiting"`
+	// RestoreMS is the pool's recent restore-to-ready time (weighted
+	// average; 0 before its first restore).
+	RestoreMS float64 `json:"restore_ms"`
 	// Rate is an adaptive pool's estimated acquires per second; RefillMS
 	// the restore time its target covers (0 for a fixed pool).
 	Rate     float64 `json:"rate"`

@@ -201,6 +201,7 @@ func burst(ctx context.Context, e *env) ([]Scenario, error) {
 	defer bp.shutdown(ctx) //nolint:errcheck // the run's cleanup reports it
 
 	var all, hits, waits, refill, refillAfterLast []time.Duration
+	var rates []float64
 	for round := 0; round < e.opts.BurstRounds; round++ {
 		if err := bp.waitFull(ctx); err != nil {
 			return nil, err
@@ -218,6 +219,11 @@ func burst(ctx context.Context, e *env) ([]Scenario, error) {
 			}
 		}
 		refill = append(refill, res.backToDepth)
+		// The waiters' VMs were all restored between the start and the
+		// last lease.
+		if w := k - countHits(res.acquires); w > 0 && res.lastAcquired > 0 {
+			rates = append(rates, float64(w)/res.lastAcquired.Seconds())
+		}
 		refillAfterLast = append(refillAfterLast, res.backToDepth-res.lastAcquired)
 		e.progress("  burst round %d: %d acquirers, %d hits, back to depth %d after %s", round+1, k, countHits(res.acquires), depth, formatMillis(millis1(res.backToDepth)))
 	}
@@ -231,6 +237,16 @@ func burst(ctx context.Context, e *env) ([]Scenario, error) {
 		"back_to_depth_p50_ms":        Summarize(millis(refill)).P50,
 		"back_to_depth_max_ms":        Summarize(millis(refill)).Max,
 		"back_to_depth_after_last_ms": Summarize(millis(refillAfterLast)).P50,
+		"parallelism":                 float64(e.d.Parallelism()),
+	}
+	if len(rates) > 0 {
+		rowAll.Metrics["restores_per_s"] = Summarize(rates).P50
+	}
+	if st, err := bp.status(ctx); err == nil && st.RestoreMS > 0 {
+		// What the slots could do if restores took as long as they do
+		// one at a time: parallelism restores per restore time.
+		rowAll.Metrics["restore_ms"] = st.RestoreMS
+		rowAll.Metrics["restores_per_s_at_parallelism"] = float64(e.d.Parallelism()) * 1000 / st.RestoreMS
 	}
 	return []Scenario{
 		rowAll,
@@ -328,25 +344,9 @@ func memory(ctx context.Context, e *env) ([]Scenario, error) {
 	if err := sleep(ctx, memorySettle); err != nil {
 		return nil, err
 	}
-	vms, err := e.provider.List(ctx)
+	private, pss, rss, err := e.warmMemory(ctx)
 	if err != nil {
-		return nil, fmt.Errorf("list warm VMs: %w", err)
-	}
-	var private, pss, rss []float64
-	for _, v := range vms {
-		if v.Snapshot != e.template.ID || v.Status != vm.StatusPaused {
-			continue
-		}
-		if v.PID == 0 {
-			continue
-		}
-		m, err := readProcMemory(v.PID)
-		if err != nil {
-			return nil, fmt.Errorf("memory of warm VM %s: %w", v.ID, err)
-		}
-		private = append(private, float64(m.PrivateKiB)/1024)
-		pss = append(pss, float64(m.PssKiB)/1024)
-		rss = append(rss, float64(m.RssKiB)/1024)
+		return nil, err
 	}
 	if len(private) == 0 {
 		why := fmt.Sprintf("provider %s runs no hypervisor process to measure", e.provider.Name())
@@ -375,6 +375,28 @@ func memory(ctx context.Context, e *env) ([]Scenario, error) {
 }
 
 const memorySettle = time.Second
+
+// warmMemory reads, in MiB, the private, PSS and RSS memory of every
+// paused VM of the run's template that has a hypervisor process.
+func (e *env) warmMemory(ctx context.Context) (private, pss, rss []float64, err error) {
+	vms, err := e.provider.List(ctx)
+	if err != nil {
+		return nil, nil, nil, fmt.Errorf("list warm VMs: %w", err)
+	}
+	for _, v := range vms {
+		if v.Snapshot != e.template.ID || v.Status != vm.StatusPaused || v.PID == 0 {
+			continue
+		}
+		m, err := readProcMemory(v.PID)
+		if err != nil {
+			return nil, nil, nil, fmt.Errorf("memory of warm VM %s: %w", v.ID, err)
+		}
+		private = append(private, float64(m.PrivateKiB)/1024)
+		pss = append(pss, float64(m.PssKiB)/1024)
+		rss = append(rss, float64(m.RssKiB)/1024)
+	}
+	return private, pss, rss, nil
+}
 
 func sleep(ctx context.Context, d time.Duration) error {
 	t := time.NewTimer(d)

@@ -35,6 +35,13 @@ type Config struct {
 	OverheadConcurrency int `json:"overhead_concurrency"`
 	OverheadAcquires    int `json:"overhead_acquires"`
 	SuspendSamples      int `json:"suspend_samples"`
+	// TraceSpeed is trace seconds per second of the trace replay.
+	TraceSpeed     float64 `json:"trace_speed,omitempty"`
+	TraceMin       int     `json:"trace_min,omitempty"`
+	TraceMax       int     `json:"trace_max,omitempty"`
+	Density        int     `json:"density,omitempty"`
+	DensitySamples int     `json:"density_samples,omitempty"`
+	TBSizeMiB      int     `json:"tb_size_mib,omitempty"`
 }
 
 // Scenario is one measured row. Latencies are in milliseconds, memory in
@@ -132,6 +139,8 @@ type targetSpec struct {
 	unit        string
 	// strict goals need value < limit; the others allow equality.
 	strict bool
+	// atLeast goals need value >= limit instead.
+	atLeast bool
 	// value extracts the measured quantity; ok is false when the inputs are
 	// missing (scenario skipped), in which case no target is reported.
 	value func(byID map[string]Scenario) (v float64, ok bool)
@@ -155,6 +164,19 @@ func field(id string, get func(Scenario) float64) func(map[string]Scenario) (flo
 func scaled(f func(map[string]Scenario) (float64, bool), by float64) func(map[string]Scenario) (float64, bool) {
 	return func(byID map[string]Scenario) (float64, bool) {
 		v, ok := f(byID)
+		return v * by, ok
+	}
+}
+
+// metric extracts a row's named metric times by; missing when the row or
+// the metric is.
+func metric(id, name string, by float64) func(map[string]Scenario) (float64, bool) {
+	return func(byID map[string]Scenario) (float64, bool) {
+		s, ok := byID[id]
+		if !ok {
+			return 0, false
+		}
+		v, ok := s.Metrics[name]
 		return v * by, ok
 	}
 }
@@ -189,6 +211,39 @@ var targets = []targetSpec{
 		unit:        "ms",
 		value:       field("warm-acquire", p99),
 		limit:       scaled(field("cold-boot", p50), 0.01),
+	},
+	{
+		scenario:    "burst-wait",
+		description: "burst: every waiter served within 1 s",
+		unit:        "ms",
+		value:       field("burst-wait", maxOf),
+		limit:       fixed(1000),
+	},
+	{
+		scenario:    "trace-adaptive",
+		description: "trace: adaptive hit rate >= 99%",
+		unit:        "%",
+		value:       metric("trace-adaptive", "hit_rate", 100),
+		limit:       fixed(99),
+		atLeast:     true,
+	},
+	{
+		scenario:    "trace-adaptive",
+		description: "trace: adaptive hit rate within 1 point of fixed depth = max",
+		unit:        "points",
+		value: func(byID map[string]Scenario) (float64, bool) {
+			a, okA := metric("trace-adaptive", "hit_rate", 100)(byID)
+			m, okM := metric("trace-fixed-max", "hit_rate", 100)(byID)
+			return m - a, okA && okM
+		},
+		limit: fixed(1),
+	},
+	{
+		scenario:    "trace-adaptive",
+		description: "trace: adaptive idle VM-seconds <= 1.5x the offline optimum",
+		unit:        "VM-s",
+		value:       metric("trace-adaptive", "idle_vm_seconds", 1),
+		limit:       scaled(metric("trace-adaptive", "optimum_idle_vm_seconds", 1), 1.5),
 	},
 	{
 		scenario:    "memory-private",
@@ -240,7 +295,10 @@ func evaluateTargets(scenarios []Scenario) {
 				continue
 			}
 			pass := v <= l
-			if spec.strict {
+			switch {
+			case spec.atLeast:
+				pass = v >= l
+			case spec.strict:
 				pass = v < l
 			}
 			scenarios[i].Targets = append(scenarios[i].Targets, Target{

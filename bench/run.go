@@ -13,6 +13,8 @@ import (
 	"os"
 	"path/filepath"
 	"runtime"
+	"slices"
+	"strings"
 	"sync"
 	"time"
 
@@ -78,6 +80,32 @@ type Options struct {
 	EnsureSamples  int
 	SuspendSamples int
 
+	// Trace, when set, is replayed against a pool of fixed depth TraceMax,
+	// one of TraceMin and an adaptive one between them (scenario 8), at
+	// TraceSpeed trace seconds per second. Zero means 2 with QEMU and, with
+	// the fake provider, what makes the pool's restore time on the trace's
+	// clock traceRefill (its restores run at the machine's speed, not
+	// a VM's), within 20..100. The adaptive pool's tuning is divided by the
+	// same speed.
+	Trace              *Trace
+	TraceSpeed         float64
+	TraceMin, TraceMax int
+	// Density, when above zero, keeps that many warm VMs of the template in
+	// one pool and measures their memory and the warm acquire at that
+	// depth against depth 2 (scenario 9).
+	Density int
+	// DensitySamples is the number of measured acquires at each depth.
+	DensitySamples int
+	// Parallelism is the daemon's limits.parallelism (0: its default).
+	Parallelism int
+	// TBSizeMiB bounds QEMU's TCG translation cache per VM (0: the
+	// provider's default, negative: QEMU's own).
+	TBSizeMiB int
+	// Scenarios, when set, runs only these steps (StepNames); the
+	// default runs every one but trace (only with Trace) and density (only
+	// with Density).
+	Scenarios []string
+
 	// Progress receives one line per step; nil is silent.
 	Progress io.Writer
 	Logger   *slog.Logger
@@ -112,6 +140,12 @@ func (o Options) withDefaults() Options {
 	def(&o.OverheadAcquires, 200, 20)
 	def(&o.EnsureSamples, 2000, 500)
 	def(&o.SuspendSamples, 5, 2)
+	def(&o.TraceMin, 1, 1)
+	def(&o.TraceMax, 8, 8)
+	def(&o.DensitySamples, 20, 10)
+	if o.TraceSpeed <= 0 && o.Provider != "fake" {
+		o.TraceSpeed = 2
+	}
 	if o.Logger == nil {
 		o.Logger = slog.New(slog.DiscardHandler)
 	}
@@ -124,8 +158,27 @@ func (o Options) config() Config {
 		VCPUs: o.VCPUs, MemoryMiB: o.MemoryMiB, PoolDepth: o.PoolDepth,
 		BurstConcurrency: o.BurstConcurrency, BurstDepth: o.BurstDepth, BurstRounds: o.BurstRounds,
 		MemoryVMs: o.MemoryVMs, OverheadConcurrency: o.OverheadConcurrency, OverheadAcquires: o.OverheadAcquires,
-		SuspendSamples: o.SuspendSamples,
+		SuspendSamples: o.SuspendSamples, TraceSpeed: o.TraceSpeed, TraceMin: o.TraceMin, TraceMax: o.TraceMax,
+		Density: o.Density, DensitySamples: o.DensitySamples, TBSizeMiB: o.TBSizeMiB,
 	}
+}
+
+// StepNames are the steps of a run, in order; Options.Scenarios picks
+// among them.
+var StepNames = []string{"cold-boot", "restore", "warm-acquire", "burst", "memory", "ensure", "overhead", "trace", "density"}
+
+// selected says whether step runs.
+func (o Options) selected(step string) bool {
+	if len(o.Scenarios) > 0 {
+		return slices.Contains(o.Scenarios, step)
+	}
+	switch step {
+	case "trace":
+		return o.Trace != nil
+	case "density":
+		return o.Density > 0
+	}
+	return true
 }
 
 func (o Options) validate() error {
@@ -145,6 +198,30 @@ func (o Options) validate() error {
 	}
 	if len(o.FakeLatency) > 0 && o.Provider != "fake" {
 		return &vm.FieldError{Field: "fake_latency", Value: o.FakeLatency, Reason: "only applies to the fake provider"}
+	}
+	for _, s := range o.Scenarios {
+		if !slices.Contains(StepNames, s) {
+			return &vm.FieldError{Field: "scenarios", Value: s, Reason: "must be one of " + strings.Join(StepNames, ", ")}
+		}
+	}
+	if o.selected("trace") && o.Trace == nil {
+		return &vm.FieldError{Field: "trace", Value: nil, Reason: "the trace scenario needs a trace (builtin or a file)"}
+	}
+	if o.Trace != nil {
+		if err := o.Trace.Validate(); err != nil {
+			return &vm.FieldError{Field: "trace", Value: o.Trace.Name, Reason: err.Error()}
+		}
+	}
+	if err := vm.ValidateRange("trace_min", o.TraceMin, 0, o.TraceMax); err != nil {
+		return err
+	}
+	if err := vm.ValidateRange("trace_max", o.TraceMax, 1, 1024); err != nil {
+		return err
+	}
+	if o.selected("density") {
+		if err := vm.ValidateRange("density", o.Density, 2, 1024); err != nil {
+			return err
+		}
 	}
 	for op, d := range o.FakeLatency {
 		if d < 0 {
@@ -282,14 +359,22 @@ func Run(ctx context.Context, opts Options) (rep Report, err error) {
 		name string
 		fn   scenarioFunc
 	}{
-		{"cold boot", coldBoot},
+		{"cold-boot", coldBoot},
 		{"restore", restoreToReady},
-		{"warm acquire", warmAcquire},
+		{"warm-acquire", warmAcquire},
 		{"burst", burst},
 		{"memory", memory},
-		{"machine ensure", machineEnsure},
-		{"pool overhead", poolOverhead},
+		{"ensure", machineEnsure},
+		{"overhead", poolOverhead},
+		{"trace", traceScenarios},
+		{"density", density},
 	}
+	steps = slices.DeleteFunc(steps, func(s struct {
+		name string
+		fn   scenarioFunc
+	}) bool {
+		return !opts.selected(s.name)
+	})
 	for i, step := range steps {
 		e.progress("[%d/%d] %s", i+1, len(steps), step.name)
 		rows, err := step.fn(ctx, e)

@@ -38,7 +38,14 @@ func setup(ctx context.Context, e *env, host *Host) error {
 		GuestAgent:    e.opts.GuestAgent,
 		Logger:        e.opts.Logger,
 		// The run leaves nothing behind: no lease, machine or VM.
-		StopAll: true,
+		StopAll:     true,
+		TBSizeMiB:   e.opts.TBSizeMiB,
+		Parallelism: e.opts.Parallelism,
+	}
+	if e.opts.selected("density") {
+		// The density pool holds more guest memory than the host could
+		// lease at once; its VMs share the template's pages.
+		opts.MemoryMiB = (e.opts.Density + 64) * e.opts.MemoryMiB
 	}
 	if e.opts.Provider == "fake" {
 		opts.FakeLatency = maps.Clone(fakeLatency)

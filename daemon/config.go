@@ -110,13 +110,13 @@ type PoolConfig struct {
 
 // AdaptiveConfig tunes every adaptive pool.
 type AdaptiveConfig struct {
-	Quantile       float64  `yaml:"quantile" doc:"Share of refills whose arrivals an adaptive pool's target covers; the same quantile of recent restore times is the refill time. Default 0.999."`
+	Quantile       float64  `yaml:"quantile" doc:"Share of refills whose arrivals an adaptive pool's target covers (the refill time is the median of its last 64 restores). Default 0.99."`
 	Headroom       int      `yaml:"headroom" doc:"VMs added to the computed target (within max). Default 0."`
 	RateHalfLife   Duration `yaml:"rate_half_life" doc:"Half-life of the weighted acquire-rate estimate. Default 30s."`
 	BurstWindow    Duration `yaml:"burst_window" doc:"Window of the burst detector: the acquires within it set the rate when they are more than the weighted estimate. Default 3s."`
-	ScaleDownAfter Duration `yaml:"scale_down_after" doc:"How long demand must stay below the target before the pool shrinks. Default 30s."`
+	ScaleDownAfter Duration `yaml:"scale_down_after" doc:"How long demand must stay below the target before the pool shrinks. Default 15s."`
 	ScaleDownEvery Duration `yaml:"scale_down_every" doc:"Time between two steps down of one VM each. Default 5s."`
-	MinIdle        Duration `yaml:"min_idle" doc:"Least time a ready VM has waited before it is destroyed to shrink (not when the memory budget cuts the pool). Default 30s."`
+	MinIdle        Duration `yaml:"min_idle" doc:"Least time a ready VM has waited before it is destroyed to shrink (not when the memory budget cuts the pool). Default 15s."`
 }
 
 func (a AdaptiveConfig) pool() pool.AdaptiveConfig {

@@ -68,6 +68,14 @@ type Options struct {
 	// Adaptive replaces the configuration's adaptive section (bench runs a
 	// trace on a compressed clock).
 	Adaptive *pool.AdaptiveConfig
+	// Parallelism replaces limits.parallelism when set.
+	Parallelism int
+	// MemoryMiB replaces limits.memory_mib when set (bench's density row
+	// keeps more warm VMs than the host could lease).
+	MemoryMiB int
+	// TBSizeMiB bounds QEMU's TCG translation cache per VM (the QEMU
+	// provider's default when 0, QEMU's own when negative).
+	TBSizeMiB int
 
 	// noListen leaves the API unserved (Open).
 	noListen bool
@@ -167,7 +175,13 @@ func resolveConfig(opts Options) (Config, string, error) {
 	set(&cfg.Firecracker.Binary, opts.FirecrackerBin)
 	set(&cfg.Firecracker.Jailer, opts.JailerBin)
 	set(&cfg.Image, opts.Image)
-	cfg.local = localConfig{imageCacheDir: opts.ImageCacheDir, fakeLatency: opts.FakeLatency}
+	cfg.local = localConfig{imageCacheDir: opts.ImageCacheDir, fakeLatency: opts.FakeLatency, tbSizeMiB: opts.TBSizeMiB}
+	if opts.MemoryMiB > 0 {
+		cfg.Limits.MemoryMiB = opts.MemoryMiB
+	}
+	if opts.Parallelism > 0 {
+		cfg.Limits.Parallelism = opts.Parallelism
+	}
 	cfg.Provider = or(cfg.Provider, defaultProvider)
 	cfg.Accel = or(cfg.Accel, "auto")
 	cfg.Intervals.Sweep = or(cfg.Intervals.Sweep, Duration(time.Second))

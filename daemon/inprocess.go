@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/warmpool/warmpool/guest"
+	"github.com/warmpool/warmpool/pool"
 	"github.com/warmpool/warmpool/store"
 	"github.com/warmpool/warmpool/vm"
 )
@@ -56,6 +57,15 @@ func (l *Local) Close(ctx context.Context) {
 // what the daemon builds on (booting or restoring a VM by hand, reading a
 // VM's process), not for changing the VMs the daemon manages.
 func (d *Daemon) Provider() vm.Provider { return d.prov.inner }
+
+// SetAdaptive replaces the adaptive section's tuning for pools made
+// adaptive from now on (bench replays a trace on a clock it chooses after
+// measuring restores).
+func (d *Daemon) SetAdaptive(c pool.AdaptiveConfig) error { return d.pools.SetAdaptive(c) }
+
+// Parallelism is how many restores the pools run at once
+// (limits.parallelism).
+func (d *Daemon) Parallelism() int { return d.cfg.Limits.Parallelism }
 
 // TemplateSnapshot returns the snapshot the VMs of template name are
 // restored from.
@@ -106,4 +116,5 @@ func (d *Daemon) destroyLeftovers(ctx context.Context) error {
 type localConfig struct {
 	imageCacheDir string
 	fakeLatency   map[string]time.Duration
+	tbSizeMiB     int
 }

@@ -123,6 +123,7 @@ func (d *Daemon) poolAPI(p store.Pool) api.Pool {
 	}
 	out.Ready, out.Restoring = st.Ready, st.Restoring
 	out.Target, out.Waiting, out.Allowed, out.IdleVMSeconds = st.Target, st.Waiting, st.Allowed, st.IdleVMSeconds
+	out.RestoreMS = float64(st.Restore.Microseconds()) / 1000
 	if st.Adaptive {
 		out.Rate, out.RefillMS = st.Rate, float64(st.Refill.Microseconds())/1000
 		if st.TargetReason != "" {

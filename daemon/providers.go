@@ -27,7 +27,7 @@ func newProvider(cfg Config, stateDir string, log *slog.Logger) (vm.Provider, er
 	}
 	switch cfg.Provider {
 	case "qemu":
-		p, err := qemu.New(qemu.Options{StateDir: stateDir, Accel: cfg.Accel, Logger: log.With("component", "qemu")})
+		p, err := qemu.New(qemu.Options{StateDir: stateDir, Accel: cfg.Accel, TBSizeMiB: cfg.local.tbSizeMiB, Logger: log.With("component", "qemu")})
 		if err != nil {
 			return nil, fmt.Errorf("provider qemu: %w", err)
 		}

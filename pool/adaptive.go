@@ -22,19 +22,26 @@ type AdaptiveConfig struct {
 	BurstWindow time.Duration
 	// Quantile is the share of refills whose arrivals the target covers:
 	// the target is the smallest depth that this share of the time is not
-	// emptied by the acquires arriving while one restore runs. The same
-	// quantile of recent restore times is the refill time. Default 0.999.
+	// emptied by the acquires arriving while one restore runs (the refill
+	// time: the median of recent restores). Default 0.99.
 	Quantile float64
 	// Headroom is added to the computed target (before max). Default 0.
 	Headroom int
 	// ScaleDownAfter is how long the computed target must stay below the
 	// current one before the pool shrinks; ScaleDownEvery is the time
-	// between two steps down of one VM each. Defaults 30s and 5s.
+	// between two steps down of one VM each. Defaults 15s and 5s.
 	ScaleDownAfter time.Duration
 	ScaleDownEvery time.Duration
 	// MinIdle is the least time a ready VM has waited before it is
-	// destroyed because the target went down. Default 30s.
+	// destroyed because the target went down. Default 15s.
 	MinIdle time.Duration
+}
+
+// DefaultAdaptive is the tuning that zero fields of AdaptiveConfig take.
+func DefaultAdaptive() AdaptiveConfig {
+	var c AdaptiveConfig
+	_ = c.setDefaults() // the zero value is valid
+	return c
 }
 
 // Validate names the first field of c that is out of range (zero fields
@@ -49,9 +56,9 @@ func (c *AdaptiveConfig) setDefaults() error {
 	}{
 		{"adaptive.rate_half_life", &c.RateHalfLife, 30 * time.Second},
 		{"adaptive.burst_window", &c.BurstWindow, 3 * time.Second},
-		{"adaptive.scale_down_after", &c.ScaleDownAfter, 30 * time.Second},
+		{"adaptive.scale_down_after", &c.ScaleDownAfter, 15 * time.Second},
 		{"adaptive.scale_down_every", &c.ScaleDownEvery, 5 * time.Second},
-		{"adaptive.min_idle", &c.MinIdle, 30 * time.Second},
+		{"adaptive.min_idle", &c.MinIdle, 15 * time.Second},
 	}
 	for _, d := range durations {
 		if *d.v < 0 {
@@ -62,7 +69,7 @@ func (c *AdaptiveConfig) setDefaults() error {
 		}
 	}
 	if c.Quantile == 0 {
-		c.Quantile = 0.999
+		c.Quantile = 0.99
 	}
 	if c.Quantile < 0.5 || c.Quantile >= 1 {
 		return &vm.FieldError{Field: "adaptive.quantile", Value: c.Quantile, Reason: "must be at least 0.5 and below 1"}
@@ -93,8 +100,13 @@ const EventTarget = "pool.target"
 const burstSlots = 10
 
 // restoreSamples is how many recent restore times the refill time is
-// taken from.
-const restoreSamples = 64
+// taken from, and refillQuantile which of them (the median): the tail of
+// restores on a busy host is long, and a target sized for it would idle
+// most of the time; a miss in that tail raises the target by one anyway.
+const (
+	restoreSamples = 64
+	refillQuantile = 0.5
+)
 
 // demand estimates, from acquire arrivals and restore times fed to it with
 // their instants, how many acquires arrive during one refill. It holds no
@@ -263,7 +275,7 @@ type estimate struct {
 
 func (c *controller) estimate(now time.Time, limit int) estimate {
 	weighted, burst := c.demand.rateAtTime(now), c.demand.burstRate(now)
-	e := estimate{Rate: max(weighted, burst), Burst: burst > weighted, Refill: c.demand.refillTime(c.cfg.Quantile)}
+	e := estimate{Rate: max(weighted, burst), Burst: burst > weighted, Refill: c.demand.refillTime(refillQuantile)}
 	// A pool whose demand is this low expects less than one acquire
 	// before it would shrink anyway: it keeps none beyond its min.
 	if e.Rate*c.cfg.ScaleDownAfter.Seconds() < 1 {

@@ -127,7 +127,7 @@ func TestAdaptiveStepUpWithinBurstWindow(t *testing.T) {
 	if s.c.target != 1 {
 		t.Fatalf("idle pool's target = %d, want its min 1", s.c.target)
 	}
-	want := wantFor(cfg, 20, refill) // 12
+	want := wantFor(cfg, 20, refill)
 	s.run(cfg.BurstWindow+s.c.tick(), constant(20))
 	if s.c.target < want {
 		t.Errorf("target %d one burst window after a step to 20/s, want %d", s.c.target, want)
@@ -331,7 +331,7 @@ func TestBudgetArbitrationBetweenTwoPools(t *testing.T) {
 	refill := 200 * time.Millisecond
 	busy := newSim(t, cfg, 1, 64, refill)
 	quiet := newSim(t, cfg, 1, 64, refill)
-	const memMiB, budgetVMs = 256, 16
+	const memMiB, budgetVMs = 256, 14
 	const budgetMiB = budgetVMs * memMiB
 	hits := func(s *sim) float64 { return s.c.demand.rateAtTime(s.now) }
 	share := func() {

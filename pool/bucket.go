@@ -121,7 +121,8 @@ func newBucket(p *Pool, spec StackSpec, m bucketMetrics) *bucket {
 	b.floor.Store(int64(spec.Min))
 	b.allowed.Store(-1)
 	b.seenAllowed = -1
-	b.hitRate = demand{halfLife: p.cfg.Adaptive.RateHalfLife, window: p.cfg.Adaptive.BurstWindow}
+	a := p.adaptiveConfig()
+	b.hitRate = demand{halfLife: a.RateHalfLife, window: a.BurstWindow}
 	b.setAdaptive()
 	return b
 }
@@ -130,7 +131,7 @@ func newBucket(p *Pool, spec StackSpec, m bucketMetrics) *bucket {
 func (b *bucket) setAdaptive() {
 	switch {
 	case b.spec.Adaptive && b.ctrl == nil:
-		b.ctrl = newController(b.p.cfg.Adaptive)
+		b.ctrl = newController(b.p.adaptiveConfig())
 		if b.ewma > 0 {
 			b.ctrl.demand.restored(b.ewma)
 		}
@@ -512,6 +513,7 @@ func (b *bucket) status() Status {
 			Target:     b.depth(),
 			Adaptive:   b.ctrl != nil,
 			Allowed:    -1,
+			Restore:    b.ewma,
 		}
 		if b.p.budget.mib > 0 {
 			s.Allowed = int(b.allowed.Load())

@@ -124,7 +124,7 @@ func (b *bucket) shrink(now time.Time, eff *effects) time.Time {
 			born = append(born, e.born)
 		}
 	}
-	evict, next := shrinkPlan(now, born, excess, int(b.waiting.Load()), b.p.cfg.Adaptive.MinIdle, b.ctrl.reason == TargetBudget)
+	evict, next := shrinkPlan(now, born, excess, int(b.waiting.Load()), b.ctrl.cfg.MinIdle, b.ctrl.reason == TargetBudget)
 	kept := es[:0]
 	fresh := 0
 	for _, e := range es {

@@ -187,6 +187,9 @@ type Pool struct {
 	// sync.Map so that a hand-out removes its VM without any owner.
 	owned sync.Map
 
+	// adaptive is the tuning of controllers started from now on (Config's,
+	// or SetAdaptive's).
+	adaptive atomic.Pointer[AdaptiveConfig]
 	// epoch is when the pool started; idle accounting counts from it.
 	epoch time.Time
 	// budget shares limits.memory_mib among the buckets.
@@ -250,6 +253,7 @@ func New(cfg Config) (*Pool, error) {
 		epoch:    time.Now(),
 	}
 	p.budget.mib = cfg.MemoryBudgetMiB
+	p.adaptive.Store(&cfg.Adaptive)
 	p.slots.parallelism = cfg.Parallelism
 	p.slots.wake = make(chan struct{}, 1)
 	p.publishLookupLocked()
@@ -267,6 +271,19 @@ func New(cfg Config) (*Pool, error) {
 	}()
 	return p, nil
 }
+
+// SetAdaptive replaces the tuning of adaptive pools. Pools that become
+// adaptive later use it; those adaptive already keep theirs until they
+// are registered as fixed and adaptive again.
+func (p *Pool) SetAdaptive(c AdaptiveConfig) error {
+	if err := c.setDefaults(); err != nil {
+		return fmt.Errorf("pool adaptive config: %w", err)
+	}
+	p.adaptive.Store(&c)
+	return nil
+}
+
+func (p *Pool) adaptiveConfig() AdaptiveConfig { return *p.adaptive.Load() }
 
 // publishLookupLocked gives the hit path a copy of the bucket map.
 func (p *Pool) publishLookupLocked() {

@@ -178,6 +178,8 @@ type Status struct {
 	// it asks for, or less when the pools together ask for more; -1 when
 	// no budget applies.
 	Allowed int `json:"allowed"`
+	// Restore is the recent restore-to-ready time (weighted average).
+	Restore time.Duration `json:"restore"`
 	// IdleVMSeconds sums the time VMs have waited ready in the pool.
 	IdleVMSeconds float64 `json:"idle_vm_seconds"`
 }

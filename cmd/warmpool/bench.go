@@ -31,6 +31,8 @@ func newBenchCommand() *cobra.Command {
 		debug    bool
 		// fakeLatency is OP=DURATION, parsed into opts.FakeLatency.
 		fakeLatency map[string]string
+		// tracePath is builtin, none or a file; traceOut where to write it.
+		tracePath, traceOut string
 	)
 	cmd := &cobra.Command{
 		Use:   "bench",
@@ -38,7 +40,17 @@ func newBenchCommand() *cobra.Command {
 		Long: `bench runs every scenario against one provider on this machine and reports
 p50/p90/p99 with sample counts, each as a ratio to its baseline in the same run,
 and checks the targets. Everything it starts is removed when it ends, also on
-Ctrl-C. --quick takes few samples (under two minutes with real VMs).`,
+Ctrl-C. --quick takes few samples (under two minutes with real VMs).
+
+--trace replays acquire arrivals (builtin: a generated day of diurnal base
+rate plus Poisson bursts, seed 17; or a file written by --trace-out) against
+a pool of fixed depth --trace-max, one of fixed depth --trace-min and an
+adaptive one between them, at --trace-speed trace seconds per second
+(default: 2 with qemu; with fake, the speed at which the pool's restores
+take 0.25 s of trace time, 20 to 100). --density N
+keeps N warm VMs in one pool and measures their memory and the warm acquire
+at that depth against depth 2; it is not part of the default run.
+--scenarios picks steps: ` + strings.Join(bench.StepNames, ", ") + `.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			// -o is the root's persistent flag, checked there.
@@ -67,6 +79,24 @@ Ctrl-C. --quick takes few samples (under two minutes with real VMs).`,
 			}
 			if debug {
 				opts.Logger = slog.New(slog.NewTextHandler(cmd.ErrOrStderr(), &slog.HandlerOptions{Level: slog.LevelDebug}))
+			}
+			if tracePath == "none" {
+				tracePath = ""
+			}
+			if tracePath != "" {
+				tr, err := bench.ReadTrace(tracePath)
+				if err != nil {
+					return usagef("--trace %s: %w", tracePath, err)
+				}
+				opts.Trace = &tr
+			}
+			if traceOut != "" {
+				if opts.Trace == nil {
+					return usagef("--trace-out needs a trace (--trace builtin or FILE)")
+				}
+				if err := writeFileAtomic(traceOut, opts.Trace.WriteJSON); err != nil {
+					return err
+				}
 			}
 			opts.GuestAgent = embeddedAgent()
 			rep, err := bench.Run(ctx, opts)
@@ -117,6 +147,16 @@ Ctrl-C. --quick takes few samples (under two minutes with real VMs).`,
 	f.IntVar(&opts.BurstDepth, "burst-depth", 0, "pool depth in the burst scenario (default 4)")
 	f.IntVar(&opts.MemoryVMs, "memory-vms", 0, "warm VMs whose memory is measured (default 8, --quick 3)")
 	f.IntVar(&opts.MemoryMiB, "mem", 0, "guest memory of every VM in MiB (default 256)")
+	f.StringVar(&tracePath, "trace", "", "replay acquire arrivals: builtin or a `FILE` from --trace-out (default: none)")
+	f.StringVar(&traceOut, "trace-out", "", "write the trace replayed to `FILE` (JSON), to replay it later with --trace FILE")
+	f.Float64Var(&opts.TraceSpeed, "trace-speed", 0, "trace seconds per second of replay (default: qemu 2; fake: restores take 0.25 s of trace, 20..100)")
+	f.IntVar(&opts.TraceMin, "trace-min", 0, "min of the trace's pools: the depth of the small fixed pool (default 1)")
+	f.IntVar(&opts.TraceMax, "trace-max", 0, "max of the trace's pools: the depth of the large fixed pool (default 8)")
+	f.IntVar(&opts.Density, "density", 0, "also keep `N` warm VMs in one pool and measure memory and acquire at that depth")
+	f.IntVar(&opts.DensitySamples, "density-samples", 0, "measured acquires at each depth of the density scenario (default 20, --quick 10)")
+	f.IntVar(&opts.TBSizeMiB, "tb-size", 0, "QEMU TCG translation cache per VM in MiB (default: the provider's 32; -1: QEMU's own)")
+	f.IntVar(&opts.Parallelism, "parallelism", 0, "restores at once (limits.parallelism; default the daemon's 2)")
+	f.StringSliceVar(&opts.Scenarios, "scenarios", nil, "run only these steps, comma-separated (default: all but density, trace only with a trace)")
 	return cmd
 }
 
