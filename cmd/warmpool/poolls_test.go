@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/warmpool/warmpool/api"
+	"github.com/warmpool/warmpool/api/apitest"
 )
 
 // pool ls says why a pool cannot fill, in the last column of its row, and
@@ -111,5 +112,20 @@ func TestPoolListShowsAdaptiveTarget(t *testing.T) {
 	}
 	if v, ok := raw[1]["target_reason"]; !ok || v != nil {
 		t.Errorf("fixed pool's target_reason = %v (present %v), want null", v, ok)
+	}
+}
+
+// pool set --adaptive needs --max (the most the pool may grow to) and
+// sends adaptive to the daemon.
+func TestPoolSetAdaptive(t *testing.T) {
+	state := startDaemon(t, apitest.New())
+	s := "--state=" + state
+	if r := cli(t, "", s, "pool", "set", "ad", "--template", "base", "--adaptive"); r.code != 2 || !strings.Contains(r.stderr, "--adaptive needs --max") {
+		t.Errorf("pool set --adaptive without --max: %+v", r)
+	}
+	r := cli(t, "", s, "pool", "set", "ad", "--template", "base", "--min", "1", "--max", "8", "--adaptive", "-o", "json")
+	var p api.Pool
+	if r.code != 0 || json.Unmarshal([]byte(r.stdout), &p) != nil || !p.Adaptive || p.Max != 8 {
+		t.Errorf("pool set --adaptive: %+v", r)
 	}
 }
