@@ -6,6 +6,7 @@ package daemon
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -48,6 +49,11 @@ type Options struct {
 	FirecrackerBin string
 	JailerBin      string
 	Logger         *slog.Logger
+	// Alongside runs next to the daemon while it serves (the Kubernetes
+	// node agent of `serve --kubernetes`), driving it through its
+	// api.Backend. It must return when ctx ends; an error it returns
+	// before that shuts the daemon down as SIGTERM would.
+	Alongside func(ctx context.Context, b api.Backend) error
 	// GuestAgent is the prebuilt static guest agent that templates built on
 	// first use put in the default image (the one the warmpool binary
 	// embeds); nil compiles it from this module's source.
@@ -366,6 +372,10 @@ func (d *Daemon) serve(ctx context.Context, stop context.CancelFunc, srv *server
 	errc := make(chan error, 1)
 	d.srv = srv
 	go func() { errc <- srv.serve() }()
+	alongside := make(chan error, 1)
+	if opts.Alongside != nil {
+		go func() { alongside <- opts.Alongside(ctx, d) }()
+	}
 	if opts.ready != nil {
 		opts.ready(d)
 	}
@@ -374,8 +384,19 @@ func (d *Daemon) serve(ctx context.Context, stop context.CancelFunc, srv *server
 	case <-ctx.Done():
 	case serveErr = <-errc:
 		d.log.Error("API server failed", "err", serveErr)
+	case serveErr = <-alongside:
+		if serveErr == nil {
+			serveErr = errors.New("stopped before the daemon did")
+		}
+		serveErr = fmt.Errorf("alongside the daemon: %w", serveErr)
+		d.log.Error("stopping the daemon", "err", serveErr)
+		alongside <- nil
 	}
 	stop()
+	if opts.Alongside != nil {
+		// It still drives the daemon until it returns.
+		<-alongside
+	}
 	d.log.Info("shutting down")
 	d.closing.Store(true)
 	if err := srv.shutdown(d.cfg.Limits.ShutdownWait.Std(), requestCancelWait); err != nil {

@@ -137,6 +137,7 @@ daemon shutting down (retry later); exec exits with the command's code.`,
 
 	root.AddCommand(
 		newServeCommand(g),
+		newControllerCommand(g),
 		newImageCommand(g),
 		newTemplateCommand(g),
 		newPoolCommand(g),

@@ -2,7 +2,6 @@ package main
 
 import (
 	"fmt"
-	"log/slog"
 
 	"github.com/spf13/cobra"
 
@@ -14,9 +13,10 @@ func newServeCommand(g *globals) *cobra.Command {
 		opts     daemon.Options
 		logLevel string
 		logJSON  bool
+		kf       kubeFlags
 	)
 	cmd := &cobra.Command{
-		Use:   "serve [--config FILE] [--state DIR] [--listen unix:PATH|tcp:HOST:PORT] [--provider qemu|firecracker|fake] [--e2b tcp:HOST:PORT]",
+		Use:   "serve [--config FILE] [--state DIR] [--listen unix:PATH|tcp:HOST:PORT] [--provider qemu|firecracker|fake] [--e2b tcp:HOST:PORT] [--kubernetes --node NAME [--kubeconfig FILE]]",
 		Short: "Run the daemon: warm pools, machines and the HTTP API",
 		Long: `serve runs the warmpool daemon in the foreground. It listens on
 warmpool.sock in the state directory (mode 0600) unless --listen says
@@ -25,18 +25,20 @@ accepting, lets in-flight requests finish for limits.shutdown_wait (30s) and
 cancels the rest (killing an exec's process in the guest), destroys warm VMs
 and keeps leased VMs and machines running for the next start to adopt (unless
 --stop-all). With --e2b it also serves E2B's sandbox API, for the official
-E2B SDKs, on that address (see "warmpool e2b key create").`,
+E2B SDKs, on that address (see "warmpool e2b key create").
+
+With --kubernetes it is also the node agent of --node: it builds the
+templates and keeps the pools of the WarmPools that select the node, reports
+their ready counts, renews the node's heartbeat Lease, and carries out the
+VMClaims bound to the node (see warmpool controller).`,
 		Args: args(),
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			var level slog.Level
-			if err := level.UnmarshalText([]byte(logLevel)); err != nil {
-				return usagef("invalid --log-level %q: want debug, info, warn or error", logLevel)
+			var err error
+			if opts.Logger, err = newLogger(cmd, logLevel, logJSON); err != nil {
+				return err
 			}
-			hopts := &slog.HandlerOptions{Level: level}
-			if logJSON {
-				opts.Logger = slog.New(slog.NewJSONHandler(cmd.ErrOrStderr(), hopts))
-			} else {
-				opts.Logger = slog.New(slog.NewTextHandler(cmd.ErrOrStderr(), hopts))
+			if opts.Alongside, err = kf.alongside(cmd, opts.Logger); err != nil {
+				return err
 			}
 			opts.StateDir = g.stateDir
 			opts.TokenFile = g.tokenFile
@@ -59,6 +61,7 @@ E2B SDKs, on that address (see "warmpool e2b key create").`,
 	f.StringVar(&opts.JailerBin, "jailer-bin", "", "path of the jailer binary")
 	f.StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")
 	f.BoolVar(&logJSON, "log-json", false, "log as JSON lines")
+	kf.register(cmd)
 	_ = cmd.RegisterFlagCompletionFunc("provider", fixedCompletion("qemu", "firecracker", "fake"))
 	_ = cmd.RegisterFlagCompletionFunc("accel", fixedCompletion("auto", "kvm", "tcg"))
 	return cmd

@@ -1,0 +1,198 @@
+package kube
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"sigs.k8s.io/controller-runtime/pkg/envtest"
+
+	"github.com/warmpool/warmpool/api"
+)
+
+// kubeconfig writes a kubeconfig of an admin of the test API server.
+func kubeconfig(t *testing.T) string {
+	t.Helper()
+	u, err := testEnv.AddUser(envtest.User{Name: "admin", Groups: []string{"system:masters"}}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := u.KubeConfig()
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := filepath.Join(t.TempDir(), "kubeconfig")
+	if err := os.WriteFile(p, b, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
+func kubectl(t *testing.T, kc string, args ...string) string {
+	t.Helper()
+	out, err := kubectlErr(kc, args...)
+	if err != nil {
+		t.Fatalf("kubectl %s: %v\n%s", strings.Join(args, " "), err, out)
+	}
+	return out
+}
+
+func kubectlErr(kc string, args ...string) (string, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, "kubectl", append([]string{"--kubeconfig", kc}, args...)...)
+	var out bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &out
+	err := cmd.Run()
+	return out.String(), err
+}
+
+// TestManifestsApply: kubectl apply -f deploy/ and the examples are accepted
+// by a real API server as the README shows them.
+func TestManifestsApply(t *testing.T) {
+	if testCfg == nil {
+		t.Skip(skipReason)
+	}
+	if _, err := exec.LookPath("kubectl"); err != nil {
+		t.Skip("kubectl is not installed")
+	}
+	kc := kubeconfig(t)
+	out := kubectl(t, kc, "apply", "-f", "../deploy/")
+	for _, want := range []string{"namespace/warmpool-system", "customresourcedefinition.apiextensions.k8s.io/warmpools.warmpool.dev",
+		"daemonset.apps/warmpool-node", "deployment.apps/warmpool-controller", "clusterrole.rbac.authorization.k8s.io/warmpool-node"} {
+		if !strings.Contains(out, want) {
+			t.Errorf("kubectl apply -f deploy/ does not mention %s:\n%s", want, out)
+		}
+	}
+	ns := "manifests"
+	kubectl(t, kc, "create", "namespace", ns)
+	out = kubectl(t, kc, "apply", "-n", ns, "-f", "../deploy/examples/")
+	if !strings.Contains(out, "warmpool.warmpool.dev/busybox created") || !strings.Contains(out, "vmclaim.warmpool.dev/example created") {
+		t.Errorf("kubectl apply -f deploy/examples/:\n%s", out)
+	}
+	// The schema rejects what it can see is wrong.
+	bad := filepath.Join(t.TempDir(), "bad.yaml")
+	if err := os.WriteFile(bad, []byte("apiVersion: warmpool.dev/v1alpha1\nkind: WarmPool\nmetadata: {name: bad}\nspec: {min: -1, network: wifi}\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if out, err := kubectlErr(kc, "apply", "-n", ns, "-f", bad); err == nil || !strings.Contains(out, "spec.min") || !strings.Contains(out, "spec.network") {
+		t.Errorf("a WarmPool with min -1 and network wifi: err %v\n%s", err, out)
+	}
+	kubectl(t, kc, "delete", "-n", ns, "-f", "../deploy/examples/", "--wait=false")
+}
+
+// TestQEMUClaim runs `warmpool serve --kubernetes` on the QEMU provider and
+// `warmpool controller` as a user would, applies the examples with kubectl,
+// waits for the claim to be Ready and runs `warmpool exec` on its lease.
+func TestQEMUClaim(t *testing.T) {
+	if testCfg == nil {
+		t.Skip(skipReason)
+	}
+	for _, bin := range []string{"qemu-system-x86_64", "kubectl"} {
+		if _, err := exec.LookPath(bin); err != nil {
+			t.Skipf("%s is not installed", bin)
+		}
+	}
+	start := time.Now()
+	dir := t.TempDir()
+	warmpool := filepath.Join(dir, "warmpool")
+	build := exec.Command("go", "build", "-o", warmpool, "../cmd/warmpool")
+	if out, err := build.CombinedOutput(); err != nil {
+		t.Fatalf("build warmpool: %v\n%s", err, out)
+	}
+	t.Logf("warmpool built in %s", time.Since(start).Round(time.Millisecond))
+	kc := kubeconfig(t)
+	ns := "qemu"
+	kubectl(t, kc, "create", "namespace", ns)
+	state := filepath.Join(dir, "state")
+	node := "qemu-node"
+	// Registered first, so it runs last: the daemon leaves nothing of the test's behind: no QEMU process of
+	// this state directory after the serve process stopped.
+	t.Cleanup(func() {
+		if out, _ := exec.Command("pgrep", "-af", state).Output(); len(bytes.TrimSpace(out)) > 0 {
+			t.Errorf("processes of the test's state left:\n%s", out)
+		}
+	})
+	run := func(name string, args ...string) {
+		logf, err := os.Create(filepath.Join(dir, name+".log"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		cmd := exec.Command(warmpool, args...)
+		cmd.Stdout, cmd.Stderr = logf, logf
+		cmd.Env = append(os.Environ(), "WARMPOOL_SOCKET=")
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		exited := make(chan struct{})
+		go func() { _ = cmd.Wait(); close(exited) }()
+		t.Cleanup(func() {
+			_ = cmd.Process.Signal(syscall.SIGTERM)
+			select {
+			case <-exited:
+			case <-time.After(time.Minute):
+				_ = cmd.Process.Kill()
+				<-exited
+			}
+			logf.Close()
+			if t.Failed() {
+				b, _ := os.ReadFile(logf.Name())
+				t.Logf("%s log:\n%s", name, tail(string(b), 60))
+			}
+		})
+	}
+	run("serve", "serve", "--state", state, "--provider", "qemu", "--stop-all",
+		"--kubernetes", "--kubeconfig", kc, "--node", node, "--kube-namespace", ns,
+		"--heartbeat-interval", "1s", "--heartbeat-timeout", "15s")
+	run("controller", "controller", "--kubeconfig", kc, "--namespace", ns)
+
+	kubectl(t, kc, "apply", "-n", ns, "-f", "../deploy/examples/warmpool.yaml")
+	kubectl(t, kc, "wait", "-n", ns, "warmpool/busybox", "--for=condition=Ready", "--timeout=180s")
+	t.Logf("WarmPool Ready (template built, 2 VMs restored) %s after the start", time.Since(start).Round(time.Millisecond))
+	applied := time.Now()
+	kubectl(t, kc, "apply", "-n", ns, "-f", "../deploy/examples/vmclaim.yaml")
+	kubectl(t, kc, "wait", "-n", ns, "vmclaim/example", "--for=jsonpath={.status.phase}=Ready", "--timeout=60s")
+	t.Logf("claim Ready %s after kubectl apply (kubectl included)", time.Since(applied).Round(time.Millisecond))
+	out := kubectl(t, kc, "get", "-n", ns, "vmclaim", "example", "-o", "json")
+	var claim struct {
+		Status struct {
+			Node, LeaseID string
+			Timings       map[string]int64
+		}
+	}
+	if err := json.Unmarshal([]byte(out), &claim); err != nil {
+		t.Fatal(err)
+	}
+	if claim.Status.Node != node || claim.Status.LeaseID == "" {
+		t.Fatalf("claim status: %+v", claim.Status)
+	}
+	t.Logf("claim timings: %v", claim.Status.Timings)
+	t.Logf("kubectl get warmpools,vmclaims:\n%s", kubectl(t, kc, "get", "-n", ns, "warmpools,vmclaims", "-o", "wide"))
+
+	execOut, err := exec.Command(warmpool, "exec", "--state", state, claim.Status.LeaseID, "--", "sh", "-c", `echo "$GREETING"; hostname`).CombinedOutput()
+	if err != nil || !strings.Contains(string(execOut), "hello from a VMClaim") {
+		t.Fatalf("warmpool exec %s: %v\n%s", claim.Status.LeaseID, err, execOut)
+	}
+	t.Logf("warmpool exec on the claim's lease: %q", strings.TrimSpace(string(execOut)))
+
+	kubectl(t, kc, "delete", "-n", ns, "vmclaim", "example", "--timeout=60s")
+	lsOut, err := exec.Command(warmpool, "lease", "ls", "--state", state, "-o", "json").Output()
+	if err != nil {
+		t.Fatalf("warmpool lease ls: %v", err)
+	}
+	var leases []api.Lease
+	if err := json.Unmarshal(lsOut, &leases); err != nil {
+		t.Fatalf("lease ls -o json: %v\n%s", err, lsOut)
+	}
+	if len(leases) != 0 {
+		t.Errorf("leases after the claim was deleted: %s", lsOut)
+	}
+	kubectl(t, kc, "delete", "-n", ns, "warmpool", "busybox", "--timeout=60s")
+}
