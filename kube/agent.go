@@ -643,13 +643,11 @@ func (a *agent) keepReady(ctx context.Context, c *v1alpha1.VMClaim) (reconcile.R
 }
 
 // acquire takes a ready VM for a Bound claim and writes it Ready. The
-// finalizer is added while the daemon hands the VM over: a claim deleted
-// before that never gets one, and the VM is released right away.
+// finalizer is added after that, off the path a tenant waits on: a claim
+// deleted before it lands is gone at once, and its delete event releases
+// the VM (a restarted agent's sweep would too).
 func (a *agent) acquire(ctx context.Context, c *v1alpha1.VMClaim) error {
 	start := time.Now()
-	finalized := make(chan error, 1)
-	withFinalizer := c.DeepCopy()
-	go func() { finalized <- a.addFinalizer(ctx, withFinalizer) }()
 	req := api.AcquireRequest{Owner: c.Spec.Owner, Labels: leaseLabels(c.Namespace, c.Name, c.UID), Wait: a.opts.AcquireWait}
 	for _, e := range c.Spec.Env {
 		req.Env = append(req.Env, e.Name+"="+e.Value)
@@ -657,59 +655,55 @@ func (a *agent) acquire(ctx context.Context, c *v1alpha1.VMClaim) error {
 	if c.Spec.TTL != nil {
 		req.TTL = api.Duration(c.Spec.TTL.Duration)
 	}
-	l, acqErr := api.Lease{}, req.Validate()
-	if acqErr == nil {
-		l, acqErr = a.b.Acquire(ctx, localName(c.Namespace, c.Spec.PoolRef.Name), req)
+	l, err := api.Lease{}, req.Validate()
+	if err == nil {
+		l, err = a.b.Acquire(ctx, localName(c.Namespace, c.Spec.PoolRef.Name), req)
 	}
-	finErr := <-finalized
-	if acqErr == nil {
-		a.mu.Lock()
-		a.served[c.UID] = l
-		a.mu.Unlock()
-		a.pokeReport()
-	}
-	if finErr != nil {
-		// Gone or being deleted: nobody is waiting for the VM.
-		if acqErr == nil {
-			if err := a.releaseServed(ctx, c.UID); err != nil {
-				return err
-			}
-		}
-		if apierrors.IsNotFound(finErr) || errors.Is(finErr, errDeleting) || errors.Is(finErr, errNotOurs) {
-			return nil
-		}
-		return finErr
-	}
-	if acqErr != nil {
+	claim := c.DeepCopy()
+	if err != nil {
 		if ctx.Err() != nil {
 			return ctx.Err()
 		}
-		if errors.Is(acqErr, vm.ErrInvalid) {
-			return a.finish(ctx, withFinalizer, v1alpha1.ClaimFailed, "InvalidClaim", fmt.Sprintf("spec: %v", acqErr))
+		if errors.Is(err, vm.ErrInvalid) {
+			return a.finish(ctx, claim, v1alpha1.ClaimFailed, "InvalidClaim", fmt.Sprintf("spec: %v", err))
 		}
-		if errors.Is(acqErr, api.ErrNothingReady) || errors.Is(acqErr, vm.ErrNotFound) {
-			return a.unbind(ctx, withFinalizer, acqErr)
+		if errors.Is(err, api.ErrNothingReady) || errors.Is(err, vm.ErrNotFound) {
+			return a.unbind(ctx, claim, err)
 		}
-		return a.finish(ctx, withFinalizer, v1alpha1.ClaimFailed, "AcquireFailed",
-			fmt.Sprintf("node %s could not hand over a VM of pool %s: %v", a.opts.Node, c.Spec.PoolRef.Name, acqErr))
+		return a.finish(ctx, claim, v1alpha1.ClaimFailed, "AcquireFailed",
+			fmt.Sprintf("node %s could not hand over a VM of pool %s: %v", a.opts.Node, c.Spec.PoolRef.Name, err))
 	}
-	return a.markReady(ctx, withFinalizer, l, start)
-}
-
-var errDeleting = errors.New("claim is being deleted")
-
-// addFinalizer adds the release finalizer to c (updated in place).
-func (a *agent) addFinalizer(ctx context.Context, c *v1alpha1.VMClaim) error {
-	return a.updateClaim(ctx, c, func(c *v1alpha1.VMClaim) (bool, error) {
+	a.mu.Lock()
+	a.served[c.UID] = l
+	a.mu.Unlock()
+	a.pokeReport()
+	if err := a.markReady(ctx, claim, l, start); err != nil {
+		return err
+	}
+	if _, held := a.servedLease(c.UID); !held {
+		return nil // the claim went away meanwhile; markReady released the VM
+	}
+	err = a.updateClaim(ctx, claim, func(c *v1alpha1.VMClaim) (bool, error) {
 		if !c.DeletionTimestamp.IsZero() {
 			return false, errDeleting
 		}
-		if c.Status.Node != a.opts.Node || c.Status.Phase != v1alpha1.ClaimBound {
+		if c.Status.Node != a.opts.Node || c.Status.LeaseID != l.ID || c.Status.Phase.Terminal() {
 			return false, errNotOurs
 		}
 		return controllerutil.AddFinalizer(c, Finalizer), nil
 	}, false)
+	switch {
+	case err == nil:
+		return nil
+	case apierrors.IsNotFound(err) || errors.Is(err, errNotOurs):
+		return a.releaseServed(ctx, c.UID)
+	case errors.Is(err, errDeleting):
+		return nil // the deletion's own event releases it
+	}
+	return err
 }
+
+var errDeleting = errors.New("claim is being deleted")
 
 func (a *agent) removeFinalizer(ctx context.Context, c *v1alpha1.VMClaim) error {
 	err := a.updateClaim(ctx, c, func(c *v1alpha1.VMClaim) (bool, error) {
