@@ -65,6 +65,9 @@ type HandoffRequest struct {
 	Hostname string
 	// Env is added to the environment of every later Exec.
 	Env map[string]string
+	// Network is proto.NetworkUp, proto.NetworkNone or empty (leave the
+	// interface alone); Handoffer fills it in from the VM's NIC.
+	Network string
 }
 
 // HandoffResult is what the guest agent reports it did with a hand-off's
@@ -443,7 +446,12 @@ func handoffRequest(h HandoffRequest) (*proto.Request, error) {
 	if size > proto.MaxEnv {
 		return nil, &vm.FieldError{Field: "env", Value: fmt.Sprintf("%d bytes", size), Reason: fmt.Sprintf("at most %d bytes", proto.MaxEnv)}
 	}
-	req := &proto.Handoff{Entropy: h.Entropy, Hostname: h.Hostname, Env: h.Env}
+	switch h.Network {
+	case "", proto.NetworkUp, proto.NetworkNone:
+	default:
+		return nil, &vm.FieldError{Field: "network", Value: h.Network, Reason: "must be up, none or empty"}
+	}
+	req := &proto.Handoff{Entropy: h.Entropy, Hostname: h.Hostname, Env: h.Env, Network: h.Network}
 	if !h.Time.IsZero() {
 		req.UnixNano = h.Time.UnixNano()
 	}

@@ -7,6 +7,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/warmpool/warmpool/agent/proto"
 	"github.com/warmpool/warmpool/vm"
 )
 
@@ -107,7 +108,7 @@ func (h *Handoffer) Prepare(ctx context.Context, v vm.VM) error {
 	if err != nil {
 		return fmt.Errorf("prepare %s: %w", v.ID, err)
 	}
-	if _, err := c.HandoffAndPing(ctx, HandoffRequest{Entropy: entropy, Time: time.Now(), Hostname: st.Hostname}); err != nil {
+	if _, err := c.HandoffAndPing(ctx, HandoffRequest{Entropy: entropy, Time: time.Now(), Hostname: st.Hostname, Network: NetworkMode(v)}); err != nil {
 		return fmt.Errorf("prepare %s: %w", v.ID, err)
 	}
 	if err := h.prov.Pause(ctx, v.ID); err != nil {
@@ -172,6 +173,9 @@ func (h *Handoffer) Handoff(ctx context.Context, v vm.VM, req HandoffRequest) (H
 		t.Dial = time.Since(start)
 	}
 	defer c.Close()
+	if req.Network == "" {
+		req.Network = NetworkMode(v)
+	}
 	step := time.Now()
 	res, err := c.HandoffAndPing(ctx, req)
 	if err != nil {
@@ -243,4 +247,18 @@ func (h *Handoffer) Close() {
 	for _, c := range clients {
 		c.Close()
 	}
+}
+
+// NetworkMode is the hand-off network mode of VM v: a guest with an
+// interface attached to a TAP refreshes its neighbours, one whose
+// interface is attached to nothing (network policy none) loses it, and a
+// guest without one is left alone.
+func NetworkMode(v vm.VM) string {
+	switch {
+	case v.Spec.NIC.Attached():
+		return proto.NetworkUp
+	case v.Spec.NIC != nil:
+		return proto.NetworkNone
+	}
+	return ""
 }

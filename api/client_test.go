@@ -210,7 +210,7 @@ func TestClientMachinesAndEvents(t *testing.T) {
 		t.Fatalf("machines: %+v, %v", ms, err)
 	}
 	// A new machine ensured without a spec gets the default shape.
-	if m, err := c.EnsureMachine(ctx, "bare", api.MachineEnsureRequest{}); err != nil || m.Spec != (api.MachineSpec{}).WithDefaults() {
+	if m, err := c.EnsureMachine(ctx, "bare", api.MachineEnsureRequest{}); err != nil || !m.Spec.Equal(api.MachineSpec{}.WithDefaults()) {
 		t.Fatalf("ensure without spec: %+v, %v; want the default shape", m, err)
 	}
 }

@@ -13,9 +13,12 @@ import (
 	"path/filepath"
 	"reflect"
 	"regexp"
+	"slices"
 	"strconv"
+	"strings"
 	"time"
 
+	"github.com/warmpool/warmpool/network"
 	"github.com/warmpool/warmpool/vm"
 )
 
@@ -134,6 +137,11 @@ type Pool struct {
 	// Generation changes whenever the template's snapshot changes.
 	Generation uint64       `json:"generation"`
 	Counters   PoolCounters `json:"counters"`
+	// Network is the pool's network policy (none, isolated or egress) and
+	// EgressAllow what an egress VM may reach (empty: anything beyond the
+	// host).
+	Network     string   `json:"network"`
+	EgressAllow []string `json:"egress_allow,omitempty"`
 	// LastError says why the pool cannot fill: its latest refill failure,
 	// or why its template can neither be restored nor rebuilt. Null while
 	// the pool refills fine.
@@ -173,10 +181,23 @@ type PoolRequest struct {
 	MaxAge   Duration `json:"max_age,omitempty"`
 	// Adaptive sizes the pool from its demand, between Min and Max.
 	Adaptive bool `json:"adaptive,omitempty"`
+	// Network is none, isolated or egress; empty: the daemon's default
+	// (isolated when network.cidr is set, else none).
+	Network     string   `json:"network,omitempty"`
+	EgressAllow []string `json:"egress_allow,omitempty"`
+}
+
+// Equal reports whether r and o ask for the same pool.
+func (r PoolRequest) Equal(o PoolRequest) bool {
+	return r.Template == o.Template && r.Min == o.Min && r.Max == o.Max && r.MaxAge == o.MaxAge &&
+		r.Adaptive == o.Adaptive && r.Network == o.Network && slices.Equal(r.EgressAllow, o.EgressAllow)
 }
 
 // Validate names the first field of r that is wrong.
 func (r PoolRequest) Validate() error {
+	if err := ValidateNetwork(r.Network, r.EgressAllow); err != nil {
+		return err
+	}
 	if err := vm.ValidateName("template", r.Template); err != nil {
 		return err
 	}
@@ -462,6 +483,10 @@ type MachineSpec struct {
 	// daemon default, "0s" turns the step off.
 	IdleAfter    *Duration `json:"idle_after,omitempty"`
 	SuspendAfter *Duration `json:"suspend_after,omitempty"`
+	// Network and EgressAllow are the machine's network policy, as a
+	// pool's (PoolRequest.Network).
+	Network     string   `json:"network,omitempty"`
+	EgressAllow []string `json:"egress_allow,omitempty"`
 }
 
 // The shape a machine gets when nobody gave one: `warmpool machine ensure
@@ -499,6 +524,8 @@ type MachineEnsureRequest struct {
 	Image        *string   `json:"image,omitempty"`
 	IdleAfter    *Duration `json:"idle_after,omitempty"`
 	SuspendAfter *Duration `json:"suspend_after,omitempty"`
+	Network      *string   `json:"network,omitempty"`
+	EgressAllow  *[]string `json:"egress_allow,omitempty"`
 }
 
 // EnsureRequest asks for every field of s, so that an ensure with it
@@ -508,6 +535,7 @@ func (s MachineSpec) EnsureRequest() MachineEnsureRequest {
 	return MachineEnsureRequest{
 		VCPUs: &s.VCPUs, MemoryMiB: &s.MemoryMiB, DataDiskMiB: &s.DataDiskMiB, Cmdline: &s.Cmdline, Image: &s.Image,
 		IdleAfter: s.IdleAfter, SuspendAfter: s.SuspendAfter,
+		Network: &s.Network, EgressAllow: &s.EgressAllow,
 	}
 }
 
@@ -532,6 +560,12 @@ func (r MachineEnsureRequest) Merge(base MachineSpec) MachineSpec {
 		d := *r.IdleAfter
 		base.IdleAfter = &d
 	}
+	if r.Network != nil {
+		base.Network = *r.Network
+	}
+	if r.EgressAllow != nil {
+		base.EgressAllow = slices.Clone(*r.EgressAllow)
+	}
 	if r.SuspendAfter != nil {
 		d := *r.SuspendAfter
 		base.SuspendAfter = &d
@@ -549,7 +583,8 @@ func (r MachineEnsureRequest) Validate() error {
 func (s MachineSpec) Equal(o MachineSpec) bool {
 	same := func(a, b *Duration) bool { return (a == nil) == (b == nil) && (a == nil || *a == *b) }
 	return s.VCPUs == o.VCPUs && s.MemoryMiB == o.MemoryMiB && s.DataDiskMiB == o.DataDiskMiB &&
-		s.Cmdline == o.Cmdline && s.Image == o.Image && same(s.IdleAfter, o.IdleAfter) && same(s.SuspendAfter, o.SuspendAfter)
+		s.Cmdline == o.Cmdline && s.Image == o.Image && same(s.IdleAfter, o.IdleAfter) && same(s.SuspendAfter, o.SuspendAfter) &&
+		s.Network == o.Network && slices.Equal(s.EgressAllow, o.EgressAllow)
 }
 
 // Validate names the first field of s that is wrong.
@@ -579,6 +614,21 @@ func (s MachineSpec) Validate() error {
 	}
 	if s.SuspendAfter != nil && *s.SuspendAfter < 0 {
 		return &vm.FieldError{Field: "suspend_after", Value: *s.SuspendAfter, Reason: "must not be negative"}
+	}
+	return ValidateNetwork(s.Network, s.EgressAllow)
+}
+
+// ValidateNetwork checks a network policy and its egress allow-list.
+func ValidateNetwork(policy string, allow []string) error {
+	p, err := network.ParsePolicy(policy)
+	if err != nil {
+		return &vm.FieldError{Field: "network", Value: policy, Reason: "must be none, isolated or egress"}
+	}
+	if _, err := network.ParseAllow(allow); err != nil {
+		return &vm.FieldError{Field: "egress_allow", Value: strings.Join(allow, ","), Reason: err.Error()}
+	}
+	if len(allow) > 0 && p != network.PolicyEgress {
+		return &vm.FieldError{Field: "egress_allow", Value: strings.Join(allow, ","), Reason: "needs network: egress"}
 	}
 	return nil
 }
@@ -610,6 +660,9 @@ type Machine struct {
 	// BalloonMiB is the balloon target, null when no balloon is set.
 	BalloonMiB *int   `json:"balloon_mib"`
 	VMID       string `json:"vm_id,omitempty"`
+	// Address is where the host reaches the machine, null without a
+	// network; it stays the same for the machine's whole life.
+	Address *string `json:"address"`
 	// IdleAfter and SuspendAfter are the idle policy in force: the spec's,
 	// else the daemon's default. 0s means the step is off.
 	IdleAfter    Duration `json:"idle_after"`

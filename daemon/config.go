@@ -14,6 +14,7 @@ import (
 	"gopkg.in/yaml.v3"
 
 	"github.com/warmpool/warmpool/api"
+	"github.com/warmpool/warmpool/network"
 	"github.com/warmpool/warmpool/pool"
 	"github.com/warmpool/warmpool/vm"
 )
@@ -56,6 +57,8 @@ type Config struct {
 	Machines map[string]MachineConfig `yaml:"machines" doc:"Long-lived machines keyed by name; recorded at start, started by their first ensure."`
 	// MachineDefaults is the idle policy of machines that set none.
 	MachineDefaults MachineDefaults `yaml:"machine_defaults" doc:"Idle policy of every machine whose own spec leaves it out."`
+	// Network gives VMs addresses the host reaches them at.
+	Network NetworkConfig `yaml:"network" doc:"VM networking (needs root): each VM with a network gets a slot (namespace, TAP, veth, nftables rules) and an address of its own."`
 }
 
 // E2BConfig is the E2B-compatible listener.
@@ -63,6 +66,17 @@ type E2BConfig struct {
 	Listen  string `yaml:"listen" doc:"Where the E2B API (REST and every sandbox's envd on one port) listens: tcp:HOST:PORT. Default: off."`
 	KeyFile string `yaml:"key_file" doc:"File of the E2B API keys clients may send, one per line, each e2b_ and hex digits ('warmpool e2b key create' appends one). Default: e2b-keys in the state directory."`
 }
+
+// NetworkConfig is the range slots take their addresses from.
+type NetworkConfig struct {
+	CIDR  string `yaml:"cidr" doc:"IPv4 range the VMs' addresses come from, e.g. 10.77.0.0/24; each VM takes a /30 of it (its address is the third one), so a /24 holds 64. Must not overlap the host's addresses or routes. Empty: no networking, every pool and machine is network: none."`
+	Slots int    `yaml:"slots" doc:"Network slots (VMs with a network, warm ones included) at most at once. Default 0: as many as cidr holds."`
+	Warm  int    `yaml:"warm" doc:"Clean slots kept made ahead of the restores that need them (a released slot is scrubbed and kept while fewer are idle). Default 2."`
+}
+
+// defaultWarmSlots keeps a restore from waiting on a new namespace most of
+// the time without holding many idle ones.
+const defaultWarmSlots = 2
 
 // FirecrackerConfig locates Firecracker's binaries.
 type FirecrackerConfig struct {
@@ -101,11 +115,13 @@ type TemplateConfig struct {
 
 // PoolConfig is a pool to create at start.
 type PoolConfig struct {
-	Template string   `yaml:"template" doc:"Template the pool's VMs are restored from (required)."`
-	Min      int      `yaml:"min" doc:"Ready VMs the pool keeps at least."`
-	Max      int      `yaml:"max" doc:"Warm VMs the pool holds at most (required, >= min)."`
-	MaxAge   Duration `yaml:"max_age" doc:"Warm VMs older than this are replaced; 0 keeps them forever."`
-	Adaptive bool     `yaml:"adaptive" doc:"Size the pool from its demand between min and max (see the adaptive section) instead of keeping min ready."`
+	Template    string   `yaml:"template" doc:"Template the pool's VMs are restored from (required)."`
+	Min         int      `yaml:"min" doc:"Ready VMs the pool keeps at least."`
+	Max         int      `yaml:"max" doc:"Warm VMs the pool holds at most (required, >= min)."`
+	MaxAge      Duration `yaml:"max_age" doc:"Warm VMs older than this are replaced; 0 keeps them forever."`
+	Adaptive    bool     `yaml:"adaptive" doc:"Size the pool from its demand between min and max (see the adaptive section) instead of keeping min ready."`
+	Network     string   `yaml:"network" doc:"Network policy of the pool's VMs: none (no interface), isolated (the host reaches the VM at its address, the VM reaches nothing) or egress (isolated, and the VM may reach beyond the host's uplink, never the host's own addresses or other VMs). Default: isolated when network.cidr is set, else none."`
+	EgressAllow []string `yaml:"egress_allow" doc:"With network: egress, the only destinations allowed, each CIDR[:PORT] (a port allows TCP and UDP). Empty: anything beyond the host."`
 }
 
 // AdaptiveConfig tunes every adaptive pool.
@@ -135,6 +151,8 @@ type MachineConfig struct {
 	Image        string    `yaml:"image" doc:"Image name or guest image directory the machine boots; an image's root filesystem is read-only with writes kept in memory. Default: the daemon's image."`
 	IdleAfter    *Duration `yaml:"idle_after" doc:"Shrink the balloon after this long without activity or holds; 0s turns it off. Default: machine_defaults.idle_after."`
 	SuspendAfter *Duration `yaml:"suspend_after" doc:"Suspend to a snapshot after this long without activity or holds; 0s turns it off. Default: machine_defaults.suspend_after."`
+	Network      string    `yaml:"network" doc:"Network policy of the machine, as a pool's; its address stays the same across restarts, recreation and suspend."`
+	EgressAllow  []string  `yaml:"egress_allow" doc:"With network: egress, the only destinations allowed, as a pool's."`
 }
 
 // MachineDefaults is the daemon-wide idle policy. Both steps are off unless
@@ -249,6 +267,13 @@ func (c Config) Validate() error {
 	if err := vm.ValidateRange("firecracker.gid", c.Firecracker.GID, 0, 1<<31-1); err != nil {
 		return err
 	}
+	if c.Network.CIDR != "" {
+		if err := network.CheckConfig(c.networkConfig("")); err != nil {
+			return &vm.FieldError{Field: "network", Value: c.Network.CIDR, Reason: err.Error()}
+		}
+	} else if c.Network.Slots != 0 || c.Network.Warm != 0 {
+		return &vm.FieldError{Field: "network", Value: "", Reason: "slots and warm need network.cidr"}
+	}
 	for _, name := range sortedKeys(c.Templates) {
 		t := c.Templates[name]
 		req := api.TemplateRequest{Name: name, Image: t.Image, VCPUs: t.VCPUs, MemoryMiB: t.MemoryMiB}
@@ -267,6 +292,9 @@ func (c Config) Validate() error {
 		if err := p.request().Validate(); err != nil {
 			return fmt.Errorf("pools.%s: %w", name, err)
 		}
+		if err := c.checkNetworkPolicy(p.Network); err != nil {
+			return fmt.Errorf("pools.%s: %w", name, err)
+		}
 	}
 	if err := vm.ValidateRange("machine_defaults.idle_reserve_mib", c.MachineDefaults.IdleReserveMiB, 0, vm.MaxMemoryMiB); err != nil {
 		return err
@@ -278,16 +306,20 @@ func (c Config) Validate() error {
 		if err := c.Machines[name].spec().Validate(); err != nil {
 			return fmt.Errorf("machines.%s: %w", name, err)
 		}
+		if err := c.checkNetworkPolicy(c.Machines[name].Network); err != nil {
+			return fmt.Errorf("machines.%s: %w", name, err)
+		}
 	}
 	return nil
 }
 
 func (p PoolConfig) request() api.PoolRequest {
-	return api.PoolRequest{Template: p.Template, Min: p.Min, Max: p.Max, MaxAge: api.Duration(p.MaxAge), Adaptive: p.Adaptive}
+	return api.PoolRequest{Template: p.Template, Min: p.Min, Max: p.Max, MaxAge: api.Duration(p.MaxAge), Adaptive: p.Adaptive, Network: p.Network, EgressAllow: p.EgressAllow}
 }
 
 func (m MachineConfig) spec() api.MachineSpec {
-	s := api.MachineSpec{VCPUs: m.VCPUs, MemoryMiB: m.MemoryMiB, DataDiskMiB: m.DataDiskMiB, Cmdline: m.Cmdline, Image: m.Image}.WithDefaults()
+	s := api.MachineSpec{VCPUs: m.VCPUs, MemoryMiB: m.MemoryMiB, DataDiskMiB: m.DataDiskMiB, Cmdline: m.Cmdline, Image: m.Image,
+		Network: m.Network, EgressAllow: m.EgressAllow}.WithDefaults()
 	if m.IdleAfter != nil {
 		d := api.Duration(*m.IdleAfter)
 		s.IdleAfter = &d
@@ -297,6 +329,21 @@ func (m MachineConfig) spec() api.MachineSpec {
 		s.SuspendAfter = &d
 	}
 	return s
+}
+
+// networkConfig is the network manager's configuration for the daemon
+// whose slots carry tag.
+func (c Config) networkConfig(tag string) network.Config {
+	return network.Config{CIDR: c.Network.CIDR, Tag: tag, MaxSlots: c.Network.Slots, Warm: c.Network.Warm}
+}
+
+// checkNetworkPolicy refuses a policy that needs a network the
+// configuration does not have.
+func (c Config) checkNetworkPolicy(policy string) error {
+	if c.Network.CIDR == "" && policy != "" && policy != string(network.PolicyNone) {
+		return &vm.FieldError{Field: "network", Value: policy, Reason: "needs network.cidr to be set"}
+	}
+	return nil
 }
 
 func sortedKeys[V any](m map[string]V) []string {

@@ -26,6 +26,7 @@ import (
 	"github.com/warmpool/warmpool/internal/paths"
 	"github.com/warmpool/warmpool/lease"
 	"github.com/warmpool/warmpool/lifecycle"
+	"github.com/warmpool/warmpool/network"
 	"github.com/warmpool/warmpool/pool"
 	"github.com/warmpool/warmpool/store"
 	"github.com/warmpool/warmpool/vm"
@@ -117,6 +118,8 @@ type Daemon struct {
 	// vms writes every VM record; leases every lease record.
 	vms    *vmRecords
 	leases *lease.Registry
+	// net binds network slots to VMs.
+	net *netSlots
 
 	// stopPoolExits ends the pools' subscription to the provider's exits.
 	stopPoolExits func()
@@ -199,6 +202,12 @@ func resolveConfig(opts Options) (Config, string, error) {
 	}
 	cfg.Limits.ExecTimeout = or(cfg.Limits.ExecTimeout, Duration(10*time.Minute))
 	cfg.Limits.ShutdownWait = or(cfg.Limits.ShutdownWait, Duration(30*time.Second))
+	if cfg.Network.CIDR != "" && cfg.Network.Warm == 0 {
+		cfg.Network.Warm = defaultWarmSlots
+		if c, err := network.Capacity(cfg.Network.CIDR, cfg.Network.Slots); err == nil {
+			cfg.Network.Warm = min(defaultWarmSlots, c)
+		}
+	}
 	if err := cfg.Validate(); err != nil {
 		return Config{}, "", err
 	}
@@ -258,7 +267,11 @@ func start(ctx context.Context, opts Options) (d *Daemon, srv *server, err error
 	}
 	d.repair = newTemplateRepair(ctx)
 	d.vms = &vmRecords{st: st, provider: inner.Name(), snapshotOwner: d.snapshotOwner}
-	d.prov = &ownedProvider{inner: inner, recs: d.vms, log: log, onIncompatible: d.restoreIncompatible}
+	if d.net, err = newNetSlots(cfg, stateDir, inner, st, log); err != nil {
+		return nil, nil, err
+	}
+	d.prov = &ownedProvider{inner: inner, recs: d.vms, log: log, onIncompatible: d.restoreIncompatible,
+		net: d.net, machineNetwork: d.machineNetwork}
 	if d.leases, err = d.newLeases(); err != nil {
 		return nil, nil, err
 	}
@@ -300,12 +313,18 @@ func start(ctx context.Context, opts Options) (d *Daemon, srv *server, err error
 		return nil, nil, err
 	}
 	reconcileStart := time.Now()
+	if err := d.net.reconcile(ctx); err != nil {
+		return nil, nil, fmt.Errorf("reconcile network slots: %w", err)
+	}
 	warm, err := d.reconcile(ctx)
 	if err != nil {
 		return nil, nil, fmt.Errorf("reconcile state with provider %s: %w", inner.Name(), err)
 	}
 	if err := d.mach.restore(ctx); err != nil {
 		return nil, nil, fmt.Errorf("restore machines: %w", err)
+	}
+	if err := d.net.sweep(ctx, d.mach.knows); err != nil {
+		return nil, nil, fmt.Errorf("reconcile network slots: %w", err)
 	}
 	d.removeUnusedTemplateDirs()
 	// Warm VMs go back into their pools before the pools learn their
@@ -347,6 +366,13 @@ func (d *Daemon) abort() {
 	}
 	if d.mach != nil {
 		d.mach.close()
+	}
+	if d.net != nil {
+		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+		if err := d.net.close(ctx, false); err != nil {
+			d.log.Warn("network slots at abort", "err", err)
+		}
+		cancel()
 	}
 	d.closeProvider()
 	d.bus.Close()
@@ -446,6 +472,7 @@ func (d *Daemon) shutdown(ctx context.Context) {
 		step("destroy the VMs left at shutdown", d.destroyLeftovers)
 	}
 	d.mach.close()
+	step("network slots at shutdown", func(ctx context.Context) error { return d.net.close(ctx, d.stopAll) })
 	d.closeProvider()
 	d.bus.Close()
 	if err := d.st.Close(); err != nil {

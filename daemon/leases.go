@@ -19,8 +19,9 @@ import (
 	"github.com/warmpool/warmpool/vm"
 )
 
-func leaseAPI(l store.Lease) api.Lease {
+func (d *Daemon) leaseAPI(l store.Lease) api.Lease {
 	return api.Lease{
+		Address:   d.net.address(l.VMID),
 		ID:        l.ID,
 		Pool:      l.Pool,
 		VMID:      l.VMID,
@@ -139,7 +140,7 @@ func (d *Daemon) Acquire(ctx context.Context, poolName string, req api.AcquireRe
 	// The recorded total stops before the write that records it; the
 	// acquire's answer includes it.
 	rec.TotalMS = time.Since(now.Add(-pl.Timings.Total)).Milliseconds()
-	return leaseAPI(rec), nil
+	return d.leaseAPI(rec), nil
 }
 
 // handoff gives a freshly resumed warm VM its identity.
@@ -199,7 +200,7 @@ func (d *Daemon) Leases(ctx context.Context) ([]api.Lease, error) {
 	}
 	out := make([]api.Lease, 0, len(leases))
 	for _, l := range leases {
-		out = append(out, leaseAPI(l))
+		out = append(out, d.leaseAPI(l))
 	}
 	return out, nil
 }
@@ -213,7 +214,7 @@ func (d *Daemon) SetLeaseTTL(ctx context.Context, id string, req api.LeaseTTLReq
 	if err != nil {
 		return api.Lease{}, err
 	}
-	return leaseAPI(l), nil
+	return d.leaseAPI(l), nil
 }
 
 // leaseCount is the number of live leases, 0 when the store cannot say.

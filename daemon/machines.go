@@ -331,6 +331,7 @@ func (ms *machines) apiMachine(name string, spec api.MachineSpec) api.Machine {
 	out.Holds = len(m.Holds)
 	out.BalloonMiB = m.BalloonMiB
 	out.VMID = m.VMID // none when stopped: the lifecycle destroys a stopped machine's VM
+	out.Address = ms.d.net.machineAddress(name)
 	return out
 }
 
@@ -363,6 +364,9 @@ func (d *Daemon) PutMachine(ctx context.Context, name string, req api.MachineReq
 		return api.Machine{}, err
 	}
 	defer unlock()
+	if _, _, err := d.net.policy(req.Network, req.EgressAllow); err != nil {
+		return api.Machine{}, fmt.Errorf("machine %s: %w", name, err)
+	}
 	spec, err := d.mach.record(name, func(api.MachineSpec) api.MachineSpec { return req })
 	if err != nil {
 		return api.Machine{}, err
@@ -450,7 +454,14 @@ func (ms *machines) merge(name string, req api.MachineEnsureRequest) (api.Machin
 	if err != nil {
 		return api.MachineSpec{}, err
 	}
-	if ok && req.Merge(cur).Equal(cur) {
+	if !ok {
+		cur = api.MachineSpec{}.WithDefaults()
+	}
+	next := req.Merge(cur)
+	if _, _, err := ms.d.net.policy(next.Network, next.EgressAllow); err != nil {
+		return api.MachineSpec{}, fmt.Errorf("machine %s: %w", name, err)
+	}
+	if ok && next.Equal(cur) {
 		return cur, nil
 	}
 	return ms.record(name, req.Merge)

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"time"
 
 	"github.com/warmpool/warmpool/api"
@@ -13,10 +14,14 @@ import (
 )
 
 func stackSpec(p store.Pool, t store.Template) pool.StackSpec {
+	snap := t.Snapshot
+	// The pool's name and network ride on the restores it asks for, so
+	// the provider wrapper gives each VM its slot.
+	snap.Spec.Labels = poolLabels(snap.Spec.Labels, p)
 	return pool.StackSpec{
 		Name:     p.Name,
 		Key:      vm.StackKey{Template: t.Name, VCPUs: t.VCPUs, MemoryMiB: t.MemoryMiB},
-		Snapshot: t.Snapshot,
+		Snapshot: snap,
 		Min:      p.Min,
 		Max:      p.Max,
 		MaxAge:   p.MaxAge,
@@ -37,6 +42,10 @@ func (d *Daemon) registerPools() error {
 			d.log.Warn("pool waits for its template", "pool", p.Name, "template", p.Template)
 			continue
 		}
+		if _, _, err := d.net.policy(p.Network, p.EgressAllow); err != nil {
+			d.log.Error("pool does not run", "pool", p.Name, "err", err)
+			continue
+		}
 		if err := d.pools.Register(stackSpec(p, t)); err != nil {
 			return fmt.Errorf("register pool %s: %w", p.Name, err)
 		}
@@ -53,16 +62,27 @@ func (d *Daemon) SetPool(ctx context.Context, name string, req api.PoolRequest) 
 	if !ok {
 		return api.Pool{}, fmt.Errorf("set pool %s: template %s: %w (build it first)", name, req.Template, vm.ErrNotFound)
 	}
-	rec := store.Pool{Name: name, Template: req.Template, Min: req.Min, Max: req.Max, MaxAge: req.MaxAge.Std(), Adaptive: req.Adaptive, UpdatedAt: time.Now()}
+	rec := store.Pool{Name: name, Template: req.Template, Min: req.Min, Max: req.Max, MaxAge: req.MaxAge.Std(), Adaptive: req.Adaptive,
+		Network: req.Network, EgressAllow: req.EgressAllow, UpdatedAt: time.Now()}
 	// Everything that can refuse the request runs before the store changes.
+	if _, _, err := d.net.policy(rec.Network, rec.EgressAllow); err != nil {
+		return api.Pool{}, fmt.Errorf("set pool %s: %w", name, err)
+	}
 	if err := stackSpec(rec, t).Validate(); err != nil {
 		return api.Pool{}, fmt.Errorf("set pool %s: %w", name, err)
 	}
 	if err := d.checkPoolMemory(rec, t); err != nil {
 		return api.Pool{}, fmt.Errorf("set pool %s: %w", name, err)
 	}
+	prev, prevErr := store.Get(d.st, store.Pools, name)
 	if err := store.Put(d.st, store.Pools, rec); err != nil {
 		return api.Pool{}, fmt.Errorf("set pool %s: %w", name, err)
+	}
+	if prevErr == nil && (prev.Network != rec.Network || !slices.Equal(prev.EgressAllow, rec.EgressAllow)) {
+		// Warm VMs sit in slots of the old policy: start the pool over.
+		if err := d.pools.Unregister(name); err != nil && !errors.Is(err, vm.ErrNotFound) {
+			return api.Pool{}, fmt.Errorf("set pool %s: %w", name, err)
+		}
 	}
 	if err := d.pools.Register(stackSpec(rec, t)); err != nil {
 		return api.Pool{}, fmt.Errorf("set pool %s: %w", name, err)
@@ -101,7 +121,14 @@ func (d *Daemon) Pools(ctx context.Context) ([]api.Pool, error) {
 }
 
 func (d *Daemon) poolAPI(p store.Pool) api.Pool {
-	out := api.Pool{Name: p.Name, Template: p.Template, Min: p.Min, Max: p.Max, MaxAge: api.Duration(p.MaxAge), Adaptive: p.Adaptive, Target: p.Min, Allowed: -1}
+	out := api.Pool{Name: p.Name, Template: p.Template, Min: p.Min, Max: p.Max, MaxAge: api.Duration(p.MaxAge), Adaptive: p.Adaptive, Target: p.Min, Allowed: -1,
+		Network: p.Network, EgressAllow: p.EgressAllow}
+	if policy, _, err := d.net.policy(p.Network, p.EgressAllow); err == nil {
+		out.Network = string(policy)
+	} else {
+		why := err.Error()
+		out.LastError = &why
+	}
 	if t, ok := d.template(p.Template); ok {
 		out.Generation = uint64(t.Generation)
 	}

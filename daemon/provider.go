@@ -8,6 +8,7 @@ import (
 	"net"
 	"time"
 
+	"github.com/warmpool/warmpool/network"
 	"github.com/warmpool/warmpool/store"
 	"github.com/warmpool/warmpool/vm"
 )
@@ -39,6 +40,10 @@ type ownedProvider struct {
 	// onIncompatible, when set, hears of every restore the provider refused
 	// with vm.ErrIncompatible: retrying cannot fix those, rebuilding can.
 	onIncompatible func(snap vm.Snapshot, err error)
+	// net binds a network slot to every VM whose pool or machine has a
+	// network; machineNetwork is a machine's policy.
+	net            *netSlots
+	machineNetwork func(machine string) (network.Policy, []network.Allow, error)
 }
 
 func (p *ownedProvider) Name() string                     { return p.inner.Name() }
@@ -46,11 +51,45 @@ func (p *ownedProvider) Capabilities() vm.Capabilities    { return p.inner.Capab
 func (p *ownedProvider) Info(ctx context.Context) vm.Info { return p.inner.Info(ctx) }
 
 func (p *ownedProvider) Create(ctx context.Context, spec vm.Spec) (vm.VM, error) {
+	b, err := p.bindNetwork(ctx, spec.Labels)
+	if err != nil {
+		return vm.VM{}, fmt.Errorf("create VM: %w", err)
+	}
+	if b != nil {
+		spec.NIC = &vm.NIC{MAC: network.GuestMAC.String(), Netns: b.slot.NetnsPath(), TAP: b.slot.TAP()}
+	}
 	v, err := p.inner.Create(ctx, spec)
 	if err != nil {
+		p.net.unbind(ctx, b)
 		return v, err
 	}
-	return v, p.record(ctx, v, "")
+	return v, p.record(ctx, v, "", b)
+}
+
+// bindNetwork takes the network slot of a VM about to be made with labels
+// (a machine's, or a pool's restore); nil when it gets no network.
+func (p *ownedProvider) bindNetwork(ctx context.Context, labels map[string]string) (*binding, error) {
+	if p.net == nil {
+		return nil, nil
+	}
+	var (
+		policy network.Policy
+		allow  []network.Allow
+		err    error
+	)
+	machine := labels[machineLabel]
+	switch {
+	case machine != "" && p.machineNetwork != nil:
+		policy, allow, err = p.machineNetwork(machine)
+	case labels[labelPool] != "":
+		policy, allow, err = p.net.policy(labels[labelNetwork], splitAllow(labels[labelEgressAllow]))
+	default:
+		return nil, nil
+	}
+	if err != nil {
+		return nil, err
+	}
+	return p.net.bind(ctx, machine, policy, allow)
 }
 
 func (p *ownedProvider) Restore(ctx context.Context, snap vm.Snapshot) (vm.VM, error) {
@@ -58,21 +97,41 @@ func (p *ownedProvider) Restore(ctx context.Context, snap vm.Snapshot) (vm.VM, e
 	if !ok {
 		return vm.VM{}, fmt.Errorf("restore from %s: %w", snap.ID, vm.ErrUnsupported)
 	}
+	b, err := p.bindNetwork(ctx, snap.Spec.Labels)
+	if err != nil {
+		return vm.VM{}, fmt.Errorf("restore from %s: %w", snap.ID, err)
+	}
+	orig := snap
+	switch {
+	case snap.Spec.NIC != nil && b != nil:
+		snap = snap.WithNIC(b.slot.NetnsPath(), b.slot.TAP())
+	case snap.Spec.NIC != nil:
+		snap = snap.WithNIC("", "")
+	case b != nil:
+		p.net.unbind(ctx, b)
+		err := fmt.Errorf("restore from %s: the template has no network interface (built before networking), rebuild it: %w", snap.ID, vm.ErrIncompatible)
+		if p.onIncompatible != nil {
+			p.onIncompatible(orig, err)
+		}
+		return vm.VM{}, err
+	}
 	v, err := s.Restore(ctx, snap)
 	if err != nil {
+		p.net.unbind(ctx, b)
 		if errors.Is(err, vm.ErrIncompatible) && p.onIncompatible != nil {
-			p.onIncompatible(snap, err)
+			p.onIncompatible(orig, err)
 		}
 		return v, err
 	}
-	return v, p.record(ctx, v, snap.Dir)
+	return v, p.record(ctx, v, snap.Dir, b)
 }
 
 // record writes the VM's record. When that fails the VM is destroyed: a VM
 // the store does not know about must not be used.
-func (p *ownedProvider) record(ctx context.Context, v vm.VM, snapshotDir string) error {
-	err := p.recs.created(ctx, v, snapshotDir)
+func (p *ownedProvider) record(ctx context.Context, v vm.VM, snapshotDir string, b *binding) error {
+	err := p.recs.created(ctx, v, snapshotDir, p.net.boundTx(b, v.ID))
 	if err == nil {
+		p.net.bound(b, v.ID)
 		return nil
 	}
 	dctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), time.Minute)
@@ -80,6 +139,7 @@ func (p *ownedProvider) record(ctx context.Context, v vm.VM, snapshotDir string)
 	if derr := p.inner.Destroy(dctx, v.ID); derr != nil {
 		p.log.Error("destroy VM that could not be recorded", "vm", v.ID, "err", derr)
 	}
+	p.net.unbind(dctx, b)
 	return fmt.Errorf("record VM %s: %w", v.ID, err)
 }
 
@@ -96,12 +156,14 @@ func (p *ownedProvider) destroyWith(ctx context.Context, id string, also func(*s
 	if err != nil && !errors.Is(err, vm.ErrNotFound) {
 		return err
 	}
-	if ferr := p.recs.forget(id, also); ferr != nil {
+	slotTx, releaseSlot := p.net.destroyedTx(id)
+	if ferr := p.recs.forget(id, joinTx(also, slotTx)); ferr != nil {
 		if also != nil {
 			return fmt.Errorf("forget destroyed VM %s: %w", id, ferr)
 		}
 		p.log.Error("forget destroyed VM", "vm", id, "err", ferr)
 	}
+	releaseSlot(ctx)
 	return err
 }
 
@@ -178,3 +240,24 @@ var (
 	_ vm.AgentDialer  = (*ownedProvider)(nil)
 	_ vm.BootPreparer = (*ownedProvider)(nil)
 )
+
+// joinTx runs every non-nil function in one transaction.
+func joinTx(fs ...func(*store.Tx) error) func(*store.Tx) error {
+	var live []func(*store.Tx) error
+	for _, f := range fs {
+		if f != nil {
+			live = append(live, f)
+		}
+	}
+	if len(live) == 0 {
+		return nil
+	}
+	return func(tx *store.Tx) error {
+		for _, f := range live {
+			if err := f(tx); err != nil {
+				return err
+			}
+		}
+		return nil
+	}
+}

@@ -292,6 +292,7 @@ type builtTemplate struct {
 // VM is recorded while it exists) and snapshots it into dir.
 func buildTemplate(ctx context.Context, name string, p *ownedProvider, img guest.Image, vcpus, mem, diskMiB int, dir string, progress func(string)) (builtTemplate, error) {
 	t, err := template.Build(ctx, template.BuildOptions{
+		NIC:       templateNIC(p),
 		Name:      name,
 		Provider:  p,
 		Image:     img,

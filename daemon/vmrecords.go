@@ -24,7 +24,7 @@ type vmRecords struct {
 
 // created records a VM the provider just created or restored from the
 // snapshot in snapshotDir, with the purpose its context carries.
-func (r *vmRecords) created(ctx context.Context, v vm.VM, snapshotDir string) error {
+func (r *vmRecords) created(ctx context.Context, v vm.VM, snapshotDir string, also func(*store.Tx) error) error {
 	purpose, _ := ctx.Value(purposeKey{}).(vmPurpose)
 	rec := store.VM{
 		ID:          v.ID,
@@ -40,7 +40,15 @@ func (r *vmRecords) created(ctx context.Context, v vm.VM, snapshotDir string) er
 	if snapshotDir != "" && r.snapshotOwner != nil {
 		rec.Template, rec.Generation = r.snapshotOwner(snapshotDir)
 	}
-	return store.Put(r.st, store.VMs, rec)
+	return r.st.Update(func(tx *store.Tx) error {
+		if err := store.VMs.Put(tx, rec); err != nil {
+			return err
+		}
+		if also != nil {
+			return also(tx)
+		}
+		return nil
+	})
 }
 
 // update changes the record of VM id in tx; a VM destroyed meanwhile has

@@ -60,7 +60,7 @@ const layoutVersion = "warmpool-image-1"
 // Modules loaded at boot (with their dependencies, found from each module's
 // own depends list). Optional ones are skipped when the kernel lacks them.
 var (
-	requiredModules = []string{"virtio_mmio", "virtio_console", "virtio_balloon", "virtio_blk"}
+	requiredModules = []string{"virtio_mmio", "virtio_console", "virtio_balloon", "virtio_blk", "virtio_net"}
 	// ext4 (built in to Debian's cloud kernel) and overlay mount an image's
 	// root filesystem disk with the VM's writable layer over it.
 	optionalModules = []string{"vmw_vsock_virtio_transport", "ext4", "overlay"}

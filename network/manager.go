@@ -17,7 +17,12 @@ import (
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
+
+	"github.com/warmpool/warmpool/internal/tap"
 )
+
+// ErrNoFreeSlot: every slot the range holds exists already.
+var ErrNoFreeSlot = errors.New("no free network slot")
 
 // Config configures a Manager.
 type Config struct {
@@ -61,17 +66,39 @@ type entry struct {
 	ready  bool // false while being created or destroyed
 }
 
+// CheckConfig checks what of cfg can be checked without looking at the
+// host (the range, the slot counts); New checks the rest.
+func CheckConfig(cfg Config) error {
+	_, err := checkConfig(cfg)
+	return err
+}
+
+func checkConfig(cfg Config) (plan, error) {
+	p, err := newPlan(cfg.CIDR, cfg.MaxSlots)
+	if err != nil {
+		return p, err
+	}
+	if cfg.Warm < 0 || cfg.Warm > p.slots {
+		return p, fmt.Errorf("network warm slots %d: want 0 to %d (the slots network.cidr %s holds)", cfg.Warm, p.slots, p.cidr)
+	}
+	return p, nil
+}
+
+// Capacity is how many slots may exist at once with range cidr and at most
+// maxSlots (0: no bound but the range's).
+func Capacity(cidr string, maxSlots int) (int, error) {
+	p, err := newPlan(cidr, maxSlots)
+	return p.slots, err
+}
+
 // New checks the configuration against the host; it creates nothing.
 func New(cfg Config) (*Manager, error) {
 	if err := validTag(cfg.Tag); err != nil {
 		return nil, err
 	}
-	p, err := newPlan(cfg.CIDR, cfg.MaxSlots)
+	p, err := checkConfig(cfg)
 	if err != nil {
 		return nil, err
-	}
-	if cfg.Warm < 0 || cfg.Warm > p.slots {
-		return nil, fmt.Errorf("network warm slots %d: want 0 to %d (the slots network.cidr %s holds)", cfg.Warm, p.slots, p.cidr)
 	}
 	if err := checkHost(p.cidr, hostVethPrefix(cfg.Tag)); err != nil {
 		return nil, err
@@ -111,7 +138,7 @@ func (m *Manager) reserve() (int, error) {
 			return i, nil
 		}
 	}
-	return 0, fmt.Errorf("no free network slot: all %d of network.cidr %s are in use", m.plan.slots, m.plan.cidr)
+	return 0, fmt.Errorf("%w: all %d of network.cidr %s are in use", ErrNoFreeSlot, m.plan.slots, m.plan.cidr)
 }
 
 func withPolicy(s Slot, policy Policy, allow []Allow) (Slot, error) {
@@ -368,23 +395,30 @@ func flushHostConntrack(a netip.Addr) error {
 	return nil
 }
 
+// take marks the ready slot id (only a leased one when leased is set) as
+// busy, so no other call uses it, and returns it; nil when there is none.
+// m.mu must be held.
+func (m *Manager) take(id string, leased bool) *entry {
+	i, ok := parseSlotName(m.cfg.Tag, id)
+	e := m.slots[i]
+	if !ok || e == nil || e.slot.ID != id || !e.ready || (leased && !e.leased) {
+		return nil
+	}
+	e.ready = false
+	return e
+}
+
 // Destroy removes slot id, leased or not.
 func (m *Manager) Destroy(ctx context.Context, id string) error {
 	if err := ctx.Err(); err != nil {
 		return err
 	}
 	m.mu.Lock()
-	var e *entry
-	for _, c := range m.slots {
-		if c.slot.ID == id && c.ready {
-			e = c
-		}
-	}
+	e := m.take(id, false)
 	if e == nil {
 		m.mu.Unlock()
 		return fmt.Errorf("network slot %q: no such slot", id)
 	}
-	e.ready = false
 	m.idle = slices.DeleteFunc(m.idle, func(i int) bool { return i == e.slot.Index })
 	m.mu.Unlock()
 	return m.destroy(e.slot)
@@ -438,6 +472,9 @@ func (m *Manager) Fill(ctx context.Context) error {
 			return nil
 		}
 		s, err := m.create(ctx, PolicyIsolated, nil)
+		if errors.Is(err, ErrNoFreeSlot) {
+			return nil // every slot is in use: nothing to make ahead
+		}
 		if err != nil {
 			return err
 		}
@@ -521,17 +558,11 @@ func (m *Manager) Release(ctx context.Context, id string) error {
 		return err
 	}
 	m.mu.Lock()
-	var e *entry
-	for _, c := range m.slots {
-		if c.slot.ID == id && c.ready && c.leased {
-			e = c
-		}
-	}
+	e := m.take(id, true)
 	if e == nil {
 		m.mu.Unlock()
 		return fmt.Errorf("network slot %q: no such leased slot", id)
 	}
-	e.ready = false
 	keep := len(m.idle) < m.cfg.Warm
 	m.mu.Unlock()
 
@@ -607,8 +638,12 @@ func (m *Manager) verify(s Slot, ns netns.NsHandle, h *netlink.Handle) error {
 			return fmt.Errorf("unexpected device %s", name)
 		}
 		delete(want, name)
-		if _, isTap := l.(*netlink.Tuntap); isTap && l.Attrs().OperState == netlink.OperUp {
-			return fmt.Errorf("TAP %s is still attached to a process", name)
+		// The number of attached queues changes as a holder closes its
+		// descriptor; the operational state follows only later (the
+		// kernel's link watch runs deferred), so a TAP whose VMM just
+		// exited would still look attached.
+		if t, isTap := l.(*netlink.Tuntap); isTap && t.Queues+t.DisabledQueues > 0 {
+			return fmt.Errorf("TAP %s is still attached to a process (%d queues)", name, t.Queues+t.DisabledQueues)
 		}
 		if !addr.IsValid() {
 			continue
@@ -849,34 +884,37 @@ func onOwnThread(fn func() error) error {
 
 // OpenTAP opens the TAP of slot s for a VMM that is handed the descriptor
 // instead of being started inside the namespace (QEMU: -netdev
-// tap,fd=N,vhost=off). The flags match those the device was made with.
+// tap,fd=N,vhost=off).
 func OpenTAP(s Slot) (*os.File, error) {
-	ns, err := netns.GetFromPath(s.NetnsPath())
-	if err != nil {
-		return nil, fmt.Errorf("opening namespace %s: %w", s.ID, err)
-	}
-	defer ns.Close()
-	var f *os.File
-	err = inNetns(ns, func() error {
-		fd, err := unix.Open("/dev/net/tun", unix.O_RDWR|unix.O_CLOEXEC, 0)
-		if err != nil {
-			return fmt.Errorf("opening /dev/net/tun: %w", err)
-		}
-		ifr, err := unix.NewIfreq(TAPName)
-		if err != nil {
-			unix.Close(fd)
-			return err
-		}
-		ifr.SetUint16(unix.IFF_TAP | unix.IFF_NO_PI | unix.IFF_VNET_HDR | unix.IFF_ONE_QUEUE)
-		if err := unix.IoctlIfreq(fd, unix.TUNSETIFF, ifr); err != nil {
-			unix.Close(fd)
-			return fmt.Errorf("attaching to TAP %s: %w", TAPName, err)
-		}
-		f = os.NewFile(uintptr(fd), "tap:"+s.ID)
-		return nil
-	})
+	f, err := tap.Open(s.NetnsPath(), TAPName)
 	if err != nil {
 		return nil, fmt.Errorf("network slot %s: %w", s.ID, err)
 	}
 	return f, nil
+}
+
+// SetPolicy changes the policy of leased slot id (a machine whose policy
+// changed keeps its slot, and so its address).
+func (m *Manager) SetPolicy(ctx context.Context, id string, policy Policy, allow []Allow) (Slot, error) {
+	if err := ctx.Err(); err != nil {
+		return Slot{}, err
+	}
+	m.mu.Lock()
+	e := m.take(id, true)
+	m.mu.Unlock()
+	if e == nil {
+		return Slot{}, fmt.Errorf("network slot %q: no such leased slot", id)
+	}
+	s, err := withPolicy(e.slot, policy, allow)
+	if err == nil {
+		err = m.applyPolicy(s, true)
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	e.ready = true
+	if err != nil {
+		return e.slot, fmt.Errorf("network slot %s: %w", id, err)
+	}
+	e.slot = s
+	return s, nil
 }

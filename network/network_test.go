@@ -820,7 +820,8 @@ func tapAttached(t *testing.T, s Slot) bool {
 	if err != nil {
 		t.Fatal(err)
 	}
-	return l.Attrs().OperState == netlink.OperUp
+	tap, ok := l.(*netlink.Tuntap)
+	return ok && tap.Queues+tap.DisabledQueues > 0
 }
 
 // A VMM handed the slot's TAP holds it; a slot released while it does is

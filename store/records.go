@@ -14,9 +14,10 @@ var (
 	Leases    = Kind[Lease]{bucket: "leases"}
 	Machines  = Kind[Machine]{bucket: "machines"}
 	VMs       = Kind[VM]{bucket: "vms"}
+	NetSlots  = Kind[NetSlot]{bucket: "net_slots"}
 )
 
-var allBuckets = []string{"templates", "pools", "leases", "machines", "vms"}
+var allBuckets = []string{"templates", "pools", "leases", "machines", "vms", "net_slots"}
 
 // Template is a built template: a snapshot that warm VMs are restored from.
 type Template struct {
@@ -62,8 +63,12 @@ type Pool struct {
 	// Adaptive sizes the pool from its demand between Min and Max.
 	Adaptive bool `json:"adaptive,omitempty"`
 	// LeaseTTL, when set, is the default lifetime of a lease from this pool.
-	LeaseTTL  time.Duration `json:"lease_ttl,omitempty"`
-	UpdatedAt time.Time     `json:"updated_at"`
+	LeaseTTL time.Duration `json:"lease_ttl,omitempty"`
+	// Network is the pool's network policy as given ("" is the daemon's
+	// default) and EgressAllow its allow-list.
+	Network     string    `json:"network,omitempty"`
+	EgressAllow []string  `json:"egress_allow,omitempty"`
+	UpdatedAt   time.Time `json:"updated_at"`
 }
 
 // StoreKey is the pool's name.
@@ -147,3 +152,18 @@ type VM struct {
 
 // StoreKey is the provider's VM ID.
 func (v VM) StoreKey() string { return v.ID }
+
+// NetSlot is a network slot the daemon holds: bound to VM VMID, or kept
+// for Machine between its VMs, or (neither) taken for a VM still being
+// made. Slot is the network package's record, opaque here.
+type NetSlot struct {
+	ID      string          `json:"id"`
+	Slot    json.RawMessage `json:"slot"`
+	VMID    string          `json:"vm_id,omitempty"`
+	Machine string          `json:"machine,omitempty"`
+	// CreatedAt is when the slot was taken.
+	CreatedAt time.Time `json:"created_at"`
+}
+
+// StoreKey is the slot's ID (its namespace's name).
+func (s NetSlot) StoreKey() string { return s.ID }

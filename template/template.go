@@ -37,6 +37,10 @@ type BuildOptions struct {
 	// ReadyTimeout bounds the cold boot until the agent answers; 5 minutes
 	// when zero (a TCG boot on a busy host is slow).
 	ReadyTimeout time.Duration
+	// NIC, when set, gives the template a network interface, attached to
+	// nothing while it is built: its clones restore with it and are each
+	// attached to a TAP of their own (vm.Snapshot.WithNIC).
+	NIC *vm.NIC
 }
 
 // Template is a built template.
@@ -150,6 +154,7 @@ func Build(ctx context.Context, opts BuildOptions) (_ Template, err error) {
 		// clones of a shared-memory template map (see vm.Spec.NoBalloon).
 		NoBalloon: true,
 		Labels:    map[string]string{LabelTemplate: opts.Name, LabelRole: "template-build"},
+		NIC:       opts.NIC,
 	}
 	diskMiB, err := attachRootDisk(ctx, &spec, opts)
 	if err != nil {

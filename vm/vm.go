@@ -42,6 +42,8 @@ type Spec struct {
 	// Labels are opaque to providers but persisted with the VM so that
 	// callers can recognise VMs left by an earlier run.
 	Labels map[string]string `json:"labels,omitempty"`
+	// NIC, when set, gives the VM a network interface (CapNetwork).
+	NIC *NIC `json:"nic,omitempty"`
 }
 
 // Serials a provider gives Spec.RootDisk and Spec.WritableDisk, by which
@@ -61,7 +63,10 @@ func (s Spec) Validate() error {
 	if err := ValidateRange("vcpus", s.VCPUs, 1, MaxVCPUs); err != nil {
 		return err
 	}
-	return ValidateRange("memory_mib", s.MemoryMiB, MinMemoryMiB, MaxMemoryMiB)
+	if err := ValidateRange("memory_mib", s.MemoryMiB, MinMemoryMiB, MaxMemoryMiB); err != nil {
+		return err
+	}
+	return s.NIC.Validate()
 }
 
 // Limits that catch absurd requests before they reach a provider.

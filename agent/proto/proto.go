@@ -105,7 +105,21 @@ type Handoff struct {
 	Hostname string `json:"hostname,omitempty"`
 	// Env is added to the environment of every later exec.
 	Env map[string]string `json:"env,omitempty"`
+	// Network is what to do with the guest's network interface: NetworkUp,
+	// NetworkNone, or nothing when empty.
+	Network string `json:"network,omitempty"`
 }
+
+// Hand-off network modes.
+const (
+	// NetworkUp: the interface is attached to a network the guest has not
+	// seen (a clone in its own slot): forget the neighbours the snapshot
+	// knew and announce the guest's address.
+	NetworkUp = "up"
+	// NetworkNone: the interface is attached to nothing; remove it, so the
+	// guest has no network interface at all.
+	NetworkNone = "none"
+)
 
 // HandoffResult is what the agent did with a hand-off's entropy, in the
 // answer to it ("ok"). An agent from before this field answers without it.

@@ -34,6 +34,9 @@ type Options struct {
 	AddEntropy  func([]byte) error
 	SetTime     func(time.Time) error
 	SetHostname func(string) error
+	// SetNetwork applies a hand-off's network mode (proto.NetworkUp or
+	// proto.NetworkNone).
+	SetNetwork func(mode string) error
 	// PowerOff is called after the shutdown request has been answered.
 	PowerOff func() error
 	// Stats reports memory and uptime; nil reads /proc.
@@ -251,6 +254,9 @@ func (s *session) handoff(h *proto.Handoff) (proto.HandoffResult, error) {
 	}
 	if len(h.Env) > 0 {
 		s.opts.State.setEnv(h.Env)
+	}
+	if err := s.setNetwork(h.Network); err != nil {
+		return res, err
 	}
 	return res, nil
 }

@@ -29,6 +29,7 @@ func SystemOptions() Options {
 		AddEntropy:  AddKernelEntropy,
 		SetTime:     setTime,
 		SetHostname: SetIdentity,
+		SetNetwork:  SetNetwork,
 		PowerOff:    PowerOff,
 		Stats:       ReadProcStats,
 	}

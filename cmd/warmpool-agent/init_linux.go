@@ -56,6 +56,9 @@ func runInit() error {
 	if err := loopbackUp(); err != nil {
 		logf("bring up lo: %v", err)
 	}
+	if err := agentserver.ConfigureNetwork(); err != nil {
+		logf("network: %v", err)
+	}
 	_ = unix.Sethostname([]byte("warmpool"))
 	powerOffOnCtrlAltDel(logf)
 	return superviseAgent(logf)

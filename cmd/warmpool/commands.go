@@ -84,7 +84,7 @@ func newPoolCommand(g *globals) *cobra.Command {
 		maxAge time.Duration
 	)
 	set := &cobra.Command{
-		Use:               "set NAME --template T [--min N] [--max N] [--max-age D] [--adaptive]",
+		Use:               "set NAME --template T [--min N] [--max N] [--max-age D] [--adaptive] [--network none|isolated|egress] [--egress-allow CIDR[:PORT],...]",
 		ValidArgsFunction: completeNames(g, poolNames),
 		Short:             "Create or change pool NAME; the change persists",
 		Args:              args("NAME"),
@@ -113,6 +113,8 @@ func newPoolCommand(g *globals) *cobra.Command {
 	set.Flags().IntVar(&req.Max, "max", 0, "most VMs kept ready (default: --min)")
 	set.Flags().DurationVar(&maxAge, "max-age", 0, "replace ready VMs older than this (0: never)")
 	set.Flags().BoolVar(&req.Adaptive, "adaptive", false, "size the pool from its demand between --min and --max (needs --max)")
+	set.Flags().StringVar(&req.Network, "network", "", "network policy: none, isolated or egress (default: isolated when the daemon has network.cidr, else none)")
+	set.Flags().StringSliceVar(&req.EgressAllow, "egress-allow", nil, "with --network egress, the only destinations allowed: CIDR[:PORT], comma-separated or repeated")
 	_ = set.RegisterFlagCompletionFunc("template", func(cmd *cobra.Command, _ []string, s string) ([]string, cobra.ShellCompDirective) {
 		return completeNames(g, templateNames)(cmd, nil, s)
 	})
@@ -158,7 +160,7 @@ func printPools(w io.Writer, g *globals, ps []api.Pool, single bool) error {
 		return printJSON(w, ps)
 	}
 	// LAST-ERROR comes last: it is the one long, free-form column.
-	t := newTable(w, "NAME", "TEMPLATE", "READY", "TARGET", "RESTORING", "LEASED", "MIN", "MAX", "MAX-AGE", "RATE", "TARGET-REASON", "GEN", "ACQUIRED", "HITS", "WAITS", "TIMEOUTS", "EVICTED", "LAST-ERROR")
+	t := newTable(w, "NAME", "TEMPLATE", "NETWORK", "READY", "TARGET", "RESTORING", "LEASED", "MIN", "MAX", "MAX-AGE", "RATE", "TARGET-REASON", "GEN", "ACQUIRED", "HITS", "WAITS", "TIMEOUTS", "EVICTED", "LAST-ERROR")
 	for _, p := range ps {
 		maxAge := "-"
 		if p.MaxAge > 0 {
@@ -182,7 +184,11 @@ func printPools(w io.Writer, g *globals, ps []api.Pool, single bool) error {
 			}
 		}
 		c := p.Counters
-		t.row(p.Name, p.Template, p.Ready, p.Target, p.Restoring, p.Leased, p.Min, p.Max, maxAge, rate, reason, p.Generation,
+		netw := p.Network
+		if len(p.EgressAllow) > 0 {
+			netw += "(" + strings.Join(p.EgressAllow, ",") + ")"
+		}
+		t.row(p.Name, p.Template, orDash(&netw), p.Ready, p.Target, p.Restoring, p.Leased, p.Min, p.Max, maxAge, rate, reason, p.Generation,
 			c.Acquired, c.Hits, c.Waits, c.Timeouts, c.Evicted, lastErr)
 	}
 	return t.flush()
@@ -379,7 +385,7 @@ func newMachineCommand(g *globals) *cobra.Command {
 		idleAfter, suspendAfter time.Duration
 	)
 	ensure := &cobra.Command{
-		Use:               "ensure NAME [--vcpus N] [--mem MIB] [--disk MIB] [--idle-after D] [--suspend-after D]",
+		Use:               "ensure NAME [--vcpus N] [--mem MIB] [--disk MIB] [--idle-after D] [--suspend-after D] [--network P] [--egress-allow CIDR[:PORT],...]",
 		ValidArgsFunction: completeNames(g, machineNames),
 		Short:             "Create, start or resume machine NAME and return when its agent answers",
 		Long: `Create, start, wake or resume machine NAME and return when its agent answers.
@@ -422,6 +428,12 @@ recreates the machine (its data disk is kept), a new idle policy does not.`,
 					d := api.Duration(suspendAfter)
 					req.SuspendAfter = &d
 				}
+				if f.Changed("network") {
+					req.Network = &spec.Network
+				}
+				if f.Changed("egress-allow") {
+					req.EgressAllow = &spec.EgressAllow
+				}
 				stop := newProgress(cmd.ErrOrStderr()).spinWhile("ensuring machine " + name)
 				m, err := c.EnsureMachine(cmd.Context(), name, req)
 				stop()
@@ -440,6 +452,8 @@ recreates the machine (its data disk is kept), a new idle policy does not.`,
 	ef.StringVar(&spec.Image, "image", "", "image name or guest image directory to boot (recreates the machine when changed; its root filesystem is read-only, writes stay in memory, the data disk lasts)")
 	ef.DurationVar(&idleAfter, "idle-after", 0, "shrink the balloon after this long without activity or holds (0s: off; unset: the daemon's default)")
 	ef.DurationVar(&suspendAfter, "suspend-after", 0, "suspend to a snapshot after this long without activity or holds (0s: off; unset: the daemon's default)")
+	ef.StringVar(&spec.Network, "network", "", "network policy: none, isolated or egress (default: isolated when the daemon has network.cidr, else none); the machine keeps its address")
+	ef.StringSliceVar(&spec.EgressAllow, "egress-allow", nil, "with --network egress, the only destinations allowed: CIDR[:PORT], comma-separated or repeated")
 
 	ls := &cobra.Command{
 		Use:     "ls",
@@ -542,7 +556,7 @@ func printMachines(w io.Writer, g *globals, ms []api.Machine, single bool) error
 		}
 		return printJSON(w, ms)
 	}
-	t := newTable(w, "NAME", "STATE", "SINCE", "VCPUS", "MEMORY", "BALLOON", "DISK", "HOLDS", "LAST-ERROR")
+	t := newTable(w, "NAME", "STATE", "SINCE", "VCPUS", "MEMORY", "BALLOON", "DISK", "HOLDS", "ADDRESS", "LAST-ERROR")
 	for _, m := range ms {
 		balloon := "-"
 		if m.BalloonMiB != nil {
@@ -552,7 +566,7 @@ func printMachines(w io.Writer, g *globals, ms []api.Machine, single bool) error
 		if m.Spec.DataDiskMiB > 0 {
 			disk = fmt.Sprintf("%dMiB", m.Spec.DataDiskMiB)
 		}
-		t.row(m.Name, m.State, age(m.Since), m.Spec.VCPUs, fmt.Sprintf("%dMiB", m.Spec.MemoryMiB), balloon, disk, m.Holds, orDash(m.LastError))
+		t.row(m.Name, m.State, age(m.Since), m.Spec.VCPUs, fmt.Sprintf("%dMiB", m.Spec.MemoryMiB), balloon, disk, m.Holds, orDash(m.Address), orDash(m.LastError))
 	}
 	return t.flush()
 }

@@ -103,7 +103,7 @@ func TestPoolCommands(t *testing.T) {
 			t.Errorf("row %q is not aligned with header %q", l, lines[0])
 		}
 	}
-	if !regexp.MustCompile(`(?m)^py\s+base\s+0\s+2\s+0\s+0\s+2\s+5\s+1h0m0s\s+-\s+-\s`).MatchString(r.stdout) {
+	if !regexp.MustCompile(`(?m)^py\s+base\s+-\s+0\s+2\s+0\s+0\s+2\s+5\s+1h0m0s\s+-\s+-\s`).MatchString(r.stdout) {
 		t.Errorf("pool ls lacks the new pool's row:\n%s", r.stdout)
 	}
 
@@ -244,7 +244,7 @@ func TestMachineCommands(t *testing.T) {
 		t.Fatalf("bare machine ensure: %+v %v", r, err)
 	}
 	r = cli(t, "", s, "machine", "ensure", "dev", "--mem", "1024", "--disk", "2048")
-	if r.code != 0 || !regexp.MustCompile(`(?m)^dev\s+running\s+\S+\s+1\s+1024MiB\s+-\s+2048MiB\s+0\s+-$`).MatchString(r.stdout) {
+	if r.code != 0 || !regexp.MustCompile(`(?m)^dev\s+running\s+\S+\s+1\s+1024MiB\s+-\s+2048MiB\s+0\s+-\s+-$`).MatchString(r.stdout) {
 		t.Fatalf("machine ensure: %+v", r)
 	}
 	// Changing one field keeps the others.

@@ -74,6 +74,9 @@ type machineConfig struct {
 	// into the backing file even when the clone maps it privately, which
 	// would wipe those pages for every other clone of the template.
 	NoBalloon bool `json:"no_balloon,omitempty"`
+	// NICMAC, when set, gives the guest a virtio-net interface with this
+	// MAC (see nicArgs).
+	NICMAC string `json:"nic_mac,omitempty"`
 }
 
 // args builds QEMU's command line for a VM living in dir.
@@ -118,6 +121,7 @@ func (c machineConfig) args(dir string) []string {
 			"-device", "virtio-blk-device,drive=data",
 		)
 	}
+	a = append(a, c.nicArgs()...)
 	if c.Incoming {
 		a = append(a, "-S", "-incoming", "defer")
 	}

@@ -263,6 +263,7 @@ func (p *Provider) Capabilities() vm.Capabilities {
 		vm.CapAdopt:        true,
 		vm.CapSuspend:      true,
 		vm.CapExitEvents:   true,
+		vm.CapNetwork:      true,
 	}
 }
 
@@ -361,6 +362,9 @@ func (p *Provider) Create(ctx context.Context, spec vm.Spec) (vm.VM, error) {
 		RootDisk:     spec.RootDisk,
 		WritableDisk: spec.WritableDisk,
 	}
+	if spec.NIC != nil {
+		cfg.NICMAC = spec.NIC.MAC
+	}
 	if accel == AccelTCG && p.opts.TBSizeMiB > 0 {
 		cfg.TBSizeMiB = p.opts.TBSizeMiB
 	}
@@ -456,9 +460,19 @@ func (p *Provider) startPrepared(ctx context.Context, rec record, prepare func(d
 		return nil, fmt.Errorf("open qemu log: %w", err)
 	}
 	defer logf.Close()
-	cmd := exec.Command(p.opts.Binary, rec.Config.args(dir)...)
+	netArgs, tapFile, err := netdevArgs(rec.Config, rec.Spec.NIC)
+	if err != nil {
+		return nil, err
+	}
+	if tapFile != nil {
+		defer tapFile.Close()
+	}
+	cmd := exec.Command(p.opts.Binary, append(rec.Config.args(dir), netArgs...)...)
 	cmd.Dir = dir
 	cmd.Stdout, cmd.Stderr = logf, logf
+	if tapFile != nil {
+		cmd.ExtraFiles = []*os.File{tapFile}
+	}
 	// Its own session: a signal to the daemon's process group (Ctrl-C, a
 	// service manager stopping the daemon) does not reach the VMs.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}

@@ -126,7 +126,7 @@ func (p *Provider) Snapshot(ctx context.Context, id, dir string) (vm.Snapshot, e
 		ID:              "snap-" + newID(),
 		Provider:        p.Name(),
 		Dir:             abs,
-		Spec:            rec.Spec,
+		Spec:            snapshotSpec(rec.Spec),
 		CreatedAt:       time.Now().UTC(),
 		ProviderVersion: p.version,
 		SharedMemory:    shared,
@@ -260,7 +260,7 @@ func (p *Provider) Restore(ctx context.Context, snap vm.Snapshot) (vm.VM, error)
 	if cfg.Accel == AccelTCG && p.opts.TBSizeMiB > 0 {
 		cfg.TBSizeMiB = p.opts.TBSizeMiB
 	}
-	spec := snap.Spec
+	spec := restoredSpec(cfg, snap.Spec)
 	spec.NoBalloon = cfg.NoBalloon // the template's device set, whatever the caller's copy says
 	layer, err := checkWritableDisk(snap)
 	if err != nil {

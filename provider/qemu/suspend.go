@@ -69,7 +69,7 @@ func (p *Provider) Suspend(ctx context.Context, id, dir string) (vm.Snapshot, er
 		ID:              "snap-" + newID(),
 		Provider:        p.Name(),
 		Dir:             abs,
-		Spec:            rec.Spec,
+		Spec:            snapshotSpec(rec.Spec),
 		CreatedAt:       time.Now().UTC(),
 		ProviderVersion: p.version,
 		SingleUse:       true,
@@ -193,7 +193,7 @@ func (p *Provider) restoreSuspended(ctx context.Context, snap vm.Snapshot) (_ vm
 		_, err := linkOrCopy(snapMem, cfg.MemPath)
 		return err
 	}
-	spec := snap.Spec
+	spec := restoredSpec(cfg, snap.Spec)
 	spec.NoBalloon = cfg.NoBalloon
 	rec := record{ID: id, Spec: spec, CreatedAt: time.Now().UTC(), Snapshot: snap.ID, Config: cfg}
 	start := time.Now()

@@ -1,0 +1,148 @@
+package server
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"os"
+	"path/filepath"
+
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+
+	"github.com/warmpool/warmpool/agent/proto"
+)
+
+// The guest's side of every network slot, the same in every clone (package
+// network's GuestIP, GatewayIP and GuestPrefix).
+var (
+	guestAddr   = netip.MustParsePrefix("169.254.0.21/30")
+	gatewayAddr = netip.MustParseAddr("169.254.0.22")
+)
+
+// virtioNetLinks are the guest's virtio-net interfaces.
+func virtioNetLinks() ([]netlink.Link, error) {
+	links, err := netlink.LinkList()
+	if err != nil {
+		return nil, fmt.Errorf("listing interfaces: %w", err)
+	}
+	var out []netlink.Link
+	for _, l := range links {
+		driver, err := os.Readlink(filepath.Join("/sys/class/net", l.Attrs().Name, "device", "driver"))
+		if err == nil && filepath.Base(driver) == "virtio_net" {
+			out = append(out, l)
+		}
+	}
+	return out, nil
+}
+
+// ConfigureNetwork gives the guest's virtio-net interface, when it has
+// one, the slot address and a default route via the slot's gateway. The
+// init process calls it at boot; a guest without an interface has nothing
+// to do.
+func ConfigureNetwork() error {
+	links, err := virtioNetLinks()
+	if err != nil || len(links) == 0 {
+		return err
+	}
+	l := links[0]
+	name := l.Attrs().Name
+	addr := &netlink.Addr{IPNet: &net.IPNet{IP: guestAddr.Addr().AsSlice(), Mask: net.CIDRMask(guestAddr.Bits(), 32)}}
+	if err := netlink.AddrReplace(l, addr); err != nil {
+		return fmt.Errorf("addressing %s: %w", name, err)
+	}
+	if err := netlink.LinkSetUp(l); err != nil {
+		return fmt.Errorf("bringing up %s: %w", name, err)
+	}
+	route := &netlink.Route{LinkIndex: l.Attrs().Index, Gw: gatewayAddr.AsSlice()}
+	if err := netlink.RouteReplace(route); err != nil {
+		return fmt.Errorf("default route via %s on %s: %w", gatewayAddr, name, err)
+	}
+	return nil
+}
+
+// SetNetwork applies a hand-off's network mode: NetworkUp forgets the
+// neighbours a restored snapshot remembered and asks for the gateway, so
+// the slot learns the guest at once and the guest's first packet need not
+// wait for a stale entry to time out; NetworkNone unbinds the interface
+// from its driver, so the guest has no interface at all.
+func SetNetwork(mode string) error {
+	links, err := virtioNetLinks()
+	if err != nil {
+		return err
+	}
+	var errs []error
+	for _, l := range links {
+		switch mode {
+		case proto.NetworkUp:
+			errs = append(errs, refreshNeighbours(l))
+		case proto.NetworkNone:
+			errs = append(errs, unbind(l.Attrs().Name))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+func unbind(name string) error {
+	dev, err := os.Readlink(filepath.Join("/sys/class/net", name, "device"))
+	if err != nil {
+		return fmt.Errorf("device of %s: %w", name, err)
+	}
+	unbindFile := filepath.Join("/sys/class/net", name, "device", "driver", "unbind")
+	if err := os.WriteFile(unbindFile, []byte(filepath.Base(dev)), 0o200); err != nil {
+		return fmt.Errorf("unbinding %s (%s): %w", name, filepath.Base(dev), err)
+	}
+	return nil
+}
+
+func refreshNeighbours(l netlink.Link) error {
+	name := l.Attrs().Name
+	neighs, err := netlink.NeighList(l.Attrs().Index, netlink.FAMILY_V4)
+	if err != nil {
+		return fmt.Errorf("listing the neighbours on %s: %w", name, err)
+	}
+	for _, n := range neighs {
+		if n.State&netlink.NUD_PERMANENT != 0 {
+			continue
+		}
+		if err := netlink.NeighDel(&n); err != nil && !errors.Is(err, unix.ENOENT) {
+			return fmt.Errorf("forgetting neighbour %s on %s: %w", n.IP, name, err)
+		}
+	}
+	return arpRequest(l, gatewayAddr)
+}
+
+// arpRequest broadcasts who-has target from the guest's address: the
+// gateway answers and, being asked, records the guest's MAC.
+func arpRequest(l netlink.Link, target netip.Addr) error {
+	attrs := l.Attrs()
+	if len(attrs.HardwareAddr) != 6 {
+		return fmt.Errorf("%s has no Ethernet address", attrs.Name)
+	}
+	fd, err := unix.Socket(unix.AF_PACKET, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, int(htons(unix.ETH_P_ARP)))
+	if err != nil {
+		return fmt.Errorf("ARP socket: %w", err)
+	}
+	defer unix.Close(fd)
+	pkt := make([]byte, 28)
+	binary.BigEndian.PutUint16(pkt[0:], 1)      // Ethernet
+	binary.BigEndian.PutUint16(pkt[2:], 0x0800) // IPv4
+	pkt[4], pkt[5] = 6, 4
+	binary.BigEndian.PutUint16(pkt[6:], 1) // request
+	copy(pkt[8:], attrs.HardwareAddr)
+	src, dst := guestAddr.Addr().As4(), target.As4()
+	copy(pkt[14:], src[:])
+	copy(pkt[24:], dst[:])
+	to := &unix.SockaddrLinklayer{Protocol: htons(unix.ETH_P_ARP), Ifindex: attrs.Index, Halen: 6,
+		Addr: [8]byte{0xff, 0xff, 0xff, 0xff, 0xff, 0xff}}
+	if err := unix.Sendto(fd, pkt, 0, to); err != nil {
+		return fmt.Errorf("sending an ARP request on %s: %w", attrs.Name, err)
+	}
+	return nil
+}
+
+// htons is v in network byte order as a little-endian host (the guest is
+// x86) stores it.
+func htons(v uint16) uint16 { return v<<8 | v>>8 }
