@@ -638,12 +638,14 @@ func (m *Manager) verify(s Slot, ns netns.NsHandle, h *netlink.Handle) error {
 			return fmt.Errorf("unexpected device %s", name)
 		}
 		delete(want, name)
-		// The number of attached queues changes as a holder closes its
-		// descriptor; the operational state follows only later (the
-		// kernel's link watch runs deferred), so a TAP whose VMM just
-		// exited would still look attached.
-		if t, isTap := l.(*netlink.Tuntap); isTap && t.Queues+t.DisabledQueues > 0 {
-			return fmt.Errorf("TAP %s is still attached to a process (%d queues)", name, t.Queues+t.DisabledQueues)
+		if _, isTap := l.(*netlink.Tuntap); isTap {
+			held, err := tapAttached(ns, name)
+			if err != nil {
+				return err
+			}
+			if held {
+				return fmt.Errorf("TAP %s is still attached to a process", name)
+			}
 		}
 		if !addr.IsValid() {
 			continue

@@ -804,24 +804,18 @@ func TestOnlyOurOwnNamesAreOurs(t *testing.T) {
 	}
 }
 
-func tapAttached(t *testing.T, s Slot) bool {
+func tapHeld(t *testing.T, s Slot) bool {
 	t.Helper()
 	ns, err := netns.GetFromName(s.ID)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer ns.Close()
-	h, err := netlink.NewHandleAt(ns)
+	held, err := tapAttached(ns, TAPName)
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer h.Close()
-	l, err := h.LinkByName(TAPName)
-	if err != nil {
-		t.Fatal(err)
-	}
-	tap, ok := l.(*netlink.Tuntap)
-	return ok && tap.Queues+tap.DisabledQueues > 0
+	return held
 }
 
 // A VMM handed the slot's TAP holds it; a slot released while it does is
@@ -873,7 +867,7 @@ func TestReleaseWhileTheTAPIsHeldDestroysTheSlot(t *testing.T) {
 		}
 		holder = func() { f.Close() }
 	}
-	if !tapAttached(t, s) {
+	if !tapHeld(t, s) {
 		t.Fatal("TAP is not up while a VMM holds it")
 	}
 	if err := m.Release(ctx, s.ID); err != nil {
@@ -893,7 +887,7 @@ func TestReleaseWhileTheTAPIsHeldDestroysTheSlot(t *testing.T) {
 		t.Fatal(err)
 	}
 	f.Close()
-	if tapAttached(t, s2) {
+	if tapHeld(t, s2) {
 		t.Error("TAP still up after its holder closed it")
 	}
 	if err := m.Release(ctx, s2.ID); err != nil {
