@@ -107,6 +107,9 @@ func (p *ownedProvider) Restore(ctx context.Context, snap vm.Snapshot) (vm.VM, e
 		snap = snap.WithNIC(b.slot.NetnsPath(), b.slot.TAP())
 	case snap.Spec.NIC != nil:
 		snap = snap.WithNIC("", "")
+	case b != nil && templateNIC(p.inner) == nil:
+		p.net.unbind(ctx, b)
+		return vm.VM{}, fmt.Errorf("restore from %s: provider %s builds templates without a network interface, so pool VMs can have network none only", snap.ID, p.inner.Name())
 	case b != nil:
 		p.net.unbind(ctx, b)
 		err := fmt.Errorf("restore from %s: the template has no network interface (built before networking), rebuild it: %w", snap.ID, vm.ErrIncompatible)

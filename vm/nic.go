@@ -5,8 +5,14 @@ import (
 	"path/filepath"
 )
 
-// CapNetwork: the provider honours Spec.NIC.
-const CapNetwork Capability = "network"
+// CapNetwork: the provider honours Spec.NIC attached to a TAP.
+// CapNetworkUnattached: also a NIC attached to nothing, which templates
+// need: they are built with the interface their clones are each attached
+// to a TAP of their own by.
+const (
+	CapNetwork           Capability = "network"
+	CapNetworkUnattached Capability = "network-unattached"
+)
 
 // NIC is a VM's one network interface (a virtio-net device). The device
 // belongs to the guest and its snapshot; what carries its traffic on the

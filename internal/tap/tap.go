@@ -75,3 +75,15 @@ func inNetns(nsFD int, fn func() error) error {
 	}()
 	return <-done
 }
+
+// InNetns runs fn on a thread inside the network namespace file
+// netnsPath; a process fn starts (os/exec forks from the calling thread)
+// is born in that namespace.
+func InNetns(netnsPath string, fn func() error) error {
+	target, err := os.Open(netnsPath)
+	if err != nil {
+		return fmt.Errorf("opening network namespace %s: %w", netnsPath, err)
+	}
+	defer target.Close()
+	return inNetns(int(target.Fd()), fn)
+}

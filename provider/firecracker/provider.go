@@ -26,6 +26,7 @@ import (
 	"time"
 
 	"github.com/warmpool/warmpool/internal/singleuse"
+	"github.com/warmpool/warmpool/internal/tap"
 	"github.com/warmpool/warmpool/vm"
 )
 
@@ -221,6 +222,7 @@ func (p *Provider) Capabilities() vm.Capabilities {
 		vm.CapSuspend:      true,
 		vm.CapPrepareBoot:  true,
 		vm.CapExitEvents:   true,
+		vm.CapNetwork:      true,
 	}
 }
 
@@ -361,8 +363,8 @@ func (p *Provider) start(ctx context.Context, in *instance) (*apiClient, error) 
 			"--chroot-base-dir", j.ChrootBase,
 			"--cgroup-version", strconv.Itoa(j.CgroupVersion),
 		}
-		if j.NetNS != "" {
-			args = append(args, "--netns", j.NetNS)
+		if ns := p.netns(in); ns != "" {
+			args = append(args, "--netns", ns)
 		}
 		args = append(args, j.ExtraArgs...)
 		// The jailer passes --id itself; Firecracker refuses it twice.
@@ -380,7 +382,13 @@ func (p *Provider) start(ctx context.Context, in *instance) (*apiClient, error) 
 	}
 	defer logFile.Close()
 	cmd.Stdout, cmd.Stderr = logFile, logFile
-	if err := cmd.Start(); err != nil {
+	startCmd := cmd.Start
+	if ns := p.netns(in); ns != "" && !in.Jailed {
+		// Without the jailer's --netns the process is born in the
+		// namespace that holds its TAP.
+		startCmd = func() error { return tap.InNetns(ns, cmd.Start) }
+	}
+	if err := startCmd(); err != nil {
 		return nil, fmt.Errorf("firecracker %s: start %s: %w", in.ID, cmd.Path, err)
 	}
 	c := &child{pid: cmd.Process.Pid, exited: make(chan struct{})}
@@ -455,6 +463,9 @@ func (p *Provider) Create(ctx context.Context, spec vm.Spec) (vm.VM, error) {
 	if spec.Kernel == "" {
 		return vm.VM{}, &vm.FieldError{Field: "kernel", Value: "", Reason: "Firecracker needs a kernel image"}
 	}
+	if err := checkNIC(spec.NIC); err != nil {
+		return vm.VM{}, err
+	}
 	if err := checkELF(spec.Kernel); err != nil {
 		return vm.VM{}, &vm.FieldError{Field: "kernel", Value: spec.Kernel, Reason: err.Error()}
 	}
@@ -522,10 +533,7 @@ func (p *Provider) boot(ctx context.Context, in *instance) error {
 			return err
 		}
 	}
-	var ifaces []NetworkInterface
-	if p.opts.Network != nil {
-		ifaces = p.opts.Network(in.ID)
-	}
+	ifaces := p.interfaces(in)
 	for _, n := range ifaces {
 		body := networkInterface{IfaceID: n.ID, HostDevName: n.HostDevName, GuestMAC: n.GuestMAC}
 		if err := api.do(ctx, "PUT", "/network-interfaces/"+n.ID, body, nil); err != nil {
@@ -989,6 +997,9 @@ func (p *Provider) Restore(ctx context.Context, snap vm.Snapshot) (vm.VM, error)
 		return vm.VM{}, fmt.Errorf("restore from %s: %w", snap.Dir, err)
 	}
 	spec := snap.Spec
+	if err := checkNIC(spec.NIC); err != nil {
+		return vm.VM{}, fmt.Errorf("restore from %s: %w", snap.Dir, err)
+	}
 	spec.DataDisk = ""
 	in, err := p.newInstance(spec)
 	if err != nil {
@@ -1036,15 +1047,10 @@ func (p *Provider) restore(ctx context.Context, in *instance, snap vm.Snapshot) 
 		MemBackend:   memoryBackend{BackendType: "File", BackendPath: memPath},
 		ResumeVM:     false,
 	}
-	if p.opts.Network != nil {
-		ifaces := p.opts.Network(in.ID)
-		if ver.atLeast(1, 12) {
-			for _, n := range ifaces {
-				load.NetworkOverrides = append(load.NetworkOverrides, networkOverride{IfaceID: n.ID, HostDevName: n.HostDevName})
-			}
-		} else if len(ifaces) > 0 {
-			p.log.Warn("Firecracker before 1.12 cannot override a clone's TAP device; the clone reuses the template's", "vm", in.ID, "firecracker", raw)
-		}
+	if overrides := p.overrides(in); ver.atLeast(1, 12) {
+		load.NetworkOverrides = overrides
+	} else if len(overrides) > 0 {
+		p.log.Warn("Firecracker before 1.12 cannot override a clone's TAP device; the clone reuses the template's", "vm", in.ID, "firecracker", raw)
 	}
 	load.VsockOverride = vsockOverrideFor(in, ver)
 	if err := api.do(ctx, "PUT", "/snapshot/load", load, nil); err != nil {

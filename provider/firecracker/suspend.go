@@ -199,6 +199,9 @@ func (p *Provider) loadSuspended(ctx context.Context, in *instance, snap vm.Snap
 		MemBackend:    memoryBackend{BackendType: "File", BackendPath: memPath},
 		VsockOverride: vsockOverrideFor(in, ver),
 	}
+	if ver.atLeast(1, 12) {
+		load.NetworkOverrides = p.overrides(in)
+	}
 	if err := api.do(ctx, "PUT", "/snapshot/load", load, nil); err != nil {
 		return err
 	}

@@ -264,6 +264,8 @@ func (p *Provider) Capabilities() vm.Capabilities {
 		vm.CapSuspend:      true,
 		vm.CapExitEvents:   true,
 		vm.CapNetwork:      true,
+		// A hub port nothing else is on.
+		vm.CapNetworkUnattached: true,
 	}
 }
 

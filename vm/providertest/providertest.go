@@ -303,6 +303,17 @@ func (s *suite) testBadSpec(t *testing.T) {
 	spec = s.fx.Spec
 	spec.Name = "../escape"
 	bad["path-like name"] = spec
+	if s.p.Capabilities().Has(vm.CapNetwork) {
+		spec = s.fx.Spec
+		spec.NIC = &vm.NIC{MAC: "not-a-mac", Netns: "/run/netns/none", TAP: "tap0"}
+		bad["NIC with a bad MAC"] = spec
+		spec = s.fx.Spec
+		spec.NIC = &vm.NIC{MAC: "03:00:00:00:00:01", Netns: "/run/netns/none", TAP: "tap0"}
+		bad["NIC with a multicast MAC"] = spec
+		spec = s.fx.Spec
+		spec.NIC = &vm.NIC{MAC: "02:00:00:00:00:01", Netns: "/run/netns/none"}
+		bad["NIC with a namespace but no TAP"] = spec
+	}
 	for what, spec := range bad {
 		v, err := s.p.Create(ctx, spec)
 		if err == nil {
