@@ -52,6 +52,10 @@ type Options struct {
 	// GuestAgent is a prebuilt static guest agent for the image build (the
 	// one the warmpool binary embeds); nil compiles it from source.
 	GuestAgent []byte
+	// NetworkCIDR turns the network scenarios on: the run's daemon gets
+	// network.cidr (a range free on this host; a /27 is enough) and its
+	// network pool has policy isolated. Empty skips them.
+	NetworkCIDR string
 
 	// Samples is the number of measured runs of each latency scenario
 	// (restore, warm acquire); ColdSamples of cold boots, which are slow.
@@ -165,7 +169,7 @@ func (o Options) config() Config {
 
 // StepNames are the steps of a run, in order; Options.Scenarios picks
 // among them.
-var StepNames = []string{"cold-boot", "restore", "warm-acquire", "burst", "memory", "ensure", "overhead", "trace", "density"}
+var StepNames = []string{"cold-boot", "restore", "warm-acquire", "burst", "memory", "ensure", "overhead", "trace", "density", "network"}
 
 // selected says whether step runs.
 func (o Options) selected(step string) bool {
@@ -177,6 +181,8 @@ func (o Options) selected(step string) bool {
 		return o.Trace != nil
 	case "density":
 		return o.Density > 0
+	case "network":
+		return o.NetworkCIDR != ""
 	}
 	return true
 }
@@ -368,6 +374,7 @@ func Run(ctx context.Context, opts Options) (rep Report, err error) {
 		{"overhead", poolOverhead},
 		{"trace", traceScenarios},
 		{"density", density},
+		{"network", networkScenarios},
 	}
 	steps = slices.DeleteFunc(steps, func(s struct {
 		name string

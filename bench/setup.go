@@ -41,6 +41,7 @@ func setup(ctx context.Context, e *env, host *Host) error {
 		StopAll:     true,
 		TBSizeMiB:   e.opts.TBSizeMiB,
 		Parallelism: e.opts.Parallelism,
+		NetworkCIDR: e.opts.NetworkCIDR,
 	}
 	if e.opts.selected("density") {
 		// The density pool holds more guest memory than the host could

@@ -72,6 +72,8 @@ type Options struct {
 	// FakeLatency delays operations of the fake provider by name
 	// ("create", "restore", "resume", ...). Provider "fake" only.
 	FakeLatency map[string]time.Duration
+	// NetworkCIDR, when set, overrides network.cidr.
+	NetworkCIDR string
 	// Adaptive replaces the configuration's adaptive section (bench runs a
 	// trace on a compressed clock).
 	Adaptive *pool.AdaptiveConfig
@@ -184,6 +186,7 @@ func resolveConfig(opts Options) (Config, string, error) {
 	set(&cfg.Firecracker.Binary, opts.FirecrackerBin)
 	set(&cfg.Firecracker.Jailer, opts.JailerBin)
 	set(&cfg.Image, opts.Image)
+	set(&cfg.Network.CIDR, opts.NetworkCIDR)
 	cfg.local = localConfig{imageCacheDir: opts.ImageCacheDir, fakeLatency: opts.FakeLatency, tbSizeMiB: opts.TBSizeMiB}
 	if opts.MemoryMiB > 0 {
 		cfg.Limits.MemoryMiB = opts.MemoryMiB

@@ -138,6 +138,7 @@ at that depth against depth 2; it is not part of the default run.
 	f.StringVar(&opts.ImageDir, "image", "", "guest image `DIR` made by warmpool image build --out (default: build or reuse the cached one)")
 	f.StringVar(&opts.CacheDir, "image-cache", "", "guest image cache directory (default: user cache dir)")
 	f.StringVar(&opts.Accel, "accel", "auto", "QEMU accelerator: auto, kvm or tcg")
+	f.StringVar(&opts.NetworkCIDR, "network-cidr", "", "run the network scenarios with this network.cidr (root; a range free on this host, a /27 is enough); empty skips them")
 	f.StringToStringVar(&fakeLatency, "fake-latency", nil, "with --provider fake: `OP=DURATION` delays that fake operation (e.g. resume=30ms), to see --check fail")
 	f.Lookup("fake-latency").DefValue = "" // not "[]" in --help
 	f.IntVar(&opts.Samples, "samples", 0, "measured runs per latency scenario (default 20, --quick 6)")

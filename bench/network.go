@@ -1,0 +1,175 @@
+package bench
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"os"
+	"syscall"
+	"time"
+
+	"github.com/warmpool/warmpool/network"
+	"github.com/warmpool/warmpool/vm"
+)
+
+// closedGuestPort is a port nothing in the guest listens on: the guest's
+// kernel answers a connection to it with a reset, which proves the whole
+// path (the slot's translation, its TAP, the guest's interface) carries
+// traffic without needing a server in the template.
+const closedGuestPort = "1"
+
+// networkScenarios is scenario 8: what networking costs. A slot made from
+// nothing and one reused (scrubbed on release, its policy set on acquire)
+// on a manager of the run's own; then, from a pool with policy isolated, a
+// warm acquire with networking on, and how long after it returns the
+// guest first answers a TCP connection at the lease's address.
+func networkScenarios(ctx context.Context, e *env) ([]Scenario, error) {
+	const (
+		createID, reuseID, acquireID, tcpID = "net-slot-create", "net-slot-reuse", "net-acquire", "net-first-tcp"
+	)
+	skip := func(why string) []Scenario {
+		return []Scenario{
+			skippedRow(createID, 8, "network slot made from nothing", "ms", why),
+			skippedRow(reuseID, 8, "network slot reused (released, scrubbed, acquired)", "ms", why),
+			skippedRow(acquireID, 8, "warm acquire with networking (policy isolated)", "ms", why),
+			skippedRow(tcpID, 8, "acquire to the guest's first TCP answer at the lease's address", "ms", why),
+		}
+	}
+	switch {
+	case os.Geteuid() != 0:
+		return skip("network slots need root"), nil
+	case !e.provider.Capabilities().Has(vm.CapNetwork) || !e.provider.Capabilities().Has(vm.CapNetworkUnattached):
+		return skip("provider " + e.provider.Name() + " gives pool VMs no network"), nil
+	}
+	create, reuse, err := e.slotTimes(ctx)
+	if err != nil {
+		return nil, err
+	}
+	acquires, tcp, err := e.networkedAcquires(ctx)
+	if err != nil {
+		return nil, err
+	}
+	return []Scenario{
+		latencyRow(createID, 8, "network slot made from nothing", create, 0, ""),
+		latencyRow(reuseID, 8, "network slot reused (released, scrubbed, acquired)", reuse, 0, createID),
+		latencyRow(acquireID, 8, "warm acquire with networking (policy isolated)", acquires, e.opts.WarmupRuns, "warm-acquire"),
+		latencyRow(tcpID, 8, "acquire to the guest's first TCP answer at the lease's address", tcp, e.opts.WarmupRuns, acquireID),
+	}, nil
+}
+
+// slotTimes measures slots on a manager of its own, in the second half of
+// --network-cidr: the daemon's few slots take the first indexes of the
+// range, so they stay in the first half.
+func (e *env) slotTimes(ctx context.Context) (create, reuse []time.Duration, err error) {
+	half, err := secondHalf(e.opts.NetworkCIDR)
+	if err != nil {
+		return nil, nil, err
+	}
+	mgr, err := network.New(network.Config{CIDR: half, Tag: network.TagFor(e.subdir("slots")), MaxSlots: 2, Warm: 1})
+	if err != nil {
+		return nil, nil, fmt.Errorf("network slots: %w", err)
+	}
+	defer mgr.Close(context.WithoutCancel(ctx)) //nolint:errcheck // nothing else to do with it
+	n := e.opts.Samples
+	for range n {
+		start := time.Now()
+		s, err := mgr.Create(ctx, network.PolicyIsolated, nil)
+		if err != nil {
+			return nil, nil, err
+		}
+		create = append(create, time.Since(start))
+		if err := mgr.Destroy(ctx, s.ID); err != nil {
+			return nil, nil, err
+		}
+	}
+	if err := mgr.Fill(ctx); err != nil {
+		return nil, nil, err
+	}
+	for range n {
+		start := time.Now()
+		s, err := mgr.Acquire(ctx, network.PolicyIsolated, nil)
+		if err != nil {
+			return nil, nil, err
+		}
+		if err := mgr.Release(ctx, s.ID); err != nil {
+			return nil, nil, err
+		}
+		reuse = append(reuse, time.Since(start))
+		if len(mgr.List()) != 1 {
+			return nil, nil, errors.New("a released slot was not kept for reuse")
+		}
+	}
+	return create, reuse, nil
+}
+
+// networkedAcquires measures warm acquires from a pool of depth 1 with
+// policy isolated, and after each the time until the guest answers TCP at
+// the lease's address.
+func (e *env) networkedAcquires(ctx context.Context) (acquires, tcp []time.Duration, err error) {
+	bp, err := e.newPool(ctx, "net", 1)
+	if err != nil {
+		return nil, nil, err
+	}
+	defer bp.shutdown(ctx) //nolint:errcheck // the run's cleanup reports it
+	var firstTCP []time.Duration
+	acquires, err = measure(ctx, e.opts.WarmupRuns, e.opts.Samples, func(ctx context.Context) (time.Duration, error) {
+		if err := bp.waitFull(ctx); err != nil {
+			return 0, err
+		}
+		actx, cancel := context.WithTimeout(ctx, readyTimeout)
+		defer cancel()
+		start := time.Now()
+		l, err := bp.acquire(actx)
+		d := time.Since(start)
+		if err != nil {
+			return 0, err
+		}
+		defer bp.release(ctx, l) //nolint:errcheck // the next waitFull notices a pool that does not refill
+		if l.Address == nil {
+			return 0, fmt.Errorf("lease %s of a networked pool has no address", l.ID)
+		}
+		if err := waitTCPAnswer(actx, net.JoinHostPort(*l.Address, closedGuestPort)); err != nil {
+			return 0, fmt.Errorf("lease %s: %w", l.ID, err)
+		}
+		firstTCP = append(firstTCP, time.Since(start))
+		return d, nil
+	})
+	if err != nil {
+		return nil, nil, err
+	}
+	return acquires, firstTCP[e.opts.WarmupRuns:], nil
+}
+
+// waitTCPAnswer connects to addr until the guest answers, with a
+// connection or a reset; a timeout (nothing answered yet) is retried.
+func waitTCPAnswer(ctx context.Context, addr string) error {
+	for {
+		dctx, cancel := context.WithTimeout(ctx, 200*time.Millisecond)
+		c, err := (&net.Dialer{}).DialContext(dctx, "tcp", addr)
+		cancel()
+		if err == nil {
+			c.Close()
+			return nil
+		}
+		if errors.Is(err, syscall.ECONNREFUSED) {
+			return nil
+		}
+		if ctx.Err() != nil {
+			return fmt.Errorf("no TCP answer from %s: %w (last: %v)", addr, ctx.Err(), err)
+		}
+	}
+}
+
+// secondHalf is the upper half of cidr.
+func secondHalf(cidr string) (string, error) {
+	p, err := netip.ParsePrefix(cidr)
+	if err != nil || !p.Addr().Is4() || p.Bits() > 28 {
+		return "", fmt.Errorf("--network-cidr %q: want an IPv4 range of at least a /28", cidr)
+	}
+	a := p.Masked().Addr().As4()
+	v := uint32(a[0])<<24 | uint32(a[1])<<16 | uint32(a[2])<<8 | uint32(a[3])
+	v += 1 << (32 - p.Bits() - 1)
+	return netip.PrefixFrom(netip.AddrFrom4([4]byte{byte(v >> 24), byte(v >> 16), byte(v >> 8), byte(v)}), p.Bits()+1).String(), nil
+}
