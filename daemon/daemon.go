@@ -256,9 +256,11 @@ func start(ctx context.Context, opts Options) (d *Daemon, srv *server, err error
 		stopAll:  opts.StopAll,
 		agent:    opts.GuestAgent,
 	}
+	// The error returns set d to nil: abort the one made here.
+	made := d
 	defer func() {
 		if err != nil {
-			d.abort()
+			made.abort()
 		}
 	}()
 	inner := opts.provider
