@@ -246,6 +246,14 @@ var targets = []targetSpec{
 		limit:       scaled(metric("trace-adaptive", "optimum_idle_vm_seconds", 1), 1.5),
 	},
 	{
+		scenario:    "net-acquire",
+		description: "warm acquire with networking p99 < 20 ms",
+		strict:      true,
+		unit:        "ms",
+		value:       field("net-acquire", p99),
+		limit:       fixed(20),
+	},
+	{
 		scenario:    "memory-private",
 		description: "private memory of every warm VM <= 25% of configured memory",
 		unit:        "MiB",
