@@ -355,7 +355,7 @@ func (a *agent) reconcilePool(ctx context.Context, req reconcile.Request) (recon
 	}
 	preq := localPoolRequest(wp.Spec, local, target)
 	a.mu.Lock()
-	same := lp.applied == preq
+	same := lp.applied.Equal(preq)
 	a.mu.Unlock()
 	if !same {
 		if _, err := a.b.SetPool(ctx, local, preq); err != nil {
