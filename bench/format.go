@@ -63,6 +63,9 @@ func (r Report) WriteTable(w io.Writer) error {
 	if h.Accel != "" {
 		fmt.Fprintf(&b, "  accel=%s", h.Accel)
 	}
+	if h.Image != "" {
+		fmt.Fprintf(&b, "  image=%s", h.Image)
+	}
 	// Which run this is: a table pasted somewhere (the README) says so itself.
 	build := h.Build
 	if build == "" {

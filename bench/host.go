@@ -15,12 +15,15 @@ type Host struct {
 	Time time.Time `json:"time"`
 	// Build names the warmpool that ran: the commit it was built from
 	// ("+modified" with uncommitted changes) or its module version.
-	Build         string     `json:"build,omitempty"`
-	CPUs          int        `json:"cpus"`
-	Kernel        string     `json:"kernel"`
-	GoVersion     string     `json:"go_version"`
-	Accel         string     `json:"accel,omitempty"`
-	QEMUVersion   string     `json:"qemu_version,omitempty"`
+	Build       string `json:"build,omitempty"`
+	CPUs        int    `json:"cpus"`
+	Kernel      string `json:"kernel"`
+	GoVersion   string `json:"go_version"`
+	Accel       string `json:"accel,omitempty"`
+	QEMUVersion string `json:"qemu_version,omitempty"`
+	// Image is what the run's guest image was built from (image build
+	// --from); empty for the busybox image.
+	Image         string     `json:"image,omitempty"`
 	LoadAvgBefore [3]float64 `json:"loadavg_before"`
 	LoadAvgAfter  [3]float64 `json:"loadavg_after"`
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"golang.org/x/sys/unix"
 	"io"
 	"sync"
 	"time"
@@ -133,6 +134,8 @@ func warmAcquire(ctx context.Context, e *env) ([]Scenario, error) {
 	}
 	defer bp.shutdown(ctx) //nolint:errcheck // the run's cleanup reports it
 	var handoffs, firstExecs []time.Duration
+	var diskKiB []float64
+	diskSkipped := ""
 	ds, err := measure(ctx, e.opts.WarmupRuns, e.opts.Samples, func(ctx context.Context) (time.Duration, error) {
 		if err := bp.waitFull(ctx); err != nil {
 			return 0, err
@@ -151,6 +154,13 @@ func warmAcquire(ctx context.Context, e *env) ([]Scenario, error) {
 			return 0, err
 		}
 		firstExecs = append(firstExecs, fe)
+		if kib, why, err := e.writableDiskKiB(ctx, l.VMID); err != nil {
+			return 0, err
+		} else if why != "" {
+			diskSkipped = why
+		} else {
+			diskKiB = append(diskKiB, kib)
+		}
 		if err := bp.release(ctx, l); err != nil {
 			return 0, err
 		}
@@ -172,7 +182,29 @@ func warmAcquire(ctx context.Context, e *env) ([]Scenario, error) {
 		row.Metrics["handoff_p50_ms"] = Summarize(millis(handoffs[w:])).P50
 		row.Metrics["first_exec_p50_ms"] = Summarize(millis(firstExecs[w:])).P50
 	}
-	return []Scenario{row}, nil
+	const diskTitle = "host disk per clone after hand-off and a first exec"
+	disk := skippedRow("disk-per-clone", 3, diskTitle, "KiB", diskSkipped)
+	if w := e.opts.WarmupRuns; len(diskKiB) > w {
+		disk = Scenario{ID: "disk-per-clone", Number: 3, Title: diskTitle, Unit: "KiB", Summary: Summarize(diskKiB[w:]), WarmupRuns: w}
+	}
+	return []Scenario{row, disk}, nil
+}
+
+// writableDiskKiB is what VM id's private writable disk takes on the host
+// (allocated blocks, not its size), or why there is none to measure.
+func (e *env) writableDiskKiB(ctx context.Context, id string) (float64, string, error) {
+	v, err := e.provider.Inspect(ctx, id)
+	if err != nil {
+		return 0, "", fmt.Errorf("inspect leased VM %s: %w", id, err)
+	}
+	if v.Spec.WritableDisk == "" {
+		return 0, "the image has no root filesystem disk (busybox: the root is the initramfs)", nil
+	}
+	var st unix.Stat_t
+	if err := unix.Stat(v.Spec.WritableDisk, &st); err != nil {
+		return 0, "", fmt.Errorf("writable disk of VM %s: %w", id, err)
+	}
+	return float64(st.Blocks) * 512 / 1024, "", nil
 }
 
 // firstExec is what a tenant's first command costs right after acquire

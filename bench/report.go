@@ -261,6 +261,14 @@ var targets = []targetSpec{
 		limit:       scaled(field("memory-private", func(s Scenario) float64 { return s.BaselineValue }), 0.25),
 	},
 	{
+		scenario:    "disk-per-clone",
+		description: "host disk per clone after hand-off < 1 MiB",
+		strict:      true,
+		unit:        "KiB",
+		value:       field("disk-per-clone", maxOf),
+		limit:       fixed(1024),
+	},
+	{
 		scenario:    "pool-overhead",
 		description: "in-process acquire p99 < 50 µs",
 		strict:      true,

@@ -4,10 +4,14 @@ import (
 	"context"
 	"fmt"
 	"maps"
+	"os"
+	"path/filepath"
+	"strings"
 	"time"
 
 	"github.com/warmpool/warmpool/api"
 	"github.com/warmpool/warmpool/daemon"
+	"github.com/warmpool/warmpool/template"
 	"github.com/warmpool/warmpool/vm"
 )
 
@@ -95,6 +99,21 @@ func setup(ctx context.Context, e *env, host *Host) error {
 	e.bootSpec = vm.Spec{
 		Name: "bench", VCPUs: e.opts.VCPUs, MemoryMiB: e.opts.MemoryMiB,
 		Kernel: img.Kernel, Initrd: img.Initrd, Cmdline: img.Cmdline,
+	}
+	if img.Rootfs != nil {
+		// A cold boot of the image mounts its root filesystem as the
+		// template did: read-only, with a writable disk (one for every
+		// boot of the run; they come one after another).
+		if err := os.MkdirAll(e.subdir("boot"), 0o755); err != nil {
+			return err
+		}
+		disk := filepath.Join(e.subdir("boot"), "writable.raw")
+		if err := template.MakeWritableDisk(ctx, disk, template.DefaultDiskMiB); err != nil {
+			return err
+		}
+		e.bootSpec.RootDisk, e.bootSpec.WritableDisk = img.Rootfs.Path, disk
+		e.bootSpec.Cmdline = strings.TrimSpace(img.Cmdline + " " + template.RootCmdline(vm.WritableDiskSerial))
+		host.Image = img.Source
 	}
 	return nil
 }

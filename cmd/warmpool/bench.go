@@ -64,6 +64,10 @@ at that depth against depth 2; it is not part of the default run.
 			if progress || isTerminal(cmd.ErrOrStderr()) {
 				opts.Progress = cmd.ErrOrStderr()
 			}
+			var err error
+			if opts.ImageDir, err = imageRef(opts.ImageDir); err != nil {
+				return err
+			}
 			if len(fakeLatency) > 0 {
 				opts.FakeLatency = map[string]time.Duration{}
 				for name, value := range fakeLatency {
@@ -135,7 +139,7 @@ at that depth against depth 2; it is not part of the default run.
 	f.StringVar(&svgPath, "svg", "", "also write a latency chart (SVG) to this file")
 	f.BoolVar(&check, "check", false, "exit non-zero when a target is missed")
 	f.StringVar(&opts.StateDir, "bench-dir", "", "directory for the run's temporary VMs and template (default: system temp dir)")
-	f.StringVar(&opts.ImageDir, "image", "", "guest image `DIR` made by warmpool image build --out (default: build or reuse the cached one)")
+	f.StringVar(&opts.ImageDir, "image", "", "image `NAME` (image build --name) or guest image directory to measure (default: build or reuse the cached busybox image)")
 	f.StringVar(&opts.CacheDir, "image-cache", "", "guest image cache directory (default: user cache dir)")
 	f.StringVar(&opts.Accel, "accel", "auto", "QEMU accelerator: auto, kvm or tcg")
 	f.StringVar(&opts.NetworkCIDR, "network-cidr", "", "run the network scenarios with this network.cidr (root; a range free on this host, a /27 is enough); empty skips them")
