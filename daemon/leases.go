@@ -269,11 +269,18 @@ func (d *Daemon) Exec(ctx context.Context, id string, req api.ExecRequest, stdou
 // names its own. A busybox template has none.
 func (d *Daemon) withImageDefaults(templateName string, req agent.ExecRequest) agent.ExecRequest {
 	t, ok := d.template(templateName)
-	if !ok || t.Exec == nil {
+	if !ok {
 		return req
 	}
-	req.Env = append(slices.Clip(t.Exec.Env), req.Env...)
-	req.Dir = or(req.Dir, t.Exec.WorkingDir)
-	req.User = or(req.User, t.Exec.User)
+	return applyExecDefaults(t.Exec, req)
+}
+
+func applyExecDefaults(defaults *store.ExecDefaults, req agent.ExecRequest) agent.ExecRequest {
+	if defaults == nil {
+		return req
+	}
+	req.Env = append(slices.Clip(defaults.Env), req.Env...)
+	req.Dir = or(req.Dir, defaults.WorkingDir)
+	req.User = or(req.User, defaults.User)
 	return req
 }

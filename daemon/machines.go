@@ -421,6 +421,9 @@ func (d *Daemon) EnsureMachine(ctx context.Context, name string, req api.Machine
 	}
 	cmdline := img.Cmdline
 	var rootDisk string
+	if img.Rootfs != nil && !d.prov.Capabilities().Has(vm.CapRootDisk) {
+		return api.Machine{}, fmt.Errorf("ensure machine %s: image %s has a root filesystem disk, which provider %s cannot attach: %w", name, spec.Image, d.prov.Name(), vm.ErrUnsupported)
+	}
 	if img.Rootfs != nil {
 		// A machine's root writes live in memory: what it keeps goes on
 		// its data disk, which survives recreate and suspend.

@@ -122,6 +122,35 @@ func TestImageTemplateWithQEMU(t *testing.T) {
 	if out, code := run(clones[1], "rm /root/fill && echo ok"); code != 0 || out != "ok\n" {
 		t.Errorf("clone 2 after a full disk: %d %q", code, out)
 	}
+	// A machine boots the same image: read-only root, writes in memory,
+	// its data disk beside them.
+	data := filepath.Join(state, "data.raw")
+	if err := os.WriteFile(data, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Truncate(data, 64<<20); err != nil {
+		t.Fatal(err)
+	}
+	mv, err := p.Create(ctx, vm.Spec{Name: "machine", VCPUs: 1, MemoryMiB: 256, Kernel: img.Kernel, Initrd: img.Initrd,
+		Cmdline: img.Cmdline + " " + template.RootCmdline("tmpfs"), RootDisk: img.Rootfs.Path, DataDisk: data})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := agent.WaitReady(ctx, p, mv.ID); err != nil {
+		t.Fatal(err)
+	}
+	mc, err := agent.Dial(ctx, p, mv.ID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	machine := clone{mv, mc}
+	if out, code := run(machine, "python3 -c 'print(6*7)' && touch /root/x && grep -c ' / overlay ' /proc/mounts && ls /sys/block | wc -l"); code != 0 || out != "42\n1\n3\n" {
+		t.Errorf("machine from the image: %d %q, want python3, a writable overlay root and three disks", code, out)
+	}
+	mc.Close()
+	if err := p.Destroy(ctx, mv.ID); err != nil {
+		t.Fatal(err)
+	}
 	for _, c := range clones {
 		c.c.Close()
 		if err := p.Destroy(ctx, c.v.ID); err != nil {

@@ -43,8 +43,8 @@ WorkingDir, User, Entrypoint and Cmd are kept as the image's exec defaults.
 A layer path that leaves the root (.., or through a symlink), a missing
 /bin/sh, or files that do not fit --size fail the build, leaving nothing in
 the cache. --name names the image for later use; image prune keeps named
-images. (Booting templates and machines from a root filesystem disk is not
-there yet: today they boot the initramfs.)
+images. template build --image NAME and machine ensure --image NAME boot
+an image's disk as their read-only root.
 
 It runs locally, without the daemon; an image already built from the same
 inputs is reused.`,
