@@ -405,6 +405,12 @@ func (d *Daemon) EnsureMachine(ctx context.Context, name string, req api.Machine
 	if err != nil {
 		return api.Machine{}, fmt.Errorf("ensure machine %s: %w", name, err)
 	}
+	if req.Image != nil && *req.Image != "" {
+		// Checked before the spec that names it is recorded.
+		if _, err := d.guestImage(ctx, *req.Image, nil); err != nil {
+			return api.Machine{}, fmt.Errorf("ensure machine %s: %w", name, err)
+		}
+	}
 	unlock, err := d.mach.lock(ctx, name)
 	if err != nil {
 		return api.Machine{}, err

@@ -87,18 +87,19 @@ func (d *Daemon) Templates(ctx context.Context) ([]api.Template, error) {
 // (built on first use into the shared guest image cache, the one `warmpool
 // image build` fills) when dir is empty.
 func (d *Daemon) guestImage(ctx context.Context, dir string, progress func(string)) (guest.Image, error) {
-	if d.prov.Info(ctx).NoGuestImage {
-		// A provider that boots nothing would only make the daemon download
-		// a kernel, so it gets names that nothing opens.
-		return guest.Image{Kernel: "/nonexistent/no-guest-image/kernel", Initrd: "/nonexistent/no-guest-image/initrd", Digest: "none"}, nil
-	}
 	dir = or(dir, d.cfg.Image)
 	if dir != "" && !filepath.IsAbs(dir) {
+		// A name that means nothing is an error whatever the provider.
 		named, err := guest.ResolveName(d.cfg.local.imageCacheDir, dir)
 		if err != nil {
 			return guest.Image{}, err
 		}
 		dir = named
+	}
+	if d.prov.Info(ctx).NoGuestImage {
+		// A provider that boots nothing would only make the daemon download
+		// a kernel, so it gets names that nothing opens.
+		return guest.Image{Kernel: "/nonexistent/no-guest-image/kernel", Initrd: "/nonexistent/no-guest-image/initrd", Digest: "none"}, nil
 	}
 	if dir != "" {
 		img, err := guest.Load(dir)

@@ -91,7 +91,10 @@ func switchRoot(cmdline string) (bool, error) {
 			return false, err
 		}
 	}
-	opts := "lowerdir=" + lowerDir + ",upperdir=" + upper + ",workdir=" + work
+	// volatile: no sync of the upper layer ever reaches the disk. The layer
+	// is thrown away with its VM, and otherwise every copy-up (the
+	// hand-off's first write to /etc, say) is a flush the host pays for.
+	opts := "lowerdir=" + lowerDir + ",upperdir=" + upper + ",workdir=" + work + ",volatile"
 	if err := unix.Mount("overlay", newRootDir, "overlay", 0, opts); err != nil {
 		return false, fmt.Errorf("mount overlay root (%s): %w", opts, err)
 	}
