@@ -50,8 +50,14 @@ func (e *RemoteError) Unwrap() error {
 		return ErrExecFailed
 	case proto.CodeCanceled:
 		return context.Canceled
-	case proto.CodeBadRequest, proto.CodeUnsupportedVersion:
+	case proto.CodeBadRequest, proto.CodeUnsupportedVersion, proto.CodeIsDir, proto.CodeNotDir, proto.CodePermitted:
 		return vm.ErrInvalid
+	case proto.CodeNotFound, proto.CodeNoProcess:
+		return vm.ErrNotFound
+	case proto.CodeExists, proto.CodeNotEmpty:
+		return vm.ErrInvalidState
+	case proto.CodeNoSpace:
+		return vm.ErrExhausted
 	}
 	return nil
 }
@@ -161,7 +167,7 @@ func Dial(ctx context.Context, d vm.AgentDialer, id string) (*Client, error) {
 		return nil, fmt.Errorf("dial agent of %s: %w", id, err)
 	}
 	c := NewClient(conn)
-	info, err := c.Hello(ctx)
+	info, err := c.helloRetrying(ctx)
 	if err != nil {
 		c.Close()
 		return nil, fmt.Errorf("agent handshake with %s: %w", id, err)
@@ -378,6 +384,23 @@ func (c *Client) Hello(ctx context.Context) (Info, error) {
 		return Info{}, fmt.Errorf("agent hello: answer without hello")
 	}
 	return Info{Version: resp.Hello.Version, Agent: resp.Hello.Agent, Kernel: resp.Hello.Kernel}, nil
+}
+
+// helloRetrying sends the handshake again on the same connection while it
+// goes unanswered. A host that left a multiplexed session without saying
+// bye (killed, say) and a new host that connected before the agent saw the
+// old one go can find the agent still reading yamux: it takes the first
+// hello for a broken frame, drops it and reads lines again, so a second
+// hello is answered.
+func (c *Client) helloRetrying(ctx context.Context) (Info, error) {
+	for wait := time.Second; ; wait *= 2 {
+		hctx, cancel := context.WithTimeout(ctx, wait)
+		info, err := c.Hello(hctx)
+		cancel()
+		if err == nil || ctx.Err() != nil || !errors.Is(err, context.DeadlineExceeded) || wait >= 8*time.Second {
+			return info, err
+		}
+	}
 }
 
 // Ping checks that the agent answers.

@@ -140,6 +140,12 @@ func requireQEMU(t *testing.T) {
 // a migration stream file instead of booting (it then stays paused).
 func bootQEMU(t *testing.T, img guest.Image, incoming string) *qemuVM {
 	t.Helper()
+	return bootQEMUMem(t, img, incoming, 256)
+}
+
+// bootQEMUMem is bootQEMU with memMiB of guest memory.
+func bootQEMUMem(t *testing.T, img guest.Image, incoming string, memMiB int) *qemuVM {
+	t.Helper()
 	requireQEMU(t)
 	// Socket paths must stay under 108 bytes, which t.TempDir may not.
 	dir, err := os.MkdirTemp("", "wp-e2e-")
@@ -148,7 +154,7 @@ func bootQEMU(t *testing.T, img guest.Image, incoming string) *qemuVM {
 	}
 	v := &qemuVM{dir: dir, socket: filepath.Join(dir, "agent.sock"), mon: filepath.Join(dir, "mon.sock")}
 	args := []string{
-		"-M", "microvm", "-accel", "tcg", "-m", "256", "-smp", "1",
+		"-M", "microvm", "-accel", "tcg", "-m", strconv.Itoa(memMiB), "-smp", "1",
 		"-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
 		"-serial", "file:" + filepath.Join(dir, "console.log"),
 		"-kernel", img.Kernel, "-initrd", img.Initrd, "-append", img.Cmdline + " " + qemu.TCGKernelArgs(),

@@ -258,3 +258,11 @@ func (r *Reader) Next() ([]byte, error) {
 		return line, nil
 	}
 }
+
+// Buffered returns a copy of what the reader has read from its source but
+// not yet returned, so that a connection switching protocols after a line
+// loses nothing.
+func (r *Reader) Buffered() []byte {
+	b, _ := r.br.Peek(r.br.Buffered())
+	return bytes.Clone(b)
+}

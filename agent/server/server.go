@@ -17,6 +17,7 @@ import (
 	"os/exec"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -46,6 +47,9 @@ type Options struct {
 	// Root is where an exec's User is looked up (etc/passwd, etc/group
 	// below it); empty means "/".
 	Root string
+	// OutputBuffer is how many bytes of output the agent keeps per
+	// process; zero means DefaultOutputBuffer.
+	OutputBuffer int
 	// Agent names the agent in hello replies.
 	Agent  string
 	Logger *slog.Logger
@@ -64,10 +68,12 @@ var ErrNotReseeded = errors.New("entropy added but the CRNG was not reseeded")
 type State struct {
 	mu  sync.Mutex
 	env map[string]string
+	// procs outlive the connection that started them.
+	procs *processTable
 }
 
 // NewState returns an empty state to share between Serve calls.
-func NewState() *State { return &State{env: map[string]string{}} }
+func NewState() *State { return &State{env: map[string]string{}, procs: newProcessTable()} }
 
 func (s *State) setEnv(env map[string]string) {
 	s.mu.Lock()
@@ -131,6 +137,11 @@ func Serve(ctx context.Context, conn io.ReadWriteCloser, opts Options) error {
 			opts.Logger.Debug("skipping malformed request", "err", err, "len", len(line))
 			continue
 		}
+		if req.Op == proto.OpMux && req.Version == proto.Version {
+			s.reply(&proto.Response{ID: req.ID, Kind: proto.KindOK})
+			s.muxed.Store(true)
+			return s.serveMux(muxConn{Reader: io.MultiReader(bytes.NewReader(r.Buffered()), conn), conn: conn})
+		}
 		s.dispatch(&req)
 	}
 }
@@ -142,8 +153,11 @@ type session struct {
 	wg   sync.WaitGroup
 
 	writeMu sync.Mutex
-	execMu  sync.Mutex
-	execs   map[uint64]context.CancelFunc
+	// muxed is set once the connection speaks yamux: a line-format answer
+	// of an exec still running must not be written into it.
+	muxed  atomic.Bool
+	execMu sync.Mutex
+	execs  map[uint64]context.CancelFunc
 }
 
 func (s *session) reply(resp *proto.Response) {
@@ -153,7 +167,7 @@ func (s *session) reply(resp *proto.Response) {
 	}
 	s.writeMu.Lock()
 	defer s.writeMu.Unlock()
-	if s.ctx.Err() != nil {
+	if s.ctx.Err() != nil || s.muxed.Load() {
 		return
 	}
 	if _, err := s.conn.Write(b); err != nil {
@@ -289,29 +303,11 @@ func (s *session) startExec(id uint64, e *proto.Exec) {
 var errExecTimeout = errors.New("exec timed out")
 
 func (s *session) runExec(ctx context.Context, id uint64, e *proto.Exec) {
-	cmd := exec.Command(e.Argv[0], e.Argv[1:]...)
-	base := s.opts.Env
-	if base == nil {
-		base = os.Environ()
+	cmd, err := s.command(e.Argv, e.Env, e.Dir, e.User)
+	if err != nil {
+		s.fail(id, errorCode(err), err)
+		return
 	}
-	// A process group so that a timeout also kills what the command started.
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
-	var userEnv []string
-	if e.User != "" {
-		root := s.opts.Root
-		if root == "" {
-			root = "/"
-		}
-		u, err := resolveUser(root, e.User)
-		if err != nil {
-			s.fail(id, proto.CodeExecFailed, fmt.Errorf("run %q as %q: %w", e.Argv[0], e.User, err))
-			return
-		}
-		cmd.SysProcAttr.Credential = &syscall.Credential{Uid: u.UID, Gid: u.GID, Groups: u.Groups}
-		userEnv = u.environ()
-	}
-	cmd.Env = slices.Concat(base, userEnv, s.opts.State.environ(), e.Env)
-	cmd.Dir = e.Dir
 	if len(e.Stdin) > 0 {
 		cmd.Stdin = bytes.NewReader(e.Stdin)
 	}
