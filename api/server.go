@@ -109,6 +109,7 @@ func (s *Server) routes() {
 	handle("POST", "/v1/machines/{name}/hold", s.holdMachine)
 	handle("DELETE", "/v1/machines/{name}/holds/{id}", s.releaseHold)
 	handle("GET", "/v1/events", s.events)
+	s.guestRoutes(handle)
 	// A method-less pattern per path answers wrong methods with a JSON 405
 	// instead of the mux's plain-text one.
 	for path, methods := range allowed {

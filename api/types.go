@@ -454,6 +454,8 @@ type ExecFrame struct {
 	Data     []byte `json:"data,omitempty"`
 	ExitCode *int   `json:"exit_code,omitempty"`
 	Error    *Error `json:"error,omitempty"`
+	// Running ends a logs stream without follow whose process still runs.
+	Running bool `json:"running,omitempty"`
 }
 
 // TemplateFrame is one line of the stream that answers POST /v1/templates

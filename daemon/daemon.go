@@ -137,6 +137,8 @@ type Daemon struct {
 	// handoffer warms restored VMs before they enter a pool and hands them
 	// to tenants over the connection it kept.
 	handoffer *agent.Handoffer
+	// guests are the agent sessions of the VMs tenants work in.
+	guests *guestSessions
 	// entropy counts what guests report doing with their hand-off's entropy.
 	entropy *handoffEntropy
 
@@ -283,6 +285,7 @@ func start(ctx context.Context, opts Options) (d *Daemon, srv *server, err error
 	d.registerMetrics()
 	d.entropy = newHandoffEntropy(d.reg)
 	d.handoffer = agent.NewHandoffer(d.prov, d.prov)
+	d.guests = newGuestSessions(d)
 	// A tenant's first exec otherwise pays for translating process creation
 	// under TCG (~190 ms against ~25 ms).
 	d.handoffer.WarmExec = []string{"true"}
@@ -476,6 +479,7 @@ func (d *Daemon) shutdown(ctx context.Context) {
 		step("stop machines at shutdown", func(ctx context.Context) error { d.mach.stopAll(ctx); return nil })
 		step("destroy the VMs left at shutdown", d.destroyLeftovers)
 	}
+	d.guests.closeAll()
 	d.mach.close()
 	step("network slots at shutdown", func(ctx context.Context) error { return d.net.close(ctx, d.stopAll) })
 	d.closeProvider()

@@ -1,6 +1,7 @@
 package daemon
 
 import (
+	"bytes"
 	"context"
 	"crypto/rand"
 	"encoding/hex"
@@ -58,6 +59,7 @@ func (d *Daemon) newLeases() (*lease.Registry, error) {
 // already gone counts as destroyed.
 func (d *Daemon) destroyHandedOut(ctx context.Context, vmID string, also func(*store.Tx) error) error {
 	d.handoffer.Forget(vmID)
+	d.guests.drop(vmID)
 	if err := d.prov.destroyWith(ctx, vmID, also); err != nil && !errors.Is(err, vm.ErrNotFound) {
 		return err
 	}
@@ -184,6 +186,7 @@ func (d *Daemon) onVMCreated(poolName string, v vm.VM) {
 // destroying it through ownedProvider removed its record.
 func (d *Daemon) onVMDestroyed(poolName, id string) {
 	d.handoffer.Forget(id)
+	d.guests.drop(id)
 }
 
 // Release implements api.Backend. Releasing an unknown lease is a no-op.
@@ -237,11 +240,10 @@ func (d *Daemon) Exec(ctx context.Context, id string, req api.ExecRequest, stdou
 	if err != nil {
 		return -1, err
 	}
-	c, err := agent.Dial(ctx, d.prov, l.VMID)
+	s, err := d.guests.get(ctx, l.VMID)
 	if err != nil {
 		return -1, fmt.Errorf("exec in lease %s: %w", id, err)
 	}
-	defer c.Close()
 	timeout := or(req.Timeout.Std(), d.cfg.Limits.ExecTimeout.Std())
 	// The image's environment, then the lease's, then the exec's own: the
 	// later wins.
@@ -249,7 +251,12 @@ func (d *Daemon) Exec(ctx context.Context, id string, req api.ExecRequest, stdou
 	if len(l.Env) > 0 {
 		env = append(slices.Clip(l.Env), req.Env...)
 	}
-	code, err := c.Exec(ctx, d.withImageDefaults(l.Template, agent.ExecRequest{Argv: req.Argv, Env: env, Dir: req.Dir, User: req.User, Stdin: req.Stdin, Timeout: timeout}), stdout, stderr)
+	var stdin io.Reader
+	if len(req.Stdin) > 0 {
+		stdin = bytes.NewReader(req.Stdin)
+	}
+	exit, err := s.Run(ctx, d.withImageDefaults(l.Template, agent.ProcessRequest{Argv: req.Argv, Env: env, Dir: req.Dir, User: req.User, Timeout: timeout}), stdin, stdout, stderr)
+	code := exit.Code
 	switch {
 	case errors.Is(err, agent.ErrExecFailed):
 		fmt.Fprintf(stderr, "warmpool: %v\n", err)
@@ -267,7 +274,7 @@ func (d *Daemon) Exec(ctx context.Context, id string, req api.ExecRequest, stdou
 // image the lease's template was built from: its Env goes first (the
 // request's entries win), its WorkingDir and User apply unless the request
 // names its own. A busybox template has none.
-func (d *Daemon) withImageDefaults(templateName string, req agent.ExecRequest) agent.ExecRequest {
+func (d *Daemon) withImageDefaults(templateName string, req agent.ProcessRequest) agent.ProcessRequest {
 	t, ok := d.template(templateName)
 	if !ok {
 		return req

@@ -254,6 +254,7 @@ func (ms *machines) record(name string, change func(cur api.MachineSpec) api.Mac
 }
 
 func (ms *machines) onChange(m lifecycle.Machine) {
+	ms.d.guests.onMachineChange(m)
 	rec, err := json.Marshal(m)
 	if err != nil {
 		ms.d.log.Error("encode machine", "machine", m.Name, "err", err)
@@ -296,6 +297,9 @@ func (ms *machines) stopAll(ctx context.Context) {
 }
 
 func (d *Daemon) agentShutdown(ctx context.Context, v vm.VM) error {
+	// The agent's one channel may be a session's; a second connection
+	// would wait for it to end.
+	d.guests.drop(v.ID)
 	c, err := agent.Dial(ctx, d.prov, v.ID)
 	if err != nil {
 		return err
@@ -305,14 +309,21 @@ func (d *Daemon) agentShutdown(ctx context.Context, v vm.VM) error {
 }
 
 func (d *Daemon) guestMemUsed(ctx context.Context, v vm.VM) (int, error) {
-	c, err := agent.Dial(ctx, d.prov, v.ID)
-	if err != nil {
-		return 0, err
-	}
-	defer c.Close()
-	s, err := c.Stats(ctx)
-	if err != nil {
-		return 0, err
+	var s agent.Stats
+	if sess := d.guests.open(v.ID); sess != nil {
+		var err error
+		if s, err = sess.Stats(ctx); err != nil {
+			return 0, err
+		}
+	} else {
+		c, err := agent.Dial(ctx, d.prov, v.ID)
+		if err != nil {
+			return 0, err
+		}
+		defer c.Close()
+		if s, err = c.Stats(ctx); err != nil {
+			return 0, err
+		}
 	}
 	return int((s.MemTotalKiB - s.MemAvailableKiB) / 1024), nil
 }

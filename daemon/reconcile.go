@@ -212,6 +212,9 @@ func (d *Daemon) checkAccounted(ctx context.Context) error {
 func (d *Daemon) pingVM(ctx context.Context, id string) error {
 	ctx, cancel := context.WithTimeout(ctx, reconcilePingTimeout)
 	defer cancel()
+	if s := d.guests.open(id); s != nil {
+		return s.Ping(ctx)
+	}
 	c, err := agent.Dial(ctx, d.prov, id)
 	if err != nil {
 		return err

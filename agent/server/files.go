@@ -1,7 +1,6 @@
 package server
 
 import (
-	"archive/tar"
 	"bufio"
 	"errors"
 	"fmt"
@@ -14,6 +13,7 @@ import (
 	"time"
 
 	"github.com/warmpool/warmpool/agent/proto"
+	"github.com/warmpool/warmpool/internal/tarball"
 )
 
 // guestPath checks that p is an absolute guest path and cleans it. Paths
@@ -218,61 +218,11 @@ func (s *session) readArchive(st *stream, path string) error {
 		return err
 	}
 	bw := bufio.NewWriterSize(st.fw.Data(proto.FrameData), proto.DataChunk)
-	tw := tar.NewWriter(bw)
-	parent := filepath.Dir(path)
-	err = filepath.WalkDir(path, func(p string, d fs.DirEntry, err error) error {
-		if err != nil {
-			return err
-		}
-		fi, err := d.Info()
-		if err != nil {
-			return err
-		}
-		link := ""
-		if fi.Mode()&fs.ModeSymlink != 0 {
-			if link, err = os.Readlink(p); err != nil {
-				return err
-			}
-		}
-		if !fi.Mode().IsRegular() && !fi.IsDir() && fi.Mode()&fs.ModeSymlink == 0 {
-			return nil // devices, sockets and fifos are not copied
-		}
-		hdr, err := tar.FileInfoHeader(fi, link)
-		if err != nil {
-			return err
-		}
-		rel, _ := filepath.Rel(parent, p)
-		if path == "/" {
-			rel = strings.TrimPrefix(p, "/")
-			if rel == "" {
-				return nil
-			}
-		}
-		hdr.Name = filepath.ToSlash(rel)
-		if fi.IsDir() {
-			hdr.Name += "/"
-		}
-		hdr.Uname, hdr.Gname = "", ""
-		hdr.Format = tar.FormatPAX
-		if err := tw.WriteHeader(hdr); err != nil {
-			return err
-		}
-		if fi.Mode().IsRegular() {
-			f, err := os.Open(p)
-			if err != nil {
-				return err
-			}
-			_, err = io.CopyN(tw, f, hdr.Size)
-			f.Close()
-			if err != nil {
-				return fmt.Errorf("archive %s: %w", p, err)
-			}
-		}
-		return nil
-	})
-	if err == nil {
-		err = tw.Close()
+	prefix := filepath.Base(path)
+	if path == "/" {
+		prefix = ""
 	}
+	err = tarball.Write(bw, path, prefix, nil)
 	if err == nil {
 		err = bw.Flush()
 	}
@@ -429,102 +379,23 @@ func (s *session) writeArchive(st *stream, path string, req *proto.StreamRequest
 	}
 	defer root.Close()
 	up := &uploadReader{fr: st.fr}
-	tr := tar.NewReader(up)
-	type dirTime struct {
-		name string
-		t    time.Time
+	err = tarball.Extract(root, up, 0, true, nil)
+	switch {
+	case errors.Is(err, errUploadAborted):
+		return err
+	case errors.Is(err, tarball.ErrEscape):
+		return fail(&codedError{code: proto.CodeBadRequest, err: fmt.Errorf("unpack into %s: %w", path, err)})
+	case errors.Is(err, tarball.ErrIsDir):
+		return fail(&codedError{code: proto.CodeIsDir, err: fmt.Errorf("unpack into %s: %w", path, err)})
+	case err != nil:
+		return fail(fmt.Errorf("unpack into %s: %w", path, err))
 	}
-	var dirs []dirTime
-	buf := make([]byte, proto.DataChunk)
-	for {
-		hdr, err := tr.Next()
-		if errors.Is(err, io.EOF) {
-			break
-		}
-		if errors.Is(err, errUploadAborted) {
-			return err
-		}
-		if err != nil {
-			return fail(fmt.Errorf("unpack into %s: %w", path, err))
-		}
-		name := filepath.Clean(filepath.FromSlash(hdr.Name))
-		if name == "." {
-			continue
-		}
-		if filepath.IsAbs(name) || name == ".." || strings.HasPrefix(name, "../") {
-			return fail(&codedError{code: proto.CodeBadRequest, err: fmt.Errorf("unpack into %s: entry %q leaves the directory", path, hdr.Name)})
-		}
-		if err := root.MkdirAll(filepath.Dir(name), 0o755); err != nil {
-			return fail(err)
-		}
-		mode := goMode(uint32(hdr.Mode))
-		switch hdr.Typeflag {
-		case tar.TypeDir:
-			if err := root.MkdirAll(name, mode); err != nil {
-				return fail(err)
-			}
-			if err := root.Chmod(name, mode); err != nil {
-				return fail(err)
-			}
-			dirs = append(dirs, dirTime{name, hdr.ModTime})
-		case tar.TypeReg:
-			if err := writeRootFile(root, name, mode, hdr, tr, buf); err != nil {
-				if errors.Is(err, errUploadAborted) {
-					return err
-				}
-				return fail(fmt.Errorf("unpack %s into %s: %w", hdr.Name, path, err))
-			}
-		case tar.TypeSymlink:
-			if fi, err := root.Lstat(name); err == nil && !fi.IsDir() {
-				_ = root.Remove(name)
-			}
-			if err := root.Symlink(hdr.Linkname, name); err != nil {
-				return fail(err)
-			}
-			_ = root.Lchown(name, hdr.Uid, hdr.Gid)
-		default:
-			// Hard links, devices and fifos are not unpacked.
-			continue
-		}
-	}
-	// Directory times last: creating their entries changed them.
-	for i := len(dirs) - 1; i >= 0; i-- {
-		_ = root.Chtimes(dirs[i].name, dirs[i].t, dirs[i].t)
-	}
-	if !drainUpload(st.fr) && !up.done {
+	// The tar end marker may come before the upload's end frame.
+	if !up.done && !drainUpload(st.fr) {
 		return errUploadAborted
 	}
+	if fi, err = os.Stat(path); err != nil {
+		return st.fail(err)
+	}
 	return st.result(proto.StreamResult{File: fileInfo(path, fi)})
-}
-
-func writeRootFile(root *os.Root, name string, mode fs.FileMode, hdr *tar.Header, r io.Reader, buf []byte) error {
-	if fi, err := root.Lstat(name); err == nil && fi.IsDir() {
-		return &codedError{code: proto.CodeIsDir, err: fmt.Errorf("%s is a directory", name)}
-	}
-	tmpName := filepath.Join(filepath.Dir(name), "."+filepath.Base(name)+".warmpool-part")
-	f, err := root.OpenFile(tmpName, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
-	if err != nil {
-		return err
-	}
-	_, err = io.CopyBuffer(onlyWriter{f}, r, buf)
-	if err == nil {
-		err = f.Chmod(mode)
-	}
-	if cerr := f.Close(); err == nil {
-		err = cerr
-	}
-	if err == nil {
-		_ = root.Lchown(tmpName, hdr.Uid, hdr.Gid)
-		err = root.Chmod(tmpName, mode) // chown clears setuid bits
-	}
-	if err == nil {
-		err = root.Chtimes(tmpName, hdr.ModTime, hdr.ModTime)
-	}
-	if err == nil {
-		err = root.Rename(tmpName, name)
-	}
-	if err != nil {
-		_ = root.Remove(tmpName)
-	}
-	return err
 }

@@ -12,6 +12,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/warmpool/warmpool/agent"
 	"github.com/warmpool/warmpool/api"
 	"github.com/warmpool/warmpool/events"
 	"github.com/warmpool/warmpool/vm"
@@ -33,6 +34,9 @@ type Backend struct {
 	// that a rejected request changed nothing.
 	mutations int
 	calls     []string
+
+	// guests are the agent sessions Guest serves, by target.
+	guests map[string]*agent.Session
 
 	Bus *events.Bus
 	Now func() time.Time

@@ -318,66 +318,6 @@ func newReleaseCommand(g *globals) *cobra.Command {
 	}
 }
 
-func newExecCommand(g *globals) *cobra.Command {
-	var (
-		req     api.ExecRequest
-		timeout time.Duration
-		stdin   bool
-	)
-	cmd := &cobra.Command{
-		Use:               "exec LEASE -- CMD [ARGS...]",
-		ValidArgsFunction: completeNames(g, leaseIDs),
-		Short:             "Run a command in a leased VM; output streams, the exit code passes through",
-		Args: func(cmd *cobra.Command, a []string) error {
-			if len(a) < 2 || (a[1] == "--" && len(a) < 3) {
-				return usagef("%s takes LEASE -- CMD [ARGS...]", subPath(cmd))
-			}
-			return nil
-		},
-		RunE: func(cmd *cobra.Command, a []string) error {
-			// Parsing stops at LEASE, so a "--" after it arrives as an argument.
-			req.Argv = a[1:]
-			if req.Argv[0] == "--" {
-				req.Argv = req.Argv[1:]
-			}
-			req.Timeout = api.Duration(timeout)
-			if stdin {
-				// Base64 grows the body by 4/3; stay under the server's limit.
-				const maxStdin = api.MaxBodyBytes * 3 / 4 * 9 / 10
-				b, err := io.ReadAll(io.LimitReader(cmd.InOrStdin(), maxStdin+1))
-				if err != nil {
-					return wrapf(err, "read stdin")
-				}
-				if len(b) > maxStdin {
-					return fmt.Errorf("stdin larger than %d bytes; copy big inputs into the VM another way", maxStdin)
-				}
-				req.Stdin = b
-			}
-			return g.withClient(func(c *api.Client) error {
-				code, err := c.Exec(cmd.Context(), a[0], req, cmd.OutOrStdout(), cmd.ErrOrStderr())
-				if err != nil {
-					return wrapf(err, "exec %s in lease %s", req.Argv[0], a[0])
-				}
-				if code != 0 {
-					if code < 0 || code > 255 {
-						code = 255
-					}
-					return &exitCodeError{code: code}
-				}
-				return nil
-			})
-		},
-	}
-	cmd.Flags().StringArrayVarP(&req.Env, "env", "e", nil, "KEY=VALUE added to the command's environment (repeatable)")
-	cmd.Flags().StringVarP(&req.Dir, "workdir", "w", "", "working directory inside the VM (default: the image's WorkingDir, else /)")
-	cmd.Flags().StringVarP(&req.User, "user", "u", "", "run as NAME, UID, NAME:GROUP or UID:GID of the guest's /etc/passwd (default: the image's User, else root)")
-	cmd.Flags().DurationVar(&timeout, "timeout", 0, "kill the command after this long (default: the daemon's)")
-	cmd.Flags().BoolVarP(&stdin, "stdin", "i", false, "send this process's stdin to the command")
-	// Flags after the command belong to it, not to warmpool.
-	cmd.Flags().SetInterspersed(false)
-	return cmd
-}
-
 func newMachineCommand(g *globals) *cobra.Command {
 	cmd := &cobra.Command{Use: "machine", Short: "Long-lived machines: ensure, list, stop, hold, follow events"}
 	var (
@@ -545,7 +485,8 @@ recreates the machine (its data disk is kept), a new idle policy does not.`,
 			return followEvents(cmd, g, filter)
 		},
 	}
-	cmd.AddCommand(ensure, ls, stop, hold, unhold, evs)
+	cmd.AddCommand(ensure, ls, stop, hold, unhold, evs,
+		newShellCommand(g, "shell NAME", func(s string) string { return "machine:" + s }))
 	return cmd
 }
 

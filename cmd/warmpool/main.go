@@ -143,6 +143,12 @@ daemon shutting down (retry later); exec exits with the command's code.`,
 		newPoolCommand(g),
 		newAcquireCommand(g),
 		newExecCommand(g),
+		newShellCommand(g, "shell LEASE|machine:NAME", func(s string) string { return s }),
+		newPsCommand(g),
+		newLogsCommand(g),
+		newKillCommand(g),
+		newWaitCommand(g),
+		newCpCommand(g),
 		newReleaseCommand(g),
 		newLeaseCommand(g),
 		newMachineCommand(g),
@@ -219,6 +225,9 @@ func optionalArg(name string) cobra.PositionalArgs {
 // wrapf adds what the CLI was doing to err, unless the daemon's message
 // already starts with it (the daemon names what failed too).
 func wrapf(err error, format string, a ...any) error {
+	if err == nil {
+		return nil
+	}
 	what := fmt.Sprintf(format, a...)
 	if strings.HasPrefix(err.Error(), what) {
 		return err

@@ -149,11 +149,11 @@ func TestAcquireExecRelease(t *testing.T) {
 	if r.code != 0 || r.stdout != "hello --not-a-warmpool-flag\n" || r.stderr != "" {
 		t.Fatalf("exec echo: %+v", r)
 	}
-	r = cli(t, "", s, "exec", id, "--", "exit", "42")
+	r = cli(t, "", s, "exec", id, "--", "sh", "-c", "exit 42")
 	if r.code != 42 || r.stdout != "" || r.stderr != "" {
 		t.Fatalf("exec exit 42: %+v, want exit code 42 and no output", r)
 	}
-	r = cli(t, "", s, "exec", id, "fail")
+	r = cli(t, "", s, "exec", id, "sh", "-c", "echo failing as asked >&2; exit 1")
 	if r.code != 1 || r.stderr != "failing as asked\n" {
 		t.Fatalf("exec fail: %+v, want the command's stderr and exit code 1", r)
 	}
