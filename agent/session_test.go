@@ -281,3 +281,22 @@ func TestSessionFiles(t *testing.T) {
 type readerFunc func([]byte) (int, error)
 
 func (f readerFunc) Read(p []byte) (int, error) { return f(p) }
+
+// A host that reads slowly slows the command down; nothing is dropped.
+func TestSessionSlowReaderLosesNothing(t *testing.T) {
+	s := pipeSession(t, server.Options{Env: []string{"PATH=/usr/bin:/bin"}, OutputBuffer: 64 << 10})
+	var n int
+	slow := writerFuncT(func(p []byte) (int, error) {
+		time.Sleep(2 * time.Millisecond)
+		n += len(p)
+		return len(p), nil
+	})
+	e, err := s.Run(context.Background(), agent.ProcessRequest{Argv: []string{"sh", "-c", "dd if=/dev/zero bs=64k count=64 2>/dev/null"}}, nil, slow, nil)
+	if err != nil || e.Code != 0 || n != 4<<20 {
+		t.Errorf("slow reader got %d of %d bytes: %+v %v", n, 4<<20, e, err)
+	}
+}
+
+type writerFuncT func([]byte) (int, error)
+
+func (f writerFuncT) Write(p []byte) (int, error) { return f(p) }

@@ -169,7 +169,7 @@ func (o Options) config() Config {
 
 // StepNames are the steps of a run, in order; Options.Scenarios picks
 // among them.
-var StepNames = []string{"cold-boot", "restore", "warm-acquire", "burst", "memory", "ensure", "overhead", "trace", "density", "network"}
+var StepNames = []string{"cold-boot", "restore", "warm-acquire", "burst", "memory", "ensure", "overhead", "trace", "density", "network", "guest-io"}
 
 // selected says whether step runs.
 func (o Options) selected(step string) bool {
@@ -375,6 +375,7 @@ func Run(ctx context.Context, opts Options) (rep Report, err error) {
 		{"trace", traceScenarios},
 		{"density", density},
 		{"network", networkScenarios},
+		{"guest-io", guestIO},
 	}
 	steps = slices.DeleteFunc(steps, func(s struct {
 		name string

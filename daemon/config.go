@@ -100,7 +100,7 @@ type Limits struct {
 	Parallelism  int      `yaml:"parallelism" doc:"VMs restored or destroyed at once across all pools. Default 2."`
 	MaxLeases    int      `yaml:"max_leases" doc:"Live leases the daemon hands out at most; 0 means no limit."`
 	LeaseTTL     Duration `yaml:"lease_ttl" doc:"TTL of a lease whose acquire names none; 0 means leases live until released."`
-	ExecTimeout  Duration `yaml:"exec_timeout" doc:"Timeout of an exec whose request names none. Default 10m."`
+	ExecTimeout  Duration `yaml:"exec_timeout" doc:"Timeout of a POST /v1/leases/{id}/exec whose request names none (the streaming exec and detached processes have none unless asked). Default 10m."`
 	ShutdownWait Duration `yaml:"shutdown_wait" doc:"How long SIGTERM waits for in-flight requests before cancelling them (an exec's guest process is killed); destroying the warm VMs afterwards has its own time. Default 30s."`
 	MemoryMiB    int      `yaml:"memory_mib" doc:"Guest memory all pools together may hold (fixed pools at their max, adaptive pools at their min; sum of VMs x template memory), in MiB; a pool change beyond it is refused. At run time adaptive pools grow only within it: when their targets together exceed it, the pools whose warm memory earned the fewest hits recently give way first. Default: the host's total memory."`
 }
