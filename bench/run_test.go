@@ -83,7 +83,7 @@ func TestRunFakeQuickReportShape(t *testing.T) {
 		}
 	}
 	want := []string{"cold-boot", "restore", "warm-acquire", "burst", "burst-hit", "burst-wait",
-		"memory-private", "memory-pss", "ensure-cold", "ensure-running", "ensure-suspended", "pool-overhead"}
+		"memory-private", "memory-pss", "ensure-cold", "ensure-running", "ensure-suspended", "pool-overhead", "exec-cat-line", "exec-cat", "cp-in", "cp-out"}
 	for _, id := range want {
 		if !ran[id] {
 			t.Errorf("scenario %s missing from the report", id)
@@ -96,7 +96,7 @@ func TestRunFakeQuickReportShape(t *testing.T) {
 			t.Errorf("%s: skipped = %q, want the reason", id, s.Skipped)
 		}
 	}
-	for _, id := range []string{"cold-boot", "restore", "warm-acquire", "burst", "ensure-cold", "ensure-running", "ensure-suspended", "pool-overhead"} {
+	for _, id := range []string{"cold-boot", "restore", "warm-acquire", "burst", "ensure-cold", "ensure-running", "ensure-suspended", "pool-overhead", "exec-cat-line", "exec-cat", "cp-in", "cp-out"} {
 		if s, _ := rep.Scenario(id); s.Skipped != "" {
 			t.Errorf("%s skipped with the fake provider: %s", id, s.Skipped)
 		}
@@ -118,7 +118,7 @@ func TestRunFakeQuickReportShape(t *testing.T) {
 	if targets < 6 {
 		t.Errorf("only %d targets evaluated, want every target whose scenario ran", targets)
 	}
-	if !strings.Contains(progress.String(), "[7/7]") {
+	if !strings.Contains(progress.String(), "[8/8]") {
 		t.Errorf("progress did not report every step:\n%s", progress.String())
 	}
 
@@ -155,7 +155,7 @@ func (c cancelOn) Write(p []byte) (int, error) {
 }
 
 func TestRunCancelledCleansUp(t *testing.T) {
-	for _, marker := range []string{"[3/7]", "[4/7]", "[6/7]"} {
+	for _, marker := range []string{"[3/8]", "[4/8]", "[6/8]", "[8/8]"} {
 		t.Run(marker, func(t *testing.T) {
 			env := captureEnv(t)
 			stateDir := t.TempDir()
