@@ -170,6 +170,10 @@ func formatMetric(name string, v float64) string {
 		return fmt.Sprintf("%.1f MiB", v)
 	case strings.HasSuffix(name, "_rate"):
 		return fmt.Sprintf("%.0f%%", v*100)
+	case strings.HasSuffix(name, "_mbps"):
+		return fmt.Sprintf("%.3g MB/s", v)
+	case strings.HasSuffix(name, "_per_s"):
+		return fmt.Sprintf("%.2f", v)
 	default:
 		return fmt.Sprintf("%g", v)
 	}
