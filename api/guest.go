@@ -311,17 +311,31 @@ func (s *Server) execWS(w http.ResponseWriter, r *http.Request, sess *Guest) {
 	}
 	defer conn.CloseNow()
 	conn.SetReadLimit(wsReadLimit)
-	ctx, cancel := context.WithCancel(r.Context())
+	// The process runs on the request's context (the daemon's shutdown
+	// cancels it); the socket on its own, which ends with this handler:
+	// coder/websocket closes a connection whose context ends mid-call, and
+	// the last event must still reach the client.
+	ctx := r.Context()
+	connCtx, cancel := context.WithCancel(context.WithoutCancel(ctx))
 	defer cancel()
 	sendEvent := func(e ExecEvent) error {
 		b, _ := json.Marshal(e)
-		return conn.Write(ctx, websocket.MessageText, b)
+		wctx, cancel := context.WithTimeout(connCtx, 5*time.Second)
+		defer cancel()
+		return conn.Write(wctx, websocket.MessageText, b)
 	}
 	fail := func(err error) {
+		if r.Context().Err() != nil {
+			// Say why the exec was cut short rather than only "context
+			// canceled".
+			if cause := context.Cause(r.Context()); cause != nil && !errors.Is(err, cause) {
+				err = fmt.Errorf("%w: %w", cause, err)
+			}
+		}
 		_ = sendEvent(ExecEvent{Error: ErrorFor(err)})
 		conn.Close(websocket.StatusNormalClosure, "")
 	}
-	typ, first, err := conn.Read(ctx)
+	typ, first, err := conn.Read(connCtx)
 	if err != nil {
 		return
 	}
@@ -349,7 +363,7 @@ func (s *Server) execWS(w http.ResponseWriter, r *http.Request, sess *Guest) {
 	if err := sendEvent(ExecEvent{PID: p.PID}); err != nil {
 		return
 	}
-	go s.execInput(ctx, conn, sess, p, req.TTY)
+	go s.execInput(connCtx, conn, sess, p, req.TTY)
 	var wmu sync.Mutex
 	out := func(stream byte) io.Writer {
 		return writerFunc(func(b []byte) (int, error) {
@@ -358,7 +372,7 @@ func (s *Server) execWS(w http.ResponseWriter, r *http.Request, sess *Guest) {
 			msg := make([]byte, 1+len(b))
 			msg[0] = stream
 			copy(msg[1:], b)
-			if err := conn.Write(ctx, websocket.MessageBinary, msg); err != nil {
+			if err := conn.Write(connCtx, websocket.MessageBinary, msg); err != nil {
 				return 0, err
 			}
 			return len(b), nil

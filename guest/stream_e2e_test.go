@@ -7,6 +7,7 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"io"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -93,3 +94,63 @@ func TestStreamThroughputInQEMU(t *testing.T) {
 type countWriter struct{ n int64 }
 
 func (w *countWriter) Write(p []byte) (int, error) { w.n += int64(len(p)); return len(p), nil }
+
+// TestStalledReaderHoldsBackInQEMU: while the host reads nothing, a command
+// writing 200 MB is held back by the stream's window and the agent's
+// bounded buffer; the agent's memory does not grow, and all of the output
+// arrives once the host reads again.
+func TestStalledReaderHoldsBackInQEMU(t *testing.T) {
+	img := builtImage(t)
+	v := bootQEMUMem(t, img, "", 512)
+	waitReady(t, v).Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	defer cancel()
+	s, err := agent.DialSession(ctx, v, "e2e")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	guest := func(script string) string {
+		var out bytes.Buffer
+		if _, err := s.Run(ctx, agent.ProcessRequest{Argv: []string{"sh", "-c", script}}, nil, &out, &out); err != nil {
+			t.Fatal(err)
+		}
+		return out.String()
+	}
+	// The agent serving us is PID 1's child "serve".
+	agentRSS := func() int {
+		out := guest(`for p in /proc/[0-9]*; do if [ "$(tr '\0' ' ' < $p/cmdline 2>/dev/null)" = "/init serve " ]; then grep VmRSS $p/status; fi; done | tr -dc 0-9`)
+		n, _ := strconv.Atoi(strings.TrimSpace(out))
+		return n
+	}
+	before := agentRSS()
+	stall := make(chan struct{})
+	var got int64
+	done := make(chan error, 1)
+	go func() {
+		_, err := s.Run(ctx, agent.ProcessRequest{Argv: []string{"dd", "if=/dev/zero", "bs=1M", "count=200"}}, nil, writerFunc(func(p []byte) (int, error) {
+			<-stall
+			got += int64(len(p))
+			return len(p), nil
+		}), nil)
+		done <- err
+	}()
+	time.Sleep(10 * time.Second)
+	during := agentRSS()
+	ps := guest("ps -o pid,stat,args | grep 'dd if' | grep -v grep || true")
+	close(stall)
+	if err := <-done; err != nil || got != 200<<20 {
+		t.Errorf("after the stall: %d bytes, %v", got, err)
+	}
+	t.Logf("agent RSS %d KiB before, %d KiB while the host stalled; dd then: %q", before, during, ps)
+	if before == 0 || during-before > 16<<10 {
+		t.Errorf("agent RSS %d -> %d KiB while the host read nothing", before, during)
+	}
+	if !strings.Contains(ps, "dd if=/dev/zero") {
+		t.Errorf("dd was not held back: ps shows %q", ps)
+	}
+}
+
+type writerFunc func([]byte) (int, error)
+
+func (f writerFunc) Write(p []byte) (int, error) { return f(p) }
