@@ -117,9 +117,9 @@ func TestStalledReaderHoldsBackInQEMU(t *testing.T) {
 		}
 		return out.String()
 	}
-	// The agent serving us is PID 1's child "serve".
+	// The agent serving us (PID 1's child) is the parent of what it runs.
 	agentRSS := func() int {
-		out := guest(`for p in /proc/[0-9]*; do if [ "$(tr '\0' ' ' < $p/cmdline 2>/dev/null)" = "/init serve " ]; then grep VmRSS $p/status; fi; done | tr -dc 0-9`)
+		out := guest(`grep VmRSS /proc/$PPID/status | tr -dc 0-9`)
 		n, _ := strconv.Atoi(strings.TrimSpace(out))
 		return n
 	}
@@ -137,6 +137,7 @@ func TestStalledReaderHoldsBackInQEMU(t *testing.T) {
 	}()
 	time.Sleep(10 * time.Second)
 	during := agentRSS()
+	// busybox dd overwrites the "=" of its arguments while parsing them.
 	ps := guest("ps -o pid,stat,args | grep 'dd if' | grep -v grep || true")
 	close(stall)
 	if err := <-done; err != nil || got != 200<<20 {
@@ -146,7 +147,7 @@ func TestStalledReaderHoldsBackInQEMU(t *testing.T) {
 	if before == 0 || during-before > 16<<10 {
 		t.Errorf("agent RSS %d -> %d KiB while the host read nothing", before, during)
 	}
-	if !strings.Contains(ps, "dd if=/dev/zero") {
+	if !strings.Contains(ps, "dd if") {
 		t.Errorf("dd was not held back: ps shows %q", ps)
 	}
 }
