@@ -1,0 +1,120 @@
+package api_test
+
+import (
+	"context"
+	"errors"
+	"net"
+	"net/http/httptest"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/warmpool/warmpool/api"
+	"github.com/warmpool/warmpool/api/apitest"
+)
+
+// A process cut short because the daemon shuts down tells the client why,
+// over the exec WebSocket as over the legacy exec.
+func TestExecStreamSaysShuttingDown(t *testing.T) {
+	b := apitest.New()
+	srv := httptest.NewUnstartedServer(api.NewServer(api.ServerOptions{Backend: b}))
+	reqCtx, cancel := context.WithCancelCause(context.Background())
+	srv.Config.BaseContext = func(net.Listener) context.Context { return reqCtx }
+	srv.Start()
+	defer srv.Close()
+	c := api.NewClient(srv.URL, "")
+	ctx := t.Context()
+	l, err := c.Acquire(ctx, "web", 0, api.AcquireRequest{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	started := make(chan int, 1)
+	done := make(chan error, 1)
+	go func() {
+		_, err := c.ExecStream(ctx, api.Target{Lease: l.ID}, api.ProcessRequest{Argv: []string{"sleep", "100"}},
+			api.ExecIO{Started: func(pid int) { started <- pid }})
+		done <- err
+	}()
+	<-started
+	cancel(api.ErrShuttingDown)
+	select {
+	case err := <-done:
+		var e *api.Error
+		if !errors.As(err, &e) || !strings.Contains(err.Error(), "shutting down") {
+			t.Errorf("exec cut short by the shutdown: %v, want an error saying so", err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("exec did not end when the daemon's requests were cancelled")
+	}
+}
+
+// Stdin streams, a terminal is resized, a signal reaches the process, and
+// the exit code comes back, over the WebSocket.
+func TestExecStreamTerminalResizeSignal(t *testing.T) {
+	b := apitest.New()
+	srv := httptest.NewServer(api.NewServer(api.ServerOptions{Backend: b}))
+	defer srv.Close()
+	c := api.NewClient(srv.URL, "")
+	ctx := t.Context()
+	l, err := c.Acquire(ctx, "web", 0, api.AcquireRequest{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	resize := make(chan [2]int, 1)
+	sigs := make(chan string, 1)
+	out := &syncBuf{}
+	pr, pw := net.Pipe()
+	defer pw.Close()
+	done := make(chan api.ExitStatus, 1)
+	go func() {
+		e, err := c.ExecStream(ctx, api.Target{Lease: l.ID}, api.ProcessRequest{Argv: []string{"sh", "-c", "stty size; read x; stty size; sleep 100"}, TTY: true, Rows: 20, Cols: 70, Stdin: true},
+			api.ExecIO{Stdin: pr, Stdout: out, Resize: resize, Signal: sigs})
+		if err != nil {
+			t.Error(err)
+		}
+		done <- e
+	}()
+	waitOut(t, out, "20 70")
+	resize <- [2]int{50, 150}
+	time.Sleep(200 * time.Millisecond)
+	pw.Write([]byte("\n"))
+	waitOut(t, out, "50 150")
+	sigs <- "TERM"
+	select {
+	case e := <-done:
+		if e.Code != 143 {
+			t.Errorf("exit after TERM: %+v, want 143", e)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("the signal did not end the process")
+	}
+}
+
+type syncBuf struct {
+	mu sync.Mutex
+	b  strings.Builder
+}
+
+func (s *syncBuf) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuf) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
+
+func waitOut(t *testing.T, s *syncBuf, want string) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for !strings.Contains(s.String(), want) {
+		if time.Now().After(deadline) {
+			t.Fatalf("output %q never showed %q", s.String(), want)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
