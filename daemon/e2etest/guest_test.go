@@ -136,7 +136,7 @@ func TestQEMUGuestStreams(t *testing.T) {
 		defer ptmx.Close()
 		out := &lockedBuffer{}
 		go io.Copy(out, ptmx)
-		waitFor(t, out, "33 101", 60*time.Second)
+		waitTerminal(t, out, "33 101", 60*time.Second)
 		if !strings.Contains(out.String(), "/dev/pts/") {
 			t.Errorf("tty in the guest printed %q, want a /dev/pts terminal", out.String())
 		}
@@ -146,7 +146,7 @@ func TestQEMUGuestStreams(t *testing.T) {
 		}
 		time.Sleep(time.Second) // the SIGWINCH and the resize travel ahead of the newline
 		ptmx.Write([]byte("\r"))
-		waitFor(t, out, "40 120", 60*time.Second)
+		waitTerminal(t, out, "40 120", 60*time.Second)
 		time.Sleep(500 * time.Millisecond)
 		ptmx.Write([]byte{3}) // Ctrl-C, as the terminal delivers it
 		err = cmd.Wait()
@@ -328,7 +328,7 @@ func (l *lockedBuffer) String() string {
 	return l.b.String()
 }
 
-func waitFor(t *testing.T, b *lockedBuffer, want string, d time.Duration) {
+func waitTerminal(t *testing.T, b *lockedBuffer, want string, d time.Duration) {
 	t.Helper()
 	deadline := time.Now().Add(d)
 	for !strings.Contains(b.String(), want) {
