@@ -10,11 +10,11 @@ import (
 
 func TestExecDefaultsYieldToTheRequest(t *testing.T) {
 	image := &store.ExecDefaults{Env: []string{"PATH=/app/bin:/bin", "MODE=image"}, WorkingDir: "/app", User: "app"}
-	got := applyExecDefaults(image, agent.ExecRequest{Argv: []string{"x"}})
+	got := applyExecDefaults(image, agent.ProcessRequest{Argv: []string{"x"}})
 	if !slices.Equal(got.Env, image.Env) || got.Dir != "/app" || got.User != "app" {
 		t.Errorf("defaults not applied: %+v", got)
 	}
-	got = applyExecDefaults(image, agent.ExecRequest{Argv: []string{"x"}, Env: []string{"MODE=request"}, Dir: "/tmp", User: "root"})
+	got = applyExecDefaults(image, agent.ProcessRequest{Argv: []string{"x"}, Env: []string{"MODE=request"}, Dir: "/tmp", User: "root"})
 	// The agent keeps the last of two entries of one key: the request's.
 	if !slices.Equal(got.Env, []string{"PATH=/app/bin:/bin", "MODE=image", "MODE=request"}) || got.Dir != "/tmp" || got.User != "root" {
 		t.Errorf("request did not override: %+v", got)
@@ -22,7 +22,7 @@ func TestExecDefaultsYieldToTheRequest(t *testing.T) {
 	if len(image.Env) != 2 {
 		t.Errorf("the template's defaults were changed: %v", image.Env)
 	}
-	if got := applyExecDefaults(nil, agent.ExecRequest{Argv: []string{"x"}, Dir: "/d"}); got.Dir != "/d" || got.Env != nil || got.User != "" {
+	if got := applyExecDefaults(nil, agent.ProcessRequest{Argv: []string{"x"}, Dir: "/d"}); got.Dir != "/d" || got.Env != nil || got.User != "" {
 		t.Errorf("busybox template changed the request: %+v", got)
 	}
 }

@@ -282,7 +282,7 @@ func (d *Daemon) withImageDefaults(templateName string, req agent.ProcessRequest
 	return applyExecDefaults(t.Exec, req)
 }
 
-func applyExecDefaults(defaults *store.ExecDefaults, req agent.ExecRequest) agent.ExecRequest {
+func applyExecDefaults(defaults *store.ExecDefaults, req agent.ProcessRequest) agent.ProcessRequest {
 	if defaults == nil {
 		return req
 	}
