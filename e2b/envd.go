@@ -102,6 +102,12 @@ func (s *Server) envdHandler() http.Handler {
 	unary("/filesystem.Filesystem/MakeDir", connect.NewUnaryHandler("/filesystem.Filesystem/MakeDir", s.makeDir, opt))
 	unary("/filesystem.Filesystem/Move", connect.NewUnaryHandler("/filesystem.Filesystem/Move", s.move, opt))
 	unary("/filesystem.Filesystem/Remove", connect.NewUnaryHandler("/filesystem.Filesystem/Remove", s.remove, opt))
+	for _, m := range []string{"WatchDir", "CreateWatcher", "GetWatcherEvents", "RemoveWatcher"} {
+		proc := "/filesystem.Filesystem/" + m
+		mux.HandleFunc(proc, func(w http.ResponseWriter, r *http.Request) {
+			writeConnectError(w, r, errNoWatch)
+		})
+	}
 	mux.HandleFunc("GET /files", s.readFile)
 	mux.HandleFunc("POST /files", s.writeFile)
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
@@ -113,7 +119,15 @@ func (s *Server) envdHandler() http.Handler {
 var (
 	errNoStdin = connect.NewError(connect.CodeUnimplemented, errors.New("stdin of a running command is not supported yet by warmpool (it waits on streaming exec); pass input through the command line or a file"))
 	errNoPTY   = connect.NewError(connect.CodeUnimplemented, errors.New("PTYs are not supported yet by warmpool"))
+	errNoWatch = connect.NewError(connect.CodeUnimplemented, errors.New("watching directories is not supported yet by warmpool"))
 )
+
+// writeConnectError answers an RPC this server has no handler for, in
+// the Connect protocol of the request (unary or streaming).
+func writeConnectError(w http.ResponseWriter, r *http.Request, err *connect.Error) {
+	ew := connect.NewErrorWriter(connect.WithCodec(jsonCodec{}))
+	_ = ew.Write(w, r, err)
+}
 
 // rpcError maps a Backend error to the Connect code the SDK turns into
 // its own error: a sandbox that is gone is Unavailable (the SDK says it is
