@@ -453,18 +453,34 @@ func (s *Server) startProcess(w http.ResponseWriter, r *http.Request, sess *Gues
 }
 
 // processLogs streams a process's kept output as ExecFrame lines; with
-// follow=true until it exits (the last frame carries the exit code).
+// follow=true until it exits (the last frame carries the exit code). With
+// from=now it attaches instead: only what the process writes from then on,
+// until it exits.
 func (s *Server) processLogs(w http.ResponseWriter, r *http.Request, sess *Guest) {
 	pid, ok := pathPID(w, r)
 	if !ok {
 		return
 	}
 	follow := queryBool(r, "follow")
-	if follow {
+	from := r.URL.Query().Get("from")
+	if from != "" && from != "start" && from != "now" {
+		writeError(w, ErrorFor(&vm.FieldError{Field: "from", Value: from, Reason: `"start" or "now"`}))
+		return
+	}
+	if follow || from == "now" {
 		noDeadline(w)
 	}
 	fw := newFrameWriter(w, http.StatusOK)
-	exit, exited, err := sess.Logs(r.Context(), pid, follow, streamWriter{fw, "stdout"}, streamWriter{fw, "stderr"})
+	var exit ExitStatus
+	var exited bool
+	var err error
+	if from == "now" {
+		// Attach: what the process writes from now on, until it exits.
+		exit, err = sess.Attach(r.Context(), pid, false, streamWriter{fw, "stdout"}, streamWriter{fw, "stderr"})
+		exited = err == nil
+	} else {
+		exit, exited, err = sess.Logs(r.Context(), pid, follow, streamWriter{fw, "stdout"}, streamWriter{fw, "stderr"})
+	}
 	fw.close()
 	switch {
 	case err != nil && !fw.started():

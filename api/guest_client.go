@@ -209,6 +209,16 @@ func (c *Client) Logs(ctx context.Context, t Target, pid int, follow bool, stdou
 	if follow {
 		path += "?follow=true"
 	}
+	return c.logs(ctx, t, pid, path, stdout, stderr)
+}
+
+// Attach copies what process pid writes from now on until it exits, and
+// returns its exit code.
+func (c *Client) Attach(ctx context.Context, t Target, pid int, stdout, stderr io.Writer) (exit *int, err error) {
+	return c.logs(ctx, t, pid, t.path()+"/processes/"+strconv.Itoa(pid)+"/logs?from=now", stdout, stderr)
+}
+
+func (c *Client) logs(ctx context.Context, t Target, pid int, path string, stdout, stderr io.Writer) (exit *int, err error) {
 	resp, err := c.do(ctx, http.MethodGet, path, nil, "application/x-ndjson")
 	if err != nil {
 		return nil, err

@@ -118,3 +118,63 @@ func waitOut(t *testing.T, s *syncBuf, want string) {
 		time.Sleep(10 * time.Millisecond)
 	}
 }
+
+// Attach sees what a detached process writes after it attached, and its exit.
+func TestAttachFromNow(t *testing.T) {
+	b := apitest.New()
+	srv := httptest.NewServer(api.NewServer(api.ServerOptions{Backend: b}))
+	defer srv.Close()
+	c := api.NewClient(srv.URL, "")
+	ctx := t.Context()
+	l, err := c.Acquire(ctx, "web", 0, api.AcquireRequest{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	tg := api.Target{Lease: l.ID}
+	pid, err := c.StartProcess(ctx, tg, api.ProcessRequest{Argv: []string{"sh", "-c", "echo before; read x; echo after; exit 4"}, Stdin: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	waitLogs := func(want string) {
+		deadline := time.Now().Add(10 * time.Second)
+		for {
+			var out strings.Builder
+			c.Logs(ctx, tg, pid, false, &out, nil)
+			if out.String() == want || time.Now().After(deadline) {
+				return
+			}
+			time.Sleep(10 * time.Millisecond)
+		}
+	}
+	waitLogs("before\n")
+	out := &syncBuf{}
+	done := make(chan *int, 1)
+	go func() {
+		code, err := c.Attach(ctx, tg, pid, out, nil)
+		if err != nil {
+			t.Error(err)
+		}
+		done <- code
+	}()
+	// Nothing tells the client that the attach is in place; it takes
+	// milliseconds.
+	time.Sleep(500 * time.Millisecond)
+	if err := c.WriteStdin(ctx, tg, pid, strings.NewReader("go\n"), true); err != nil {
+		t.Fatal(err)
+	}
+	code := <-done
+	if code == nil || *code != 4 || out.String() != "after\n" {
+		t.Errorf("attach: %q, exit %v; want only what came after and 4", out.String(), code)
+	}
+	if _, err := c.Attach(ctx, tg, 999999, nil, nil); status(err) != 404 {
+		t.Errorf("attach to an unknown PID: %v", err)
+	}
+}
+
+func status(err error) int {
+	var e *api.Error
+	if errors.As(err, &e) {
+		return e.Status
+	}
+	return 0
+}
