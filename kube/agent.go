@@ -626,6 +626,11 @@ func (a *agent) keepReady(ctx context.Context, c *v1alpha1.VMClaim) (reconcile.R
 				return reconcile.Result{}, err
 			}
 		}
+		if c.Status.ExpireTime != nil && !time.Now().Before(c.Status.ExpireTime.Time) {
+			// The daemon's own TTL ran out while this agent was away.
+			return reconcile.Result{}, a.finish(ctx, c, v1alpha1.ClaimReleased, "TTLExpired",
+				fmt.Sprintf("the TTL of %s ran out; lease %s released", c.Spec.TTL.Duration, c.Status.LeaseID))
+		}
 		return reconcile.Result{}, a.finish(ctx, c, v1alpha1.ClaimFailed, "LeaseGone",
 			fmt.Sprintf("node %s's daemon no longer has lease %s", a.opts.Node, c.Status.LeaseID))
 	}
