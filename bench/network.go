@@ -59,11 +59,10 @@ func networkScenarios(ctx context.Context, e *env) ([]Scenario, error) {
 	}, nil
 }
 
-// slotTimes measures slots on a manager of its own, in the second half of
-// --network-cidr: the daemon's few slots take the first indexes of the
-// range, so they stay in the first half.
+// slotTimes measures slots on a manager of its own, in the upper half of
+// --network-cidr (the daemon has the lower half).
 func (e *env) slotTimes(ctx context.Context) (create, reuse []time.Duration, err error) {
-	half, err := secondHalf(e.opts.NetworkCIDR)
+	_, half, err := halves(e.opts.NetworkCIDR)
 	if err != nil {
 		return nil, nil, err
 	}
@@ -162,14 +161,18 @@ func waitTCPAnswer(ctx context.Context, addr string) error {
 	}
 }
 
-// secondHalf is the upper half of cidr.
-func secondHalf(cidr string) (string, error) {
+// halves splits cidr into its lower half (the run's daemon's network.cidr)
+// and its upper half (slotTimes' own manager), so neither's slots overlap
+// the other's.
+func halves(cidr string) (lower, upper string, err error) {
 	p, err := netip.ParsePrefix(cidr)
 	if err != nil || !p.Addr().Is4() || p.Bits() > 28 {
-		return "", fmt.Errorf("--network-cidr %q: want an IPv4 range of at least a /28", cidr)
+		return "", "", fmt.Errorf("--network-cidr %q: want an IPv4 range of at least a /28", cidr)
 	}
-	a := p.Masked().Addr().As4()
+	p = p.Masked()
+	a := p.Addr().As4()
 	v := uint32(a[0])<<24 | uint32(a[1])<<16 | uint32(a[2])<<8 | uint32(a[3])
 	v += 1 << (32 - p.Bits() - 1)
-	return netip.PrefixFrom(netip.AddrFrom4([4]byte{byte(v >> 24), byte(v >> 16), byte(v >> 8), byte(v)}), p.Bits()+1).String(), nil
+	hi := netip.AddrFrom4([4]byte{byte(v >> 24), byte(v >> 16), byte(v >> 8), byte(v)})
+	return netip.PrefixFrom(p.Addr(), p.Bits()+1).String(), netip.PrefixFrom(hi, p.Bits()+1).String(), nil
 }

@@ -47,6 +47,13 @@ func setup(ctx context.Context, e *env, host *Host) error {
 		Parallelism: e.opts.Parallelism,
 		NetworkCIDR: e.opts.NetworkCIDR,
 	}
+	if e.opts.NetworkCIDR != "" {
+		lower, _, err := halves(e.opts.NetworkCIDR)
+		if err != nil {
+			return err
+		}
+		opts.NetworkCIDR = lower
+	}
 	if e.opts.selected("density") {
 		// The density pool holds more guest memory than the host could
 		// lease at once; its VMs share the template's pages.
