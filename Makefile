@@ -25,7 +25,7 @@ lint:
 # The summary prints every failed test's output, every skipped test with its
 # reason and "N passed, N failed, N skipped" last; it fails when a test does.
 unit:
-	$(GO) run ./internal/testsummary $(GO) test -race -count=1 -timeout 15m -json ./...
+	$(GO) run ./internal/testsummary $(GO) test -race -count=1 -timeout 25m -json ./...
 
 test: deps lint unit
 	$(GO) run ./cmd/warmpool bench --provider fake --quick --check -o json >/dev/null

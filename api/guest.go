@@ -379,6 +379,11 @@ func (s *Server) execWS(w http.ResponseWriter, r *http.Request, sess *Guest) {
 		})
 	}
 	exit, err := p.Output(out(WSStdout), out(WSStderr))
+	if err == nil && ctx.Err() != nil {
+		// The shutdown's cancel killed the process, and its exit can come
+		// back before the cancel itself does: the client is told why.
+		err = ctx.Err()
+	}
 	if err != nil {
 		if errors.Is(err, agent.ErrTimeout) {
 			_ = sendEvent(ExecEvent{Exit: &ExitStatus{Code: 124, Error: err.Error(), ErrCode: "timeout"}})
