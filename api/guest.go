@@ -325,14 +325,7 @@ func (s *Server) execWS(w http.ResponseWriter, r *http.Request, sess *Guest) {
 		return conn.Write(wctx, websocket.MessageText, b)
 	}
 	fail := func(err error) {
-		if r.Context().Err() != nil {
-			// Say why the exec was cut short rather than only "context
-			// canceled".
-			if cause := context.Cause(r.Context()); cause != nil && !errors.Is(err, cause) {
-				err = fmt.Errorf("%w: %w", cause, err)
-			}
-		}
-		_ = sendEvent(ExecEvent{Error: ErrorFor(err)})
+		_ = sendEvent(ExecEvent{Error: ErrorFor(cutShort(ctx, err))})
 		conn.Close(websocket.StatusNormalClosure, "")
 	}
 	typ, first, err := conn.Read(connCtx)
@@ -379,12 +372,7 @@ func (s *Server) execWS(w http.ResponseWriter, r *http.Request, sess *Guest) {
 		})
 	}
 	exit, err := p.Output(out(WSStdout), out(WSStderr))
-	if err == nil && ctx.Err() != nil {
-		// The shutdown's cancel killed the process, and its exit can come
-		// back before the cancel itself does: the client is told why.
-		err = ctx.Err()
-	}
-	if err != nil {
+	if err = cutShort(ctx, err); err != nil {
 		if errors.Is(err, agent.ErrTimeout) {
 			_ = sendEvent(ExecEvent{Exit: &ExitStatus{Code: 124, Error: err.Error(), ErrCode: "timeout"}})
 			conn.Close(websocket.StatusNormalClosure, "")

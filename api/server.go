@@ -522,14 +522,7 @@ func (s *Server) exec(w http.ResponseWriter, r *http.Request) {
 	code, err := s.opts.Backend.Exec(r.Context(), id, req,
 		streamWriter{fw, "stdout"}, streamWriter{fw, "stderr"})
 	fw.close()
-	if err != nil && r.Context().Err() != nil {
-		// Say why the exec was cut short (the daemon's shutdown cancels
-		// execs it stopped waiting for) rather than only "context canceled".
-		if cause := context.Cause(r.Context()); cause != nil && !errors.Is(err, cause) {
-			err = fmt.Errorf("%w: %w", cause, err)
-		}
-	}
-	if err != nil {
+	if err = cutShort(r.Context(), err); err != nil {
 		if !fw.started() {
 			s.fail(w, r, err)
 			return
@@ -538,6 +531,24 @@ func (s *Server) exec(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	fw.final(ExecFrame{ExitCode: &code})
+}
+
+// cutShort is the outcome of an exec that ran on ctx. Once ctx has ended
+// (the daemon's shutdown cancels the execs it stopped waiting for), the
+// exec was cut short whatever it returned: the process the cancel killed
+// may report its exit before the cancel itself comes back. The error then
+// says why (ctx's cause) rather than only "context canceled".
+func cutShort(ctx context.Context, err error) error {
+	if ctx.Err() == nil {
+		return err
+	}
+	if err == nil {
+		err = ctx.Err()
+	}
+	if cause := context.Cause(ctx); cause != nil && !errors.Is(err, cause) {
+		err = fmt.Errorf("%w: %w", cause, err)
+	}
+	return err
 }
 
 // frameWriter writes newline-delimited JSON frames, flushing each, and sends
