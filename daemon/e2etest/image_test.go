@@ -111,16 +111,10 @@ func TestQEMUImages(t *testing.T) {
 	waitProcesses(t, state)
 	// A destroy kills the VM's process before it removes the VM's
 	// directory, so the files may outlive the process by a moment.
-	var left []string
-	for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(100 * time.Millisecond) {
-		left, _ = filepath.Glob(filepath.Join(state, "vms", "*", "disk.qcow2"))
-		if len(left) == 0 || time.Now().After(deadline) {
-			break
-		}
-	}
-	if len(left) > 0 {
-		t.Errorf("writable layers left 30 s after every VM is gone: %v", left)
-	}
+	waitFor(t, "every writable layer (vms/*/disk.qcow2) to go with its VM", func() bool {
+		left, _ := filepath.Glob(filepath.Join(state, "vms", "*", "disk.qcow2"))
+		return len(left) == 0
+	})
 }
 
 // vmDisk is the writable layer of VM id in the daemon's state.
