@@ -168,7 +168,7 @@ func RunAgent(ctx context.Context, opts AgentOptions) error {
 	}
 	err = builder.ControllerManagedBy(mgr).Named("node-pools").
 		For(&v1alpha1.WarmPool{}).
-		Watches(&corev1.Node{}, handler.EnqueueRequestsFromMapFunc(a.allPools)).
+		Watches(&corev1.Node{}, handler.EnqueueRequestsFromMapFunc(allPools(a.c))).
 		WithOptions(controller.Options{
 			MaxConcurrentReconciles: 2,
 			RateLimiter:             workqueue.NewTypedItemExponentialFailureRateLimiter[reconcile.Request](time.Second, 5*time.Minute),
@@ -299,18 +299,6 @@ func (a *agent) sweep(ctx context.Context) error {
 		}
 	}
 	return nil
-}
-
-func (a *agent) allPools(ctx context.Context, _ client.Object) []reconcile.Request {
-	var wps v1alpha1.WarmPoolList
-	if err := a.c.List(ctx, &wps); err != nil {
-		return nil
-	}
-	reqs := make([]reconcile.Request, 0, len(wps.Items))
-	for _, wp := range wps.Items {
-		reqs = append(reqs, reconcile.Request{NamespacedName: types.NamespacedName{Namespace: wp.Namespace, Name: wp.Name}})
-	}
-	return reqs
 }
 
 // reconcilePool keeps the daemon's template and pool of one WarmPool as the

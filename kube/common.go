@@ -1,6 +1,7 @@
 package kube
 
 import (
+	"context"
 	"encoding/json"
 	"fmt"
 	"log/slog"
@@ -12,6 +13,8 @@ import (
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/client-go/rest"
 	"sigs.k8s.io/controller-runtime/pkg/client"
+	"sigs.k8s.io/controller-runtime/pkg/handler"
+	"sigs.k8s.io/controller-runtime/pkg/reconcile"
 
 	"github.com/warmpool/warmpool/kube/v1alpha1"
 )
@@ -71,4 +74,20 @@ func jsonMergePatch(v any) (client.Patch, error) {
 		return nil, fmt.Errorf("merge patch: %w", err)
 	}
 	return client.RawPatch(types.MergePatchType, b), nil
+}
+
+// allPools maps any event to a reconcile of every WarmPool c lists: a node
+// or heartbeat change can move any pool's per-node targets.
+func allPools(c client.Reader) handler.MapFunc {
+	return func(ctx context.Context, _ client.Object) []reconcile.Request {
+		var wps v1alpha1.WarmPoolList
+		if err := c.List(ctx, &wps); err != nil {
+			return nil
+		}
+		reqs := make([]reconcile.Request, 0, len(wps.Items))
+		for _, wp := range wps.Items {
+			reqs = append(reqs, reconcile.Request{NamespacedName: types.NamespacedName{Namespace: wp.Namespace, Name: wp.Name}})
+		}
+		return reqs
+	}
 }

@@ -118,8 +118,8 @@ func RunController(ctx context.Context, opts ControllerOptions) error {
 	}
 	err = builder.ControllerManagedBy(mgr).Named("pools").
 		For(&v1alpha1.WarmPool{}).
-		Watches(&coordinationv1.Lease{}, handler.EnqueueRequestsFromMapFunc(s.allPools), builder.WithPredicates(agentLeases)).
-		Watches(&corev1.Node{}, handler.EnqueueRequestsFromMapFunc(s.allPools)).
+		Watches(&coordinationv1.Lease{}, handler.EnqueueRequestsFromMapFunc(allPools(s.c)), builder.WithPredicates(agentLeases)).
+		Watches(&corev1.Node{}, handler.EnqueueRequestsFromMapFunc(allPools(s.c))).
 		WithOptions(controller.Options{MaxConcurrentReconciles: 2}).
 		Complete(reconcile.Func(s.reconcilePool))
 	if err != nil {
@@ -210,18 +210,6 @@ func (s *controllerState) selectedLiveNodes(ctx context.Context, wp *v1alpha1.Wa
 	}
 	slices.Sort(nodes)
 	return nodes, soonest, nil
-}
-
-func (s *controllerState) allPools(ctx context.Context, _ client.Object) []reconcile.Request {
-	var wps v1alpha1.WarmPoolList
-	if err := s.c.List(ctx, &wps); err != nil {
-		return nil
-	}
-	reqs := make([]reconcile.Request, 0, len(wps.Items))
-	for _, wp := range wps.Items {
-		reqs = append(reqs, reconcile.Request{NamespacedName: types.NamespacedName{Namespace: wp.Namespace, Name: wp.Name}})
-	}
-	return reqs
 }
 
 // pendingClaimsOf maps a WarmPool to the claims waiting for it.
