@@ -526,13 +526,14 @@ func (d *Daemon) machineNetwork(machine string) (network.Policy, []network.Allow
 }
 
 // templateNIC is the interface templates are built with: every template of
-// a provider that can leave one attached to nothing has it (Firecracker
-// backs every interface with a TAP, so only its machines get a network), attached to nothing while it is
-// built, whatever the policy of the pools that will use it. A clone must
-// have its template's devices, so one template then serves pools of every
-// policy: isolated and egress clones are attached to their slot's TAP,
-// and the agent removes the interface of a none clone at hand-off (the
-// interface is attached to nothing meanwhile).
+// a provider that can leave one attached to nothing has it, attached to
+// nothing while it is built, whatever the policy of the pools that will
+// use it (Firecracker backs it with a TAP of the build VM's own that
+// carries nothing, so it needs root). A clone must have its template's
+// devices, so one template then serves pools of every policy: isolated and
+// egress clones are attached to their slot's TAP, and the agent removes
+// the interface of a none clone at hand-off (the interface is attached to
+// nothing meanwhile).
 func templateNIC(p vm.Provider) *vm.NIC {
 	if c := p.Capabilities(); !c.Has(vm.CapNetwork) || !c.Has(vm.CapNetworkUnattached) {
 		return nil

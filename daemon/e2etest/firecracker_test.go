@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/warmpool/warmpool/guest"
+	"github.com/warmpool/warmpool/network"
 	"github.com/warmpool/warmpool/provider/firecracker/firecrackertest"
 	"github.com/warmpool/warmpool/vm"
 )
@@ -343,15 +344,32 @@ func TestFirecrackerDaemonJailed(t *testing.T) {
 	}
 	const jailUID = "40125"
 	cfg := filepath.Join(state, "config.yaml")
-	if err := os.WriteFile(cfg, []byte("image: "+image+"\nfirecracker: {uid: "+jailUID+", gid: 40126}\n"), 0o600); err != nil {
+	if err := os.WriteFile(cfg, []byte("image: "+image+"\nfirecracker: {uid: "+jailUID+", gid: 40126}\n"+
+		"network: {cidr: "+testCIDR(t)+", warm: 1}\n"), 0o600); err != nil {
 		t.Fatal(err)
 	}
 	serve := []string{"--provider", "firecracker", "--firecracker-bin", fakeBin, "--jailer-bin", jailerBin, "--config", cfg, "--stop-all"}
 	d := startDaemon(t, state, serve...)
 	mustCLI(t, state, 5*time.Minute, "template", "build", "base", "--vcpus", "1", "--mem", "256")
+	// The template's interface had a TAP of the build VM's own; the pool
+	// VMs' is their slot's (isolated, the default) or again their own
+	// (none), each in the namespace the jailer joined.
 	mustCLI(t, state, time.Minute, "pool", "set", "py", "--template", "base", "--min", "1", "--max", "2")
+	mustCLI(t, state, time.Minute, "pool", "set", "off", "--template", "base", "--min", "1", "--max", "1", "--network", "none")
 	waitPool(t, state, "py", 1)
-	l := acquire(t, state, "py")
+	waitPool(t, state, "off", 1)
+	l := acquireNet(t, state, "py")
+	off := acquireNet(t, state, "off")
+	if l.Address == nil || off.Address != nil {
+		t.Errorf("addresses: isolated lease %v, none lease %v; want one and none", l.Address, off.Address)
+	}
+	if ns := firecrackerNetns(t, state, l.VMID); !strings.HasPrefix(ns, "wp-"+network.TagFor(state)+"-") {
+		t.Errorf("isolated lease's Firecracker runs in namespace %q, want its slot's", ns)
+	}
+	if ns := firecrackerNetns(t, state, off.VMID); ns != "wpfc-"+off.VMID {
+		t.Errorf("none lease's Firecracker runs in namespace %q, want wpfc-%s, its own", ns, off.VMID)
+	}
+	seen := []string{l.VMID, off.VMID}
 	// The fake's guest agent runs inside the jail, where the only program
 	// is the (fake) firecracker binary the jailer copied in.
 	if out := mustCLI(t, state, time.Minute, "exec", l.ID, "--", "/firecracker", "--version"); !strings.HasPrefix(out, "Firecracker v") {
@@ -372,6 +390,47 @@ func TestFirecrackerDaemonJailed(t *testing.T) {
 	if jails, _ := filepath.Glob(filepath.Join(state, "jail", "*", "*")); len(jails) != 0 {
 		t.Errorf("jail directories left after a --stop-all shutdown: %v", jails)
 	}
+	if left := ours(t, state); len(left) > 0 {
+		t.Errorf("network slots left after a --stop-all shutdown:\n%s", strings.Join(left, "\n"))
+	}
+	for _, id := range append(seen, storeVMs(t, state)...) {
+		if _, err := os.Stat("/run/netns/wpfc-" + id); err == nil {
+			t.Errorf("the namespace of VM %s's own TAP is left after a --stop-all shutdown", id)
+		}
+	}
+}
+
+// firecrackerNetns is the name of the /run/netns namespace the jailed
+// Firecracker of VM id under state runs in, "" when none is.
+func firecrackerNetns(t *testing.T, state, id string) string {
+	t.Helper()
+	ents, _ := os.ReadDir("/proc")
+	for _, e := range ents {
+		if _, err := strconv.Atoi(e.Name()); err != nil {
+			continue
+		}
+		root, err := os.Readlink(filepath.Join("/proc", e.Name(), "root"))
+		if err != nil || !strings.HasPrefix(root, state) {
+			continue
+		}
+		b, _ := os.ReadFile(filepath.Join("/proc", e.Name(), "cmdline"))
+		if !slices.Contains(strings.Split(string(b), "\x00"), id) {
+			continue
+		}
+		mine, err := os.Stat(filepath.Join("/proc", e.Name(), "ns", "net"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		names, _ := os.ReadDir("/run/netns")
+		for _, n := range names {
+			if st, err := os.Stat(filepath.Join("/run/netns", n.Name())); err == nil && os.SameFile(st, mine) {
+				return n.Name()
+			}
+		}
+		return ""
+	}
+	t.Fatalf("no jailed Firecracker of VM %s under %s", id, state)
+	return ""
 }
 
 func killJailed(state string) {

@@ -339,13 +339,14 @@ func TestRestoreOnOlderFirecracker(t *testing.T) {
 	} {
 		t.Run(tc.version, func(t *testing.T) {
 			t.Setenv("FAKE_FIRECRACKER_VERSION", tc.version)
-			e := newEnv(t, func(o *Options) {
-				o.Network = func(id string) []NetworkInterface {
-					return []NetworkInterface{{ID: "eth0", HostDevName: "tap-" + id}}
-				}
-			})
+			// The clone's namespace holds the template's TAP name too: an
+			// old Firecracker opens that one.
+			nsA, nsB := testNetns(t, "tap0"), testNetns(t, "tap0", "tap1")
+			e := newEnv(t, nil)
 			ctx := testCtx(t)
-			v, err := e.p.Create(ctx, e.spec)
+			spec := e.spec
+			spec.NIC = &vm.NIC{MAC: "02:77:70:00:00:02", Netns: nsA, TAP: "tap0"}
+			v, err := e.p.Create(ctx, spec)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -356,12 +357,12 @@ func TestRestoreOnOlderFirecracker(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			c, err := e.p.Restore(ctx, snap)
+			c, err := e.p.Restore(ctx, snap.WithNIC(nsB, "tap1"))
 			if err != nil {
 				t.Fatalf("restore on Firecracker %s: %v", tc.version, err)
 			}
 			cfg := vmConfig(t, e.p, c.ID)
-			if got := strings.Contains(cfg, "tap-"+c.ID); got != tc.wantOverrides {
+			if got := strings.Contains(cfg, "host_dev_name:tap1"); got != tc.wantOverrides {
 				t.Errorf("clone's TAP is its own: %v, want %v (%s)", got, tc.wantOverrides, cfg)
 			}
 			if err := e.p.Resume(ctx, c.ID); err != nil {

@@ -139,6 +139,10 @@ type Provider struct {
 
 	exits      vm.ExitFeed
 	exitStates map[string]*exitState
+
+	// canUnattached: the provider may make network namespaces, which an
+	// interface attached to nothing needs here (root).
+	canUnattached bool
 }
 
 type child struct {
@@ -202,7 +206,8 @@ func New(opts Options) (*Provider, error) {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	return &Provider{opts: opts, log: log.With("provider", "firecracker"), cgroups: cgroups, mountsFile: "/proc/mounts", children: map[string]*child{}, exitStates: map[string]*exitState{}}, nil
+	return &Provider{opts: opts, log: log.With("provider", "firecracker"), cgroups: cgroups, mountsFile: "/proc/mounts", children: map[string]*child{}, exitStates: map[string]*exitState{},
+		canUnattached: os.Geteuid() == 0}, nil
 }
 
 // Name implements vm.Provider.
@@ -223,6 +228,9 @@ func (p *Provider) Capabilities() vm.Capabilities {
 		vm.CapPrepareBoot:  true,
 		vm.CapExitEvents:   true,
 		vm.CapNetwork:      true,
+		// A TAP for an interface attached to nothing needs a namespace
+		// of its own to hold it (unattachedNetns).
+		vm.CapNetworkUnattached: p.canUnattached,
 	}
 }
 
@@ -250,6 +258,10 @@ type record struct {
 	// SuspendedTo is the single-use snapshot the VM was suspended to: it
 	// must not run again.
 	SuspendedTo string `json:"suspended_to,omitempty"`
+	// ScratchNetns is the network namespace the provider made for an
+	// interface attached to nothing (see unattachedNetns); it goes with
+	// the VM.
+	ScratchNetns string `json:"scratch_netns,omitempty"`
 }
 
 // instance is a VM's paths.
@@ -286,6 +298,11 @@ func newID(prefix string) string {
 func (p *Provider) newInstance(spec vm.Spec) (*instance, error) {
 	id := newID("fc-")
 	in := &instance{dir: p.vmDir(id), record: record{ID: id, Spec: spec, CreatedAt: time.Now().UTC(), Root: p.vmDir(id)}}
+	if spec.NIC != nil && !spec.NIC.Attached() {
+		// Named now, so that every record of the VM names it before it
+		// exists: a VM found after a crash takes it with it.
+		in.ScratchNetns = scratchNetnsName(id)
+	}
 	if p.opts.Jailer != nil {
 		in.Jailed = true
 		in.JailDir = filepath.Join(p.opts.Jailer.ChrootBase, filepath.Base(p.opts.Binary), id)
@@ -382,6 +399,11 @@ func (p *Provider) start(ctx context.Context, in *instance) (*apiClient, error) 
 	}
 	defer logFile.Close()
 	cmd.Stdout, cmd.Stderr = logFile, logFile
+	if in.ScratchNetns != "" {
+		if _, err := tap.NewNetns(in.ScratchNetns, UnattachedTAP); err != nil {
+			return nil, fmt.Errorf("firecracker %s: the TAP of its unattached interface: %w", in.ID, err)
+		}
+	}
 	startCmd := cmd.Start
 	if ns := p.netns(in); ns != "" && !in.Jailed {
 		// Without the jailer's --netns the process is born in the
@@ -463,7 +485,7 @@ func (p *Provider) Create(ctx context.Context, spec vm.Spec) (vm.VM, error) {
 	if spec.Kernel == "" {
 		return vm.VM{}, &vm.FieldError{Field: "kernel", Value: "", Reason: "Firecracker needs a kernel image"}
 	}
-	if err := checkNIC(spec.NIC); err != nil {
+	if err := p.checkNIC(spec.NIC); err != nil {
 		return vm.VM{}, err
 	}
 	if err := checkELF(spec.Kernel); err != nil {
@@ -887,6 +909,9 @@ func (p *Provider) removeFiles(in *instance) error {
 		p.log.Warn("remove the jailer's cgroups", "vm", in.ID, "err", err)
 	}
 	var errs []error
+	if in.ScratchNetns != "" {
+		errs = append(errs, tap.RemoveNetns(in.ScratchNetns))
+	}
 	if in.JailDir != "" {
 		errs = append(errs, os.RemoveAll(in.JailDir))
 	}
@@ -997,7 +1022,7 @@ func (p *Provider) Restore(ctx context.Context, snap vm.Snapshot) (vm.VM, error)
 		return vm.VM{}, fmt.Errorf("restore from %s: %w", snap.Dir, err)
 	}
 	spec := snap.Spec
-	if err := checkNIC(spec.NIC); err != nil {
+	if err := p.checkNIC(spec.NIC); err != nil {
 		return vm.VM{}, fmt.Errorf("restore from %s: %w", snap.Dir, err)
 	}
 	spec.DataDisk = ""

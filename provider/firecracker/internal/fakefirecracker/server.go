@@ -339,6 +339,9 @@ func (s *Server) handle(method, path string, body map[string]any) (any, *fault) 
 		if body["iface_id"] != seg[1] {
 			return nil, faultf("The id from the path [%s] does not match the id from the body [%v]!", seg[1], body["iface_id"])
 		}
+		if err := tapExists(body["host_dev_name"]); err != nil {
+			return nil, faultf("Could not create the network device: Open tap device failed: %v", err)
+		}
 		s.cfg.Network[seg[1]] = body
 		return nil, nil
 	case "PATCH network-interfaces":
@@ -644,6 +647,11 @@ func (s *Server) load(body map[string]any) *fault {
 			iface["host_dev_name"] = o["host_dev_name"]
 		}
 	}
+	for id, iface := range s.cfg.Network {
+		if err := tapExists(iface["host_dev_name"]); err != nil {
+			return faultf("Load snapshot error: cannot restore network device %s: Open tap device failed: %v", id, err)
+		}
+	}
 	udsOverride := ""
 	if o, ok := body["vsock_override"].(map[string]any); ok {
 		if s.cfg.Vsock == nil {
@@ -809,4 +817,17 @@ func parseVersion(v string) [3]int {
 		out[i], _ = strconv.Atoi(part)
 	}
 	return out
+}
+
+// tapExists fails unless name is a network device of the namespace the
+// process runs in. Firecracker opens its TAP devices by name when an
+// interface is configured and when a snapshot is loaded; a real one
+// running as root would make a missing one (carrying nothing), a jailed
+// one fails, so the fake fails always: the TAP must be where the VMM runs.
+func tapExists(name any) error {
+	n, _ := name.(string)
+	if _, err := net.InterfaceByName(n); err != nil {
+		return fmt.Errorf("TAP %q in the process's network namespace: %w", n, err)
+	}
+	return nil
 }

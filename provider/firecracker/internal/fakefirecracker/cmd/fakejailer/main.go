@@ -1,6 +1,7 @@
 // Command fakejailer pretends to be Firecracker's jailer, doing for real
-// what its documentation (docs/jailer.md) says it does, short of namespaces:
-// it validates the id and paths, clears the environment, creates the
+// what its documentation (docs/jailer.md) says it does, short of mount and
+// PID namespaces: it validates the id and paths, joins the --netns
+// namespace, clears the environment, creates the
 // cgroup directories (see below), creates
 // <chroot_base>/<exec_file_name>/<id>/root, copies the exec file
 // into it, creates /dev/kvm and /dev/net/tun there, hands the jail to
@@ -32,14 +33,21 @@ import (
 	"os"
 	"path/filepath"
 	"regexp"
+	"runtime"
 	"slices"
 	"strconv"
 	"strings"
 	"syscall"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/warmpool/warmpool/provider/firecracker/internal/fakefirecracker"
 )
+
+// The network namespace joined is the thread's: main stays on the thread
+// that joins it and then execs Firecracker.
+func init() { runtime.LockOSThread() }
 
 func main() {
 	if err := run(os.Args[1:]); err != nil {
@@ -125,8 +133,16 @@ func run(args []string) error {
 		return errors.New("--daemonize and --new-pid-ns are not supported by the fake jailer")
 	}
 	if *netns != "" {
-		if _, err := os.Stat(*netns); err != nil {
+		// As the jailer does: the thread that goes on to exec Firecracker
+		// joins the namespace (main's thread is locked, see init).
+		f, err := os.Open(*netns)
+		if err != nil {
 			return fmt.Errorf("invalid network namespace %s: %w", *netns, err)
+		}
+		err = unix.Setns(int(f.Fd()), unix.CLONE_NEWNET)
+		f.Close()
+		if err != nil {
+			return fmt.Errorf("join network namespace %s: %w", *netns, err)
 		}
 	}
 	if !filepath.IsAbs(*chrootBase) {
