@@ -210,4 +210,13 @@ func TestUnattachedNICNeedsRoot(t *testing.T) {
 	if _, err := e.p.Create(testCtx(t), spec); !errors.As(err, &fe) || !strings.Contains(err.Error(), "root") {
 		t.Errorf("create with an unattached NIC, not root = %v, want a field error naming root", err)
 	}
+	// A template built as root: the daemon rebuilds it, without the
+	// interface, on ErrIncompatible.
+	snap := vm.Snapshot{Provider: "firecracker", Dir: t.TempDir(), Spec: spec, Meta: map[string]string{"vmstate": "s", "memory": "m"}}
+	for _, f := range []string{"s", "m"} {
+		os.WriteFile(filepath.Join(snap.Dir, f), nil, 0o600)
+	}
+	if _, err := e.p.Restore(testCtx(t), snap); !errors.Is(err, vm.ErrIncompatible) {
+		t.Errorf("restore of a template with an unattached NIC, not root = %v, want ErrIncompatible", err)
+	}
 }

@@ -1023,7 +1023,9 @@ func (p *Provider) Restore(ctx context.Context, snap vm.Snapshot) (vm.VM, error)
 	}
 	spec := snap.Spec
 	if err := p.checkNIC(spec.NIC); err != nil {
-		return vm.VM{}, fmt.Errorf("restore from %s: %w", snap.Dir, err)
+		// A template built where the provider could back its interface
+		// (root): one built here would have none.
+		return vm.VM{}, fmt.Errorf("restore from %s: %w (rebuild the template): %w", snap.Dir, err, vm.ErrIncompatible)
 	}
 	spec.DataDisk = ""
 	in, err := p.newInstance(spec)
