@@ -263,7 +263,11 @@ type ProcessRequest struct {
 	Stdin bool
 	// Detach lets the process outlive the call: Start returns its PID and
 	// its output is kept for Logs and Attach.
-	Detach  bool
+	Detach bool
+	// Keep streams the process's output like an attached one but lets it
+	// run on when the stream ends first (Close, a cancelled ctx): it is
+	// then reached by its PID, as a detached one.
+	Keep    bool
 	Timeout time.Duration
 	Tag     string
 }
@@ -279,7 +283,7 @@ func (r ProcessRequest) spec() (*proto.ProcessSpec, error) {
 		return nil, &vm.FieldError{Field: "rows/cols", Value: fmt.Sprintf("%dx%d", r.Rows, r.Cols), Reason: "must be between 0 and 65535"}
 	}
 	sp := &proto.ProcessSpec{Argv: r.Argv, Env: r.Env, Dir: r.Dir, User: r.User, TTY: r.TTY, Rows: r.Rows, Cols: r.Cols,
-		Detach: r.Detach, Stdin: r.Stdin, Tag: r.Tag}
+		Detach: r.Detach, Keep: r.Keep && !r.Detach, Stdin: r.Stdin, Tag: r.Tag}
 	if r.Timeout > 0 {
 		sp.TimeoutMillis = max(1, r.Timeout.Milliseconds())
 	}
@@ -344,7 +348,8 @@ func (p *Process) Output(stdout, stderr io.Writer) (ExitStatus, error) {
 	return copyOutput(p.ctx, p.st, p.argv, stdout, stderr)
 }
 
-// Close ends the stream; a process still running is killed.
+// Close ends the stream; a process still running is killed unless it was
+// started with Keep.
 func (p *Process) Close() error {
 	if p.st != nil {
 		p.st.close()

@@ -300,3 +300,53 @@ func TestSessionSlowReaderLosesNothing(t *testing.T) {
 type writerFuncT func([]byte) (int, error)
 
 func (f writerFuncT) Write(p []byte) (int, error) { return f(p) }
+
+// A kept process streams like an attached one, and when its stream ends
+// first it runs on: a later attach sees its new output and its exit.
+func TestSessionKeptProcessOutlivesItsStream(t *testing.T) {
+	s := pipeSession(t, server.Options{Env: []string{"PATH=/usr/bin:/bin"}})
+	ctx := context.Background()
+	sctx, cancel := context.WithCancel(ctx)
+	p, err := s.Start(sctx, agent.ProcessRequest{Argv: []string{"sh", "-c", "echo first; read line; echo got $line; sleep 0.2; exit 7"}, Keep: true, Stdin: true, Dir: "/tmp"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	pr, pw := io.Pipe()
+	go func() {
+		_, _ = p.Output(pw, nil)
+		pw.Close()
+	}()
+	buf := make([]byte, 6)
+	if _, err := io.ReadFull(pr, buf); err != nil || string(buf) != "first\n" {
+		t.Fatalf("kept process streamed %q, %v", buf, err)
+	}
+	// The client goes away.
+	cancel()
+	p.Close()
+	go io.Copy(io.Discard, pr)
+	ps, err := s.Processes(ctx)
+	if err != nil || len(ps) != 1 || !ps[0].Running || ps[0].Dir != "/tmp" {
+		t.Fatalf("after its stream ended: ps = %+v, %v (want it running, in /tmp)", ps, err)
+	}
+	var out bytes.Buffer
+	attached := make(chan agent.ExitStatus, 1)
+	go func() {
+		e, err := s.Attach(ctx, p.PID, false, &out, nil)
+		if err != nil {
+			t.Error(err)
+		}
+		attached <- e
+	}()
+	time.Sleep(50 * time.Millisecond) // the attach is in place before the input
+	if err := s.Input(ctx, p.PID, strings.NewReader("hello\n"), false); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case e := <-attached:
+		if e.Code != 7 || out.String() != "got hello\n" {
+			t.Errorf("attach after the stream ended: exit %+v, output %q; want 7 and \"got hello\\n\"", e, out.String())
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("the kept process did not run to its end")
+	}
+}

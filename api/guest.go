@@ -52,7 +52,8 @@ type Guest struct {
 	Release func()
 }
 
-func (g *Guest) withDefaults(r agent.ProcessRequest) agent.ProcessRequest {
+// WithDefaults puts the image's and the lease's exec defaults under r.
+func (g *Guest) WithDefaults(r agent.ProcessRequest) agent.ProcessRequest {
 	if len(g.Env) > 0 {
 		r.Env = append(append([]string(nil), g.Env...), r.Env...)
 	}
@@ -341,7 +342,7 @@ func (s *Server) execWS(w http.ResponseWriter, r *http.Request, sess *Guest) {
 		fail(err)
 		return
 	}
-	p, err := sess.Start(ctx, sess.withDefaults(req.agent(false)))
+	p, err := sess.Start(ctx, sess.WithDefaults(req.agent(false)))
 	if errors.Is(err, agent.ErrExecFailed) {
 		// As a shell reports a command it cannot run.
 		_ = sendEvent(ExecEvent{Exit: &ExitStatus{Code: 127, Error: err.Error(), ErrCode: "exec_failed"}})
@@ -437,7 +438,7 @@ func (s *Server) startProcess(w http.ResponseWriter, r *http.Request, sess *Gues
 	if !s.decode(w, r, &req, false) {
 		return
 	}
-	p, err := sess.Start(r.Context(), sess.withDefaults(req.agent(true)))
+	p, err := sess.Start(r.Context(), sess.WithDefaults(req.agent(true)))
 	if err != nil {
 		s.fail(w, r, err)
 		return

@@ -81,22 +81,10 @@ func (s *Server) envdHandler() http.Handler {
 	unary("/process.Process/Connect", connect.NewServerStreamHandler("/process.Process/Connect", s.connectProcess, opt))
 	unary("/process.Process/List", connect.NewUnaryHandler("/process.Process/List", s.listProcesses, opt))
 	unary("/process.Process/SendSignal", connect.NewUnaryHandler("/process.Process/SendSignal", s.sendSignal, opt))
-	unary("/process.Process/SendInput", connect.NewUnaryHandler("/process.Process/SendInput",
-		func(ctx context.Context, _ *connect.Request[sendInputRequest]) (*connect.Response[empty], error) {
-			return nil, errNoStdin
-		}, opt))
-	unary("/process.Process/StreamInput", connect.NewClientStreamHandler("/process.Process/StreamInput",
-		func(ctx context.Context, _ *connect.ClientStream[streamInputRequest]) (*connect.Response[empty], error) {
-			return nil, errNoStdin
-		}, opt))
-	unary("/process.Process/CloseStdin", connect.NewUnaryHandler("/process.Process/CloseStdin",
-		func(ctx context.Context, _ *connect.Request[closeStdinRequest]) (*connect.Response[empty], error) {
-			return nil, errNoStdin
-		}, opt))
-	unary("/process.Process/Update", connect.NewUnaryHandler("/process.Process/Update",
-		func(ctx context.Context, _ *connect.Request[updateRequest]) (*connect.Response[empty], error) {
-			return nil, errNoPTY
-		}, opt))
+	unary("/process.Process/SendInput", connect.NewUnaryHandler("/process.Process/SendInput", s.sendInput, opt))
+	unary("/process.Process/StreamInput", connect.NewClientStreamHandler("/process.Process/StreamInput", s.streamInput, opt))
+	unary("/process.Process/CloseStdin", connect.NewUnaryHandler("/process.Process/CloseStdin", s.closeStdin, opt))
+	unary("/process.Process/Update", connect.NewUnaryHandler("/process.Process/Update", s.update, opt))
 	unary("/filesystem.Filesystem/Stat", connect.NewUnaryHandler("/filesystem.Filesystem/Stat", s.stat, opt))
 	unary("/filesystem.Filesystem/ListDir", connect.NewUnaryHandler("/filesystem.Filesystem/ListDir", s.listDir, opt))
 	unary("/filesystem.Filesystem/MakeDir", connect.NewUnaryHandler("/filesystem.Filesystem/MakeDir", s.makeDir, opt))
@@ -116,11 +104,9 @@ func (s *Server) envdHandler() http.Handler {
 	return mux
 }
 
-var (
-	errNoStdin = connect.NewError(connect.CodeUnimplemented, errors.New("stdin of a running command is not supported yet by warmpool (it waits on streaming exec); pass input through the command line or a file"))
-	errNoPTY   = connect.NewError(connect.CodeUnimplemented, errors.New("PTYs are not supported yet by warmpool"))
-	errNoWatch = connect.NewError(connect.CodeUnimplemented, errors.New("watching directories is not supported yet by warmpool"))
-)
+// errNoWatch answers the watcher RPCs: the guest agent has no file
+// watching to map them onto.
+var errNoWatch = connect.NewError(connect.CodeUnimplemented, errors.New("watching directories (watchDir, createWatcher) is not supported by warmpool: its guest agent has no file watcher; poll files.list or run inotifywait through commands.run instead"))
 
 // writeConnectError answers an RPC this server has no handler for, in
 // the Connect protocol of the request (unary or streaming).
@@ -154,18 +140,6 @@ func rpcError(err error) error {
 		code = connect.CodeDeadlineExceeded
 	}
 	return connect.NewError(code, err)
-}
-
-// running checks that sandbox id is a live lease: a Connect Unavailable
-// error when it is not, as E2B answers for a sandbox that is gone.
-func (s *Server) running(ctx context.Context, id string) error {
-	if _, err := s.lease(ctx, id); err != nil {
-		if errors.Is(err, vm.ErrNotFound) {
-			return connect.NewError(connect.CodeUnavailable, fmt.Errorf("sandbox %s is not running: %w", id, errNotRunning))
-		}
-		return rpcError(err)
-	}
-	return nil
 }
 
 // requestUser is the user an envd request runs as: the SDK sends it as
@@ -203,17 +177,6 @@ func keepaliveInterval(h http.Header) time.Duration {
 		return 0
 	}
 	return time.Duration(n) * time.Second
-}
-
-// execTimeout lets the request's deadline (the SDK's timeoutMs) bound the
-// command rather than the daemon's default exec timeout.
-func execTimeout(ctx context.Context) time.Duration {
-	if dl, ok := ctx.Deadline(); ok {
-		if d := time.Until(dl) + time.Second; d < api.MaxExecTimeout {
-			return max(d, time.Second)
-		}
-	}
-	return api.MaxExecTimeout
 }
 
 func envList(m map[string]string) []string {

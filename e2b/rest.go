@@ -244,7 +244,6 @@ func (s *Server) kill(w http.ResponseWriter, r *http.Request) {
 	// The kill goes through when the client gives up waiting for it.
 	ctx, cancel := withoutCancel(r.Context(), time.Minute)
 	defer cancel()
-	s.procs.forget(id)
 	if err := s.opts.Backend.Release(ctx, id); err != nil {
 		s.failAPI(w, r, err)
 		return

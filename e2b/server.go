@@ -39,6 +39,7 @@ const DefaultTimeout = 5 * time.Minute
 
 // Options configure a Server.
 type Options struct {
+	// Backend must also be an api.GuestBackend.
 	Backend api.Backend
 	Keys    *Keys
 	// TokenSecret derives each sandbox's envd access token.
@@ -57,8 +58,8 @@ type Server struct {
 	log  *slog.Logger
 	rest *http.ServeMux
 	envd http.Handler
-	// procs are the processes started through envd, by sandbox.
-	procs *processTable
+	// guests reaches inside a sandbox's VM: processes and files.
+	guests api.GuestBackend
 
 	// fallbackMu serialises the creation of fallback pools.
 	fallbackMu sync.Mutex
@@ -68,6 +69,10 @@ type Server struct {
 func NewServer(opts Options) (*Server, error) {
 	if opts.Backend == nil || opts.Keys == nil || len(opts.TokenSecret) == 0 {
 		return nil, errors.New("e2b server: needs a backend, keys and a token secret")
+	}
+	guests, ok := opts.Backend.(api.GuestBackend)
+	if !ok {
+		return nil, errors.New("e2b server: the backend has no guest sessions (api.GuestBackend), which envd's processes and files need")
 	}
 	if opts.AcquireWait <= 0 {
 		opts.AcquireWait = 30 * time.Second
@@ -79,7 +84,7 @@ func NewServer(opts Options) (*Server, error) {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	s := &Server{opts: opts, log: log, rest: http.NewServeMux(), procs: newProcessTable()}
+	s := &Server{opts: opts, log: log, rest: http.NewServeMux(), guests: guests}
 	s.restRoutes()
 	s.envd = s.envdHandler()
 	return s, nil

@@ -6,6 +6,7 @@ import (
 	"encoding/binary"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"io"
 	"net/http"
 	"net/http/httptest"
@@ -294,7 +295,7 @@ func TestStartStreamsStartDataEnd(t *testing.T) {
 		evs[2].End == nil || evs[2].End.ExitCode != 0 || !evs[2].End.Exited || evs[2].End.Error != nil {
 		t.Fatalf("events %+v, want start, stdout hi, end 0", evs)
 	}
-	evs, err = startEvents(t, w, sb, sb.EnvdAccessToken, "fail")
+	evs, err = startEvents(t, w, sb, sb.EnvdAccessToken, "sh", "-c", "echo failing as asked >&2; exit 1")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -366,8 +367,14 @@ func TestWireFormat(t *testing.T) {
 		msgs = append(msgs, string(raw[5:5+n]))
 		raw = raw[5+n:]
 	}
+	var start struct {
+		Event struct{ Start startEvent }
+	}
+	if len(msgs) > 0 {
+		_ = json.Unmarshal([]byte(msgs[0]), &start)
+	}
 	want := []string{
-		`{"event":{"start":{"pid":1}}}`,
+		fmt.Sprintf(`{"event":{"start":{"pid":%d}}}`, start.Event.Start.PID),
 		`{"event":{"data":{"stdout":"aGkK"}}}`,
 		`{"event":{"end":{"exitCode":0,"exited":true,"status":"exit status 0"}}}`,
 		`{}`,

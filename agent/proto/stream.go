@@ -157,6 +157,10 @@ type ProcessSpec struct {
 	// Detach: the process outlives its stream, and its output goes to
 	// the kept buffer for logs and attach.
 	Detach bool `json:"detach,omitempty"`
+	// Keep: an attached process (its output streamed with back-pressure,
+	// nothing lost) that keeps running when its stream ends first, as a
+	// detached one would; its output from then on goes to the kept buffer.
+	Keep bool `json:"keep,omitempty"`
 	// Stdin keeps the process's stdin open for FrameStdin/input; without
 	// it, stdin is empty.
 	Stdin bool `json:"stdin,omitempty"`
@@ -232,6 +236,7 @@ type ProcessInfo struct {
 	TTY             bool        `json:"tty,omitempty"`
 	Detached        bool        `json:"detached,omitempty"`
 	Tag             string      `json:"tag,omitempty"`
+	Dir             string      `json:"dir,omitempty"`
 	StartedUnixNano int64       `json:"started"`
 	Running         bool        `json:"running"`
 	Exit            *ExitStatus `json:"exit,omitempty"`

@@ -267,7 +267,8 @@ func copyStdin(fr *proto.FrameReader, p *process) error {
 }
 
 // serveExec starts a process. Attached, it streams the output, feeds stdin
-// from the stream and kills the process when the host goes away first.
+// from the stream and kills the process when the host goes away first
+// (unless spec.Keep: then the process runs on).
 func (s *session) serveExec(st *stream, spec *proto.ProcessSpec) error {
 	if spec == nil {
 		return st.fail(&codedError{code: proto.CodeBadRequest, err: errors.New("exec without a process")})
@@ -276,10 +277,17 @@ func (s *session) serveExec(st *stream, spec *proto.ProcessSpec) error {
 	if err != nil {
 		return st.fail(err)
 	}
+	// lose ends the host's part in the process: an attached one is
+	// killed, a kept one runs on without a holding reader.
+	lose := func() {
+		p.out.detach(cur)
+		if !spec.Keep {
+			p.signal(syscall.SIGKILL)
+		}
+	}
 	if err := st.result(proto.StreamResult{PID: p.pid}); err != nil {
 		if !spec.Detach {
-			p.out.detach(cur)
-			p.signal(syscall.SIGKILL)
+			lose()
 		}
 		return err
 	}
@@ -305,17 +313,23 @@ func (s *session) serveExec(st *stream, spec *proto.ProcessSpec) error {
 			select {
 			case <-p.done:
 			default:
-				p.signal(syscall.SIGKILL)
-				p.out.detach(cur)
+				lose()
 			}
 		case <-p.done:
 		}
 	}()
 	if _, err := sendOutput(st, p.out, cur, true); err != nil {
-		p.signal(syscall.SIGKILL)
+		lose()
 		return err
 	}
-	<-p.done
+	select {
+	case <-p.done:
+	case <-hostGone:
+		if spec.Keep {
+			return nil // it runs on; nobody is left to tell its exit
+		}
+		<-p.done
+	}
 	e := p.exit
 	return st.fw.JSON(proto.FrameExit, e)
 }

@@ -79,7 +79,7 @@ func (t *processTable) list() []proto.ProcessInfo {
 }
 
 func (p *process) info() proto.ProcessInfo {
-	i := proto.ProcessInfo{PID: p.pid, Argv: p.spec.Argv, TTY: p.spec.TTY, Detached: p.spec.Detach, Tag: p.spec.Tag,
+	i := proto.ProcessInfo{PID: p.pid, Argv: p.spec.Argv, TTY: p.spec.TTY, Detached: p.spec.Detach || p.spec.Keep, Tag: p.spec.Tag, Dir: p.spec.Dir,
 		StartedUnixNano: p.started.UnixNano(), Running: true}
 	select {
 	case <-p.done:

@@ -37,6 +37,8 @@ type Backend struct {
 
 	// guests are the agent sessions Guest serves, by target.
 	guests map[string]*agent.Session
+	// leaseEnv is each lease's default environment (AcquireRequest.Env).
+	leaseEnv map[string][]string
 
 	Bus *events.Bus
 	Now func() time.Time
@@ -195,6 +197,12 @@ func (b *Backend) Acquire(ctx context.Context, pool string, req api.AcquireReque
 		l.ExpiresAt = &exp
 	}
 	b.leases[l.ID] = l
+	if len(req.Env) > 0 {
+		if b.leaseEnv == nil {
+			b.leaseEnv = map[string][]string{}
+		}
+		b.leaseEnv[l.ID] = req.Env
+	}
 	b.mutations++
 	return l, nil
 }
@@ -202,15 +210,22 @@ func (b *Backend) Acquire(ctx context.Context, pool string, req api.AcquireReque
 // Release implements api.Backend.
 func (b *Backend) Release(ctx context.Context, leaseID string) error {
 	b.mu.Lock()
-	defer b.mu.Unlock()
 	b.call("Release")
 	if l, ok := b.leases[leaseID]; ok {
 		delete(b.leases, leaseID)
+		delete(b.leaseEnv, leaseID)
 		if p, ok := b.pools[l.Pool]; ok {
 			p.Leased--
 			b.pools[l.Pool] = p
 		}
 		b.mutations++
+	}
+	s := b.guests["lease/"+leaseID]
+	delete(b.guests, "lease/"+leaseID)
+	b.mu.Unlock()
+	if s != nil {
+		// As the VM's end would: what ran in it ends too.
+		killAll(ctx, s)
 	}
 	return nil
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"net"
+	"syscall"
 
 	"github.com/warmpool/warmpool/agent"
 	"github.com/warmpool/warmpool/agent/server"
@@ -16,7 +17,8 @@ var _ api.GuestBackend = (*Backend)(nil)
 // Guest implements api.GuestBackend with a real guest agent (agent/server)
 // serving each lease and machine in this process: its commands run on the
 // host and its paths are the host's, which is what tests of the server,
-// the client and the CLI want.
+// the client and the CLI want. A lease's acquire Env is its default
+// environment, as the daemon's.
 func (b *Backend) Guest(ctx context.Context, t api.Target) (*api.Guest, error) {
 	b.mu.Lock()
 	key, ok := "lease/"+t.Lease, false
@@ -30,6 +32,7 @@ func (b *Backend) Guest(ctx context.Context, t api.Target) (*api.Guest, error) {
 		b.guests = map[string]*agent.Session{}
 	}
 	s := b.guests[key]
+	env := b.leaseEnv[t.Lease]
 	b.mu.Unlock()
 	if !ok {
 		return nil, fmt.Errorf("%s: %w", t, vm.ErrNotFound)
@@ -38,7 +41,7 @@ func (b *Backend) Guest(ctx context.Context, t api.Target) (*api.Guest, error) {
 		select {
 		case <-s.Done():
 		default:
-			return &api.Guest{Session: s}, nil
+			return &api.Guest{Session: s, Env: env}, nil
 		}
 	}
 	s, err := agent.DialSession(ctx, pipeAgent{state: server.NewState()}, key)
@@ -48,7 +51,7 @@ func (b *Backend) Guest(ctx context.Context, t api.Target) (*api.Guest, error) {
 	b.mu.Lock()
 	b.guests[key] = s
 	b.mu.Unlock()
-	return &api.Guest{Session: s}, nil
+	return &api.Guest{Session: s, Env: env}, nil
 }
 
 // pipeAgent serves the agent on the far end of a pipe.
@@ -58,4 +61,16 @@ func (p pipeAgent) DialAgent(ctx context.Context, id string) (net.Conn, error) {
 	host, guest := net.Pipe()
 	go func() { _ = server.Serve(context.Background(), guest, server.Options{State: p.state}) }()
 	return host, nil
+}
+
+// killAll kills every process s's agent runs and closes s.
+func killAll(ctx context.Context, s *agent.Session) {
+	if ps, err := s.Processes(ctx); err == nil {
+		for _, p := range ps {
+			if p.Running {
+				_ = s.Signal(ctx, p.PID, syscall.SIGKILL)
+			}
+		}
+	}
+	s.Close()
 }
