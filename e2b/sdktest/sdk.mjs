@@ -92,6 +92,53 @@ await check('background command streams and is killed', async () => {
   return { pid: h.pid, streamed: out.split('\n').length - 1 }
 })
 
+await check('stdin: sendStdin reaches a running command', async () => {
+  const h = await sbx.commands.run('while read l; do echo "got $l"; done; echo eof', { background: true, stdin: true })
+  await h.sendStdin('one\n')
+  await sbx.commands.sendStdin(h.pid, 'two\n')
+  await h.closeStdin()
+  const r = await h.wait()
+  expect(r.stdout === 'got one\ngot two\neof\n', `stdout ${JSON.stringify(r.stdout)}`)
+})
+
+await check('pty: create, sendInput, resize', async () => {
+  let out = ''
+  const dec = new TextDecoder()
+  const t = await sbx.pty.create({ rows: 10, cols: 40, onData: (d) => { out += dec.decode(d) } })
+  const enc = new TextEncoder()
+  await sbx.pty.sendInput(t.pid, enc.encode('stty size\n'))
+  for (let i = 0; i < 100 && !out.includes('10 40'); i++) await sleep(100)
+  expect(out.includes('10 40'), `no "10 40" from stty size: ${JSON.stringify(out)}`)
+  await sbx.pty.resize(t.pid, { rows: 20, cols: 100 })
+  await sbx.pty.sendInput(t.pid, enc.encode('stty size; exit 5\n'))
+  let waitErr
+  try { await t.wait() } catch (err) { waitErr = err }
+  expect(out.includes('20 100'), `no "20 100" after resize: ${JSON.stringify(out)}`)
+  expect(waitErr instanceof CommandExitError && waitErr.exitCode === 5, `pty end: ${waitErr?.name}: ${waitErr?.message}`)
+  return { pid: t.pid }
+})
+
+await check('background command survives its client and commands.connect reattaches', async () => {
+  let before = ''
+  const h = await sbx.commands.run('echo begun; while [ ! -e /tmp/e2b-go ]; do sleep 0.1; done; echo resumed; exit 4', {
+    background: true, timeoutMs: 0, onStdout: (d) => { before += d },
+  })
+  for (let i = 0; i < 100 && !before.includes('begun'); i++) await sleep(100)
+  expect(before === 'begun\n', `before disconnect: ${JSON.stringify(before)}`)
+  await h.disconnect()
+  await sleep(500)
+  const listed = await sbx.commands.list()
+  expect(listed.some((p) => p.pid === h.pid), `pid ${h.pid} gone once its client disconnected: ${JSON.stringify(listed)}`)
+  let after = ''
+  const again = await sbx.commands.connect(h.pid, { onStdout: (d) => { after += d } })
+  await sbx.files.write('/tmp/e2b-go', '')
+  let waitErr
+  try { await again.wait() } catch (err) { waitErr = err }
+  expect(waitErr instanceof CommandExitError && waitErr.exitCode === 4, `reconnected wait: ${waitErr?.name}: ${waitErr?.message}`)
+  expect(after === 'resumed\n', `reconnected stdout ${JSON.stringify(after)}`)
+  return { pid: h.pid }
+})
+
 await check('files write and read 1 MiB exactly', async () => {
   const data = randomBytes(1 << 20)
   const info = await sbx.files.write('/tmp/e2b-blob', data.buffer.slice(data.byteOffset, data.byteOffset + data.length))
