@@ -226,6 +226,9 @@ type Template struct {
 	// ImageSource is what the image was built from (image build --from);
 	// "busybox" for the initramfs-only image.
 	ImageSource string `json:"image_source,omitempty"`
+	// ImageName is the image's name (image build --name) the template was
+	// built from, empty for a directory or the daemon's default image.
+	ImageName string `json:"image_name,omitempty"`
 	// DiskMiB is the writable disk over the image's root filesystem; 0
 	// for the busybox image.
 	DiskMiB int `json:"disk_mib,omitempty"`

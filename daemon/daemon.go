@@ -493,6 +493,15 @@ func (d *Daemon) shutdown(ctx context.Context) {
 // applyConfig records the configuration file's templates, pools and
 // machines that the state does not have yet, and registers every pool.
 func (d *Daemon) applyConfig(ctx context.Context) error {
+	// Every new machine's image first: a bad one anywhere records none.
+	for _, name := range sortedKeys(d.cfg.Machines) {
+		if _, recorded, err := d.mach.get(name); err != nil || recorded {
+			continue
+		}
+		if err := d.checkMachineImage(ctx, name, d.cfg.Machines[name].Image); err != nil {
+			return fmt.Errorf("config: %w", err)
+		}
+	}
 	for _, name := range sortedKeys(d.cfg.Machines) {
 		_, recorded, err := d.mach.get(name)
 		if err != nil {

@@ -2,6 +2,8 @@ package daemon
 
 import (
 	"errors"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 
@@ -35,5 +37,37 @@ func TestUnknownImageAndBadDiskAreRefused(t *testing.T) {
 	}
 	if ms, _ := c.Machines(ctxT(t)); len(ms) != 0 {
 		t.Errorf("a machine of an unknown image was recorded: %+v", ms)
+	}
+}
+
+// PUT of a machine and a config's machines are refused alike when they name
+// an image nobody built, before anything is recorded: a config with one
+// such machine records none of its machines.
+func TestMachineOfAnUnknownImageIsNeverRecorded(t *testing.T) {
+	dir := t.TempDir()
+	r := startFake(t, dir, newFakeProvider(), "")
+	c := r.client
+	req := api.MachineRequest{VCPUs: 1, MemoryMiB: 256, Image: "wp-images-test-no-such-image"}
+	_, err := c.PutMachine(ctxT(t), "dev", req)
+	if !errors.Is(err, vm.ErrInvalid) || !strings.Contains(err.Error(), "no image of that name") {
+		t.Errorf("PUT of a machine of an unknown image = %v, want invalid image", err)
+	}
+	if ms, _ := c.Machines(ctxT(t)); len(ms) != 0 {
+		t.Errorf("PUT recorded a machine of an unknown image: %+v", ms)
+	}
+	r.stop(t)
+
+	cfg := "machines:\n  a: {vcpus: 1, memory_mib: 256}\n  b: {vcpus: 1, memory_mib: 256, image: wp-images-test-no-such-image}\n"
+	cfgFile := filepath.Join(dir, "config.yaml")
+	if err := os.WriteFile(cfgFile, []byte(cfg), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	_, err = Open(ctxT(t), Options{StateDir: dir, Provider: "fake", Logger: testLogger(t), provider: newFakeProvider(), ConfigFile: cfgFile})
+	if err == nil || !strings.Contains(err.Error(), "machine b") || !strings.Contains(err.Error(), "no image of that name") {
+		t.Fatalf("daemon with a config machine of an unknown image = %v, want it refused naming machine b", err)
+	}
+	r = startFake(t, dir, newFakeProvider(), "")
+	if ms, _ := r.client.Machines(ctxT(t)); len(ms) != 0 {
+		t.Errorf("the refused config recorded machines: %+v", ms)
 	}
 }

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io/fs"
 	"strings"
 	"sync"
 	"time"
@@ -378,12 +379,35 @@ func (d *Daemon) PutMachine(ctx context.Context, name string, req api.MachineReq
 	if _, _, err := d.net.policy(req.Network, req.EgressAllow); err != nil {
 		return api.Machine{}, fmt.Errorf("machine %s: %w", name, err)
 	}
+	if err := d.checkMachineImage(ctx, name, req.Image); err != nil {
+		return api.Machine{}, err
+	}
 	spec, err := d.mach.record(name, func(api.MachineSpec) api.MachineSpec { return req })
 	if err != nil {
 		return api.Machine{}, err
 	}
 	d.mach.applyIdle(ctx, name, spec)
 	return d.mach.apiMachine(name, spec), nil
+}
+
+// checkMachineImage refuses, before a spec naming it is recorded, an image
+// a machine could not boot: a name no image has, a directory without one,
+// a root filesystem disk the provider cannot attach.
+func (d *Daemon) checkMachineImage(ctx context.Context, name, image string) error {
+	if image == "" {
+		return nil
+	}
+	img, err := d.guestImage(ctx, image, nil)
+	if errors.Is(err, fs.ErrNotExist) {
+		return fmt.Errorf("machine %s: %w", name, &vm.FieldError{Field: "image", Value: image, Reason: err.Error()})
+	}
+	if err != nil {
+		return fmt.Errorf("machine %s: %w", name, err)
+	}
+	if img.Rootfs != nil && !d.prov.Capabilities().Has(vm.CapRootDisk) {
+		return fmt.Errorf("machine %s: image %s has a root filesystem disk, which provider %s cannot attach: %w", name, image, d.prov.Name(), vm.ErrUnsupported)
+	}
+	return nil
 }
 
 func (d *Daemon) checkMachineRequest(name string, req api.Validator) error {
@@ -416,10 +440,9 @@ func (d *Daemon) EnsureMachine(ctx context.Context, name string, req api.Machine
 	if err != nil {
 		return api.Machine{}, fmt.Errorf("ensure machine %s: %w", name, err)
 	}
-	if req.Image != nil && *req.Image != "" {
-		// Checked before the spec that names it is recorded.
-		if _, err := d.guestImage(ctx, *req.Image, nil); err != nil {
-			return api.Machine{}, fmt.Errorf("ensure machine %s: %w", name, err)
+	if req.Image != nil {
+		if err := d.checkMachineImage(ctx, name, *req.Image); err != nil {
+			return api.Machine{}, fmt.Errorf("ensure %w", err)
 		}
 	}
 	unlock, err := d.mach.lock(ctx, name)

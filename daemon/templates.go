@@ -54,6 +54,15 @@ func (d *Daemon) snapshotOwner(dir string) (string, int) {
 	return "", 0
 }
 
+// imageName is ref when it names an image (image build --name), empty when
+// it is a directory.
+func imageName(ref string) string {
+	if filepath.IsAbs(ref) {
+		return ""
+	}
+	return ref
+}
+
 func templateAPI(t store.Template) api.Template {
 	return api.Template{
 		Name:         t.Name,
@@ -66,6 +75,7 @@ func templateAPI(t store.Template) api.Template {
 		SharedMemory: t.Snapshot.SharedMemory,
 		CreatedAt:    t.CreatedAt,
 		ImageSource:  t.ImageSource,
+		ImageName:    t.ImageName,
 		DiskMiB:      t.DiskMiB,
 	}
 }
@@ -213,6 +223,7 @@ func (d *Daemon) buildGeneration(ctx context.Context, req api.TemplateRequest, p
 		MemoryMiB:   mem,
 		CreatedAt:   time.Now(),
 		ImageSource: or(img.Source, "busybox"),
+		ImageName:   imageName(or(req.Image, d.cfg.Image)),
 		DiskMiB:     t.DiskMiB,
 	}
 	if img.Rootfs != nil {

@@ -34,6 +34,9 @@ type Template struct {
 	CreatedAt time.Time `json:"created_at"`
 	// ImageSource is what the image was built from (busybox, debian:SUITE...).
 	ImageSource string `json:"image_source,omitempty"`
+	// ImageName is the name it was built from (image build --name), empty
+	// for a directory or the daemon's default image.
+	ImageName string `json:"image_name,omitempty"`
 	// DiskMiB is the writable disk's size, 0 without a root filesystem.
 	DiskMiB int `json:"disk_mib,omitempty"`
 	// Exec is the image's exec defaults; nil for the busybox image.

@@ -48,6 +48,9 @@ type Spec struct {
 
 // Serials a provider gives Spec.RootDisk and Spec.WritableDisk, by which
 // the guest's init finds them (the kernel's order of disks does not matter).
+// The kernel command line names the disks by these serials; a provider that
+// cannot set a disk's serial replaces the serial there with the device the
+// guest kernel gives the disk (/dev/vda), which the guest's init accepts too.
 const (
 	RootDiskSerial     = "wp-root"
 	WritableDiskSerial = "wp-rw"

@@ -15,7 +15,9 @@ import (
 // filesystem: warmpool.root=SERIAL names the read-only image disk and
 // warmpool.rw=SERIAL|tmpfs where its writes go (the overlay's upper layer).
 // Disks are found by their virtio serial, which the provider sets, so the
-// order the kernel names them in does not matter.
+// order the kernel names them in does not matter. A provider that cannot
+// set serials (Firecracker) names the device instead: a value starting
+// with /dev/ is taken as the disk's path.
 const (
 	rootParam     = "warmpool.root="
 	writableParam = "warmpool.rw="
@@ -128,9 +130,13 @@ func switchRoot(cmdline string) (bool, error) {
 	return true, nil
 }
 
-// diskBySerial waits for the block device whose virtio serial is serial.
+// diskBySerial waits for the block device whose virtio serial is serial,
+// or for the device serial names when it is a /dev/ path.
 func diskBySerial(serial string, timeout time.Duration) (string, error) {
 	deadline := time.Now().Add(timeout)
+	if strings.HasPrefix(serial, "/dev/") {
+		return waitDevice(serial, deadline)
+	}
 	for {
 		entries, _ := os.ReadDir("/sys/block")
 		var seen []string
@@ -152,6 +158,26 @@ func diskBySerial(serial string, timeout time.Duration) (string, error) {
 		}
 		if time.Now().After(deadline) {
 			return "", fmt.Errorf("no disk with serial %q after %s (disks: %s)", serial, timeout, strings.Join(seen, " "))
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+// waitDevice waits until dev exists and is a block device.
+func waitDevice(dev string, deadline time.Time) (string, error) {
+	for {
+		fi, err := os.Stat(dev)
+		if err == nil {
+			if fi.Mode()&os.ModeDevice == 0 {
+				return "", fmt.Errorf("%s is no block device", dev)
+			}
+			return dev, nil
+		}
+		if !errors.Is(err, os.ErrNotExist) {
+			return "", err
+		}
+		if time.Now().After(deadline) {
+			return "", fmt.Errorf("no disk %s after waiting", dev)
 		}
 		time.Sleep(5 * time.Millisecond)
 	}

@@ -70,11 +70,32 @@ func printTemplates(w io.Writer, g *globals, ts []api.Template, single bool) err
 		}
 		return printJSON(w, ts)
 	}
-	t := newTable(w, "NAME", "VCPUS", "MEMORY", "GENERATION", "SHARED", "CREATED", "IMAGE")
+	t := newTable(w, "NAME", "VCPUS", "MEMORY", "DISK", "GENERATION", "SHARED", "CREATED", "IMAGE")
 	for _, tm := range ts {
-		t.row(tm.Name, tm.VCPUs, fmt.Sprintf("%dMiB", tm.MemoryMiB), tm.Generation, tm.SharedMemory, age(tm.CreatedAt), tm.Image)
+		disk := "-"
+		if tm.DiskMiB > 0 {
+			disk = fmt.Sprintf("%dMiB", tm.DiskMiB)
+		}
+		t.row(tm.Name, tm.VCPUs, fmt.Sprintf("%dMiB", tm.MemoryMiB), disk, tm.Generation, tm.SharedMemory, age(tm.CreatedAt), templateImage(tm))
 	}
 	return t.flush()
+}
+
+// templateImage is what the IMAGE column says of a template's image: its
+// name and what it was built from ("py (debian:bookworm)"), or the source
+// alone when it has no name (the default busybox image, a directory).
+func templateImage(tm api.Template) string {
+	src := tm.ImageSource
+	if src == "" {
+		src = tm.Image
+	}
+	if tm.ImageName == "" {
+		return src
+	}
+	if src == "" {
+		return tm.ImageName
+	}
+	return tm.ImageName + " (" + src + ")"
 }
 
 func newPoolCommand(g *globals) *cobra.Command {

@@ -314,7 +314,7 @@ func TestTemplateBuildAndStatus(t *testing.T) {
 	state := startDaemon(t, apitest.New())
 	s := "--state=" + state
 	r := cli(t, "", s, "template", "build", "py", "--vcpus", "2", "--mem", "512")
-	if r.code != 0 || r.stderr != "" || !regexp.MustCompile(`(?m)^py\s+2\s+512MiB\s+1\s`).MatchString(r.stdout) {
+	if r.code != 0 || r.stderr != "" || !regexp.MustCompile(`(?m)^py\s+2\s+512MiB\s+-\s+1\s`).MatchString(r.stdout) {
 		t.Fatalf("template build (no progress off a terminal): %+v", r)
 	}
 	assertFailure(t, cli(t, "", s, "template", "build", "..", "--mem", "512"), exitFailure, "name")

@@ -48,6 +48,7 @@ func runTests(m *testing.M) int {
 
 type env struct {
 	p      *Provider
+	opts   Options
 	state  string
 	kernel string
 	initrd string
@@ -79,6 +80,7 @@ func newEnv(t *testing.T, mod func(*Options)) *env {
 	if err != nil {
 		t.Fatal(err)
 	}
+	e.opts = opts
 	e.spec = vm.Spec{VCPUs: 1, MemoryMiB: 256, Kernel: e.kernel, Initrd: e.initrd}
 	t.Cleanup(func() {
 		ctx := context.Background()
@@ -125,7 +127,7 @@ func processGone(pid int) bool {
 func TestConformance(t *testing.T) {
 	providertest.Run(t, func(t *testing.T) (vm.Provider, providertest.Fixture) {
 		e := newEnv(t, nil)
-		return e.p, providertest.Fixture{Spec: e.spec, AgentPing: pingAgent, Timeout: time.Minute}
+		return e.p, providertest.Fixture{Spec: e.spec, AgentPing: pingAgent, Timeout: time.Minute, Disk: e.diskFixture(t)}
 	})
 }
 

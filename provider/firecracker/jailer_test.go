@@ -239,7 +239,7 @@ func TestJailedFirecrackerGetsItsIDOnce(t *testing.T) {
 func TestJailedConformance(t *testing.T) {
 	providertest.Run(t, func(t *testing.T) (vm.Provider, providertest.Fixture) {
 		e, _ := newJailedEnv(t)
-		return e.p, providertest.Fixture{Spec: e.spec, AgentPing: pingAgent, Timeout: time.Minute}
+		return e.p, providertest.Fixture{Spec: e.spec, AgentPing: pingAgent, Timeout: time.Minute, Disk: e.diskFixture(t)}
 	})
 }
 

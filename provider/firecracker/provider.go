@@ -223,6 +223,7 @@ func (p *Provider) Capabilities() vm.Capabilities {
 		vm.CapBalloon:      true,
 		vm.CapAgent:        true,
 		vm.CapDataDisk:     true,
+		vm.CapRootDisk:     true,
 		vm.CapAdopt:        true,
 		vm.CapSuspend:      true,
 		vm.CapPrepareBoot:  true,
@@ -255,6 +256,10 @@ type record struct {
 	Cgroups []string `json:"cgroups,omitempty"`
 	// DataDiskPath is the disk the VM writes, as the host sees it.
 	DataDiskPath string `json:"data_disk_path,omitempty"`
+	// WritableDiskPath is the disk the VM writes its root filesystem's
+	// changes to, as the host sees it: the caller's, or a clone's own copy
+	// inside Root, which goes with the VM.
+	WritableDiskPath string `json:"writable_disk_path,omitempty"`
 	// SuspendedTo is the single-use snapshot the VM was suspended to: it
 	// must not run again.
 	SuspendedTo string `json:"suspended_to,omitempty"`
@@ -535,6 +540,12 @@ func (p *Provider) boot(ctx context.Context, in *instance) error {
 		}
 	}
 	in.DataDiskPath = spec.DataDisk
+	drives, err := p.imageDrives(in)
+	if err != nil {
+		return err
+	}
+	in.Spec.Cmdline = guestDiskCmdline(in.Spec.Cmdline, drives)
+	spec.Cmdline = in.Spec.Cmdline
 	if err := p.saveRecord(in); err != nil {
 		return err
 	}
@@ -548,6 +559,13 @@ func (p *Provider) boot(ctx context.Context, in *instance) error {
 	}
 	if err := api.do(ctx, "PUT", "/boot-source", bootSource{KernelImagePath: kernel, InitrdPath: initrd, BootArgs: spec.Cmdline}, nil); err != nil {
 		return err
+	}
+	// The image's drives first: the guest names them in this order.
+	for _, d := range drives {
+		body := drive{DriveID: d.id, PathOnHost: d.path, IsReadOnly: d.readOnly}
+		if err := api.do(ctx, "PUT", "/drives/"+d.id, body, nil); err != nil {
+			return err
+		}
 	}
 	if disk != "" {
 		d := drive{DriveID: dataDriveID, PathOnHost: disk}
@@ -979,6 +997,13 @@ func (p *Provider) Snapshot(ctx context.Context, id, dir string) (vm.Snapshot, e
 		}
 		snap.Meta["data_disk"] = snapDiskName
 	}
+	diskMeta, err := freezeWritableDisk(in, dir)
+	if err != nil {
+		return vm.Snapshot{}, fmt.Errorf("snapshot %s: %w", id, err)
+	}
+	for k, v := range diskMeta {
+		snap.Meta[k] = v
+	}
 	b, _ := json.MarshalIndent(snap, "", "  ")
 	if err := os.WriteFile(filepath.Join(dir, snapMetaName), b, 0o600); err != nil {
 		return vm.Snapshot{}, fmt.Errorf("snapshot %s: %w", id, err)
@@ -1027,7 +1052,7 @@ func (p *Provider) Restore(ctx context.Context, snap vm.Snapshot) (vm.VM, error)
 		// (root): one built here would have none.
 		return vm.VM{}, fmt.Errorf("restore from %s: %w (rebuild the template): %w", snap.Dir, err, vm.ErrIncompatible)
 	}
-	spec.DataDisk = ""
+	spec.DataDisk, spec.WritableDisk = "", ""
 	in, err := p.newInstance(spec)
 	if err != nil {
 		return vm.VM{}, err
@@ -1045,6 +1070,9 @@ func (p *Provider) Restore(ctx context.Context, snap vm.Snapshot) (vm.VM, error)
 func (p *Provider) restore(ctx context.Context, in *instance, snap vm.Snapshot) error {
 	statePath, memPath, err := p.snapshotFiles(in, snap)
 	if err != nil {
+		return err
+	}
+	if err := p.cloneImageDisks(in, snap); err != nil {
 		return err
 	}
 	if name := snap.Meta["data_disk"]; name != "" {

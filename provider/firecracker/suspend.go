@@ -37,6 +37,9 @@ func (p *Provider) Suspend(ctx context.Context, id, dir string) (vm.Snapshot, er
 	if in.SuspendedTo != "" {
 		return fail(fmt.Errorf("already suspended to snapshot %s: %w", in.SuspendedTo, vm.ErrInvalidState))
 	}
+	if in.WritableDiskPath != "" {
+		return fail(fmt.Errorf("vm has a writable root disk, which goes with it: %w", vm.ErrUnsupported))
+	}
 	abs, err := filepath.Abs(dir)
 	if err != nil {
 		return fail(err)
@@ -178,6 +181,11 @@ func (p *Provider) loadSuspended(ctx context.Context, in *instance, snap vm.Snap
 	statePath, memPath, err := p.snapshotFiles(in, snap)
 	if err != nil {
 		return err
+	}
+	if in.Jailed && in.Spec.RootDisk != "" {
+		if _, err := p.rootDrivePath(in); err != nil {
+			return err
+		}
 	}
 	disk := in.DataDiskPath
 	if in.Jailed && disk != "" {

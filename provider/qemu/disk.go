@@ -8,6 +8,7 @@ import (
 	"path/filepath"
 	"strings"
 
+	"github.com/warmpool/warmpool/internal/sparse"
 	"github.com/warmpool/warmpool/vm"
 )
 
@@ -67,7 +68,7 @@ func (p *Provider) freezeWritableDisk(ctx context.Context, cfg machineConfig, di
 		return nil, fmt.Errorf("vm's writable disk is a %s layer (a clone's): snapshot the template instead: %w", cfg.WritableFormat, vm.ErrUnsupported)
 	}
 	base := filepath.Join(dir, snapDiskFile)
-	if err := copySparse(cfg.WritableDisk, base); err != nil {
+	if err := sparse.Copy(cfg.WritableDisk, base); err != nil {
 		return nil, fmt.Errorf("freeze writable disk: %w", err)
 	}
 	layer := filepath.Join(dir, snapCloneDiskFile)
@@ -99,7 +100,7 @@ func checkWritableDisk(snap vm.Snapshot) (layer string, err error) {
 // layer into its directory: its writes land there, the frozen base under
 // it is shared.
 func copyCloneLayer(layer, dir string) error {
-	if err := copySparse(layer, filepath.Join(dir, vmDiskFile)); err != nil {
+	if err := sparse.Copy(layer, filepath.Join(dir, vmDiskFile)); err != nil {
 		return fmt.Errorf("clone's writable disk: %w", err)
 	}
 	return nil

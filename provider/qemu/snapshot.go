@@ -5,16 +5,15 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
 	"io/fs"
 	"os"
 	"path/filepath"
 	"time"
 
 	"github.com/warmpool/warmpool/internal/singleuse"
+	"github.com/warmpool/warmpool/internal/sparse"
 	"github.com/warmpool/warmpool/provider/qemu/qmp"
 	"github.com/warmpool/warmpool/vm"
-	"golang.org/x/sys/unix"
 )
 
 // Meta keys of a qemu vm.Snapshot.
@@ -91,7 +90,7 @@ func (p *Provider) Snapshot(ctx context.Context, id, dir string) (vm.Snapshot, e
 	meta := map[string]string{metaState: snapStateFile}
 	if shared {
 		memPath := filepath.Join(dir, snapMemoryFile)
-		if err := copySparse(rec.Config.MemPath, memPath); err != nil {
+		if err := sparse.Copy(rec.Config.MemPath, memPath); err != nil {
 			return fail(err)
 		}
 		// Clones map it with share=off: their writes go to private copies of
@@ -380,86 +379,4 @@ func (p *Provider) migrateIn(ctx context.Context, m *machine, ignoreShared bool,
 		return nil
 	}
 	return p.enableStats(ctx, c)
-}
-
-// copySparse copies a RAM file, leaving holes where the source has holes or
-// whole pages of zeros, so untouched guest memory costs nothing in the copy.
-func copySparse(src, dst string) error {
-	in, err := os.Open(src)
-	if err != nil {
-		return fmt.Errorf("copy ram file: %w", err)
-	}
-	defer in.Close()
-	st, err := in.Stat()
-	if err != nil {
-		return fmt.Errorf("copy ram file: %w", err)
-	}
-	tmp := dst + ".tmp"
-	out, err := os.OpenFile(tmp, os.O_CREATE|os.O_TRUNC|os.O_WRONLY, 0o644)
-	if err != nil {
-		return fmt.Errorf("copy ram file: %w", err)
-	}
-	defer os.Remove(tmp)
-	if err := copyData(in, out, st.Size()); err != nil {
-		out.Close()
-		return fmt.Errorf("copy ram file %s: %w", src, err)
-	}
-	if err := out.Truncate(st.Size()); err != nil {
-		out.Close()
-		return fmt.Errorf("copy ram file: %w", err)
-	}
-	if err := out.Close(); err != nil {
-		return fmt.Errorf("copy ram file: %w", err)
-	}
-	return os.Rename(tmp, dst)
-}
-
-func copyData(in, out *os.File, size int64) error {
-	const chunk = 1 << 20
-	const page = 4096
-	buf := make([]byte, chunk)
-	fd := int(in.Fd())
-	for off := int64(0); off < size; {
-		data, err := unix.Seek(fd, off, unix.SEEK_DATA)
-		if errors.Is(err, unix.ENXIO) {
-			return nil // only a hole remains
-		}
-		if err != nil {
-			return err
-		}
-		hole, err := unix.Seek(fd, data, unix.SEEK_HOLE)
-		if err != nil {
-			return err
-		}
-		for pos := data; pos < hole; {
-			n, err := in.ReadAt(buf[:min(int64(chunk), hole-pos)], pos)
-			if err != nil && !errors.Is(err, io.EOF) {
-				return err
-			}
-			if n == 0 {
-				break
-			}
-			for i := 0; i < n; i += page {
-				pg := buf[i:min(i+page, n)]
-				if isZero(pg) {
-					continue
-				}
-				if _, err := out.WriteAt(pg, pos+int64(i)); err != nil {
-					return err
-				}
-			}
-			pos += int64(n)
-		}
-		off = hole
-	}
-	return nil
-}
-
-func isZero(b []byte) bool {
-	for _, c := range b {
-		if c != 0 {
-			return false
-		}
-	}
-	return true
 }

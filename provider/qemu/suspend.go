@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/warmpool/warmpool/internal/singleuse"
+	"github.com/warmpool/warmpool/internal/sparse"
 	"github.com/warmpool/warmpool/vm"
 	"golang.org/x/sys/unix"
 )
@@ -231,7 +232,7 @@ func linkOrCopy(src, dst string) (string, error) {
 	if !errors.Is(err, unix.EXDEV) && !errors.Is(err, unix.EPERM) && !errors.Is(err, unix.EMLINK) {
 		return "", fmt.Errorf("link ram file: %w", err)
 	}
-	if err := copySparse(src, dst); err != nil {
+	if err := sparse.Copy(src, dst); err != nil {
 		return "", err
 	}
 	return "copied", nil

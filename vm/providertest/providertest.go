@@ -10,7 +10,9 @@
 // The suite boots at most three VMs cold (one of them is cancelled early,
 // one is only ballooned and destroyed without waiting for its guest) and
 // restores a handful from one snapshot, so it stays quick for real
-// hypervisors. Subtests that need an optional capability skip without it.
+// hypervisors; a provider with vm.CapRootDisk boots one more, on the
+// fixture's root disk, and restores three clones of it. Subtests that need
+// an optional capability skip without it.
 //
 // The VM most subtests share is snapshotted as a template, so it is created
 // with Spec.NoBalloon, as templates are; the balloon is tested on a VM of
@@ -54,6 +56,9 @@ type Fixture struct {
 	// means ten seconds (a process killed on a loaded machine takes a
 	// while to be torn down).
 	ExitTimeout time.Duration
+	// Disk is what the RootDisk case needs; required when the provider
+	// has vm.CapRootDisk.
+	Disk *DiskFixture
 }
 
 // Run runs the conformance suite against the provider newProvider returns.
@@ -91,6 +96,7 @@ func Run(t *testing.T, newProvider func(t *testing.T) (vm.Provider, Fixture)) {
 	t.Run("SnapshotOfRunningRejected", s.testSnapshotRunning)
 	t.Run("SnapshotRestore", s.testSnapshotRestore)
 	t.Run("ConcurrentRestores", s.testConcurrentRestores)
+	t.Run("RootDisk", s.testRootDisk)
 	t.Run("ExitEvents", s.testExitEvents)
 	t.Run("RestoreCancelled", s.testRestoreCancelled)
 	t.Run("RestoreCancelledAtAnyPoint", s.testRestoreCancelledAnywhere)

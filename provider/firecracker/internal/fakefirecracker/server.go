@@ -85,6 +85,10 @@ type Server struct {
 	metrics  bool
 	vsockLn  net.Listener
 	conns    map[net.Conn]bool
+	// drives are the files the guest's block devices are backed by, open
+	// for the process's life as Firecracker keeps them: a file replaced
+	// at the same path afterwards is not what the guest writes.
+	drives   map[string]*os.File
 	done     chan struct{}
 	doneOnce sync.Once
 	ctx      context.Context
@@ -111,6 +115,7 @@ func New(opts Options) *Server {
 			Network:       map[string]map[string]any{},
 		},
 		conns:  map[net.Conn]bool{},
+		drives: map[string]*os.File{},
 		done:   make(chan struct{}),
 		ctx:    ctx,
 		cancel: cancel,
@@ -302,15 +307,15 @@ func (s *Server) handle(method, path string, body map[string]any) (any, *fault) 
 		if body["drive_id"] != seg[1] {
 			return nil, faultf("The id from the path [%s] does not match the id from the body [%v]!", seg[1], body["drive_id"])
 		}
-		if err := openable(body["path_on_host"], body["is_read_only"] != true); err != nil {
-			return nil, faultf("Unable to create the block device: BackingFile(%v)", err)
-		}
 		if body["is_root_device"] == true {
 			for id, d := range s.cfg.Drives {
 				if id != seg[1] && d["is_root_device"] == true {
 					return nil, faultf("A root block device already exists!")
 				}
 			}
+		}
+		if err := s.openDrive(seg[1], body["path_on_host"], body["is_read_only"] != true); err != nil {
+			return nil, faultf("Unable to create the block device: BackingFile(%v)", err)
 		}
 		s.cfg.Drives[seg[1]] = body
 		return nil, nil
@@ -326,7 +331,7 @@ func (s *Server) handle(method, path string, body map[string]any) (any, *fault) 
 			return nil, faultf("Invalid block device ID: %s", seg[1])
 		}
 		if p, ok := body["path_on_host"]; ok {
-			if err := openable(p, d["is_read_only"] != true); err != nil {
+			if err := s.openDrive(seg[1], p, d["is_read_only"] != true); err != nil {
 				return nil, faultf("Unable to patch the block device: BackingFile(%v)", err)
 			}
 			d["path_on_host"] = p
@@ -487,6 +492,36 @@ func openable(p any, write bool) error {
 	return f.Close()
 }
 
+// openDrive opens the file backing drive id (relative paths against the
+// working directory, as Firecracker does) and keeps it open in place of
+// the drive's earlier file. It logs the descriptor so that a test can
+// play the guest and write through exactly the file the process has open
+// (/proc/PID/fd/FD); see DriveOpenedMsg.
+func (s *Server) openDrive(id string, p any, write bool) error {
+	path, ok := p.(string)
+	if !ok {
+		return errors.New("no path")
+	}
+	flag := os.O_RDONLY
+	if write {
+		flag = os.O_RDWR
+	}
+	f, err := os.OpenFile(path, flag, 0)
+	if err != nil {
+		return err
+	}
+	if old := s.drives[id]; old != nil {
+		old.Close()
+	}
+	s.drives[id] = f
+	s.log.Info(DriveOpenedMsg, "drive", id, "fd", f.Fd(), "path", path, "write", write)
+	return nil
+}
+
+// DriveOpenedMsg is the log message of every drive the fake opens, with
+// drive=ID and fd=N.
+const DriveOpenedMsg = "drive opened"
+
 func (s *Server) action(kind string) *fault {
 	switch kind {
 	case "InstanceStart":
@@ -633,7 +668,7 @@ func (s *Server) load(body map[string]any) *fault {
 		return faultf("Load snapshot error: memory file is %d bytes, the snapshot's guest has %v MiB", info.Size(), s.memMiB())
 	}
 	for id, d := range s.cfg.Drives {
-		if err := openable(d["path_on_host"], d["is_read_only"] != true); err != nil {
+		if err := s.openDrive(id, d["path_on_host"], d["is_read_only"] != true); err != nil {
 			return faultf("Load snapshot error: cannot reopen drive %s: %v", id, err)
 		}
 	}
