@@ -187,13 +187,13 @@ func ours(t *testing.T, state string) []string {
 	return left
 }
 
-// testCIDR is a range of its own for one test run: a /28 (four slots) at a
-// random place in 10.0.0.0/8, unlikely to meet another run's.
+// testCIDR is a range of its own for one test run: a /27 (eight slots) at
+// a random place in 10.0.0.0/8, unlikely to meet another run's.
 func testCIDR(t *testing.T) string {
 	t.Helper()
 	var b [2]byte
 	rand.Read(b[:])
-	return fmt.Sprintf("10.%d.%d.%d/28", 200+int(b[0])%50, b[1], 16*(int(b[0])%16))
+	return fmt.Sprintf("10.%d.%d.%d/27", 200+int(b[0])%50, b[1], 32*(int(b[0])%8))
 }
 
 func needNetworkRoot(t *testing.T) {
@@ -219,7 +219,8 @@ func writeNetConfig(t *testing.T, state, cidr string) string {
 
 // Two clones of one template each serve HTTP at an address of their own;
 // neither reaches the other or the host; an egress clone reaches the
-// outside only as its allow-list says; a clone with network none has no
+// outside only as its allow-list says (one without an allow-list reaches
+// it but still not the host); a clone with network none has no
 // interface; after kill -9 of the daemon the leases keep their addresses
 // and connectivity; after release and shutdown nothing of ours is left.
 func TestQEMUNetwork(t *testing.T) {
@@ -240,18 +241,24 @@ func TestQEMUNetwork(t *testing.T) {
 	mustCLI(t, state, time.Minute, "pool", "set", "eg", "--template", "base", "--min", "1", "--max", "1",
 		"--network", "egress", "--egress-allow", out.addr+":8080")
 	mustCLI(t, state, time.Minute, "pool", "set", "off", "--template", "base", "--min", "1", "--max", "1", "--network", "none")
+	// Egress with no allow-list: only the host's own rules keep it off
+	// the host.
+	mustCLI(t, state, time.Minute, "pool", "set", "open", "--template", "base", "--min", "1", "--max", "1", "--network", "egress")
 	waitPool(t, state, "iso", 2)
 	waitPool(t, state, "eg", 1)
 	waitPool(t, state, "off", 1)
+	waitPool(t, state, "open", 1)
 	a, b := acquireNet(t, state, "iso"), acquireNet(t, state, "iso")
 	c, off := acquireNet(t, state, "eg"), acquireNet(t, state, "off")
+	open := acquireNet(t, state, "open")
 	// No refills: the test needs no more VMs.
 	mustCLI(t, state, time.Minute, "pool", "set", "iso", "--template", "base", "--min", "0", "--max", "1")
 	mustCLI(t, state, time.Minute, "pool", "set", "eg", "--template", "base", "--min", "0", "--max", "1",
 		"--network", "egress", "--egress-allow", out.addr+":8080")
 	mustCLI(t, state, time.Minute, "pool", "set", "off", "--template", "base", "--min", "0", "--max", "1", "--network", "none")
-	if a.Address == nil || b.Address == nil || c.Address == nil || *a.Address == *b.Address {
-		t.Fatalf("leases' addresses: %v %v %v, want two different ones and one for egress", a.Address, b.Address, c.Address)
+	mustCLI(t, state, time.Minute, "pool", "set", "open", "--template", "base", "--min", "0", "--max", "1", "--network", "egress")
+	if a.Address == nil || b.Address == nil || c.Address == nil || open.Address == nil || *a.Address == *b.Address {
+		t.Fatalf("leases' addresses: %v %v %v %v, want two different ones and two for egress", a.Address, b.Address, c.Address, open.Address)
 	}
 	if off.Address != nil {
 		t.Errorf("a lease of a network: none pool has address %s", *off.Address)
@@ -271,7 +278,7 @@ func TestQEMUNetwork(t *testing.T) {
 	}
 	served("after acquire")
 
-	for _, from := range []netLease{a, c} {
+	for _, from := range []netLease{a, c, open} {
 		peer := b
 		if got := guestGet(t, state, from.ID, *peer.Address+":80"); got != "" {
 			t.Errorf("lease %s reached lease %s at %s: %q", from.ID, peer.ID, *peer.Address, got)
@@ -293,6 +300,9 @@ func TestQEMUNetwork(t *testing.T) {
 		if got := guestGet(t, state, c.ID, out.addr+":8081"); got != "" {
 			t.Errorf("%s: egress lease reached %s:8081, which its allow-list leaves out: %q", when, out.addr, got)
 		}
+		if got := guestGet(t, state, open.ID, out.addr+":8081"); !strings.HasPrefix(got, "HTTP/1.0 200") {
+			t.Errorf("%s: egress lease without an allow-list did not reach %s:8081: %q", when, out.addr, got)
+		}
 	}
 	egress("after acquire")
 	if links := mustCLI(t, state, time.Minute, "exec", off.ID, "--", "ls", "/sys/class/net"); strings.TrimSpace(links) != "lo" {
@@ -313,7 +323,7 @@ func TestQEMUNetwork(t *testing.T) {
 		t.Errorf("after restart lease %s reached lease %s: %q", a.ID, b.ID, got)
 	}
 
-	for _, l := range []netLease{a, b, c, off} {
+	for _, l := range []netLease{a, b, c, off, open} {
 		mustCLI(t, state, time.Minute, "release", l.ID)
 	}
 	d.term(t)
