@@ -722,6 +722,9 @@ type Status struct {
 	Machines     int       `json:"machines"`
 	// VMs is every VM the daemon owns: warm, leased and machines.
 	VMs int `json:"vms"`
+	// Network is "on, CIDR", or "off: WHY" when network.cidr is set but
+	// networking cannot be had (not root); empty without network.cidr.
+	Network string `json:"network,omitempty"`
 }
 
 // Error is the JSON body of every error response, and the error the Client

@@ -34,6 +34,7 @@ func (d *Daemon) Status(ctx context.Context) (api.Status, error) {
 		StateDir:     d.stateDir,
 		StartedAt:    d.started,
 		Leases:       d.leaseCount(),
+		Network:      d.net.status(d.cfg.Network.CIDR),
 	}
 	err := d.st.View(func(tx *store.Tx) error {
 		for _, c := range []struct {

@@ -91,6 +91,9 @@ type Options struct {
 	// provider replaces the one named by Provider (tests share one fake
 	// provider across daemon restarts this way).
 	provider vm.Provider
+	// notRoot has a daemon run by root behave as one that is not, where
+	// privileges matter (networking).
+	notRoot bool
 	// ready, when set, receives the daemon once it serves.
 	ready func(*Daemon)
 	// machineClock replaces the wall clock of the machines' idle, hold
@@ -274,7 +277,8 @@ func start(ctx context.Context, opts Options) (d *Daemon, srv *server, err error
 	}
 	d.repair = newTemplateRepair(ctx)
 	d.vms = &vmRecords{st: st, provider: inner.Name(), snapshotOwner: d.snapshotOwner}
-	if d.net, err = newNetSlots(cfg, stateDir, inner, st, log); err != nil {
+	root := os.Geteuid() == 0 && !opts.notRoot
+	if d.net, err = newNetSlots(cfg, stateDir, inner, st, log, root); err != nil {
 		return nil, nil, err
 	}
 	d.prov = &ownedProvider{inner: inner, recs: d.vms, log: log, onIncompatible: d.restoreIncompatible,

@@ -57,10 +57,19 @@ func startWrapped(t testing.TB, dir string, prov *fake.Provider, served vm.Provi
 // the wall clock).
 func startWrappedOn(t testing.TB, dir string, prov *fake.Provider, served vm.Provider, cfg string, clock *lifecycle.ManualClock) *running {
 	t.Helper()
+	return startWrappedWith(t, dir, prov, served, cfg, func(o *Options) {
+		if clock != nil {
+			o.machineClock = clock
+		}
+	})
+}
+
+// startWrappedWith is startWrapped with options mod changes.
+func startWrappedWith(t testing.TB, dir string, prov *fake.Provider, served vm.Provider, cfg string, mod func(*Options)) *running {
+	t.Helper()
 	opts := Options{StateDir: dir, Provider: "fake", Logger: testLogger(t), provider: served}
-	if clock != nil {
-		opts.machineClock = clock
-	}
+	mod(&opts)
+	clock, _ := opts.machineClock.(*lifecycle.ManualClock)
 	if cfg != "" {
 		opts.ConfigFile = filepath.Join(dir, "config.yaml")
 		if err := os.WriteFile(opts.ConfigFile, []byte(cfg), 0o600); err != nil {

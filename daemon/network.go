@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"log/slog"
 	"maps"
-	"os"
 	"strings"
 	"sync"
 	"time"
@@ -55,14 +54,15 @@ type netSlots struct {
 
 // newNetSlots checks the network configuration against the host. A range
 // that overlaps the host's addresses or routes is an error: the daemon does
-// not start, and nothing is created.
-func newNetSlots(cfg Config, stateDir string, prov vm.Provider, st *store.Store, log *slog.Logger) (*netSlots, error) {
+// not start, and nothing is created. Without root (namespaces, TAPs and
+// nftables need it) networking is off and the daemon says why.
+func newNetSlots(cfg Config, stateDir string, prov vm.Provider, st *store.Store, log *slog.Logger, root bool) (*netSlots, error) {
 	n := &netSlots{st: st, log: log.With("component", "network"), byVM: map[string]network.Slot{}, byMachine: map[string]network.Slot{}}
 	if cfg.Network.CIDR == "" {
 		return n, nil
 	}
 	switch {
-	case os.Geteuid() != 0:
+	case !root:
 		n.off = "network slots need root (namespaces, TAP devices, nftables); only pools and machines with network: none run"
 	case !prov.Capabilities().Has(vm.CapNetwork):
 		n.off = fmt.Sprintf("provider %s cannot attach a network interface; only pools and machines with network: none run", prov.Name())
@@ -79,6 +79,18 @@ func newNetSlots(cfg Config, stateDir string, prov vm.Provider, st *store.Store,
 	}
 	n.mgr = mgr
 	return n, nil
+}
+
+// status is what `warmpool status` says of networking: on with its
+// range, off and why, or "" when not configured.
+func (n *netSlots) status(cidr string) string {
+	switch {
+	case n.mgr != nil:
+		return "on, " + cidr
+	case n.off != "":
+		return "off: " + n.off
+	}
+	return ""
 }
 
 // configured reports whether the configuration asks for networking, whether

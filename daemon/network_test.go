@@ -130,3 +130,48 @@ func TestPoolVMsGetSlots(t *testing.T) {
 		t.Errorf("after release and shutdown, namespaces %v are left", ns)
 	}
 }
+
+// With network.cidr set but without root, the daemon starts, says that
+// networking needs root (in its status and in every refusal), runs pools
+// and machines whose policy is none, refuses the others, and makes no
+// namespace.
+func TestNetworkOffWithoutRoot(t *testing.T) {
+	dir := t.TempDir()
+	prov := newFakeProvider()
+	r := startWrappedWith(t, dir, prov, networked{prov}, "network: {cidr: 10.251.9.0/28, warm: 1}\n", func(o *Options) { o.notRoot = true })
+	ctx := ctxT(t)
+	st, err := r.client.Status(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.HasPrefix(st.Network, "off: ") || !strings.Contains(st.Network, "need root") {
+		t.Errorf("status network %q, want off because it needs root", st.Network)
+	}
+	if _, err := r.client.BuildTemplate(ctx, api.TemplateRequest{Name: "base"}, nil); err != nil {
+		t.Fatal(err)
+	}
+	for _, net := range []string{"", "isolated", "egress"} {
+		if _, err := r.client.SetPool(ctx, "p"+net, api.PoolRequest{Template: "base", Min: 1, Max: 1, Network: net}); err == nil || !strings.Contains(err.Error(), "need root") {
+			t.Errorf("pool with network %q = %v, want a refusal saying networking needs root", net, err)
+		}
+	}
+	if _, err := r.client.PutMachine(ctx, "dev", api.MachineRequest{VCPUs: 1, MemoryMiB: 256, Network: "isolated"}); err == nil || !strings.Contains(err.Error(), "need root") {
+		t.Errorf("machine with network isolated = %v, want a refusal saying networking needs root", err)
+	}
+	if _, err := r.client.SetPool(ctx, "off", api.PoolRequest{Template: "base", Min: 1, Max: 1, Network: "none"}); err != nil {
+		t.Fatal(err)
+	}
+	waitReady(t, r.client, "off", 1)
+	l, err := r.client.Acquire(ctx, "off", 10*time.Second, api.AcquireRequest{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if l.Address != nil {
+		t.Errorf("a lease of a none pool has address %s", *l.Address)
+	}
+	if os.Geteuid() == 0 {
+		if ns := slotNamespaces(t, dir); len(ns) > 0 {
+			t.Errorf("a daemon without networking made namespaces %v", ns)
+		}
+	}
+}

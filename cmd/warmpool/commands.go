@@ -610,6 +610,7 @@ func newStatusCommand(g *globals) *cobra.Command {
 					"leases", st.Leases,
 					"machines", st.Machines,
 					"vms", st.VMs,
+					"network", st.Network,
 				)
 			})
 		},

@@ -65,6 +65,8 @@ type installation struct {
 	bin string
 	dir string
 	env []string
+	// cred, when set, is the user the binary runs as.
+	cred *syscall.Credential
 }
 
 // checkout runs the binary TestMain built from the test's directory, inside
@@ -79,6 +81,9 @@ func (in installation) command(ctx context.Context, args ...string) *exec.Cmd {
 		env = os.Environ()
 	}
 	cmd.Env = append(slices.Clone(env), "WARMPOOL_SOCKET=")
+	if in.cred != nil {
+		cmd.SysProcAttr = &syscall.SysProcAttr{Credential: in.cred}
+	}
 	return cmd
 }
 
