@@ -6,6 +6,8 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
+	"strings"
 	"sync"
 	"time"
 
@@ -23,10 +25,12 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/client"
 	"sigs.k8s.io/controller-runtime/pkg/controller"
 	"sigs.k8s.io/controller-runtime/pkg/controller/controllerutil"
+	"sigs.k8s.io/controller-runtime/pkg/event"
 	"sigs.k8s.io/controller-runtime/pkg/handler"
 	"sigs.k8s.io/controller-runtime/pkg/manager"
 	"sigs.k8s.io/controller-runtime/pkg/predicate"
 	"sigs.k8s.io/controller-runtime/pkg/reconcile"
+	"sigs.k8s.io/controller-runtime/pkg/source"
 
 	"github.com/warmpool/warmpool/api"
 	"github.com/warmpool/warmpool/kube/v1alpha1"
@@ -50,13 +54,22 @@ type AgentOptions struct {
 	// ReportInterval is how often the ready counts are compared with what
 	// the WarmPools' status says (default 250ms; only changes are written).
 	ReportInterval time.Duration
+	// AuditInterval is how often the claims this node serves are checked
+	// against the daemon's leases (default 30s): a Ready claim whose lease
+	// vanished fails with LeaseGone, a lease whose claim is gone or over
+	// is released.
+	AuditInterval time.Duration
 	// AcquireWait bounds the wait for a ready VM of a bound claim before the
 	// claim goes back to Pending for another node (default 30s).
 	AcquireWait time.Duration
-	Logger      *slog.Logger
-	// watchNamespace limits the claims and WarmPools seen to one
-	// namespace (tests share one API server).
-	watchNamespace string
+	// Images builds the images of WarmPools whose image is not busybox;
+	// without it such pools report an error in this node's entry.
+	Images ImageBuilder
+	Logger *slog.Logger
+	// WatchNamespace, when set, limits the WarmPools and VMClaims seen
+	// to that namespace (a cluster shared with other warmpool
+	// installations, or tests sharing one API server).
+	WatchNamespace string
 }
 
 func (o *AgentOptions) setDefaults() error {
@@ -74,6 +87,7 @@ func (o *AgentOptions) setDefaults() error {
 	}
 	o.ReportInterval = cmp.Or(o.ReportInterval, 250*time.Millisecond)
 	o.AcquireWait = cmp.Or(o.AcquireWait, 30*time.Second)
+	o.AuditInterval = cmp.Or(o.AuditInterval, 30*time.Second)
 	if o.Logger == nil {
 		o.Logger = slog.New(slog.DiscardHandler)
 	}
@@ -96,6 +110,9 @@ type agent struct {
 	// reported is the node status last written, by local pool name.
 	reported map[string]v1alpha1.NodePoolStatus
 	poke     chan struct{}
+	// recheck brings a claim to reconcileClaim outside the API server's
+	// events: the audit found its lease gone.
+	recheck chan event.GenericEvent
 	// lastLease is the heartbeat Lease as last written (heartbeat only).
 	lastLease *coordinationv1.Lease
 }
@@ -105,6 +122,9 @@ type localPool struct {
 	ref        types.NamespacedName
 	generation int64
 	target     int32
+	// image is the image built for it and imageDir where it is.
+	image    ImageRequest
+	imageDir string
 	// built is the template shape built for it; applied the pool set.
 	built   api.TemplateRequest
 	applied api.PoolRequest
@@ -121,6 +141,7 @@ func RunAgent(ctx context.Context, opts AgentOptions) error {
 		opts: opts, b: opts.Backend, log: opts.Logger.With("component", "kube-agent", "node", opts.Node),
 		served: map[types.UID]api.Lease{}, pools: map[string]*localPool{},
 		reported: map[string]v1alpha1.NodePoolStatus{}, poke: make(chan struct{}, 1),
+		recheck: make(chan event.GenericEvent, 64),
 	}
 	cfg := clientConfig(opts.Config)
 	mopts, err := managerOptions(opts.Logger, func(o *manager.Options) {
@@ -128,8 +149,8 @@ func RunAgent(ctx context.Context, opts AgentOptions) error {
 		o.Cache.ByObject = map[client.Object]cache.ByObject{
 			&corev1.Node{}: {Field: fields.OneTermEqualSelector("metadata.name", opts.Node)},
 		}
-		if opts.watchNamespace != "" {
-			o.Cache.DefaultNamespaces = map[string]cache.Config{opts.watchNamespace: {}}
+		if opts.WatchNamespace != "" {
+			o.Cache.DefaultNamespaces = map[string]cache.Config{opts.WatchNamespace: {}}
 		}
 	})
 	if err != nil {
@@ -161,6 +182,7 @@ func RunAgent(ctx context.Context, opts AgentOptions) error {
 	})
 	err = builder.ControllerManagedBy(mgr).Named("node-claims").
 		For(&v1alpha1.VMClaim{}, builder.WithPredicates(mine)).
+		WatchesRawSource(source.Channel(a.recheck, &handler.EnqueueRequestForObject{})).
 		WithOptions(controller.Options{MaxConcurrentReconciles: 16}).
 		Complete(reconcile.Func(a.reconcileClaim))
 	if err != nil {
@@ -177,7 +199,7 @@ func RunAgent(ctx context.Context, opts AgentOptions) error {
 	if err != nil {
 		return fmt.Errorf("node agent: %w", err)
 	}
-	for _, r := range []manager.RunnableFunc{a.heartbeat, a.report, a.sweep} {
+	for _, r := range []manager.RunnableFunc{a.heartbeat, a.report, a.audit} {
 		if err := mgr.Add(r); err != nil {
 			return fmt.Errorf("node agent: %w", err)
 		}
@@ -249,39 +271,111 @@ func (a *agent) renew(ctx context.Context) error {
 	return nil
 }
 
-// sweep runs once the caches are in: it releases the leases an earlier run
-// left whose claims are gone, were bound elsewhere or are over (Lost
-// included: a claim declared lost is never served again), and removes the
-// daemon pools no WarmPool asks of this node any more.
-func (a *agent) sweep(ctx context.Context) error {
+// audit runs once the caches are in and then every AuditInterval: it
+// releases the daemon leases whose claims are gone, were bound elsewhere or
+// are over (Lost included: a claim declared lost is never served again),
+// and sends the Ready claims whose lease the daemon no longer has to
+// reconcileClaim, which ends them (LeaseGone, or TTLExpired when the
+// daemon's TTL took it). The first run also removes the daemon pools no
+// WarmPool asks of this node any more.
+func (a *agent) audit(ctx context.Context) error {
+	if err := a.dropUnwantedPools(ctx); err != nil && ctx.Err() == nil {
+		a.log.Warn("remove unwanted pools", "err", err)
+	}
+	t := time.NewTicker(a.opts.AuditInterval)
+	defer t.Stop()
+	for {
+		if err := a.auditLeases(ctx); err != nil && ctx.Err() == nil {
+			a.log.Warn("audit leases", "err", err)
+		}
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-t.C:
+		}
+	}
+}
+
+func (a *agent) auditLeases(ctx context.Context) error {
+	// What this agent serves is read before the daemon's leases, so that a
+	// lease acquired in between is not taken for one that vanished.
+	a.mu.Lock()
+	before := maps.Clone(a.served)
+	a.mu.Unlock()
+	leases, err := a.b.Leases(ctx)
+	if err != nil {
+		return fmt.Errorf("list the daemon's leases: %w", err)
+	}
+	// The claims are read after the leases: a lease is only taken for a
+	// claim already in the cache, so a claim missing here is gone.
 	var claims v1alpha1.VMClaimList
 	if err := a.c.List(ctx, &claims); err != nil {
-		return fmt.Errorf("sweep: list claims: %w", err)
+		return fmt.Errorf("list claims: %w", err)
 	}
 	byUID := map[types.UID]*v1alpha1.VMClaim{}
 	for i := range claims.Items {
 		byUID[claims.Items[i].UID] = &claims.Items[i]
 	}
-	a.mu.Lock()
+	held := map[string]bool{}
 	var orphans []api.Lease
-	for uid, l := range a.served {
+	for _, l := range leases {
+		held[l.ID] = true
+		_, _, uid, ok := claimOfLease(l)
+		if !ok {
+			continue // not a claim's: someone's own acquire on this daemon
+		}
 		c := byUID[uid]
-		if c == nil || c.Status.Node != a.opts.Node || c.Status.Phase.Terminal() || c.Status.Phase == v1alpha1.ClaimPending {
+		if c == nil || c.Status.Node != a.opts.Node || c.Status.Phase.Terminal() || c.Status.Phase == v1alpha1.ClaimPending ||
+			(c.Status.Phase == v1alpha1.ClaimReady && c.Status.LeaseID != l.ID) {
 			orphans = append(orphans, l)
-			delete(a.served, uid)
+		}
+	}
+	var vanished []*v1alpha1.VMClaim
+	a.mu.Lock()
+	for _, l := range orphans {
+		if s, ok := a.served[types.UID(l.Labels[LabelClaimUID])]; ok && s.ID == l.ID {
+			delete(a.served, types.UID(l.Labels[LabelClaimUID]))
+		}
+	}
+	for uid, l := range before {
+		if !held[l.ID] {
+			if s, ok := a.served[uid]; ok && s.ID == l.ID {
+				delete(a.served, uid)
+			}
+			if c := byUID[uid]; c != nil && c.Status.Phase == v1alpha1.ClaimReady && c.Status.LeaseID == l.ID {
+				vanished = append(vanished, c)
+			}
 		}
 	}
 	a.mu.Unlock()
+	var errs []error
 	for _, l := range orphans {
 		if err := a.b.Release(ctx, l.ID); err != nil {
-			a.log.Warn("release orphan lease", "lease", l.ID, "claim", l.Labels[LabelClaim], "err", err)
+			errs = append(errs, fmt.Errorf("release lease %s of claim %s: %w", l.ID, l.Labels[LabelClaim], err))
 			continue
 		}
 		a.log.Info("released a lease whose claim no longer wants it", "lease", l.ID, "claim", l.Labels[LabelClaim])
 	}
+	if len(orphans) > 0 {
+		a.pokeReport()
+	}
+	for _, c := range vanished {
+		a.log.Warn("the daemon no longer has a Ready claim's lease", "claim", client.ObjectKeyFromObject(c), "lease", c.Status.LeaseID)
+		select {
+		case a.recheck <- event.GenericEvent{Object: c}:
+		case <-ctx.Done():
+			return nil
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// dropUnwantedPools removes the daemon pools an earlier run kept for
+// WarmPools that are gone.
+func (a *agent) dropUnwantedPools(ctx context.Context) error {
 	var wps v1alpha1.WarmPoolList
 	if err := a.c.List(ctx, &wps); err != nil {
-		return fmt.Errorf("sweep: list WarmPools: %w", err)
+		return fmt.Errorf("list WarmPools: %w", err)
 	}
 	want := map[string]bool{}
 	for _, wp := range wps.Items {
@@ -289,16 +383,17 @@ func (a *agent) sweep(ctx context.Context) error {
 	}
 	pools, err := a.b.Pools(ctx)
 	if err != nil {
-		return fmt.Errorf("sweep: list the daemon's pools: %w", err)
+		return fmt.Errorf("list the daemon's pools: %w", err)
 	}
+	var errs []error
 	for _, p := range pools {
-		if len(p.Name) > len(localPrefix) && p.Name[:len(localPrefix)] == localPrefix && !want[p.Name] {
+		if strings.HasPrefix(p.Name, localPrefix) && !want[p.Name] {
 			if err := a.b.DeletePool(ctx, p.Name); err != nil && !errors.Is(err, vm.ErrNotFound) {
-				a.log.Warn("remove a pool no WarmPool asks for", "pool", p.Name, "err", err)
+				errs = append(errs, fmt.Errorf("remove pool %s: %w", p.Name, err))
 			}
 		}
 	}
-	return nil
+	return errors.Join(errs...)
 }
 
 // reconcilePool keeps the daemon's template and pool of one WarmPool as the
@@ -321,7 +416,7 @@ func (a *agent) reconcilePool(ctx context.Context, req reconcile.Request) (recon
 		return reconcile.Result{}, a.dropPool(ctx, local)
 	}
 	target := nodeTarget(wp.Spec, wp.Status.NodeStatus[a.opts.Node].Target)
-	tmpl := api.TemplateRequest{Name: local, VCPUs: int(wp.Spec.Template.VCPUs), MemoryMiB: int(wp.Spec.Template.MemoryMiB)}
+	img, ownImage := imageOf(wp.Spec)
 	a.mu.Lock()
 	lp := a.pools[local]
 	if lp == nil {
@@ -329,6 +424,24 @@ func (a *agent) reconcilePool(ctx context.Context, req reconcile.Request) (recon
 		a.pools[local] = lp
 	}
 	lp.generation, lp.target = wp.Generation, target
+	dir := ""
+	if ownImage && lp.imageDir != "" && lp.image.equal(img) {
+		dir = lp.imageDir
+	}
+	a.mu.Unlock()
+	if ownImage && dir == "" {
+		var err error
+		if dir, err = a.buildImage(ctx, img); err != nil {
+			a.setPoolError(local, err.Error())
+			a.pokeReport()
+			return reconcile.Result{}, err
+		}
+		a.mu.Lock()
+		lp.image, lp.imageDir = img, dir
+		a.mu.Unlock()
+	}
+	tmpl := localTemplateRequest(wp.Spec, local, dir)
+	a.mu.Lock()
 	built := lp.built == tmpl
 	a.mu.Unlock()
 	if !built {
@@ -360,6 +473,22 @@ func (a *agent) reconcilePool(ctx context.Context, req reconcile.Request) (recon
 	return reconcile.Result{}, nil
 }
 
+// buildImage builds img on this node (a debian suite takes minutes the
+// first time; the same inputs again come from the image cache).
+func (a *agent) buildImage(ctx context.Context, img ImageRequest) (string, error) {
+	if a.opts.Images == nil {
+		return "", fmt.Errorf("image %s: this node agent runs without an image builder", img.Source)
+	}
+	start := time.Now()
+	a.log.Info("building image", "source", img.Source, "packages", img.Packages)
+	dir, err := a.opts.Images(ctx, img)
+	if err != nil {
+		return "", fmt.Errorf("build image: %w", err)
+	}
+	a.log.Info("image built", "source", img.Source, "dir", dir, "ms", time.Since(start).Milliseconds())
+	return dir, nil
+}
+
 // ensureTemplate builds tmpl unless the daemon has a template of that name
 // and shape already (from an earlier run).
 func (a *agent) ensureTemplate(ctx context.Context, tmpl api.TemplateRequest) error {
@@ -368,17 +497,29 @@ func (a *agent) ensureTemplate(ctx context.Context, tmpl api.TemplateRequest) er
 		return fmt.Errorf("list templates: %w", err)
 	}
 	for _, t := range have {
-		if t.Name == tmpl.Name && (tmpl.VCPUs == 0 || t.VCPUs == tmpl.VCPUs) && (tmpl.MemoryMiB == 0 || t.MemoryMiB == tmpl.MemoryMiB) && t.Image == tmpl.Image {
+		if t.Name == tmpl.Name && sameShape(t, tmpl) {
 			return nil
 		}
 	}
 	start := time.Now()
-	a.log.Info("building template", "template", tmpl.Name)
+	a.log.Info("building template", "template", tmpl.Name, "image", tmpl.Image, "disk_mib", tmpl.DiskMiB)
 	if _, err := a.b.BuildTemplate(ctx, tmpl, func(string) {}); err != nil {
 		return fmt.Errorf("build template %s: %w", tmpl.Name, err)
 	}
 	a.log.Info("template built", "template", tmpl.Name, "ms", time.Since(start).Milliseconds())
 	return nil
+}
+
+// sameShape reports whether the daemon's template t is what req would
+// build: zero fields of req stand for the daemon's defaults.
+func sameShape(t api.Template, req api.TemplateRequest) bool {
+	if (req.VCPUs != 0 && t.VCPUs != req.VCPUs) || (req.MemoryMiB != 0 && t.MemoryMiB != req.MemoryMiB) {
+		return false
+	}
+	if req.Image == "" {
+		return t.ImageSource == "" || t.ImageSource == "busybox"
+	}
+	return t.Image == req.Image && (req.DiskMiB == 0 || t.DiskMiB == req.DiskMiB)
 }
 
 func (a *agent) setPoolError(local, msg string) {

@@ -157,7 +157,7 @@ func newCluster(t *testing.T) *testCluster {
 	done := make(chan error, 1)
 	go func() {
 		done <- RunController(ctx, ControllerOptions{Config: testCfg, Namespace: ns, Logger: tc.log.With("who", "controller"),
-			ready: func() { close(ready) }, watchNamespace: ns})
+			ready: func() { close(ready) }, WatchNamespace: ns})
 	}()
 	tc.stop = func() {
 		cancel()
@@ -217,7 +217,7 @@ func (tc *testCluster) addNode(name string, labels map[string]string, latency ma
 		Config: testCfg, Backend: d, Node: name, Namespace: tc.ns,
 		HeartbeatInterval: 250 * time.Millisecond, HeartbeatTimeout: 2 * time.Second,
 		ReportInterval: 100 * time.Millisecond, AcquireWait: 5 * time.Second,
-		Logger: tc.log.With("who", "agent-"+name), watchNamespace: tc.ns,
+		Logger: tc.log.With("who", "agent-"+name), WatchNamespace: tc.ns,
 	}}
 	tc.nodes[name] = n
 	tc.startAgent(name)

@@ -46,9 +46,10 @@ type ControllerOptions struct {
 	// ready, when set, is called once the controller leads and its caches
 	// are in.
 	ready func()
-	// watchNamespace limits the claims and WarmPools seen to one
-	// namespace (tests share one API server).
-	watchNamespace string
+	// WatchNamespace, when set, limits the WarmPools and VMClaims seen
+	// to that namespace (a cluster shared with other warmpool
+	// installations, or tests sharing one API server).
+	WatchNamespace string
 }
 
 // controllerState is what the controller keeps between reconciles: only
@@ -93,8 +94,8 @@ func RunController(ctx context.Context, opts ControllerOptions) error {
 		o.Cache.ByObject = map[client.Object]cache.ByObject{
 			&coordinationv1.Lease{}: {Namespaces: map[string]cache.Config{opts.Namespace: {}}},
 		}
-		if opts.watchNamespace != "" {
-			o.Cache.DefaultNamespaces = map[string]cache.Config{opts.watchNamespace: {}}
+		if opts.WatchNamespace != "" {
+			o.Cache.DefaultNamespaces = map[string]cache.Config{opts.WatchNamespace: {}}
 		}
 	})
 	if err != nil {

@@ -1,6 +1,7 @@
 package kube
 
 import (
+	"slices"
 	"strings"
 	"testing"
 
@@ -63,12 +64,20 @@ func TestCheckSpec(t *testing.T) {
 		{v1alpha1.WarmPoolSpec{Image: "busybox", Min: 2, Max: 2}, "", ""},
 		{v1alpha1.WarmPoolSpec{Image: "alpine:3"}, ReasonUnknownImageSource, "unknown kind"},
 		{v1alpha1.WarmPoolSpec{Image: "dir:rel/path"}, ReasonUnknownImageSource, "absolute"},
-		{v1alpha1.WarmPoolSpec{Image: "debian:bookworm"}, ReasonUnsupported, "debian"},
+		{v1alpha1.WarmPoolSpec{Image: "debian:bookworm", Packages: []string{"python3"}}, "", ""},
+		{v1alpha1.WarmPoolSpec{Image: "oci-archive:/srv/app.tar", Template: v1alpha1.TemplateShape{DiskMiB: 64}}, "", ""},
+		{v1alpha1.WarmPoolSpec{Image: "dir:/srv/tree", Packages: []string{"curl"}}, ReasonInvalidSpec, "spec.packages needs a debian:SUITE image"},
+		{v1alpha1.WarmPoolSpec{Image: "debian:bookworm", Packages: []string{"a b"}}, ReasonInvalidSpec, "spec.packages"},
 		{v1alpha1.WarmPoolSpec{Min: 3, Max: 2}, ReasonInvalidSpec, "spec.min (3) exceeds spec.max (2)"},
 		{v1alpha1.WarmPoolSpec{Template: v1alpha1.TemplateShape{MemoryMiB: 1}}, ReasonInvalidSpec, "memoryMiB"},
-		{v1alpha1.WarmPoolSpec{Template: v1alpha1.TemplateShape{DiskMiB: 64}}, ReasonUnsupported, "diskMiB"},
-		{v1alpha1.WarmPoolSpec{Network: "egress"}, ReasonUnsupported, "network"},
-		{v1alpha1.WarmPoolSpec{Adaptive: true}, ReasonUnsupported, "adaptive"},
+		{v1alpha1.WarmPoolSpec{Template: v1alpha1.TemplateShape{DiskMiB: 64}}, ReasonInvalidSpec, "busybox has none"},
+		{v1alpha1.WarmPoolSpec{Image: "tar:/a.tar", Template: v1alpha1.TemplateShape{DiskMiB: 8}}, ReasonInvalidSpec, "diskMiB"},
+		{v1alpha1.WarmPoolSpec{Network: "egress", EgressAllow: []string{"10.0.0.0/8:443"}}, "", ""},
+		{v1alpha1.WarmPoolSpec{Network: "isolated", EgressAllow: []string{"10.0.0.0/8"}}, ReasonInvalidSpec, "spec.egressAllow \"10.0.0.0/8\": needs network: egress"},
+		{v1alpha1.WarmPoolSpec{Network: "egress", EgressAllow: []string{"nowhere"}}, ReasonInvalidSpec, "spec.egressAllow"},
+		{v1alpha1.WarmPoolSpec{Adaptive: true, Min: 1, Max: 4}, "", ""},
+		{v1alpha1.WarmPoolSpec{Adaptive: true}, ReasonInvalidSpec, "spec.adaptive needs spec.max"},
+		{v1alpha1.WarmPoolSpec{Adaptive: true, Max: 4, Replicas: new(int32)}, ReasonInvalidSpec, "exclude each other"},
 		{v1alpha1.WarmPoolSpec{MaxAge: &metav1.Duration{Duration: -1}}, ReasonInvalidSpec, "maxAge"},
 	} {
 		p := checkSpec(tc.spec)
@@ -95,5 +104,36 @@ func TestNames(t *testing.T) {
 	}
 	if _, _, _, ok := claimOfLease(api.Lease{Owner: "someone"}); ok {
 		t.Error("a lease without the claim labels is taken for a claim's")
+	}
+}
+
+// TestSpecToDaemon: the WarmPool fields reach the daemon's image build,
+// template and pool as `image build`, `template build` and `pool set`
+// would take them.
+func TestSpecToDaemon(t *testing.T) {
+	spec := v1alpha1.WarmPoolSpec{
+		Image: "debian:bookworm", Packages: []string{"python3", "curl", "python3"},
+		Template: v1alpha1.TemplateShape{VCPUs: 2, MemoryMiB: 512, DiskMiB: 2048},
+		Network:  "egress", EgressAllow: []string{"10.1.0.0/16:443"},
+		Adaptive: true, Min: 1, Max: 6,
+	}
+	img, ok := imageOf(spec)
+	if !ok || img.Source != "debian:bookworm" || !slices.Equal(img.Packages, []string{"curl", "python3"}) {
+		t.Errorf("image build: %+v %v", img, ok)
+	}
+	if _, ok := imageOf(v1alpha1.WarmPoolSpec{Image: "busybox"}); ok {
+		t.Error("the busybox image is built by the node agent, not the daemon")
+	}
+	tr := localTemplateRequest(spec, "k8s.ns.p", "/cache/img")
+	if tr != (api.TemplateRequest{Name: "k8s.ns.p", Image: "/cache/img", VCPUs: 2, MemoryMiB: 512, DiskMiB: 2048}) {
+		t.Errorf("template: %+v", tr)
+	}
+	pr := localPoolRequest(spec, "k8s.ns.p", nodeTarget(spec, 0))
+	want := api.PoolRequest{Template: "k8s.ns.p", Min: 1, Max: 6, Adaptive: true, Network: "egress", EgressAllow: []string{"10.1.0.0/16:443"}}
+	if !pr.Equal(want) {
+		t.Errorf("pool: %+v, want %+v", pr, want)
+	}
+	if err := pr.Validate(); err != nil {
+		t.Errorf("the daemon refuses the pool: %v", err)
 	}
 }

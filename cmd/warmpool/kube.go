@@ -25,6 +25,7 @@ type kubeFlags struct {
 	kubeconfig        string
 	node              string
 	namespace         string
+	watchNamespace    string
 	heartbeatInterval time.Duration
 	heartbeatTimeout  time.Duration
 }
@@ -35,6 +36,7 @@ func (k *kubeFlags) register(cmd *cobra.Command) {
 	f.StringVar(&k.kubeconfig, "kubeconfig", "", "kubeconfig file (default: $KUBECONFIG, ~/.kube/config, else in-cluster)")
 	f.StringVar(&k.node, "node", "", "this node's name (default $NODE_NAME)")
 	f.StringVar(&k.namespace, "kube-namespace", kube.DefaultNamespace, "namespace of the node agents' heartbeat Leases")
+	f.StringVar(&k.watchNamespace, "watch-namespace", "", "only the WarmPools and VMClaims of this namespace (default: all)")
 	f.DurationVar(&k.heartbeatInterval, "heartbeat-interval", 10*time.Second, "how often the node agent renews its Lease")
 	f.DurationVar(&k.heartbeatTimeout, "heartbeat-timeout", 40*time.Second, "how long after the last renewal the controller declares the node lost (whole seconds)")
 }
@@ -43,7 +45,7 @@ func (k *kubeFlags) register(cmd *cobra.Command) {
 // without --kubernetes.
 func (k *kubeFlags) alongside(cmd *cobra.Command, log *slog.Logger) (func(context.Context, api.Backend) error, error) {
 	if !k.enabled {
-		for _, name := range []string{"kubeconfig", "node", "kube-namespace", "heartbeat-interval", "heartbeat-timeout"} {
+		for _, name := range []string{"kubeconfig", "node", "kube-namespace", "watch-namespace", "heartbeat-interval", "heartbeat-timeout"} {
 			if cmd.Flags().Changed(name) {
 				return nil, usagef("--%s needs --kubernetes", name)
 			}
@@ -64,8 +66,9 @@ func (k *kubeFlags) alongside(cmd *cobra.Command, log *slog.Logger) (func(contex
 	setKubeLogger(log)
 	return func(ctx context.Context, b api.Backend) error {
 		return kube.RunAgent(ctx, kube.AgentOptions{
-			Config: cfg, Backend: b, Node: node, Namespace: k.namespace,
+			Config: cfg, Backend: b, Node: node, Namespace: k.namespace, WatchNamespace: k.watchNamespace,
 			HeartbeatInterval: k.heartbeatInterval, HeartbeatTimeout: k.heartbeatTimeout, Logger: log,
+			Images: kube.LocalImages("", embeddedAgent()),
 		})
 	}, nil
 }
@@ -99,7 +102,7 @@ func setKubeLogger(log *slog.Logger) {
 
 func newControllerCommand(g *globals) *cobra.Command {
 	var (
-		kubeconfig, namespace, logLevel string
+		kubeconfig, namespace, watch, logLevel string
 		logJSON                         bool
 	)
 	cmd := &cobra.Command{
@@ -122,7 +125,7 @@ keeps no state of its own beyond the API server.`,
 				return err
 			}
 			setKubeLogger(log)
-			err = kube.RunController(cmd.Context(), kube.ControllerOptions{Config: cfg, Namespace: namespace, Logger: log})
+			err = kube.RunController(cmd.Context(), kube.ControllerOptions{Config: cfg, Namespace: namespace, WatchNamespace: watch, Logger: log})
 			if err != nil && !errors.Is(err, context.Canceled) {
 				return err
 			}
@@ -132,6 +135,7 @@ keeps no state of its own beyond the API server.`,
 	f := cmd.Flags()
 	f.StringVar(&kubeconfig, "kubeconfig", "", "kubeconfig file (default: $KUBECONFIG, ~/.kube/config, else in-cluster)")
 	f.StringVar(&namespace, "namespace", kube.DefaultNamespace, "namespace of the node agents' Leases and the leader election")
+	f.StringVar(&watch, "watch-namespace", "", "only the WarmPools and VMClaims of this namespace (default: all)")
 	f.StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")
 	f.BoolVar(&logJSON, "log-json", false, "log as JSON lines")
 	return cmd

@@ -32,18 +32,37 @@ const ImageBusybox = "busybox"
 // WarmPoolSpec is what a WarmPool asks of the nodes it selects.
 type WarmPoolSpec struct {
 	// Image is the guest image the pool's template boots: "busybox" (the
-	// default image). Sources of `warmpool image build --from` that name a
-	// root filesystem are recognised and reported as not supported yet.
+	// default image), or a source of `warmpool image build --from` that
+	// adds a root filesystem: dir:PATH, tar:PATH, oci-archive:PATH or
+	// docker-archive:PATH (absolute paths on the node), or debian:SUITE.
+	// Each node builds it into its own image cache (reused while the
+	// inputs are the same).
 	// +kubebuilder:default=busybox
 	// +optional
 	Image string `json:"image,omitempty"`
+	// Packages are Debian packages installed on top of a debian:SUITE
+	// image (image build --packages).
+	// +kubebuilder:validation:MaxItems=256
+	// +optional
+	Packages []string `json:"packages,omitempty"`
 	// Template is the shape of every VM of the pool.
 	// +optional
 	Template TemplateShape `json:"template,omitempty"`
-	// Network is the pool's network policy. Only "none" is supported so far.
+	// Network is the pool's network policy (pool set --network): none (no
+	// interface), isolated (the node reaches the VM at its address) or
+	// egress (isolated, and the VM may reach beyond the node). Empty: the
+	// node daemon's default (isolated when its network.cidr is set, else
+	// none). A node whose daemon has no network for it reports why in its
+	// status entry.
 	// +kubebuilder:validation:Enum=none;isolated;egress
 	// +optional
 	Network string `json:"network,omitempty"`
+	// EgressAllow limits what an egress VM may reach: CIDR or CIDR:PORT
+	// entries (pool set --egress-allow); empty allows anything beyond the
+	// node. Only with network: egress.
+	// +kubebuilder:validation:MaxItems=64
+	// +optional
+	EgressAllow []string `json:"egressAllow,omitempty"`
 	// Min is the number of ready VMs every selected node keeps.
 	// +kubebuilder:validation:Minimum=0
 	// +kubebuilder:validation:Maximum=1024
@@ -55,8 +74,8 @@ type WarmPoolSpec struct {
 	// +kubebuilder:validation:Maximum=1024
 	// +optional
 	Max int32 `json:"max,omitempty"`
-	// Adaptive lets each node size its pool from demand between min and
-	// max. Not supported yet: a pool asking for it is not accepted.
+	// Adaptive lets each node size its pool from its demand between min
+	// and max (pool set --adaptive); it needs max and excludes replicas.
 	// +optional
 	Adaptive bool `json:"adaptive,omitempty"`
 	// MaxAge replaces a warm VM that waited this long; unset means never.
@@ -85,9 +104,11 @@ type TemplateShape struct {
 	// +kubebuilder:validation:Minimum=0
 	// +optional
 	MemoryMiB int32 `json:"memoryMiB,omitempty"`
-	// DiskMiB is the size of a writable disk per VM. Not supported yet: a
-	// pool asking for one is not accepted.
+	// DiskMiB is each VM's writable disk over the image's root filesystem
+	// (template build --disk; 0: 1024). Only for images with a root
+	// filesystem, not busybox.
 	// +kubebuilder:validation:Minimum=0
+	// +kubebuilder:validation:Maximum=1048576
 	// +optional
 	DiskMiB int32 `json:"diskMiB,omitempty"`
 }
