@@ -71,6 +71,13 @@ func runMain(m *testing.M) int {
 		return 1
 	}
 	testCfg = cfg
+	binDir, err := os.MkdirTemp("", "wp-kube-bin-")
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	defer os.RemoveAll(binDir)
+	warmpoolBin.dir = binDir
 	code := m.Run()
 	if err := testEnv.Stop(); err != nil {
 		fmt.Fprintln(os.Stderr, "stop the API server:", err)
@@ -97,11 +104,23 @@ type testCluster struct {
 }
 
 type testNode struct {
-	name   string
+	name string
+	// daemon is the in-process daemon; view reaches it, or the daemon of
+	// a node run as a `warmpool serve --kubernetes` process (proc).
 	daemon *daemon.Local
+	view   nodeDaemon
+	proc   *nodeProcess
 	cancel context.CancelFunc
 	done   chan error
 	opts   AgentOptions
+}
+
+// nodeDaemon is what the tests read of a node's daemon, in-process or
+// over its socket.
+type nodeDaemon interface {
+	Leases(ctx context.Context) ([]api.Lease, error)
+	Pools(ctx context.Context) ([]api.Pool, error)
+	Templates(ctx context.Context) ([]api.Template, error)
 }
 
 type lockedBuffer struct {
@@ -180,11 +199,17 @@ func newCluster(t *testing.T) *testCluster {
 // cluster does not know of, then stops the controller and the daemons.
 func (tc *testCluster) close() {
 	for _, n := range tc.nodes {
+		if n.proc != nil {
+			n.proc.stop(tc.t)
+			continue
+		}
 		tc.stopAgent(n.name)
 	}
 	tc.stop()
 	for _, n := range tc.nodes {
-		n.daemon.Close(context.Background())
+		if n.daemon != nil {
+			n.daemon.Close(context.Background())
+		}
 	}
 	if tc.t.Failed() {
 		tc.t.Logf("logs of the controller and agents:\n%s", tail(tc.logs.String(), 200))
@@ -202,26 +227,40 @@ func tail(s string, n int) string {
 // addNode starts a daemon and a node agent for node name (a Node object
 // with labels is created first).
 func (tc *testCluster) addNode(name string, labels map[string]string, latency map[string]time.Duration) *testNode {
+	return tc.addNodeWith(name, labels, latency, nil)
+}
+
+// addNodeWith is addNode with more changes to the agent's options.
+func (tc *testCluster) addNodeWith(name string, labels map[string]string, latency map[string]time.Duration, more func(*AgentOptions)) *testNode {
+	tc.t.Helper()
+	tc.createNode(name, labels)
+	d, err := daemon.Open(context.Background(), daemon.Options{StateDir: tc.t.TempDir(), Provider: "fake", StopAll: true,
+		FakeLatency: latency, Logger: tc.log.With("who", "daemon-"+name)})
+	if err != nil {
+		tc.t.Fatal(err)
+	}
+	n := &testNode{name: name, daemon: d, view: d, opts: AgentOptions{
+		Config: testCfg, Backend: d, Node: name, Namespace: tc.ns,
+		HeartbeatInterval: 250 * time.Millisecond, HeartbeatTimeout: 2 * time.Second,
+		ReportInterval: 100 * time.Millisecond, AcquireWait: 5 * time.Second,
+		Logger: tc.log.With("who", "agent-"+name), WatchNamespace: tc.ns,
+	}}
+	if more != nil {
+		more(&n.opts)
+	}
+	tc.nodes[name] = n
+	tc.startAgent(name)
+	return n
+}
+
+// createNode creates the Node object name with labels, deleted at the end.
+func (tc *testCluster) createNode(name string, labels map[string]string) {
 	tc.t.Helper()
 	node := &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: name, Labels: labels}}
 	if err := tc.c.Create(context.Background(), node); err != nil && !apierrors.IsAlreadyExists(err) {
 		tc.t.Fatal(err)
 	}
 	tc.t.Cleanup(func() { _ = tc.c.Delete(context.Background(), node) })
-	d, err := daemon.Open(context.Background(), daemon.Options{StateDir: tc.t.TempDir(), Provider: "fake", StopAll: true,
-		FakeLatency: latency, Logger: tc.log.With("who", "daemon-"+name)})
-	if err != nil {
-		tc.t.Fatal(err)
-	}
-	n := &testNode{name: name, daemon: d, opts: AgentOptions{
-		Config: testCfg, Backend: d, Node: name, Namespace: tc.ns,
-		HeartbeatInterval: 250 * time.Millisecond, HeartbeatTimeout: 2 * time.Second,
-		ReportInterval: 100 * time.Millisecond, AcquireWait: 5 * time.Second,
-		Logger: tc.log.With("who", "agent-"+name), WatchNamespace: tc.ns,
-	}}
-	tc.nodes[name] = n
-	tc.startAgent(name)
-	return n
 }
 
 func (tc *testCluster) startAgent(name string) {
@@ -324,7 +363,10 @@ func (tc *testCluster) leases() map[string][]api.Lease {
 	tc.t.Helper()
 	out := map[string][]api.Lease{}
 	for name, n := range tc.nodes {
-		ls, err := n.daemon.Leases(context.Background())
+		if n.proc != nil && n.proc.cmd == nil {
+			continue // killed
+		}
+		ls, err := n.view.Leases(context.Background())
 		if err != nil {
 			tc.t.Fatal(err)
 		}
@@ -378,7 +420,7 @@ func (tc *testCluster) checkLeases() string {
 
 // readyOn returns how many ready VMs node's daemon has in pool.
 func (tc *testCluster) readyOn(node, pool string) (int, bool) {
-	ps, err := tc.nodes[node].daemon.Pools(context.Background())
+	ps, err := tc.nodes[node].view.Pools(context.Background())
 	if err != nil {
 		tc.t.Fatal(err)
 	}

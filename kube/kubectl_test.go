@@ -102,12 +102,7 @@ func TestQEMUClaim(t *testing.T) {
 	}
 	start := time.Now()
 	dir := t.TempDir()
-	warmpool := filepath.Join(dir, "warmpool")
-	build := exec.Command("go", "build", "-o", warmpool, "../cmd/warmpool")
-	if out, err := build.CombinedOutput(); err != nil {
-		t.Fatalf("build warmpool: %v\n%s", err, out)
-	}
-	t.Logf("warmpool built in %s", time.Since(start).Round(time.Millisecond))
+	warmpool := warmpoolBinary(t)
 	kc := kubeconfig(t)
 	ns := "qemu"
 	kubectl(t, kc, "create", "namespace", ns)

@@ -285,6 +285,35 @@ func (p *Provider) Alive(id string) bool {
 	return !m.gone && m.vm.Status != vm.StatusStopped
 }
 
+// loadSnapshot registers the snapshot.json that Snapshot wrote into
+// snap.Dir, if it is snap's. Later IDs start above its number, so that no
+// new snapshot takes its ID.
+func (p *Provider) loadSnapshot(snap vm.Snapshot) (vm.Snapshot, bool) {
+	if snap.Dir == "" {
+		return vm.Snapshot{}, false
+	}
+	data, err := os.ReadFile(filepath.Join(snap.Dir, "snapshot.json"))
+	if err != nil {
+		return vm.Snapshot{}, false
+	}
+	var disk vm.Snapshot
+	if json.Unmarshal(data, &disk) != nil || disk.ID != snap.ID || disk.Provider != Name {
+		return vm.Snapshot{}, false
+	}
+	if n, err := strconv.ParseUint(strings.TrimPrefix(disk.ID, "fake-snap-"), 10, 64); err == nil {
+		for {
+			cur := p.seq.Load()
+			if cur >= n || p.seq.CompareAndSwap(cur, n) {
+				break
+			}
+		}
+	}
+	p.snapMu.Lock()
+	defer p.snapMu.Unlock()
+	p.snapshots[disk.ID] = disk
+	return disk, true
+}
+
 // AddSnapshot records a snapshot of spec without booting anything, so tests
 // can restore from it directly. The snapshot has no files.
 func (p *Provider) AddSnapshot(spec vm.Spec) vm.Snapshot {
@@ -409,6 +438,11 @@ func (p *Provider) Restore(ctx context.Context, snap vm.Snapshot) (vm.VM, error)
 	p.snapMu.Lock()
 	known, ok := p.snapshots[snap.ID]
 	p.snapMu.Unlock()
+	if !ok {
+		// A snapshot another Provider wrote (the daemon's previous run)
+		// restores from its file, as a real hypervisor's would.
+		known, ok = p.loadSnapshot(snap)
+	}
 	if !ok {
 		return vm.VM{}, fmt.Errorf("fake restore from %s: snapshot %w", snap.ID, vm.ErrNotFound)
 	}

@@ -252,3 +252,45 @@ func waitFor(t *testing.T, cond func() bool) {
 		time.Sleep(time.Millisecond)
 	}
 }
+
+// TestRestoreSnapshotOfAnEarlierProvider: a daemon restarted on the fake
+// provider restores the templates its previous run snapshotted, from their
+// files; a snapshot whose file is gone is not found; new snapshots take
+// IDs of their own.
+func TestRestoreSnapshotOfAnEarlierProvider(t *testing.T) {
+	ctx := context.Background()
+	first := fake.New(fake.Options{})
+	v, err := first.Create(ctx, spec)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := first.Pause(ctx, v.ID); err != nil {
+		t.Fatal(err)
+	}
+	dir := t.TempDir()
+	snap, err := first.Snapshot(ctx, v.ID, dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	second := fake.New(fake.Options{})
+	r, err := second.Restore(ctx, snap)
+	if err != nil {
+		t.Fatalf("restore in a new provider of a snapshot with its file: %v", err)
+	}
+	if r.Spec.MemoryMiB != spec.MemoryMiB {
+		t.Errorf("restored spec %+v, want the snapshot's %+v", r.Spec, spec)
+	}
+	if _, err := fake.New(fake.Options{}).Restore(ctx, vm.Snapshot{ID: snap.ID, Dir: t.TempDir()}); !errors.Is(err, vm.ErrNotFound) {
+		t.Errorf("restore of a snapshot without its file: %v, want not found", err)
+	}
+	if err := second.Pause(ctx, r.ID); err != nil && !errors.Is(err, vm.ErrInvalidState) {
+		t.Fatal(err)
+	}
+	next, err := second.Snapshot(ctx, r.ID, t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if next.ID == snap.ID {
+		t.Errorf("a new snapshot took the loaded one's ID %s", snap.ID)
+	}
+}
