@@ -103,7 +103,7 @@ func setKubeLogger(log *slog.Logger) {
 func newControllerCommand(g *globals) *cobra.Command {
 	var (
 		kubeconfig, namespace, watch, logLevel string
-		logJSON                         bool
+		logJSON                                bool
 	)
 	cmd := &cobra.Command{
 		Use:   "controller [--kubeconfig FILE] [--namespace NS]",
