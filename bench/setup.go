@@ -53,6 +53,11 @@ func setup(ctx context.Context, e *env, host *Host) error {
 			return err
 		}
 		opts.NetworkCIDR = lower
+		// Not with the fake provider, whose agent runs commands on this
+		// host.
+		if e.opts.selected("network") && e.opts.Provider != "fake" {
+			opts.WarmExec = listenerWarmExec
+		}
 	}
 	if e.opts.selected("density") {
 		// The density pool holds more guest memory than the host could

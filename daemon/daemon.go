@@ -74,6 +74,8 @@ type Options struct {
 	FakeLatency map[string]time.Duration
 	// NetworkCIDR, when set, overrides network.cidr.
 	NetworkCIDR string
+	// WarmExec, when set, overrides warm_exec.
+	WarmExec []string
 	// Adaptive replaces the configuration's adaptive section (bench runs a
 	// trace on a compressed clock).
 	Adaptive *pool.AdaptiveConfig
@@ -192,6 +194,9 @@ func resolveConfig(opts Options) (Config, string, error) {
 	set(&cfg.Firecracker.Jailer, opts.JailerBin)
 	set(&cfg.Image, opts.Image)
 	set(&cfg.Network.CIDR, opts.NetworkCIDR)
+	if len(opts.WarmExec) > 0 {
+		cfg.WarmExec = opts.WarmExec
+	}
 	cfg.local = localConfig{imageCacheDir: opts.ImageCacheDir, fakeLatency: opts.FakeLatency, tbSizeMiB: opts.TBSizeMiB}
 	if opts.MemoryMiB > 0 {
 		cfg.Limits.MemoryMiB = opts.MemoryMiB
