@@ -9,6 +9,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -283,7 +284,11 @@ func TestQEMUNetwork(t *testing.T) {
 		if got := guestGet(t, state, from.ID, *peer.Address+":80"); got != "" {
 			t.Errorf("lease %s reached lease %s at %s: %q", from.ID, peer.ID, *peer.Address, got)
 		}
-		for _, h := range append(hostAddrs, net.JoinHostPort(network.GatewayIP.String(), strings.Split(hostAddrs[0], ":")[1])) {
+		port := strings.Split(hostAddrs[0], ":")[1]
+		// Besides the host's addresses from before the slots: the host end
+		// of the lease's own veth, the address before the slot's.
+		hostEnd := netip.MustParseAddr(*from.Address).Prev().String()
+		for _, h := range append(hostAddrs, net.JoinHostPort(network.GatewayIP.String(), port), net.JoinHostPort(hostEnd, port)) {
 			if got := guestGet(t, state, from.ID, h); got != "" {
 				t.Errorf("lease %s reached the host's server at %s: %q", from.ID, h, got)
 			}
