@@ -277,6 +277,15 @@ func (m *Manager) build(s Slot) error {
 		if err := h.LinkSetUp(l); err != nil {
 			return fmt.Errorf("bringing up %s in namespace %s: %w", name, s.ID, err)
 		}
+		if name == TAPName {
+			// Every guest has the same MAC: the first packet to a clone
+			// needs no ARP.
+			guest := &netlink.Neigh{LinkIndex: l.Attrs().Index, Family: netlink.FAMILY_V4, State: netlink.NUD_PERMANENT,
+				IP: GuestIP.AsSlice(), HardwareAddr: GuestMAC}
+			if err := h.NeighSet(guest); err != nil {
+				return fmt.Errorf("the guest's neighbour entry in namespace %s: %w", s.ID, err)
+			}
+		}
 	}
 	if err := h.RouteAdd(&netlink.Route{Gw: s.HostAddress.AsSlice()}); err != nil {
 		return fmt.Errorf("default route in namespace %s: %w", s.ID, err)

@@ -8,6 +8,8 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"strconv"
+	"strings"
 
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
@@ -16,10 +18,11 @@ import (
 )
 
 // The guest's side of every network slot, the same in every clone (package
-// network's GuestIP, GatewayIP and GuestPrefix).
+// network's GuestIP, GatewayIP, GuestPrefix and TAPMAC).
 var (
 	guestAddr   = netip.MustParsePrefix("169.254.0.21/30")
 	gatewayAddr = netip.MustParseAddr("169.254.0.22")
+	gatewayMAC  = net.HardwareAddr{0x02, 0x77, 0x70, 0x00, 0x00, 0x01}
 )
 
 // virtioNetLinks are the guest's virtio-net interfaces.
@@ -60,7 +63,35 @@ func ConfigureNetwork() error {
 	if err := netlink.RouteReplace(route); err != nil {
 		return fmt.Errorf("default route via %s on %s: %w", gatewayAddr, name, err)
 	}
+	// The gateway has the same MAC in every slot, and the slot knows the
+	// guest's for good: a clone's first packet needs no ARP, nor its
+	// hand-off a neighbour refresh.
+	gw := &netlink.Neigh{LinkIndex: l.Attrs().Index, Family: netlink.FAMILY_V4, State: netlink.NUD_PERMANENT,
+		IP: gatewayAddr.AsSlice(), HardwareAddr: gatewayMAC}
+	if err := netlink.NeighSet(gw); err != nil {
+		return fmt.Errorf("gateway %s's address on %s: %w", gatewayAddr, name, err)
+	}
 	return nil
+}
+
+// gatewayPinned reports whether the guest holds the gateway's MAC for good
+// (set at boot by ConfigureNetwork, so in every clone of a template built
+// since): /proc/net/arp, one read, lists it complete and permanent.
+func gatewayPinned() bool {
+	b, err := os.ReadFile("/proc/net/arp")
+	if err != nil {
+		return false
+	}
+	const atfCom, atfPerm = 0x02, 0x04
+	for line := range strings.SplitSeq(string(b), "\n") {
+		f := strings.Fields(line)
+		if len(f) < 4 || f[0] != gatewayAddr.String() || !strings.EqualFold(f[3], gatewayMAC.String()) {
+			continue
+		}
+		flags, err := strconv.ParseUint(strings.TrimPrefix(f[2], "0x"), 16, 8)
+		return err == nil && flags&(atfCom|atfPerm) == atfCom|atfPerm
+	}
+	return false
 }
 
 // SetNetwork applies a hand-off's network mode: NetworkUp forgets the
@@ -69,6 +100,10 @@ func ConfigureNetwork() error {
 // wait for a stale entry to time out; NetworkNone unbinds the interface
 // from its driver, so the guest has no interface at all.
 func SetNetwork(mode string) error {
+	if mode == proto.NetworkUp && gatewayPinned() {
+		// Nothing a restore can have made stale (see ConfigureNetwork).
+		return nil
+	}
 	links, err := virtioNetLinks()
 	if err != nil {
 		return err
