@@ -62,3 +62,36 @@ func TestIdentityFilesAreFreshPerHandoff(t *testing.T) {
 		t.Error("two hand-offs gave the same machine-id")
 	}
 }
+
+// The hand-off rewrites an identity file in place, cut to its new length,
+// but never writes through a symlink: an image whose /etc/hosts links
+// elsewhere gets a file of its own and the link's target stays as it was.
+func TestIdentityFilesReplaceLinksAndShorterContent(t *testing.T) {
+	root := t.TempDir()
+	if err := os.MkdirAll(filepath.Join(root, "etc"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	target := filepath.Join(root, "elsewhere")
+	if err := os.WriteFile(target, []byte("not the guest's hosts\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Symlink(target, filepath.Join(root, "etc/hosts")); err != nil {
+		t.Fatal(err)
+	}
+	long := "a-hostname-much-longer-than-the-lease-id-that-replaces-it\n"
+	if err := os.WriteFile(filepath.Join(root, "etc/hostname"), []byte(long), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := server.WriteIdentityFiles(root, "lease-a"); err != nil {
+		t.Fatal(err)
+	}
+	if b, _ := os.ReadFile(target); string(b) != "not the guest's hosts\n" {
+		t.Errorf("the hand-off wrote through the /etc/hosts symlink: its target holds %q", b)
+	}
+	if fi, err := os.Lstat(filepath.Join(root, "etc/hosts")); err != nil || !fi.Mode().IsRegular() {
+		t.Errorf("/etc/hosts after the hand-off: %v %v, want a regular file", fi, err)
+	}
+	if b, _ := os.ReadFile(filepath.Join(root, "etc/hostname")); string(b) != "lease-a\n" {
+		t.Errorf("hostname file = %q, want the lease ID alone", b)
+	}
+}

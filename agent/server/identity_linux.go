@@ -52,10 +52,35 @@ func WriteIdentityFiles(root, name string) error {
 	return nil
 }
 
-// replaceFile writes content to path through a rename, so a reader sees
-// the old file or the new one. A symlink at path (Debian's /etc/hosts is
-// none, but an image's may be) is replaced, not followed.
+// replaceFile writes content to path. A regular file there is rewritten in
+// place: at hand-off nothing else runs in the guest to see it half written,
+// and on an image's root that is one write to a file of the writable layer
+// (the template wrote these files at boot) where a new file and a rename
+// would be a create, a rename and, under TCG, more kernel code the clone
+// runs for the first time. Anything else at path, a symlink above all
+// (Debian's /etc/hosts is none, but an image's may be), is replaced through
+// a rename, not followed.
 func replaceFile(path, content string) error {
+	if f, err := os.OpenFile(path, os.O_WRONLY|os.O_TRUNC|unix.O_NOFOLLOW|unix.O_NONBLOCK, 0); err == nil {
+		fi, err := f.Stat()
+		if err == nil && fi.Mode().IsRegular() {
+			_, err = f.WriteString(content)
+			if cerr := f.Close(); err == nil {
+				err = cerr
+			}
+			if err != nil {
+				return fmt.Errorf("identity file %s: %w", path, err)
+			}
+			return nil
+		}
+		f.Close()
+	}
+	return renameFile(path, content)
+}
+
+// renameFile writes content to path through a rename, so a reader sees
+// the old file or the new one.
+func renameFile(path, content string) error {
 	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
 		return fmt.Errorf("identity file %s: %w", path, err)
 	}

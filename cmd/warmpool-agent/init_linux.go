@@ -47,6 +47,14 @@ func runInit() error {
 	rooted, err := switchRoot(string(cmdline))
 	if rooted {
 		logf("root filesystem: image disk with its writable layer")
+		// The template writes the identity files once, so that a clone's
+		// hand-off replaces files of its writable layer instead of
+		// copying /etc up from the image first: copy-up is the slowest
+		// part of the hand-off, under TCG all of it kernel code the clone
+		// runs for the first time.
+		if err := agentserver.WriteIdentityFiles("/", "warmpool"); err != nil {
+			logf("identity files: %v", err)
+		}
 	}
 	if err != nil {
 		// The agent still starts (from the initramfs) so that the host
