@@ -55,6 +55,10 @@ func runInit() error {
 		if err := agentserver.WriteIdentityFiles("/", "warmpool"); err != nil {
 			logf("identity files: %v", err)
 		}
+		// Written out now, before any snapshot: a dirty page the template
+		// leaves in memory is written back by every clone, each to its
+		// own disk.
+		unix.Sync()
 	}
 	if err != nil {
 		// The agent still starts (from the initramfs) so that the host
