@@ -15,10 +15,6 @@ import (
 	"time"
 )
 
-// e2bImage is the Debian image the E2B SDK test boots: commands.run sends
-// /bin/bash -l -c CMD, which the busybox image cannot run.
-const e2bImage = "wp-e2b-debian"
-
 // TestQEMUE2BSDK drives `warmpool serve --e2b` with the official E2B SDK
 // (npm e2b 2.51.0, installed by make deps into e2b/sdktest) against real
 // VMs restored from a Debian image: e2b/sdktest/sdk.mjs runs every check
@@ -37,10 +33,11 @@ func TestQEMUE2BSDK(t *testing.T) {
 	}
 	state := qemuState(t, "E2B SDK test", "wp-e2b-")
 	start := time.Now()
-	// Content-addressed: a second run reuses the image (and debootstrap's
-	// tree) from the image cache.
-	mustCLI(t, state, 30*time.Minute, "image", "build", "--from", "debian:bookworm", "--name", e2bImage)
-	t.Logf("image %s ready after %s", e2bImage, time.Since(start).Round(time.Millisecond))
+	// A Debian image: commands.run sends /bin/bash -l -c CMD, which the
+	// busybox image cannot run. The package's shared template of it is the
+	// config's template deb, so the daemon finds it built.
+	useTemplate(t, state, "deb", debianPython)
+	t.Logf("template deb ready after %s", time.Since(start).Round(time.Millisecond))
 
 	cfg := filepath.Join(state, "config.yaml")
 	// warm_exec as the README's E2B section sets it up.
@@ -49,7 +46,7 @@ templates:
   deb: {image: %s, memory_mib: 256}
 pools:
   deb: {template: deb, min: 2, max: 3}
-`, e2bImage)), 0o600); err != nil {
+`, debianPython.Image)), 0o600); err != nil {
 		t.Fatal(err)
 	}
 	key := strings.TrimSpace(mustCLI(t, state, 10*time.Second, "e2b", "key", "create"))

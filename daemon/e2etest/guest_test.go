@@ -32,9 +32,9 @@ import (
 // errors of bad input. One template, one VM.
 func TestQEMUGuestStreams(t *testing.T) {
 	state := qemuState(t, "real-VM guest streams test", "wp-e2e-guest-")
-	startDaemon(t, state)
 	start := time.Now()
-	mustCLI(t, state, 15*time.Minute, "template", "build", "base", "--vcpus", "1", "--mem", "512")
+	useTemplate(t, state, "base", busybox512)
+	startDaemon(t, state)
 	mustCLI(t, state, time.Minute, "pool", "set", "g", "--template", "base", "--min", "1", "--max", "1")
 	waitPool(t, state, "g", 1)
 	l := acquire(t, state, "g")

@@ -173,8 +173,14 @@ func copyFile(t *testing.T, src, dst string) {
 // A binary from `go install .../cmd/warmpool@VERSION` has no embedded agent
 // (the module zip holds only what git tracks): its image build compiles the
 // agent of its own version from the module cache. The module is served at a
-// made-up version from a local proxy made of this checkout's HEAD, into a
-// module cache of the test's own.
+// made-up version from a local proxy made of this checkout's HEAD.
+//
+// The install is the command a user types, into the machine's own module
+// cache and build cache: its dependencies (Kubernetes' among them) are then
+// the same directories, compiled with the same flags, as in TestMain's `go
+// build`, so only warmpool's own packages compile again. A version of its
+// own per run keeps concurrent runs of different checkouts apart; the test
+// removes it from the module cache at the end.
 func TestGoInstalledBinaryBuildsImage(t *testing.T) {
 	for _, tool := range []string{"git", "go"} {
 		if _, err := exec.LookPath(tool); err != nil {
@@ -182,7 +188,7 @@ func TestGoInstalledBinaryBuildsImage(t *testing.T) {
 		}
 	}
 	root := t.TempDir()
-	const version = "v0.0.1-e2etest"
+	version := "v0.0.1-e2etest.r" + randomHex(t, 6)
 	proxy := filepath.Join(root, "proxy", "github.com", "warmpool", "warmpool", "@v")
 	if err := os.MkdirAll(proxy, 0o755); err != nil {
 		t.Fatal(err)
@@ -213,32 +219,41 @@ func TestGoInstalledBinaryBuildsImage(t *testing.T) {
 	if err := os.WriteFile(filepath.Join(proxy, "list"), []byte(version+"\n"), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	out, err := exec.Command("go", "env", "GOMODCACHE").Output()
-	if err != nil {
-		t.Fatal(err)
+	goEnv := func(key string) string {
+		t.Helper()
+		out, err := exec.Command("go", "env", key).Output()
+		if err != nil {
+			t.Fatalf("go env %s: %v", key, err)
+		}
+		return strings.TrimSpace(string(out))
 	}
-	// Dependencies come from the shared module cache's download directory,
-	// which is laid out as a proxy; nothing goes to the network.
-	shared := filepath.Join(strings.TrimSpace(string(out)), "cache", "download")
+	modcache, gocache := goEnv("GOMODCACHE"), goEnv("GOCACHE")
+	t.Cleanup(func() {
+		// -modcacherw below made the extracted module writable.
+		os.RemoveAll(filepath.Join(modcache, "github.com", "warmpool", "warmpool@"+version))
+		left, _ := filepath.Glob(filepath.Join(modcache, "cache", "download", "github.com", "warmpool", "warmpool", "@v", version+".*"))
+		for _, f := range left {
+			os.Remove(f)
+		}
+	})
 	gobin := filepath.Join(root, "bin")
 	var env []string
 	for _, kv := range os.Environ() {
 		k, _, _ := strings.Cut(kv, "=")
-		if k == "HOME" || strings.HasPrefix(k, "XDG_") || k == "GOPROXY" || k == "GOMODCACHE" || k == "GOSUMDB" || k == "GOBIN" || k == "GOFLAGS" || k == "GOPATH" || k == "GOTOOLCHAIN" {
+		if k == "HOME" || strings.HasPrefix(k, "XDG_") || k == "GOPROXY" || k == "GOMODCACHE" || k == "GOSUMDB" || k == "GOBIN" || k == "GOFLAGS" || k == "GOPATH" || k == "GOTOOLCHAIN" || k == "GOCACHE" {
 			continue
 		}
 		env = append(env, kv)
 	}
 	cache := filepath.Join(root, "cache")
 	seedKernel(t, cache)
-	gocache, err := exec.Command("go", "env", "GOCACHE").Output()
-	if err != nil {
-		t.Fatal(err)
-	}
 	env = append(env,
-		"GOPROXY=file://"+filepath.Join(root, "proxy")+",file://"+shared,
-		"GOMODCACHE="+filepath.Join(root, "modcache"),
-		"GOCACHE="+strings.TrimSpace(string(gocache)),
+		// Every dependency is in the module cache already (TestMain's
+		// build needed them); only this module comes from the proxy, and
+		// nothing goes to the network.
+		"GOPROXY=file://"+filepath.Join(root, "proxy"),
+		"GOMODCACHE="+modcache,
+		"GOCACHE="+gocache,
 		"GOPATH="+filepath.Join(root, "gopath"),
 		"GOSUMDB=off",
 		"GOFLAGS=-modcacherw",
@@ -246,7 +261,7 @@ func TestGoInstalledBinaryBuildsImage(t *testing.T) {
 		"HOME="+filepath.Join(root, "home"),
 		"XDG_CACHE_HOME="+cache,
 	)
-	install := exec.Command("go", "install", "-trimpath", "github.com/warmpool/warmpool/cmd/warmpool@"+version)
+	install := exec.Command("go", "install", "github.com/warmpool/warmpool/cmd/warmpool@"+version)
 	install.Env = append(slices.Clone(env), "GOBIN="+gobin)
 	install.Dir = root
 	start := time.Now()
@@ -254,6 +269,9 @@ func TestGoInstalledBinaryBuildsImage(t *testing.T) {
 		t.Fatalf("go install: %v\n%s", err, out)
 	}
 	t.Logf("go install took %s", time.Since(start).Round(time.Millisecond))
+	if _, err := os.Stat(filepath.Join(modcache, "github.com", "warmpool", "warmpool@"+version, "cmd", "warmpool-agent")); err != nil {
+		t.Fatalf("go install did not put the module into the module cache: %v", err)
+	}
 
 	user := installation{bin: filepath.Join(gobin, "warmpool"), dir: root, env: env}
 	var img guest.Image

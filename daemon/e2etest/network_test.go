@@ -236,8 +236,8 @@ func TestQEMUNetwork(t *testing.T) {
 	hostAddrs := hostServer(t)
 	cfg := writeNetConfig(t, state, testCIDR(t))
 
+	useTemplate(t, state, "base", busybox256)
 	d := startDaemon(t, state, "--config", cfg)
-	mustCLI(t, state, 10*time.Minute, "template", "build", "base", "--vcpus", "1", "--mem", "256")
 	mustCLI(t, state, time.Minute, "pool", "set", "iso", "--template", "base", "--min", "2", "--max", "2")
 	mustCLI(t, state, time.Minute, "pool", "set", "eg", "--template", "base", "--min", "1", "--max", "1",
 		"--network", "egress", "--egress-allow", out.addr+":8080")

@@ -1,7 +1,8 @@
 // Package e2etest drives the real warmpool binary against real QEMU VMs:
 // the daemon as a subprocess, the CLI as the user runs it, and a kill -9 of
-// the daemon in the middle. It is slow (one template build, a handful of
-// restores under TCG), so everything shares one state directory.
+// the daemon in the middle. Each test runs its own daemon on a state
+// directory of its own; the templates they start from are built once per
+// test binary (fixture_test.go), since each build is a cold boot under TCG.
 package e2etest
 
 import (
@@ -44,6 +45,7 @@ func run(m *testing.M) int {
 		return 1
 	}
 	defer os.RemoveAll(tmp)
+	defer removeSeed()
 	bin := filepath.Join(tmp, "warmpool")
 	// As `make build` does: the guest agent first, embedded in the binary.
 	for _, argv := range [][]string{{"go", "generate", "./cmd/warmpool"}, {"go", "build", "-o", bin, "./cmd/warmpool"}} {
@@ -525,8 +527,8 @@ func TestQEMUDaemonSurvivesKill9(t *testing.T) {
 		}
 	})
 
+	useTemplate(t, state, "base", busybox256)
 	d := startDaemon(t, state)
-	mustCLI(t, state, 15*time.Minute, "template", "build", "base", "--vcpus", "1", "--mem", "256")
 	mustCLI(t, state, time.Minute, "pool", "set", "py", "--template", "base", "--min", "2", "--max", "3")
 	waitPool(t, state, "py", 2)
 	see()

@@ -24,8 +24,8 @@ func TestQEMUSIGTERMWithEndlessExec(t *testing.T) {
 		t.Fatal(err)
 	}
 
+	useTemplate(t, state, "base", busybox256)
 	d := startDaemon(t, state, "--config", config)
-	mustCLI(t, state, 15*time.Minute, "template", "build", "base", "--vcpus", "1", "--mem", "256")
 	mustCLI(t, state, time.Minute, "pool", "set", "py", "--template", "base", "--min", "2", "--max", "2")
 	waitPool(t, state, "py", 2)
 	l := acquire(t, state, "py")
