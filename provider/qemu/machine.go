@@ -44,6 +44,9 @@ const balloonID = "balloon"
 type machineConfig struct {
 	Accel     string `json:"accel"` // "kvm" or "tcg"
 	TBSizeMiB int    `json:"tb_size_mib,omitempty"`
+	// CPU is the -cpu model; empty for QEMU's default. A clone keeps its
+	// template's, as the guest kernel chose its timers for that CPU.
+	CPU       string `json:"cpu,omitempty"`
 	VCPUs     int    `json:"vcpus"`
 	MemoryMiB int    `json:"memory_mib"`
 	Kernel    string `json:"kernel"`
@@ -89,6 +92,11 @@ func (c machineConfig) args(dir string) []string {
 		"-name", "warmpool-" + filepath.Base(dir),
 		"-M", "microvm,memory-backend=mem",
 		"-accel", accel,
+	}
+	if c.CPU != "" {
+		a = append(a, "-cpu", c.CPU)
+	}
+	a = append(a,
 		"-nodefaults", "-no-user-config", "-nographic",
 		// A guest reboot (or panic with panic=-1) ends the process instead of
 		// starting the guest over.
@@ -97,7 +105,7 @@ func (c machineConfig) args(dir string) []string {
 		"-smp", strconv.Itoa(c.VCPUs),
 		"-object", c.memoryBackend(),
 		"-kernel", c.Kernel,
-	}
+	)
 	if c.Initrd != "" {
 		a = append(a, "-initrd", c.Initrd)
 	}
@@ -143,15 +151,26 @@ func (c machineConfig) memoryBackend() string {
 // TCGKernelArgs are kernel parameters a guest needs under TCG here: the
 // guest cannot calibrate its TSC against the emulated PIT on a loaded host
 // and then hangs right after "tsc: Marking TSC unstable"; telling it the rate
-// skips the calibration. Empty when the host TSC is not constant. Exported
-// for tests that start QEMU themselves.
+// skips the calibration. tsc=reliable keeps the TSC as the clocksource: the
+// clocksource watchdog compares it with jiffies, which lose ticks whenever
+// the host is too busy to run the vCPU, marks the TSC unstable and falls
+// back to jiffies, a clocksource no tickless idle can run on. Empty when
+// the host TSC is not constant. Exported for tests that start QEMU
+// themselves.
 func TCGKernelArgs() string {
 	khz := hostTSCKHz("/proc/cpuinfo")
 	if khz <= 0 {
 		return ""
 	}
-	return "tsc_early_khz=" + strconv.Itoa(khz)
+	return "tsc_early_khz=" + strconv.Itoa(khz) + " tsc=reliable"
 }
+
+// TCGCPU is the CPU model VMs get under TCG: QEMU's default with ARAT
+// (the local APIC timer keeps running in idle states). Without it the guest
+// kernel finds no timer it can program one-shot (microvm has no HPET to
+// broadcast from) and ticks at HZ while idle, each tick emulated: an idle
+// guest then costs several percent of a host core instead of under one.
+const TCGCPU = "qemu64,+arat"
 
 func hostTSCKHz(cpuinfo string) int {
 	f, err := os.Open(cpuinfo)
