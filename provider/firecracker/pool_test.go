@@ -2,11 +2,18 @@ package firecracker
 
 import (
 	"context"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"strings"
 	"testing"
 	"time"
 
 	"github.com/warmpool/warmpool/agent"
+	"github.com/warmpool/warmpool/guest"
 	"github.com/warmpool/warmpool/pool"
+	"github.com/warmpool/warmpool/template"
 	"github.com/warmpool/warmpool/vm"
 )
 
@@ -108,5 +115,58 @@ func waitFor(t *testing.T, what string, cond func() bool) {
 			t.Fatalf("timed out waiting for %s", what)
 		}
 		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// A template built from an image with a root filesystem (template.Build,
+// as the daemon builds one) boots under Firecracker with its disks, keeps
+// the frozen writable disk in its directory and none of the build's, and
+// its clones each get a copy of that disk: the ext4 the builder made.
+func TestImageTemplateOverFirecracker(t *testing.T) {
+	if _, err := exec.LookPath("mkfs.ext4"); err != nil {
+		t.Skip("SKIPPING: needs mkfs.ext4 (e2fsprogs) for the template's writable disk")
+	}
+	e := newEnv(t, nil)
+	ctx := testCtx(t)
+	root := e.diskFixture(t).RootDisk
+	dir := filepath.Join(t.TempDir(), "tpl")
+	img := guest.Image{Kernel: e.kernel, Initrd: e.initrd, Cmdline: DefaultBootArgs, Digest: "fake", Rootfs: &guest.Rootfs{Path: root, File: filepath.Base(root), Format: "ext4"}}
+	tm, err := template.Build(ctx, template.BuildOptions{Name: "deb", Provider: e.p, Image: img, VCPUs: 1, MemoryMiB: 256, Dir: dir, DiskMiB: 32})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if tm.Snapshot.Meta[metaWritable] == "" {
+		t.Fatalf("template snapshot keeps no writable disk: %+v", tm.Snapshot.Meta)
+	}
+	entries, _ := os.ReadDir(dir)
+	var names []string
+	for _, en := range entries {
+		names = append(names, en.Name())
+	}
+	if !slices.Contains(names, snapWritableName) || slices.ContainsFunc(names, func(n string) bool { return strings.HasPrefix(n, "build-disk") }) {
+		t.Errorf("template directory holds %v, want %s and no build disk", names, snapWritableName)
+	}
+	if left := mustList(t, e.p); len(left) != 0 {
+		t.Errorf("the build VM is still there: %+v", left)
+	}
+	c, err := e.p.Restore(ctx, tm.Snapshot)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(c.Spec.Cmdline, "warmpool.root=/dev/vda warmpool.rw=/dev/vdb") {
+		t.Errorf("clone's command line %q does not name its disks by device", c.Spec.Cmdline)
+	}
+	f, err := openGuestDrive(c, writableDriveID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	magic := make([]byte, 2)
+	_, err = f.ReadAt(magic, 1024+56)
+	f.Close()
+	if err != nil || magic[0] != 0x53 || magic[1] != 0xef {
+		t.Errorf("the clone's writable drive has no ext4 superblock (magic %x, %v)", magic, err)
+	}
+	if err := e.p.Destroy(ctx, c.ID); err != nil {
+		t.Fatal(err)
 	}
 }
