@@ -6,6 +6,7 @@ import (
 	"debug/elf"
 	"encoding/json"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"slices"
 	"strconv"
@@ -333,6 +334,15 @@ func TestFirecrackerDaemonJailed(t *testing.T) {
 			t.Errorf("jailed firecracker %s still runs at cleanup", id)
 		}
 		killJailed(state)
+		nothingLeft(t, state)
+		// The namespaces of the VMs' own TAPs go with their VMs; after a
+		// failure the test removes them.
+		vms, _ := os.ReadDir(filepath.Join(state, "vms"))
+		for _, v := range vms {
+			if _, err := os.Stat("/run/netns/wpfc-" + v.Name()); err == nil {
+				exec.Command("ip", "netns", "del", "wpfc-"+v.Name()).Run()
+			}
+		}
 		if t.Failed() {
 			t.Logf("daemon log:\n%s", tail(state))
 		}
@@ -390,9 +400,7 @@ func TestFirecrackerDaemonJailed(t *testing.T) {
 	if jails, _ := filepath.Glob(filepath.Join(state, "jail", "*", "*")); len(jails) != 0 {
 		t.Errorf("jail directories left after a --stop-all shutdown: %v", jails)
 	}
-	if left := ours(t, state); len(left) > 0 {
-		t.Errorf("network slots left after a --stop-all shutdown:\n%s", strings.Join(left, "\n"))
-	}
+	// The network slots are checked at cleanup (nothingLeft).
 	for _, id := range append(seen, storeVMs(t, state)...) {
 		if _, err := os.Stat("/run/netns/wpfc-" + id); err == nil {
 			t.Errorf("the namespace of VM %s's own TAP is left after a --stop-all shutdown", id)

@@ -188,6 +188,32 @@ func ours(t *testing.T, state string) []string {
 	return left
 }
 
+// nothingLeft fails the test if anything of state's network is left, and
+// removes it, so a failed test does not leave the host with it.
+func nothingLeft(t *testing.T, state string) {
+	t.Helper()
+	left := ours(t, state)
+	if len(left) == 0 {
+		return
+	}
+	t.Errorf("left behind:\n%s", strings.Join(left, "\n"))
+	tag := network.TagFor(state)
+	names, _ := os.ReadDir("/run/netns")
+	for _, n := range names {
+		if strings.HasPrefix(n.Name(), "wp-"+tag+"-") {
+			exec.Command("ip", "netns", "del", n.Name()).Run()
+		}
+	}
+	if links, err := net.Interfaces(); err == nil {
+		for _, l := range links {
+			if strings.HasPrefix(l.Name, "wp"+tag) {
+				exec.Command("ip", "link", "del", l.Name).Run()
+			}
+		}
+	}
+	exec.Command("nft", "delete", "table", "ip", "wp-"+tag).Run()
+}
+
 // testCIDR is a range of its own for one test run: a /27 (eight slots) at
 // a random place in 10.0.0.0/8, unlikely to meet another run's.
 func testCIDR(t *testing.T) string {
@@ -227,11 +253,7 @@ func writeNetConfig(t *testing.T, state, cidr string) string {
 func TestQEMUNetwork(t *testing.T) {
 	needNetworkRoot(t)
 	state := qemuState(t, "real-VM network test", "wp-e2e-net-")
-	t.Cleanup(func() {
-		if left := ours(t, state); len(left) > 0 {
-			t.Errorf("left behind:\n%s", strings.Join(left, "\n"))
-		}
-	})
+	t.Cleanup(func() { nothingLeft(t, state) })
 	out := newOutside(t, 8080, 8081)
 	hostAddrs := hostServer(t)
 	cfg := writeNetConfig(t, state, testCIDR(t))
@@ -375,11 +397,7 @@ func answers(addr string) bool {
 func TestQEMUNetworkMachineKeepsItsAddress(t *testing.T) {
 	needNetworkRoot(t)
 	state := qemuState(t, "real-VM machine network test", "wp-e2e-netm-")
-	t.Cleanup(func() {
-		if left := ours(t, state); len(left) > 0 {
-			t.Errorf("left behind:\n%s", strings.Join(left, "\n"))
-		}
-	})
+	t.Cleanup(func() { nothingLeft(t, state) })
 	d := startDaemon(t, state, "--config", writeNetConfig(t, state, testCIDR(t)), "--stop-all")
 	m := ensureNet(t, state, "box", "--network", "isolated", "--mem", "256")
 	if m.Address == nil {
