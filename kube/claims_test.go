@@ -338,7 +338,7 @@ func measureClaims(tc *testCluster, prefix string, n int, every time.Duration) [
 	defer watch.Stop()
 	readyAt := make(chan string, n)
 	var mu sync.Mutex
-	var toBound, boundToReady, acquire []time.Duration
+	var toBound, boundToReady, acquire, noticed []time.Duration
 	created := map[string]time.Time{}
 	go func() {
 		seen := map[string]bool{}
@@ -350,6 +350,7 @@ func measureClaims(tc *testCluster, prefix string, n int, every time.Duration) [
 				toBound = append(toBound, c.Status.BoundTime.Sub(created[c.Name]))
 				boundToReady = append(boundToReady, c.Status.ReadyTime.Sub(c.Status.BoundTime.Time))
 				acquire = append(acquire, time.Duration(c.Status.Timings.AcquireMS)*time.Millisecond)
+				noticed = append(noticed, time.Since(c.Status.ReadyTime.Time))
 				mu.Unlock()
 				readyAt <- c.Name
 			}
@@ -396,7 +397,7 @@ func measureClaims(tc *testCluster, prefix string, n int, every time.Duration) [
 	for _, part := range []struct {
 		name string
 		d    []time.Duration
-	}{{"created → bound (controller)", toBound}, {"bound → ready written (agent)", boundToReady}, {"daemon acquire", acquire}} {
+	}{{"created → bound (controller)", toBound}, {"bound → ready written (agent)", boundToReady}, {"daemon acquire", acquire}, {"ready written → seen by a watch", noticed}} {
 		slices.Sort(part.d)
 		tc.t.Logf("  %s: %s p50 %s p99 %s", prefix, part.name, pct(part.d, 50), pct(part.d, 99))
 	}

@@ -81,7 +81,7 @@ func jsonMergePatch(v any) (client.Patch, error) {
 func allPools(c client.Reader) handler.MapFunc {
 	return func(ctx context.Context, _ client.Object) []reconcile.Request {
 		var wps v1alpha1.WarmPoolList
-		if err := c.List(ctx, &wps); err != nil {
+		if err := c.List(ctx, &wps, client.UnsafeDisableDeepCopy); err != nil {
 			return nil
 		}
 		reqs := make([]reconcile.Request, 0, len(wps.Items))

@@ -24,6 +24,7 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/client"
 	"sigs.k8s.io/controller-runtime/pkg/controller"
 	"sigs.k8s.io/controller-runtime/pkg/controller/controllerutil"
+	"sigs.k8s.io/controller-runtime/pkg/event"
 	"sigs.k8s.io/controller-runtime/pkg/handler"
 	"sigs.k8s.io/controller-runtime/pkg/manager"
 	"sigs.k8s.io/controller-runtime/pkg/predicate"
@@ -119,7 +120,7 @@ func RunController(ctx context.Context, opts ControllerOptions) error {
 	}
 	err = builder.ControllerManagedBy(mgr).Named("pools").
 		For(&v1alpha1.WarmPool{}).
-		Watches(&coordinationv1.Lease{}, handler.EnqueueRequestsFromMapFunc(allPools(s.c)), builder.WithPredicates(agentLeases)).
+		Watches(&coordinationv1.Lease{}, handler.EnqueueRequestsFromMapFunc(allPools(s.c)), builder.WithPredicates(agentLeases, livenessChanged)).
 		Watches(&corev1.Node{}, handler.EnqueueRequestsFromMapFunc(allPools(s.c))).
 		WithOptions(controller.Options{MaxConcurrentReconciles: 2}).
 		Complete(reconcile.Func(s.reconcilePool))
@@ -127,7 +128,7 @@ func RunController(ctx context.Context, opts ControllerOptions) error {
 		return fmt.Errorf("controller: %w", err)
 	}
 	err = builder.ControllerManagedBy(mgr).Named("nodes").
-		For(&coordinationv1.Lease{}, builder.WithPredicates(agentLeases)).
+		For(&coordinationv1.Lease{}, builder.WithPredicates(agentLeases, livenessChanged)).
 		Complete(reconcile.Func(s.reconcileNode))
 	if err != nil {
 		return fmt.Errorf("controller: %w", err)
@@ -150,10 +151,29 @@ func RunController(ctx context.Context, opts ControllerOptions) error {
 	return nil
 }
 
+// livenessChanged passes the heartbeat Lease events that change which
+// nodes are live: a renewal of a current heartbeat changes nothing the
+// pools or the lost-node check act on (each reconcile requeues itself for
+// the expiry it saw, and then reads the renewed Lease), and would otherwise
+// reconcile every pool at every renewal of every node.
+var livenessChanged = predicate.Funcs{UpdateFunc: func(e event.UpdateEvent) bool {
+	o, ok1 := e.ObjectOld.(*coordinationv1.Lease)
+	n, ok2 := e.ObjectNew.(*coordinationv1.Lease)
+	if !ok1 || !ok2 {
+		return true
+	}
+	ol, okOld := livenessOf(o)
+	nl, okNew := livenessOf(n)
+	if !okOld || !okNew || ol.Node != nl.Node {
+		return true
+	}
+	return !ol.live(n.Spec.RenewTime.Time) || nl.Expires.Before(ol.Expires)
+}}
+
 // liveness reads every node agent's heartbeat, by node.
 func (s *controllerState) liveness(ctx context.Context) (map[string]nodeLiveness, error) {
 	var leases coordinationv1.LeaseList
-	if err := s.c.List(ctx, &leases, client.InNamespace(s.ns), client.MatchingLabels{ComponentLabel: componentAgent}); err != nil {
+	if err := s.c.List(ctx, &leases, client.InNamespace(s.ns), client.MatchingLabels{ComponentLabel: componentAgent}, client.UnsafeDisableDeepCopy); err != nil {
 		return nil, fmt.Errorf("list node agent Leases: %w", err)
 	}
 	out := map[string]nodeLiveness{}
@@ -216,7 +236,7 @@ func (s *controllerState) selectedLiveNodes(ctx context.Context, wp *v1alpha1.Wa
 // pendingClaimsOf maps a WarmPool to the claims waiting for it.
 func (s *controllerState) pendingClaimsOf(ctx context.Context, o client.Object) []reconcile.Request {
 	var claims v1alpha1.VMClaimList
-	if err := s.c.List(ctx, &claims, client.InNamespace(o.GetNamespace())); err != nil {
+	if err := s.c.List(ctx, &claims, client.InNamespace(o.GetNamespace()), client.UnsafeDisableDeepCopy); err != nil {
 		return nil
 	}
 	var reqs []reconcile.Request
@@ -497,7 +517,9 @@ func (s *controllerState) reconcileClaim(ctx context.Context, req reconcile.Requ
 // so that concurrent bindings count each other.
 func (s *controllerState) choose(ctx context.Context, c *v1alpha1.VMClaim, wp *v1alpha1.WarmPool, nodes []string) (string, bool, error) {
 	var claims v1alpha1.VMClaimList
-	if err := s.c.List(ctx, &claims, client.InNamespace(c.Namespace)); err != nil {
+	// Only read: the cache's own objects, not a copy of every claim per
+	// binding.
+	if err := s.c.List(ctx, &claims, client.InNamespace(c.Namespace), client.UnsafeDisableDeepCopy); err != nil {
 		return "", false, fmt.Errorf("list claims: %w", err)
 	}
 	pool := types.NamespacedName{Namespace: wp.Namespace, Name: wp.Name}

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -178,16 +179,109 @@ func TestQEMUClaim(t *testing.T) {
 	t.Logf("warmpool exec on the claim's lease: %q", strings.TrimSpace(string(execOut)))
 
 	kubectl(t, kc, "delete", "-n", ns, "vmclaim", "example", "--timeout=60s")
-	lsOut, err := exec.Command(warmpool, "lease", "ls", "--state", state, "-o", "json").Output()
-	if err != nil {
-		t.Fatalf("warmpool lease ls: %v", err)
+	noLeases := func(after string) {
+		t.Helper()
+		var leases []api.Lease
+		cliJSON(t, warmpool, state, &leases, "lease", "ls")
+		if len(leases) != 0 {
+			t.Errorf("leases after %s: %+v", after, leases)
+		}
 	}
-	var leases []api.Lease
-	if err := json.Unmarshal(lsOut, &leases); err != nil {
-		t.Fatalf("lease ls -o json: %v\n%s", err, lsOut)
-	}
-	if len(leases) != 0 {
-		t.Errorf("leases after the claim was deleted: %s", lsOut)
-	}
+	noLeases("the claim was deleted")
 	kubectl(t, kc, "delete", "-n", ns, "warmpool", "busybox", "--timeout=60s")
+
+	// A root filesystem image from a directory, a writable disk per VM and
+	// an adaptive pool: the node builds the image and the template and
+	// boots them.
+	tree := filepath.Join(dir, "tree")
+	writeTree(t, tree, "a tree of the WarmPool's own")
+	manifests := filepath.Join(dir, "tree.yaml")
+	yaml := fmt.Sprintf(`apiVersion: warmpool.dev/v1alpha1
+kind: WarmPool
+metadata: {name: tree}
+spec:
+  image: dir:%s
+  template: {vcpus: 1, memoryMiB: 256, diskMiB: 64}
+  adaptive: true
+  min: 1
+  max: 2
+---
+apiVersion: warmpool.dev/v1alpha1
+kind: VMClaim
+metadata: {name: tree}
+spec:
+  poolRef: {name: tree}
+`, tree)
+	if err := os.WriteFile(manifests, []byte(yaml), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	start = time.Now()
+	kubectl(t, kc, "apply", "-n", ns, "-f", manifests)
+	kubectl(t, kc, "wait", "-n", ns, "vmclaim/tree", "--for=jsonpath={.status.phase}=Ready", "--timeout=300s")
+	t.Logf("dir: image, template with a 64 MiB disk and adaptive pool built and the claim Ready %s after kubectl apply", time.Since(start).Round(time.Millisecond))
+	var tclaim struct{ Status struct{ LeaseID string } }
+	if err := json.Unmarshal([]byte(kubectl(t, kc, "get", "-n", ns, "vmclaim", "tree", "-o", "json")), &tclaim); err != nil {
+		t.Fatal(err)
+	}
+	execOut, err = exec.Command(warmpool, "exec", "--state", state, tclaim.Status.LeaseID, "--", "sh", "-c", `cat /etc/tree-marker && echo written > /etc/new && cat /etc/new`).CombinedOutput()
+	if err != nil || string(execOut) != "a tree of the WarmPool's own\nwritten\n" {
+		t.Fatalf("warmpool exec %s in the tree image: %v\n%s", tclaim.Status.LeaseID, err, execOut)
+	}
+	var tpls []api.Template
+	cliJSON(t, warmpool, state, &tpls, "template", "ls")
+	var pools []api.Pool
+	cliJSON(t, warmpool, state, &pools, "pool", "ls")
+	local := localName(ns, "tree")
+	for _, tp := range tpls {
+		if tp.Name == local && (tp.ImageSource != "dir:"+tree || tp.DiskMiB != 64) {
+			t.Errorf("template %s: image source %q, disk %d MiB; want dir:%s and 64", local, tp.ImageSource, tp.DiskMiB, tree)
+		}
+	}
+	for _, p := range pools {
+		if p.Name == local && !p.Adaptive {
+			t.Errorf("pool %s is not adaptive", local)
+		}
+	}
+	kubectl(t, kc, "delete", "-n", ns, "-f", manifests, "--timeout=60s")
+	noLeases("the tree claim was deleted")
+}
+
+// cliJSON runs `warmpool ARGS -o json` against the daemon at state into v.
+func cliJSON(t *testing.T, warmpool, state string, v any, args ...string) {
+	t.Helper()
+	out, err := exec.Command(warmpool, append(args, "--state", state, "-o", "json")...).Output()
+	if err != nil {
+		t.Fatalf("warmpool %s: %v", strings.Join(args, " "), err)
+	}
+	if err := json.Unmarshal(out, v); err != nil {
+		t.Fatalf("warmpool %s -o json: %v\n%s", strings.Join(args, " "), err, out)
+	}
+}
+
+// writeTree writes a root filesystem tree: busybox as /bin/sh, and marker
+// in /etc/tree-marker.
+func writeTree(t *testing.T, root, marker string) {
+	t.Helper()
+	bb, err := os.ReadFile("/bin/busybox")
+	if err != nil {
+		t.Skip("no /bin/busybox for the tree image: ", err)
+	}
+	for _, d := range []string{"bin", "etc", "root"} {
+		if err := os.MkdirAll(filepath.Join(root, d), 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	files := map[string]string{"bin/busybox": string(bb), "etc/tree-marker": marker + "\n", "etc/passwd": "root:x:0:0:root:/root:/bin/sh\n", "etc/group": "root:x:0:\n"}
+	for name, body := range files {
+		mode := os.FileMode(0o644)
+		if name == "bin/busybox" {
+			mode = 0o755
+		}
+		if err := os.WriteFile(filepath.Join(root, name), []byte(body), mode); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := os.Symlink("busybox", filepath.Join(root, "bin/sh")); err != nil {
+		t.Fatal(err)
+	}
 }

@@ -18,7 +18,6 @@ const (
 	ReasonAccepted           = "Accepted"
 	ReasonInvalidSpec        = "InvalidSpec"
 	ReasonUnknownImageSource = "UnknownImageSource"
-	ReasonUnsupported        = "Unsupported"
 )
 
 // specProblem is why a WarmPool spec cannot be served: Reason is the
