@@ -29,9 +29,10 @@ import (
 // does.
 type Handoffer struct {
 	// WarmExec, when set, is a command Prepare runs once (its result
-	// ignored) so that the tenant's first exec finds process creation
-	// already translated: under TCG that first exec took ~90 ms instead of
-	// ~12 ms. It makes each Prepare ~100 ms longer. Set it before first use.
+	// ignored), over a session as a tenant's commands run, so that under
+	// TCG the tenant's first command finds the session, process creation
+	// and the command itself already translated. It makes each Prepare
+	// longer. Set it before first use.
 	WarmExec []string
 
 	prov   vm.Provider
@@ -83,6 +84,9 @@ func (h *Handoffer) Prepare(ctx context.Context, v vm.VM) error {
 	if err := h.prov.Resume(ctx, v.ID); err != nil {
 		return fmt.Errorf("prepare %s: resume: %w", v.ID, err)
 	}
+	if len(h.WarmExec) > 0 {
+		h.warm(ctx, v.ID)
+	}
 	c, err := Dial(ctx, h.dialer, v.ID)
 	if err != nil {
 		return fmt.Errorf("prepare %s: %w", v.ID, err)
@@ -93,11 +97,6 @@ func (h *Handoffer) Prepare(ctx context.Context, v vm.VM) error {
 			c.Close()
 		}
 	}()
-	if len(h.WarmExec) > 0 {
-		// A command that cannot run here only loses the warm-up; a broken
-		// connection fails the hand-off below.
-		_, _ = c.Exec(ctx, ExecRequest{Argv: h.WarmExec, Timeout: warmExecTimeout}, nil, nil)
-	}
 	entropy := make([]byte, prepareEntropy)
 	if _, err := rand.Read(entropy); err != nil {
 		return fmt.Errorf("prepare %s: entropy: %w", v.ID, err)
@@ -131,6 +130,23 @@ func (h *Handoffer) Prepare(ctx context.Context, v vm.VM) error {
 		h.mu.Unlock()
 	}()
 	return nil
+}
+
+// warm runs WarmExec once in VM id the way a tenant's commands run: over
+// a multiplexed session, as a streamed process. Under TCG the tenant's
+// first session then finds the agent's session, stream and exec code
+// translated, not only the command's. A command that cannot run here, or
+// an agent that does not answer, only loses the warm-up; a broken agent
+// fails the dial that follows.
+func (h *Handoffer) warm(ctx context.Context, id string) {
+	wctx, cancel := context.WithTimeout(ctx, warmExecTimeout)
+	defer cancel()
+	s, err := DialSession(wctx, h.dialer, id)
+	if err != nil {
+		return
+	}
+	defer s.Close()
+	_, _ = s.Run(wctx, ProcessRequest{Argv: h.WarmExec, Timeout: warmExecTimeout}, nil, nil, nil)
 }
 
 // Validate wraps a pool's validation (pass the result as

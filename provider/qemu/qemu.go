@@ -418,6 +418,16 @@ func (p *Provider) kernelArgs(cmdline, accel string) string {
 			args = strings.TrimSpace(args + " " + extra)
 		}
 	}
+	if accel == AccelTCG && !strings.Contains(args, "norandmaps") {
+		// TCG finds a translation by the code's virtual address. With
+		// address-space randomisation every new process (each shell a
+		// tenant's command starts) maps its executable and libraries
+		// elsewhere and is translated anew; without it the translations
+		// a warm-up command left serve the tenant's first command. Only
+		// layouts inside the guest lose their randomness, and only
+		// under TCG.
+		args = strings.TrimSpace(args + " norandmaps")
+	}
 	return args
 }
 
