@@ -4,7 +4,8 @@
 // timeout, connect) and the in-sandbox daemon "envd" (Connect RPC with JSON
 // for processes and the filesystem, plain HTTP for file transfer and health)
 // on one listener. A sandbox is a lease, its templateID a pool; everything
-// it does goes through the Backend methods the native API uses.
+// it does goes through the Backend methods the native API uses, and inside
+// the sandbox through the same guest agent session (api.GuestBackend).
 package e2b
 
 import (
