@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"io/fs"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -13,6 +14,7 @@ import (
 	"testing"
 	"time"
 
+	"golang.org/x/sys/unix"
 	"sigs.k8s.io/controller-runtime/pkg/envtest"
 
 	"github.com/warmpool/warmpool/api"
@@ -282,6 +284,19 @@ func writeTree(t *testing.T, root, marker string) {
 		}
 	}
 	if err := os.Symlink("busybox", filepath.Join(root, "bin/sh")); err != nil {
+		t.Fatal(err)
+	}
+	// Images are content-addressed and their digest covers file times:
+	// fixed times make every run build the same image, so runs reuse one
+	// cached image instead of leaving a new one in the cache each time.
+	fixed := []unix.Timespec{{Sec: 1_700_000_000}, {Sec: 1_700_000_000}}
+	err = filepath.WalkDir(root, func(path string, _ fs.DirEntry, err error) error {
+		if err != nil {
+			return err
+		}
+		return unix.UtimesNanoAt(unix.AT_FDCWD, path, fixed, unix.AT_SYMLINK_NOFOLLOW)
+	})
+	if err != nil {
 		t.Fatal(err)
 	}
 }
