@@ -154,7 +154,7 @@ func bootQEMUMem(t *testing.T, img guest.Image, incoming string, memMiB int) *qe
 	}
 	v := &qemuVM{dir: dir, socket: filepath.Join(dir, "agent.sock"), mon: filepath.Join(dir, "mon.sock")}
 	args := []string{
-		"-M", "microvm", "-accel", "tcg", "-cpu", qemu.TCGCPU, "-m", strconv.Itoa(memMiB), "-smp", "1",
+		"-M", "microvm", "-accel", "tcg", "-m", strconv.Itoa(memMiB), "-smp", "1",
 		"-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
 		"-serial", "file:" + filepath.Join(dir, "console.log"),
 		"-kernel", img.Kernel, "-initrd", img.Initrd, "-append", img.Cmdline + " " + qemu.TCGKernelArgs(),

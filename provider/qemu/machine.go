@@ -44,8 +44,12 @@ const balloonID = "balloon"
 type machineConfig struct {
 	Accel     string `json:"accel"` // "kvm" or "tcg"
 	TBSizeMiB int    `json:"tb_size_mib,omitempty"`
-	// CPU is the -cpu model; empty for QEMU's default. A clone keeps its
-	// template's, as the guest kernel chose its timers for that CPU.
+	// CPU is the -cpu model; empty for QEMU's default, which new VMs get.
+	// A clone keeps its template's, as the guest kernel chose its timers
+	// for that CPU: templates built with qemu64,+arat (one-shot APIC timer,
+	// a tickless idle) restore with it. That model was dropped because its
+	// timer programming made every hand-off under TCG about twice as slow,
+	// a worse trade than the idle ticks it saved.
 	CPU       string `json:"cpu,omitempty"`
 	VCPUs     int    `json:"vcpus"`
 	MemoryMiB int    `json:"memory_mib"`
@@ -164,13 +168,6 @@ func TCGKernelArgs() string {
 	}
 	return "tsc_early_khz=" + strconv.Itoa(khz) + " tsc=reliable"
 }
-
-// TCGCPU is the CPU model VMs get under TCG: QEMU's default with ARAT
-// (the local APIC timer keeps running in idle states). Without it the guest
-// kernel finds no timer it can program one-shot (microvm has no HPET to
-// broadcast from) and ticks at HZ while idle, each tick emulated: an idle
-// guest then costs several percent of a host core instead of under one.
-const TCGCPU = "qemu64,+arat"
 
 func hostTSCKHz(cpuinfo string) int {
 	f, err := os.Open(cpuinfo)

@@ -370,9 +370,6 @@ func (p *Provider) Create(ctx context.Context, spec vm.Spec) (vm.VM, error) {
 	if accel == AccelTCG && p.opts.TBSizeMiB > 0 {
 		cfg.TBSizeMiB = p.opts.TBSizeMiB
 	}
-	if accel == AccelTCG {
-		cfg.CPU = TCGCPU
-	}
 	if p.opts.SnapshotMode == SnapshotShared {
 		// Every VM may become a template, so its RAM is a shared file from
 		// the start.

@@ -149,7 +149,7 @@ func TestSnapshotRestoreKeepsGuestMemory(t *testing.T) {
 					t.Errorf("clone %s: guest sees virtio device IDs %q, balloon (0x0005) present = %v in mode %s", name, out, hasBalloon, mode)
 				}
 				if i == 0 {
-					checkTickless(t, ctx, p, clone.ID)
+					checkClocksource(t, ctx, p, clone.ID)
 				}
 				// A clone's writes stay its own.
 				exec(t, ctx, p, clone.ID, "sh", "-c", "echo clone > /run/t/value")
@@ -200,19 +200,15 @@ func TestSnapshotRestoreKeepsGuestMemory(t *testing.T) {
 	}
 }
 
-// checkTickless checks that the guest of VM id keeps a clocksource its
-// idle can stop the tick on, and runs its timer one-shot: a guest that
-// ticks at HZ while idle costs a share of a host core per leased VM under
-// TCG, where every tick is emulated.
-func checkTickless(t *testing.T, ctx context.Context, p *qemu.Provider, id string) {
+// checkClocksource checks that the guest of VM id keeps the TSC as its
+// clocksource: on jiffies (where the clocksource watchdog falls back when a
+// loaded host makes jiffies lose ticks) the tick can never stop while idle,
+// and every tick is emulated under TCG.
+func checkClocksource(t *testing.T, ctx context.Context, p *qemu.Provider, id string) {
 	t.Helper()
 	out, _ := exec(t, ctx, p, id, "cat", "/sys/devices/system/clocksource/clocksource0/current_clocksource")
 	if cs := strings.TrimSpace(out); strings.Contains(cs, "jiffies") || cs == "" {
 		t.Errorf("guest clocksource is %q: its tick cannot stop while idle", cs)
-	}
-	out, _ = exec(t, ctx, p, id, "grep", "event_handler", "/proc/timer_list")
-	if !strings.Contains(out, "hrtimer_interrupt") {
-		t.Errorf("guest timer is not one-shot (timer_list: %q): it ticks at HZ while idle", out)
 	}
 }
 
