@@ -213,6 +213,20 @@ func (s *Server) pidOf(ctx context.Context, g *api.Guest, sbx string, sel proces
 	return api.ProcessInfo{}, connect.NewError(connect.CodeNotFound, fmt.Errorf("sandbox %s: no running process with %s", sbx, selectorString(sel)))
 }
 
+// selectedProcess opens sandbox sbx's guest and finds the process sel
+// names; done releases the guest and is set only when err is nil.
+func (s *Server) selectedProcess(ctx context.Context, sbx string, sel processSelector) (g *api.Guest, pid int, done func(), err error) {
+	g, done, err = s.guest(ctx, sbx)
+	if err != nil {
+		return nil, 0, nil, err
+	}
+	if pid, err = s.selectedPID(ctx, g, sbx, sel); err != nil {
+		done()
+		return nil, 0, nil, err
+	}
+	return g, pid, done, nil
+}
+
 // selectedPID is the PID sel names, looked up only for a tag.
 func (s *Server) selectedPID(ctx context.Context, g *api.Guest, sbx string, sel processSelector) (int, error) {
 	if sel.PID != nil {
@@ -291,15 +305,11 @@ func (s *Server) sendSignal(ctx context.Context, req *connect.Request[sendSignal
 	default:
 		return nil, connect.NewError(connect.CodeInvalidArgument, fmt.Errorf("signal %d: want SIGNAL_SIGKILL or SIGNAL_SIGTERM", req.Msg.Signal))
 	}
-	g, done, err := s.guest(ctx, sbx)
+	g, pid, done, err := s.selectedProcess(ctx, sbx, req.Msg.Process)
 	if err != nil {
 		return nil, err
 	}
 	defer done()
-	pid, err := s.selectedPID(ctx, g, sbx, req.Msg.Process)
-	if err != nil {
-		return nil, err
-	}
 	if err := g.Signal(ctx, pid, sig); err != nil {
 		return nil, guestError(sbx, err)
 	}
@@ -319,15 +329,11 @@ func (in *processInput) bytes() []byte {
 
 func (s *Server) sendInput(ctx context.Context, req *connect.Request[sendInputRequest]) (*connect.Response[empty], error) {
 	sbx := sandboxFrom(ctx)
-	g, done, err := s.guest(ctx, sbx)
+	g, pid, done, err := s.selectedProcess(ctx, sbx, req.Msg.Process)
 	if err != nil {
 		return nil, err
 	}
 	defer done()
-	pid, err := s.selectedPID(ctx, g, sbx, req.Msg.Process)
-	if err != nil {
-		return nil, err
-	}
 	if err := g.Input(ctx, pid, bytes.NewReader(req.Msg.Input.bytes()), false); err != nil {
 		return nil, inputError(sbx, pid, err)
 	}
@@ -358,15 +364,11 @@ func (s *Server) streamInput(ctx context.Context, cs *connect.ClientStream[strea
 	if first.Start == nil {
 		return nil, connect.NewError(connect.CodeInvalidArgument, errors.New("stream input: the first message must be start, naming the process"))
 	}
-	g, done, err := s.guest(ctx, sbx)
+	g, pid, done, err := s.selectedProcess(ctx, sbx, first.Start.Process)
 	if err != nil {
 		return nil, err
 	}
 	defer done()
-	pid, err := s.selectedPID(ctx, g, sbx, first.Start.Process)
-	if err != nil {
-		return nil, err
-	}
 	pr, pw := io.Pipe()
 	fed := make(chan error, 1)
 	go func() {
@@ -396,15 +398,11 @@ func (s *Server) streamInput(ctx context.Context, cs *connect.ClientStream[strea
 
 func (s *Server) closeStdin(ctx context.Context, req *connect.Request[closeStdinRequest]) (*connect.Response[empty], error) {
 	sbx := sandboxFrom(ctx)
-	g, done, err := s.guest(ctx, sbx)
+	g, pid, done, err := s.selectedProcess(ctx, sbx, req.Msg.Process)
 	if err != nil {
 		return nil, err
 	}
 	defer done()
-	pid, err := s.selectedPID(ctx, g, sbx, req.Msg.Process)
-	if err != nil {
-		return nil, err
-	}
 	if err := g.Input(ctx, pid, bytes.NewReader(nil), true); err != nil {
 		return nil, inputError(sbx, pid, err)
 	}
@@ -421,15 +419,11 @@ func (s *Server) update(ctx context.Context, req *connect.Request[updateRequest]
 	if err := (api.ResizeRequest{Rows: int(size.Rows), Cols: int(size.Cols)}).Validate(); err != nil {
 		return nil, connect.NewError(connect.CodeInvalidArgument, err)
 	}
-	g, done, err := s.guest(ctx, sbx)
+	g, pid, done, err := s.selectedProcess(ctx, sbx, req.Msg.Process)
 	if err != nil {
 		return nil, err
 	}
 	defer done()
-	pid, err := s.selectedPID(ctx, g, sbx, req.Msg.Process)
-	if err != nil {
-		return nil, err
-	}
 	if err := g.Resize(ctx, pid, int(size.Rows), int(size.Cols)); err != nil {
 		return nil, guestError(sbx, err)
 	}
