@@ -396,6 +396,10 @@ func (b *bucket) deliver(e *entry) {
 	if b.toWaiter(e) {
 		return
 	}
+	if e.unchecked {
+		b.check(e)
+		return
+	}
 	if e.expired || b.expired.Load() > 0 || e.born.Before(b.lastBorn) {
 		// Rare (adopted VMs, entries past MaxAge, given back): rebuild the
 		// order.
@@ -693,7 +697,7 @@ func (b *bucket) startRestore() {
 	go func() {
 		defer p.wg.Done()
 		defer p.slots.release(b)
-		r := p.restoreOne(b.name, snap)
+		r := p.restoreOne(b.name, snap, func() bool { return b.waiting.Load() > 0 })
 		// If the owner has returned the pool shut down: the VM is in owned
 		// and Shutdown destroys it.
 		b.send(func() { b.restored(gen, r) })
@@ -705,23 +709,32 @@ type restoreResult struct {
 	own     *ownership
 	err     error
 	invalid bool // v was made but failed Validate
+	// unchecked: v was restored while an acquirer waited and was not
+	// validated.
+	unchecked bool
 	elapsed time.Duration
 	done    time.Time
 }
 
-// restoreOne restores and validates one VM; it runs outside the owner.
-func (p *Pool) restoreOne(pool string, snap vm.Snapshot) restoreResult {
+// restoreOne restores and validates one VM; it runs outside the owner. When
+// forWaiter says an acquirer waits once the VM exists, it skips Validate:
+// the waiter's hand-off checks the VM, and the owner validates it if the
+// waiter is gone by then.
+func (p *Pool) restoreOne(pool string, snap vm.Snapshot, forWaiter func() bool) restoreResult {
 	ctx, cancel := context.WithTimeout(p.ctx, p.cfg.RestoreTimeout)
 	defer cancel()
 	start := time.Now()
 	r := restoreResult{own: &ownership{pool: pool}}
 	r.v, r.err = p.snap.Restore(ctx, snap)
 	if r.err == nil {
+		r.unchecked = forWaiter()
 		p.owned.Store(r.v.ID, r.own)
 		if p.cfg.OnVMCreated != nil {
 			p.cfg.OnVMCreated(pool, r.v)
 		}
-		if verr := p.cfg.Validate(ctx, r.v); verr != nil {
+		if r.unchecked {
+			// The waiter's hand-off checks it.
+		} else if verr := p.cfg.Validate(ctx, r.v); verr != nil {
 			r.invalid = true
 			r.err = fmt.Errorf("validate %s restored from %s: %w", r.v.ID, snap.ID, verr)
 		}
@@ -781,7 +794,7 @@ func (b *bucket) restored(gen uint64, r restoreResult) {
 			b.ctrl.demand.restored(r.elapsed)
 		}
 		b.m.restoreDuration.Observe(r.elapsed.Seconds())
-		b.deliver(&entry{vm: r.v, own: r.own, gen: gen, born: r.done, checked: r.done})
+		b.deliver(&entry{vm: r.v, own: r.own, gen: gen, born: r.done, checked: r.done, unchecked: r.unchecked})
 	}
 }
 
@@ -830,15 +843,21 @@ func (b *bucket) checkNext() {
 		b.round = time.Time{}
 		return
 	}
+	b.check(found)
+}
+
+// check validates e outside the owner; checked takes the result. e is out
+// of ready meanwhile, counted in checking.
+func (b *bucket) check(e *entry) {
 	b.checking++
 	p := b.p
 	p.wg.Add(1)
 	go func() {
 		defer p.wg.Done()
 		ctx, cancel := context.WithTimeout(p.ctx, p.cfg.RestoreTimeout)
-		err := p.cfg.Validate(ctx, found.vm)
+		err := p.cfg.Validate(ctx, e.vm)
 		cancel()
-		b.send(func() { b.checked(found, err) })
+		b.send(func() { b.checked(e, err) })
 	}()
 }
 
@@ -855,7 +874,7 @@ func (b *bucket) checked(e *entry, err error) {
 		b.p.log.Warn("warm VM failed health check", "pool", b.name, "vm", e.vm.ID, "err", err)
 		b.evict(e.vm.ID, ReasonUnhealthy)
 	default:
-		e.checked = time.Now()
+		e.checked, e.unchecked = time.Now(), false
 		if b.toWaiter(e) {
 			return
 		}

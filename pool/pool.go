@@ -57,6 +57,10 @@ type Config struct {
 	// Validate checks a restored (still paused) VM before it enters a bucket,
 	// in health checks and again before hand-out. Default: Inspect reports it
 	// paused or running.
+	// A VM restored while an acquirer waits goes to that acquirer without
+	// it: its hand-off is its check, and it skips work (a warm-up) that
+	// only pays off for a VM that sits ready. Validate runs on it when no
+	// acquirer is left to take it.
 	Validate func(ctx context.Context, v vm.VM) error
 	// Handoff runs at acquire after Resume and gives the VM the tenant
 	// identity the acquirer passed (real code: agent handoff + ping); nil
@@ -230,6 +234,9 @@ type entry struct {
 	born    time.Time
 	checked time.Time
 	expired bool
+	// unchecked marks a VM restored for a waiting acquirer and not
+	// validated: it goes to a waiter, or through Validate before ready.
+	unchecked bool
 	// readyAt is when it last entered ready, in milliseconds since the
 	// pool started (idle accounting).
 	readyAt int64
@@ -470,7 +477,9 @@ func (p *Pool) handOut(ctx context.Context, b *bucket, e *entry, id Identity, hi
 		b.giveBack(e)
 		return vm.VM{}, err
 	}
-	if err := p.cfg.Validate(ctx, v); err != nil {
+	if e.unchecked {
+		// Straight from its restore: the hand-off below is its check.
+	} else if err := p.cfg.Validate(ctx, v); err != nil {
 		b.counters.validationFailures.Add(1)
 		b.m.validation.Inc()
 		p.log.Warn("warm VM failed validation at acquire", "pool", b.name, "vm", v.ID, "err", err)

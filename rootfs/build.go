@@ -132,7 +132,7 @@ func Build(ctx context.Context, opts Options) (guest.Image, error) {
 	fmt.Fprintf(h, "%s\nbase %s\ncontent %x\npackages %s\nsize %d\nformat ext4\n", layoutVersion, opts.Base.Digest, content.Sum(nil), strings.Join(packages, ","), opts.SizeMiB)
 	digest := hex.EncodeToString(h.Sum(nil))
 	dir := filepath.Join(cache, "images", digest[:16])
-	if img, err := loadCached(ctx, cache, dir, digest); err != nil || img.Digest != "" {
+	if img, err := loadCached(ctx, cache, dir, digest, src.String()); err != nil || img.Digest != "" {
 		if err == nil {
 			progress("image up to date", 1, 1)
 		}
@@ -231,16 +231,56 @@ func Build(ctx context.Context, opts Options) (guest.Image, error) {
 // else a zero Image. The files are assembled without the cache's lock (a
 // debootstrap takes minutes, and the busybox build shares the lock); only
 // looking and installing take it.
-func loadCached(ctx context.Context, cache, dir, digest string) (guest.Image, error) {
+func loadCached(ctx context.Context, cache, dir, digest, source string) (guest.Image, error) {
 	unlock, err := guest.LockCache(ctx, cache)
 	if err != nil {
 		return guest.Image{}, err
 	}
 	defer unlock()
-	if img, err := guest.Load(dir); err == nil && img.Digest == digest {
-		return img, nil
+	img, err := guest.Load(dir)
+	if err != nil || img.Digest != digest {
+		return guest.Image{}, nil
 	}
-	return guest.Image{}, nil
+	if img.Source != source {
+		// The same content from another source (a tree copied elsewhere,
+		// an archive renamed): the image says what it was last built
+		// from, as templates built from it now do.
+		if err := setManifestSource(dir, source); err != nil {
+			return guest.Image{}, err
+		}
+		img.Source = source
+	}
+	return img, nil
+}
+
+// setManifestSource rewrites the source field of the image manifest in dir,
+// leaving every other field as written.
+func setManifestSource(dir, source string) error {
+	path := filepath.Join(dir, "image.json")
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return fmt.Errorf("image manifest: %w", err)
+	}
+	var fields map[string]json.RawMessage
+	if err := json.Unmarshal(b, &fields); err != nil {
+		return fmt.Errorf("image manifest %s: %w", path, err)
+	}
+	if fields["source"], err = json.Marshal(source); err != nil {
+		return err
+	}
+	out, err := json.MarshalIndent(fields, "", "  ")
+	if err != nil {
+		return err
+	}
+	tmp := path + ".tmp"
+	if err := os.WriteFile(tmp, append(out, '\n'), 0o644); err != nil {
+		return fmt.Errorf("image manifest %s: %w", path, err)
+	}
+	if err := os.Rename(tmp, path); err != nil {
+		os.Remove(tmp)
+		return fmt.Errorf("image manifest %s: %w", path, err)
+	}
+	return nil
 }
 
 // install moves the finished image out into dir, unless a concurrent build

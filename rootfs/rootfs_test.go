@@ -281,6 +281,20 @@ func TestSameInputsSameImage(t *testing.T) {
 	if err != nil || again.Dir != a.Dir || again.Digest != a.Digest {
 		t.Fatalf("second build in the same cache: %v, %s; want the cached %s", err, again.Dir, a.Dir)
 	}
+	// The same archive at another path is the same image, which now says
+	// where it was last built from.
+	moved := filepath.Join(t.TempDir(), "moved.tar")
+	if err := os.Link(src.Arg, moved); err != nil {
+		t.Fatal(err)
+	}
+	movedSrc := rootfs.Source{Kind: rootfs.KindOCIArchive, Arg: moved}
+	fromMoved, err := buildFrom(t, cacheA, movedSrc, 0)
+	if err != nil || fromMoved.Dir != a.Dir {
+		t.Fatalf("build of the moved archive: %v, %s; want the cached %s", err, fromMoved.Dir, a.Dir)
+	}
+	if reloaded, err := guest.Load(a.Dir); err != nil || fromMoved.Source != movedSrc.String() || reloaded.Source != movedSrc.String() || reloaded.Digest != a.Digest {
+		t.Errorf("image built again from %s: source %q, in image.json %q (%v); want the new source and digest %s kept", moved, fromMoved.Source, reloaded.Source, err, a.Digest)
+	}
 	b, err := buildFrom(t, cacheB, src, 0)
 	if err != nil {
 		t.Fatal(err)
