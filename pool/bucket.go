@@ -712,8 +712,8 @@ type restoreResult struct {
 	// unchecked: v was restored while an acquirer waited and was not
 	// validated.
 	unchecked bool
-	elapsed time.Duration
-	done    time.Time
+	elapsed   time.Duration
+	done      time.Time
 }
 
 // restoreOne restores and validates one VM; it runs outside the owner. When
