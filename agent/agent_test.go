@@ -129,8 +129,13 @@ func TestHandoffAppliesEffectsAndEnv(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if want := (agent.HandoffResult{Reported: true, EntropyBytes: len(entropy), Reseeded: true}); res != want {
-		t.Errorf("hand-off result = %+v, want %+v", res, want)
+	if !res.Reported || res.EntropyBytes != len(entropy) || !res.Reseeded || res.NotReseeded != "" {
+		t.Errorf("hand-off result = %+v, want %d bytes reported and reseeded", res, len(entropy))
+	}
+	for _, step := range []string{"entropy", "clock", "hostname", "network"} {
+		if _, ok := res.Steps[step]; !ok {
+			t.Errorf("hand-off steps %v lack %s", res.Steps, step)
+		}
 	}
 	rec.mu.Lock()
 	if len(rec.entropy) != 1 || !bytes.Equal(rec.entropy[0], entropy) {

@@ -90,6 +90,8 @@ type HandoffResult struct {
 	// NotReseeded is the guest's reason when entropy was added without a
 	// reseed.
 	NotReseeded string
+	// Steps is how long each hand-off step took in the guest.
+	Steps map[string]time.Duration
 }
 
 // ExecRequest is a command to run in the guest.
@@ -455,7 +457,14 @@ func handoffResult(resp *proto.Response) HandoffResult {
 	if r == nil {
 		return HandoffResult{}
 	}
-	return HandoffResult{Reported: true, EntropyBytes: r.EntropyBytes, Reseeded: r.Reseeded, NotReseeded: r.NotReseeded}
+	res := HandoffResult{Reported: true, EntropyBytes: r.EntropyBytes, Reseeded: r.Reseeded, NotReseeded: r.NotReseeded}
+	if len(r.StepsMicros) > 0 {
+		res.Steps = make(map[string]time.Duration, len(r.StepsMicros))
+		for name, us := range r.StepsMicros {
+			res.Steps[name] = time.Duration(us) * time.Microsecond
+		}
+	}
+	return res
 }
 
 func handoffRequest(h HandoffRequest) (*proto.Request, error) {

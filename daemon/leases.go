@@ -155,7 +155,7 @@ func (d *Daemon) handoff(ctx context.Context, v vm.VM, ident pool.Identity) erro
 	timings, err := d.handoffer.Handoff(ctx, v, agent.HandoffRequest{Entropy: entropy, Time: time.Now(), Hostname: id})
 	d.log.Debug("hand-off", "vm", v.ID, "lease", id, "prepared", timings.Prepared,
 		"dial_ms", timings.Dial.Milliseconds(), "handoff_ping_ms", timings.Handoff.Milliseconds(),
-		"entropy_bytes", timings.Result.EntropyBytes, "reseeded", timings.Result.Reseeded)
+		"entropy_bytes", timings.Result.EntropyBytes, "reseeded", timings.Result.Reseeded, "guest_steps", timings.Result.Steps)
 	if err != nil {
 		return fmt.Errorf("hand off VM %s: %w", v.ID, err)
 	}

@@ -305,8 +305,8 @@ func TestAgentInQEMU(t *testing.T) {
 	}
 	t.Logf("handoff %s: %+v", time.Since(start).Round(time.Microsecond), res)
 	// The real guest's kernel took the bytes and reseeded its CRNG.
-	if want := (agent.HandoffResult{Reported: true, EntropyBytes: len(entropy), Reseeded: true}); res != want {
-		t.Errorf("hand-off result %+v, want %+v", res, want)
+	if !res.Reported || res.EntropyBytes != len(entropy) || !res.Reseeded || res.NotReseeded != "" {
+		t.Errorf("hand-off result %+v, want %d bytes reported and reseeded", res, len(entropy))
 	}
 	out, _ := run(t, c, "sh", "-c", `echo "$(hostname) $(date -u +%Y) $LEASE_ID"`)
 	if out != "leased-vm 2030 l-123\n" {

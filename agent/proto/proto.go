@@ -134,6 +134,10 @@ type HandoffResult struct {
 	// NotReseeded is why not, when entropy was added but the CRNG was not
 	// reseeded.
 	NotReseeded string `json:"not_reseeded,omitempty"`
+	// StepsMicros is how long each step took in the guest (entropy, clock,
+	// hostname, network), in microseconds: where a slow hand-off spends
+	// its time.
+	StepsMicros map[string]int64 `json:"steps_us,omitempty"`
 }
 
 // Exec runs a command in the guest.

@@ -104,18 +104,47 @@ func SetNetwork(mode string) error {
 		// Nothing a restore can have made stale (see ConfigureNetwork).
 		return nil
 	}
+	if mode == proto.NetworkNone {
+		names, err := virtioNetNames()
+		if err != nil {
+			return err
+		}
+		return unbindAll(names)
+	}
 	links, err := virtioNetLinks()
 	if err != nil {
 		return err
 	}
 	var errs []error
 	for _, l := range links {
-		switch mode {
-		case proto.NetworkUp:
-			errs = append(errs, refreshNeighbours(l))
-		case proto.NetworkNone:
-			errs = append(errs, unbind(l.Attrs().Name))
+		errs = append(errs, refreshNeighbours(l))
+	}
+	return errors.Join(errs...)
+}
+
+// virtioNetNames lists the guest's virtio-net interfaces from sysfs. A
+// clone runs the hand-off's code for the first time, translated anew under
+// TCG: a directory read is far less of it than a netlink dump, and most
+// VMs have no interface at all.
+func virtioNetNames() ([]string, error) {
+	entries, err := os.ReadDir("/sys/class/net")
+	if err != nil {
+		return nil, fmt.Errorf("listing interfaces: %w", err)
+	}
+	var out []string
+	for _, e := range entries {
+		driver, err := os.Readlink(filepath.Join("/sys/class/net", e.Name(), "device", "driver"))
+		if err == nil && filepath.Base(driver) == "virtio_net" {
+			out = append(out, e.Name())
 		}
+	}
+	return out, nil
+}
+
+func unbindAll(names []string) error {
+	var errs []error
+	for _, name := range names {
+		errs = append(errs, unbind(name))
 	}
 	return errors.Join(errs...)
 }

@@ -243,6 +243,13 @@ func (s *session) handoff(h *proto.Handoff) (proto.HandoffResult, error) {
 	if len(h.Entropy) > proto.MaxEntropy {
 		return res, fmt.Errorf("handoff entropy of %d bytes exceeds %d", len(h.Entropy), proto.MaxEntropy)
 	}
+	res.StepsMicros = make(map[string]int64, 4)
+	step := time.Now()
+	took := func(name string) {
+		now := time.Now()
+		res.StepsMicros[name] = now.Sub(step).Microseconds()
+		step = now
+	}
 	if len(h.Entropy) > 0 && s.opts.AddEntropy != nil {
 		err := s.opts.AddEntropy(h.Entropy)
 		switch {
@@ -254,17 +261,20 @@ func (s *session) handoff(h *proto.Handoff) (proto.HandoffResult, error) {
 		default:
 			res.EntropyBytes, res.Reseeded = len(h.Entropy), true
 		}
+		took("entropy")
 	}
 	if h.UnixNano != 0 && s.opts.SetTime != nil {
 		t := time.Unix(0, h.UnixNano)
 		if err := s.opts.SetTime(t); err != nil {
 			return res, fmt.Errorf("set clock to %s: %w", t.UTC().Format(time.RFC3339Nano), err)
 		}
+		took("clock") // monotonic: setting the clock does not skew it
 	}
 	if h.Hostname != "" && s.opts.SetHostname != nil {
 		if err := s.opts.SetHostname(h.Hostname); err != nil {
 			return res, fmt.Errorf("set hostname %q: %w", h.Hostname, err)
 		}
+		took("hostname")
 	}
 	if len(h.Env) > 0 {
 		s.opts.State.setEnv(h.Env)
@@ -272,6 +282,7 @@ func (s *session) handoff(h *proto.Handoff) (proto.HandoffResult, error) {
 	if err := s.setNetwork(h.Network); err != nil {
 		return res, err
 	}
+	took("network")
 	return res, nil
 }
 
