@@ -61,10 +61,16 @@ func WriteIdentityFiles(root, name string) error {
 // (Debian's /etc/hosts is none, but an image's may be), is replaced through
 // a rename, not followed.
 func replaceFile(path, content string) error {
-	if f, err := os.OpenFile(path, os.O_WRONLY|os.O_TRUNC|unix.O_NOFOLLOW|unix.O_NONBLOCK, 0); err == nil {
+	// Not O_TRUNC: the file keeps its blocks and the write lands in them,
+	// where a truncate would free them and the write allocate new ones
+	// (more of the file system's code a clone runs for the first time).
+	if f, err := os.OpenFile(path, os.O_WRONLY|unix.O_NOFOLLOW|unix.O_NONBLOCK, 0); err == nil {
 		fi, err := f.Stat()
 		if err == nil && fi.Mode().IsRegular() {
 			_, err = f.WriteString(content)
+			if err == nil && fi.Size() > int64(len(content)) {
+				err = f.Truncate(int64(len(content)))
+			}
 			if cerr := f.Close(); err == nil {
 				err = cerr
 			}
