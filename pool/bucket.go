@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"slices"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -696,11 +697,22 @@ func (b *bucket) startRestore() {
 	p.wg.Add(1) // the owner is in the wait group, so Shutdown is not past Wait
 	go func() {
 		defer p.wg.Done()
-		defer p.slots.release(b)
 		r := p.restoreOne(b.name, snap, func() bool { return b.waiting.Load() > 0 })
+		if r.unchecked {
+			// The slot stays taken until the waiter's hand-off is done:
+			// under TCG that hand-off, a new guest's first, costs more
+			// than the restore, and with the slot held the waiters are
+			// served in turn at the configured parallelism instead of
+			// all at once, each slowed by all the others.
+			r.slot = sync.OnceFunc(func() { p.slots.release(b) })
+		} else {
+			p.slots.release(b)
+		}
 		// If the owner has returned the pool shut down: the VM is in owned
 		// and Shutdown destroys it.
-		b.send(func() { b.restored(gen, r) })
+		if !b.send(func() { b.restored(gen, r) }) && r.slot != nil {
+			r.slot()
+		}
 	}()
 }
 
@@ -712,6 +724,7 @@ type restoreResult struct {
 	// unchecked: v was restored while an acquirer waited and was not
 	// validated.
 	unchecked bool
+	slot      func() // releases the restore slot an unchecked VM holds
 	elapsed   time.Duration
 	done      time.Time
 }
@@ -751,6 +764,12 @@ func (b *bucket) restored(gen uint64, r restoreResult) {
 	var eff effects
 	defer func() { b.p.publish(eff) }()
 	b.restoring--
+	delivered := false
+	defer func() {
+		if !delivered && r.slot != nil {
+			r.slot()
+		}
+	}()
 	current := gen == b.gen && !b.removed
 	if current {
 		b.restoringCur--
@@ -794,7 +813,8 @@ func (b *bucket) restored(gen uint64, r restoreResult) {
 			b.ctrl.demand.restored(r.elapsed)
 		}
 		b.m.restoreDuration.Observe(r.elapsed.Seconds())
-		b.deliver(&entry{vm: r.v, own: r.own, gen: gen, born: r.done, checked: r.done, unchecked: r.unchecked})
+		delivered = true
+		b.deliver(&entry{vm: r.v, own: r.own, gen: gen, born: r.done, checked: r.done, unchecked: r.unchecked, slot: r.slot})
 	}
 }
 
@@ -854,6 +874,7 @@ func (b *bucket) check(e *entry) {
 	p.wg.Add(1)
 	go func() {
 		defer p.wg.Done()
+		defer e.releaseSlot()
 		ctx, cancel := context.WithTimeout(p.ctx, p.cfg.RestoreTimeout)
 		err := p.cfg.Validate(ctx, e.vm)
 		cancel()

@@ -237,9 +237,19 @@ type entry struct {
 	// unchecked marks a VM restored for a waiting acquirer and not
 	// validated: it goes to a waiter, or through Validate before ready.
 	unchecked bool
+	// slot, when set, releases the restore slot an unchecked VM still
+	// holds (safe to call more than once).
+	slot func()
 	// readyAt is when it last entered ready, in milliseconds since the
 	// pool started (idle accounting).
 	readyAt int64
+}
+
+// releaseSlot frees the restore slot e holds, if any.
+func (e *entry) releaseSlot() {
+	if e.slot != nil {
+		e.slot()
+	}
 }
 
 // New starts a pool with no stacks.
@@ -440,6 +450,7 @@ func (p *Pool) Acquire(ctx context.Context, name string, id Identity) (*Lease, e
 		}
 		handoffStart := time.Now()
 		v, err := p.handOut(ctx, b, e, id, hit)
+		e.releaseSlot()
 		b.kickIfLow()
 		if err != nil {
 			if errors.Is(err, ErrClosed) {

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/warmpool/warmpool/provider/fake"
 	"github.com/warmpool/warmpool/vm"
@@ -93,5 +94,53 @@ func TestRestoreForAWaiterThatLeftIsValidatedBeforeReady(t *testing.T) {
 	l := acquire(t, p, "web")
 	if l.VM.ID != ids[0] || l.Timings.Wait != 0 {
 		t.Errorf("next acquire got %s after waiting %v, want a hit on %s", l.VM.ID, l.Timings.Wait, ids[0])
+	}
+}
+
+// A VM restored for a waiter keeps its restore slot until its hand-off is
+// done: with one slot, the next waiter's restore starts only then, so
+// waiters are served in turn rather than all slowed down together.
+func TestWaiterRestoreHoldsItsSlotThroughTheHandoff(t *testing.T) {
+	entered := make(chan string, 4)
+	unblock := make(chan struct{})
+	p, prov := newTestPool(t, fake.Options{}, func(c *Config) {
+		c.Parallelism = 1
+		c.Handoff = func(_ context.Context, v vm.VM, _ Identity) error {
+			entered <- v.ID
+			<-unblock
+			return nil
+		}
+	})
+	snap := prov.AddSnapshot(testSpec)
+	if err := p.Register(stack("web", snap, 0, 4)); err != nil {
+		t.Fatal(err)
+	}
+	leases := make(chan *Lease, 2)
+	for range 2 {
+		go func() {
+			ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+			defer cancel()
+			l, err := p.Acquire(ctx, "web", testID())
+			if err != nil {
+				t.Errorf("Acquire: %v", err)
+			}
+			leases <- l
+		}()
+	}
+	first := <-entered
+	waitFor(t, "both acquirers to wait", func() bool { return status(t, p, "web").Waiting == 1 })
+	time.Sleep(50 * time.Millisecond) // room for a restore that should not start
+	if n := prov.Calls(fake.OpRestore); n != 1 {
+		t.Errorf("%d restores during the first waiter's hand-off, want 1 (its slot is still taken)", n)
+	}
+	close(unblock)
+	second := <-entered
+	<-leases
+	<-leases
+	if first == second {
+		t.Errorf("both waiters got %s", first)
+	}
+	if n := prov.Calls(fake.OpRestore); n != 2 {
+		t.Errorf("%d restores for two waiters, want 2", n)
 	}
 }
