@@ -816,14 +816,18 @@ func (mc *machine) ready() {
 	now := mc.now()
 	mc.transition(EvReady, "")
 	mc.lastAnswer = now
-	if mc.recovering {
-		mc.emit("machine.recovered", map[string]any{"vm_id": mc.vmID(), "attempts": mc.attempts})
-		mc.recovering = false
-	}
+	recovered, attempts := mc.recovering, mc.attempts
+	mc.recovering = false
 	mc.attempts, mc.vanishes, mc.gaveUp, mc.lastErr = 0, 0, false, nil
 	mc.healthFails, mc.nextHealth = 0, now.Add(mc.cfg.HealthInterval)
 	mc.lastActivity, mc.shrinkTried, mc.suspendTried, mc.wake = now, false, false, false
 	mc.resolveWaiters()
+	if recovered {
+		// Published first: whoever hears of the recovery and asks finds
+		// the machine running on its new VM.
+		mc.publish()
+		mc.emit("machine.recovered", map[string]any{"vm_id": mc.vmID(), "attempts": attempts})
+	}
 }
 
 // live reports whether the machine's VM is known to work: its process runs
