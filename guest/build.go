@@ -144,7 +144,8 @@ type ExecDefaults struct {
 	Cmd        []string `json:"cmd,omitempty"`
 }
 
-const manifestName = "image.json"
+// ManifestName is the file in an image directory that describes it.
+const ManifestName = "image.json"
 
 // DefaultCacheDir is $XDG_CACHE_HOME/warmpool (~/.cache/warmpool).
 func DefaultCacheDir() string {
@@ -157,7 +158,7 @@ func DefaultCacheDir() string {
 
 // Load reads the image whose files are in dir.
 func Load(dir string) (Image, error) {
-	b, err := os.ReadFile(filepath.Join(dir, manifestName))
+	b, err := os.ReadFile(filepath.Join(dir, ManifestName))
 	if err != nil {
 		return Image{}, fmt.Errorf("load guest image from %s: %w", dir, err)
 	}
@@ -186,6 +187,38 @@ func Load(dir string) (Image, error) {
 		}
 	}
 	return img, nil
+}
+
+// SetSource rewrites the source recorded in the manifest of the image in
+// dir, leaving every other field as written: the same content built again
+// from another source (a tree copied elsewhere, an archive renamed) says
+// what it was last built from.
+func SetSource(dir, source string) error {
+	path := filepath.Join(dir, ManifestName)
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return fmt.Errorf("image manifest: %w", err)
+	}
+	var fields map[string]json.RawMessage
+	if err := json.Unmarshal(b, &fields); err != nil {
+		return fmt.Errorf("image manifest %s: %w", path, err)
+	}
+	if fields["source"], err = json.Marshal(source); err != nil {
+		return err
+	}
+	out, err := json.MarshalIndent(fields, "", "  ")
+	if err != nil {
+		return err
+	}
+	tmp := path + ".tmp"
+	if err := os.WriteFile(tmp, append(out, '\n'), 0o644); err != nil {
+		return fmt.Errorf("image manifest %s: %w", path, err)
+	}
+	if err := os.Rename(tmp, path); err != nil {
+		os.Remove(tmp)
+		return fmt.Errorf("image manifest %s: %w", path, err)
+	}
+	return nil
 }
 
 // Build returns the guest image for the current inputs, building it into
@@ -304,7 +337,7 @@ func (b *builder) build(ctx context.Context) (Image, error) {
 		return Image{}, fmt.Errorf("guest image: %w", err)
 	}
 	defer os.RemoveAll(tmp)
-	for name, data := range map[string][]byte{"vmlinuz": kernelBytes, "initrd.img": initrd.Bytes(), manifestName: append(manifest, '\n')} {
+	for name, data := range map[string][]byte{"vmlinuz": kernelBytes, "initrd.img": initrd.Bytes(), ManifestName: append(manifest, '\n')} {
 		if err := os.WriteFile(filepath.Join(tmp, name), data, 0o644); err != nil {
 			return Image{}, fmt.Errorf("write guest image: %w", err)
 		}

@@ -127,7 +127,7 @@ func ListCached(cacheDir string) ([]CachedImage, error) {
 			continue
 		}
 		c := CachedImage{Image: img, Names: named[filepath.Clean(dir)]}
-		if fi, err := os.Stat(filepath.Join(dir, manifestName)); err == nil {
+		if fi, err := os.Stat(filepath.Join(dir, ManifestName)); err == nil {
 			c.BuiltAt = fi.ModTime().UTC()
 		}
 		c.SizeBytes, err = dirSize(dir)

@@ -217,7 +217,7 @@ func Build(ctx context.Context, opts Options) (guest.Image, error) {
 	if err != nil {
 		return guest.Image{}, err
 	}
-	if err := os.WriteFile(filepath.Join(out, "image.json"), append(manifest, '\n'), 0o644); err != nil {
+	if err := os.WriteFile(filepath.Join(out, guest.ManifestName), append(manifest, '\n'), 0o644); err != nil {
 		return guest.Image{}, fmt.Errorf("write image: %w", err)
 	}
 	if err := install(ctx, cache, out, dir, digest); err != nil {
@@ -242,45 +242,14 @@ func loadCached(ctx context.Context, cache, dir, digest, source string) (guest.I
 		return guest.Image{}, nil
 	}
 	if img.Source != source {
-		// The same content from another source (a tree copied elsewhere,
-		// an archive renamed): the image says what it was last built
-		// from, as templates built from it now do.
-		if err := setManifestSource(dir, source); err != nil {
+		// The same content from another source: templates built from it
+		// now name this one.
+		if err := guest.SetSource(dir, source); err != nil {
 			return guest.Image{}, err
 		}
 		img.Source = source
 	}
 	return img, nil
-}
-
-// setManifestSource rewrites the source field of the image manifest in dir,
-// leaving every other field as written.
-func setManifestSource(dir, source string) error {
-	path := filepath.Join(dir, "image.json")
-	b, err := os.ReadFile(path)
-	if err != nil {
-		return fmt.Errorf("image manifest: %w", err)
-	}
-	var fields map[string]json.RawMessage
-	if err := json.Unmarshal(b, &fields); err != nil {
-		return fmt.Errorf("image manifest %s: %w", path, err)
-	}
-	if fields["source"], err = json.Marshal(source); err != nil {
-		return err
-	}
-	out, err := json.MarshalIndent(fields, "", "  ")
-	if err != nil {
-		return err
-	}
-	tmp := path + ".tmp"
-	if err := os.WriteFile(tmp, append(out, '\n'), 0o644); err != nil {
-		return fmt.Errorf("image manifest %s: %w", path, err)
-	}
-	if err := os.Rename(tmp, path); err != nil {
-		os.Remove(tmp)
-		return fmt.Errorf("image manifest %s: %w", path, err)
-	}
-	return nil
 }
 
 // install moves the finished image out into dir, unless a concurrent build

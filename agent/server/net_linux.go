@@ -25,18 +25,20 @@ var (
 	gatewayMAC  = net.HardwareAddr{0x02, 0x77, 0x70, 0x00, 0x00, 0x01}
 )
 
-// virtioNetLinks are the guest's virtio-net interfaces.
+// virtioNetLinks are the guest's virtio-net interfaces (virtioNetNames),
+// as netlink links.
 func virtioNetLinks() ([]netlink.Link, error) {
-	links, err := netlink.LinkList()
+	names, err := virtioNetNames()
 	if err != nil {
-		return nil, fmt.Errorf("listing interfaces: %w", err)
+		return nil, err
 	}
-	var out []netlink.Link
-	for _, l := range links {
-		driver, err := os.Readlink(filepath.Join("/sys/class/net", l.Attrs().Name, "device", "driver"))
-		if err == nil && filepath.Base(driver) == "virtio_net" {
-			out = append(out, l)
+	out := make([]netlink.Link, 0, len(names))
+	for _, name := range names {
+		l, err := netlink.LinkByName(name)
+		if err != nil {
+			return nil, fmt.Errorf("interface %s: %w", name, err)
 		}
+		out = append(out, l)
 	}
 	return out, nil
 }
