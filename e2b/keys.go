@@ -14,6 +14,8 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+
+	"github.com/warmpool/warmpool/internal/atomicfile"
 )
 
 // keyPrefix is what the SDK checks an API key starts with.
@@ -147,13 +149,8 @@ func LoadTokenSecret(path string) ([]byte, error) {
 	}
 	b = make([]byte, tokenSecretSize)
 	_, _ = rand.Read(b)
-	tmp := path + ".tmp"
-	if err := os.WriteFile(tmp, b, 0o600); err != nil {
-		return nil, fmt.Errorf("write E2B token secret: %w", err)
-	}
-	if err := os.Rename(tmp, path); err != nil {
-		os.Remove(tmp)
-		return nil, fmt.Errorf("write E2B token secret: %w", err)
+	if err := atomicfile.WriteBytes(path, 0o600, b); err != nil {
+		return nil, fmt.Errorf("E2B token secret: %w", err)
 	}
 	return b, nil
 }

@@ -34,6 +34,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/warmpool/warmpool/internal/atomicfile"
 )
 
 // ErrNoAgent is returned (wrapped) by Build when it has no prebuilt agent,
@@ -210,13 +212,8 @@ func SetSource(dir, source string) error {
 	if err != nil {
 		return err
 	}
-	tmp := path + ".tmp"
-	if err := os.WriteFile(tmp, append(out, '\n'), 0o644); err != nil {
-		return fmt.Errorf("image manifest %s: %w", path, err)
-	}
-	if err := os.Rename(tmp, path); err != nil {
-		os.Remove(tmp)
-		return fmt.Errorf("image manifest %s: %w", path, err)
+	if err := atomicfile.WriteBytes(path, 0o644, append(out, '\n')); err != nil {
+		return fmt.Errorf("image manifest: %w", err)
 	}
 	return nil
 }

@@ -2,11 +2,9 @@ package main
 
 import (
 	"fmt"
-	"io"
 	"log/slog"
 	"os"
 	"os/signal"
-	"path/filepath"
 	"strings"
 	"syscall"
 	"time"
@@ -15,6 +13,7 @@ import (
 
 	"github.com/warmpool/warmpool/bench"
 	"github.com/warmpool/warmpool/daemon"
+	"github.com/warmpool/warmpool/internal/atomicfile"
 )
 
 func init() { extraCommands = append(extraCommands, newBenchCommand) }
@@ -98,7 +97,7 @@ at that depth against depth 2; it is not part of the default run.
 				if opts.Trace == nil {
 					return usagef("--trace-out needs a trace (--trace builtin or FILE)")
 				}
-				if err := writeFileAtomic(traceOut, opts.Trace.WriteJSON); err != nil {
+				if err := atomicfile.Write(traceOut, 0o644, opts.Trace.WriteJSON, nil); err != nil {
 					return err
 				}
 			}
@@ -108,7 +107,7 @@ at that depth against depth 2; it is not part of the default run.
 				return err
 			}
 			if svgPath != "" {
-				if err := writeFileAtomic(svgPath, rep.WriteSVG); err != nil {
+				if err := atomicfile.Write(svgPath, 0o644, rep.WriteSVG, nil); err != nil {
 					return err
 				}
 			}
@@ -163,28 +162,4 @@ at that depth against depth 2; it is not part of the default run.
 	f.IntVar(&opts.Parallelism, "parallelism", 0, "restores at once (limits.parallelism; default the daemon's 2)")
 	f.StringSliceVar(&opts.Scenarios, "scenarios", nil, "run only these steps, comma-separated (default: all but density, trace only with a trace)")
 	return cmd
-}
-
-// writeFileAtomic writes through a temporary file so that a failed run never
-// leaves a half-written chart where a README points.
-func writeFileAtomic(path string, write func(io.Writer) error) error {
-	tmp, err := os.CreateTemp(filepath.Dir(path), ".bench-*.tmp")
-	if err != nil {
-		return fmt.Errorf("write %s: %w", path, err)
-	}
-	defer os.Remove(tmp.Name())
-	if err := write(tmp); err != nil {
-		tmp.Close()
-		return fmt.Errorf("write %s: %w", path, err)
-	}
-	if err := tmp.Close(); err != nil {
-		return fmt.Errorf("write %s: %w", path, err)
-	}
-	if err := os.Chmod(tmp.Name(), 0o644); err != nil {
-		return fmt.Errorf("write %s: %w", path, err)
-	}
-	if err := os.Rename(tmp.Name(), path); err != nil {
-		return fmt.Errorf("write %s: %w", path, err)
-	}
-	return nil
 }

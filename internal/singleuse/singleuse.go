@@ -12,6 +12,7 @@ import (
 	"os"
 	"path/filepath"
 
+	"github.com/warmpool/warmpool/internal/atomicfile"
 	"github.com/warmpool/warmpool/vm"
 )
 
@@ -34,7 +35,7 @@ type Marker struct {
 // Write marks the snapshot in dir as single-use and unused. It goes last
 // when a snapshot is written: without it the directory is no snapshot.
 func Write(dir string, m Marker) error {
-	return writeJSON(filepath.Join(dir, SuspendedFile), m)
+	return atomicfile.WriteJSON(filepath.Join(dir, SuspendedFile), 0o600, m)
 }
 
 // IsSingleUse reports whether dir holds a single-use snapshot, used or not.
@@ -104,22 +105,5 @@ func (c *Claim) Release() error {
 // restores can say which VM has it.
 func (c *Claim) Complete(restoredAs string) error {
 	c.mark.RestoredAs = restoredAs
-	return writeJSON(filepath.Join(c.dir, RestoredFile), c.mark)
-}
-
-// writeJSON replaces path atomically: a reader sees the old content or the
-// new, never part of it.
-func writeJSON(path string, v any) error {
-	b, err := json.MarshalIndent(v, "", "  ")
-	if err != nil {
-		return fmt.Errorf("encode %s: %w", filepath.Base(path), err)
-	}
-	tmp := path + ".tmp"
-	if err := os.WriteFile(tmp, append(b, '\n'), 0o600); err != nil {
-		return fmt.Errorf("write %s: %w", path, err)
-	}
-	if err := os.Rename(tmp, path); err != nil {
-		return fmt.Errorf("write %s: %w", path, err)
-	}
-	return nil
+	return atomicfile.WriteJSON(filepath.Join(c.dir, RestoredFile), 0o600, c.mark)
 }

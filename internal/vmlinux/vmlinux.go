@@ -3,7 +3,6 @@
 package vmlinux
 
 import (
-	"bufio"
 	"bytes"
 	"compress/gzip"
 	"debug/elf"
@@ -12,7 +11,8 @@ import (
 	"fmt"
 	"io"
 	"os"
-	"path/filepath"
+
+	"github.com/warmpool/warmpool/internal/atomicfile"
 )
 
 // Extract writes the uncompressed ELF kernel inside the bzImage at
@@ -27,7 +27,7 @@ func Extract(bzImagePath, outPath string) error {
 		return fmt.Errorf("extract vmlinux: %w", err)
 	}
 	if isELF(image) {
-		return writeFileAtomic(outPath, func(w io.Writer) error {
+		return writeKernel(outPath, func(w io.Writer) error {
 			_, err := w.Write(image)
 			return err
 		})
@@ -38,7 +38,7 @@ func Extract(bzImagePath, outPath string) error {
 		if c == nil {
 			continue
 		}
-		err := writeFileAtomic(outPath, func(w io.Writer) error {
+		err := writeKernel(outPath, func(w io.Writer) error {
 			return c.decompress(image[off:], w)
 		})
 		if err == nil {
@@ -224,36 +224,11 @@ func lz4Block(src, dst []byte, limit int) ([]byte, error) {
 
 func isELF(b []byte) bool { return bytes.HasPrefix(b, []byte(elf.ELFMAG)) }
 
-// writeFileAtomic writes through a temporary file next to path, checks that
-// the result is an ELF executable and only then renames it into place, so a
-// failed attempt never leaves a truncated kernel behind.
-func writeFileAtomic(path string, write func(io.Writer) error) error {
-	tmp, err := os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+".*")
-	if err != nil {
-		return err
-	}
-	defer os.Remove(tmp.Name())
-	bw := bufio.NewWriterSize(tmp, 1<<20)
-	if err := write(bw); err != nil {
-		tmp.Close()
-		return err
-	}
-	if err := bw.Flush(); err != nil {
-		tmp.Close()
-		return err
-	}
-	if err := checkELFKernel(tmp); err != nil {
-		tmp.Close()
-		return err
-	}
-	if err := tmp.Chmod(0o644); err != nil {
-		tmp.Close()
-		return err
-	}
-	if err := tmp.Close(); err != nil {
-		return err
-	}
-	return os.Rename(tmp.Name(), path)
+// writeKernel replaces path with what write produces once it checks out
+// as an ELF executable, so a failed attempt never leaves a truncated kernel
+// behind.
+func writeKernel(path string, write func(io.Writer) error) error {
+	return atomicfile.Write(path, 0o644, write, func(f *os.File) error { return checkELFKernel(f) })
 }
 
 func checkELFKernel(r io.ReaderAt) error {

@@ -25,6 +25,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/warmpool/warmpool/internal/atomicfile"
 	"github.com/warmpool/warmpool/internal/singleuse"
 	"github.com/warmpool/warmpool/internal/tap"
 	"github.com/warmpool/warmpool/vm"
@@ -340,15 +341,10 @@ func (p *Provider) newInstance(spec vm.Spec) (*instance, error) {
 }
 
 func (p *Provider) saveRecord(in *instance) error {
-	b, err := json.MarshalIndent(in.record, "", "  ")
-	if err != nil {
-		return err
-	}
-	tmp := filepath.Join(in.dir, recordName+".tmp")
-	if err := os.WriteFile(tmp, b, 0o600); err != nil {
+	if err := atomicfile.WriteJSON(filepath.Join(in.dir, recordName), 0o600, in.record); err != nil {
 		return fmt.Errorf("save vm record: %w", err)
 	}
-	return os.Rename(tmp, filepath.Join(in.dir, recordName))
+	return nil
 }
 
 // load finds a VM by ID, including one started by an earlier process.

@@ -9,6 +9,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/warmpool/warmpool/internal/atomicfile"
 	"github.com/warmpool/warmpool/provider/qemu/qmp"
 	"github.com/warmpool/warmpool/vm"
 	"golang.org/x/sys/unix"
@@ -87,7 +88,7 @@ func (p *Provider) probeAccel(ctx context.Context, spec vm.Spec) (string, error)
 		accel = AccelKVM
 	}
 	p.log.Info("accelerator probed", "accel", accel)
-	if err := writeJSON(cachePath, accelCache{Key: key, Accel: accel, At: time.Now().UTC()}); err != nil {
+	if err := atomicfile.WriteJSON(cachePath, 0o600, accelCache{Key: key, Accel: accel, At: time.Now().UTC()}); err != nil {
 		p.log.Warn("cannot cache accelerator probe", "err", err)
 	}
 	return accel, nil

@@ -8,6 +8,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/warmpool/warmpool/internal/atomicfile"
 	"github.com/warmpool/warmpool/internal/realvm"
 	"github.com/warmpool/warmpool/vm"
 )
@@ -71,7 +72,7 @@ func TestAutoAccel(t *testing.T) {
 		}
 		// A later provider trusts the cache instead of probing again.
 		c.Accel = AccelKVM
-		writeJSON(filepath.Join(dir, accelCacheFile), c)
+		atomicfile.WriteJSON(filepath.Join(dir, accelCacheFile), 0o600, c)
 		p2, _ := New(Options{StateDir: dir})
 		if a, _ := p2.resolveAccel(ctx, spec); a != AccelKVM {
 			t.Errorf("second provider chose %q, want the cached kvm", a)

@@ -6,6 +6,7 @@ import (
 	"math"
 	"path/filepath"
 
+	"github.com/warmpool/warmpool/internal/atomicfile"
 	"github.com/warmpool/warmpool/vm"
 )
 
@@ -43,7 +44,7 @@ func (p *Provider) SetBalloon(ctx context.Context, id string, targetMiB int) err
 	m.rec.TargetMiB = targetMiB
 	rec := m.rec
 	m.mu.Unlock()
-	return writeJSON(filepath.Join(m.dir, recordFile), rec)
+	return atomicfile.WriteJSON(filepath.Join(m.dir, recordFile), 0o600, rec)
 }
 
 // BalloonStats reports the balloon's target and actual size and the guest's

@@ -35,6 +35,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/warmpool/warmpool/internal/atomicfile"
 	"github.com/warmpool/warmpool/internal/pidwatch"
 	"github.com/warmpool/warmpool/provider/qemu/qmp"
 	"github.com/warmpool/warmpool/vm"
@@ -464,7 +465,7 @@ func (p *Provider) startPrepared(ctx context.Context, rec record, prepare func(d
 			return nil, err
 		}
 	}
-	if err := writeJSON(filepath.Join(dir, recordFile), rec); err != nil {
+	if err := atomicfile.WriteJSON(filepath.Join(dir, recordFile), 0o600, rec); err != nil {
 		return nil, err
 	}
 	logf, err := os.OpenFile(filepath.Join(dir, qemuLog), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
@@ -989,21 +990,6 @@ func (p *Provider) DialAgent(ctx context.Context, id string) (net.Conn, error) {
 		return nil, fmt.Errorf("dial agent of qemu vm %s: %w", id, err)
 	}
 	return c, nil
-}
-
-func writeJSON(path string, v any) error {
-	b, err := json.MarshalIndent(v, "", "  ")
-	if err != nil {
-		return fmt.Errorf("encode %s: %w", filepath.Base(path), err)
-	}
-	tmp := path + ".tmp"
-	if err := os.WriteFile(tmp, append(b, '\n'), 0o600); err != nil {
-		return fmt.Errorf("write %s: %w", path, err)
-	}
-	if err := os.Rename(tmp, path); err != nil {
-		return fmt.Errorf("write %s: %w", path, err)
-	}
-	return nil
 }
 
 // StateDir is the provider's absolute state directory.

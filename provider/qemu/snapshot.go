@@ -10,6 +10,7 @@ import (
 	"path/filepath"
 	"time"
 
+	"github.com/warmpool/warmpool/internal/atomicfile"
 	"github.com/warmpool/warmpool/internal/singleuse"
 	"github.com/warmpool/warmpool/internal/sparse"
 	"github.com/warmpool/warmpool/provider/qemu/qmp"
@@ -131,7 +132,7 @@ func (p *Provider) Snapshot(ctx context.Context, id, dir string) (vm.Snapshot, e
 		SharedMemory:    shared,
 		Meta:            meta,
 	}
-	if err := writeJSON(filepath.Join(dir, snapMetaFile), snapshotMeta{Snapshot: snap, Config: cfg}); err != nil {
+	if err := atomicfile.WriteJSON(filepath.Join(dir, snapMetaFile), 0o600, snapshotMeta{Snapshot: snap, Config: cfg}); err != nil {
 		return fail(err)
 	}
 	p.log.Info("vm snapshotted", "id", id, "dir", abs, "shared", shared,

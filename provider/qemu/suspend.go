@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"time"
 
+	"github.com/warmpool/warmpool/internal/atomicfile"
 	"github.com/warmpool/warmpool/internal/singleuse"
 	"github.com/warmpool/warmpool/internal/sparse"
 	"github.com/warmpool/warmpool/vm"
@@ -105,7 +106,7 @@ func (p *Provider) Suspend(ctx context.Context, id, dir string) (vm.Snapshot, er
 		return undo(err)
 	}
 	snap.Meta[metaConfig] = string(cfgJSON)
-	if err := writeJSON(filepath.Join(abs, snapMetaFile), snapshotMeta{Snapshot: snap, Config: cfg}); err != nil {
+	if err := atomicfile.WriteJSON(filepath.Join(abs, snapMetaFile), 0o600, snapshotMeta{Snapshot: snap, Config: cfg}); err != nil {
 		return undo(err)
 	}
 	// The marker goes last: without it the directory is no snapshot.
@@ -122,7 +123,7 @@ func (p *Provider) setSuspendedTo(m *machine, snapID string) error {
 	defer m.mu.Unlock()
 	rec := m.rec
 	rec.SuspendedTo = snapID
-	if err := writeJSON(filepath.Join(m.dir, recordFile), rec); err != nil {
+	if err := atomicfile.WriteJSON(filepath.Join(m.dir, recordFile), 0o600, rec); err != nil {
 		return err
 	}
 	m.rec = rec
