@@ -94,7 +94,9 @@ func diskFixture(t *testing.T, base guest.Image) *providertest.DiskFixture {
 		var out, errOut bytes.Buffer
 		code, err := c.Exec(ctx, agent.ExecRequest{Argv: append([]string{"/bin/sh", "-c", script, "sh"}, args...)}, &out, &errOut)
 		if err != nil {
-			return "", err
+			// A guest that stops answering under load has been seen in
+			// CI; its console says what its kernel was doing.
+			return "", fmt.Errorf("%w (guest console: %s)", err, consoleTail(v.Dir))
 		}
 		if code != 0 {
 			return "", fmt.Errorf("%s exited %d: %s", script, code, errOut.String())
@@ -105,12 +107,28 @@ func diskFixture(t *testing.T, base guest.Image) *providertest.DiskFixture {
 		RootDisk:        img.Rootfs.Path,
 		Cmdline:         template.RootCmdline(vm.WritableDiskSerial),
 		NewWritableDisk: func(ctx context.Context, path string) error { return template.MakeWritableDisk(ctx, path, 64) },
+		// The write is synced, as template.Build syncs a guest before its
+		// snapshot: a disk request in flight at the pause never completes
+		// in the clones (without it, this test hangs when the host is busy).
 		Write: func(ctx context.Context, p vm.Provider, v vm.VM, data string) error {
-			_, err := run(ctx, p, v, `printf %s "$1" > `+conformanceFile, data)
+			_, err := run(ctx, p, v, `printf %s "$1" > `+conformanceFile+` && sync`, data)
 			return err
 		},
 		Read: func(ctx context.Context, p vm.Provider, v vm.VM) (string, error) {
 			return run(ctx, p, v, `if [ -e `+conformanceFile+` ]; then cat `+conformanceFile+`; fi`)
 		},
 	}
+}
+
+// consoleTail is the end of the console log in a VM's directory.
+func consoleTail(dir string) string {
+	b, err := os.ReadFile(filepath.Join(dir, "console.log"))
+	if err != nil {
+		return err.Error()
+	}
+	const keep = 2000
+	if len(b) > keep {
+		b = b[len(b)-keep:]
+	}
+	return fmt.Sprintf("%q", b)
 }
