@@ -18,7 +18,8 @@ import (
 )
 
 // newProvider builds the provider cfg names. Each keeps its VMs under
-// stateDir/vms so that VMs of different state directories never mix. It is
+// stateDir/vms (QEMU's runtime files: in a tmpfs directory named after
+// stateDir) so that VMs of different state directories never mix. It is
 // the one place in the daemon that knows providers by name; everything else
 // reaches them through vm.Provider, its Info and vm.As.
 func newProvider(cfg Config, stateDir string, log *slog.Logger) (vm.Provider, error) {
@@ -27,7 +28,7 @@ func newProvider(cfg Config, stateDir string, log *slog.Logger) (vm.Provider, er
 	}
 	switch cfg.Provider {
 	case "qemu":
-		p, err := qemu.New(qemu.Options{StateDir: stateDir, Accel: cfg.Accel, TBSizeMiB: cfg.local.tbSizeMiB, Logger: log.With("component", "qemu")})
+		p, err := qemu.New(qemu.Options{StateDir: stateDir, RunDir: qemu.DefaultRunDir(stateDir), Accel: cfg.Accel, TBSizeMiB: cfg.local.tbSizeMiB, Logger: log.With("component", "qemu")})
 		if err != nil {
 			return nil, fmt.Errorf("provider qemu: %w", err)
 		}

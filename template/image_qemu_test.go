@@ -122,9 +122,9 @@ func TestImageTemplateWithQEMU(t *testing.T) {
 	if out, code := run(clones[1], "ls /root/big"); code == 0 {
 		t.Errorf("clone 2 sees clone 1's file: %q", out)
 	}
-	disk := filepath.Join(clones[0].v.Dir, "disk.qcow2")
+	disk := clones[0].v.Spec.WritableDisk
 	st0 := statBlocks(t, disk)
-	st1 := statBlocks(t, filepath.Join(clones[1].v.Dir, "disk.qcow2"))
+	st1 := statBlocks(t, clones[1].v.Spec.WritableDisk)
 	t.Logf("clone disk bytes on host: after 4 MiB written %d, untouched %d", st0, st1)
 	if st0 < 4<<20 || st1 > 1<<20 {
 		t.Errorf("clone layers take %d bytes (4 MiB written) and %d (nothing written)", st0, st1)

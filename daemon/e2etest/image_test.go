@@ -19,6 +19,7 @@ import (
 	"github.com/google/go-containerregistry/pkg/v1/tarball"
 
 	"github.com/warmpool/warmpool/guest"
+	"github.com/warmpool/warmpool/provider/qemu"
 	"github.com/warmpool/warmpool/rootfs"
 )
 
@@ -105,16 +106,17 @@ func TestQEMUImages(t *testing.T) {
 	waitProcesses(t, state)
 	// A destroy kills the VM's process before it removes the VM's
 	// directory, so the files may outlive the process by a moment.
-	waitFor(t, "every writable layer (vms/*/disk.qcow2) to go with its VM", func() bool {
-		left, _ := filepath.Glob(filepath.Join(state, "vms", "*", "disk.qcow2"))
-		return len(left) == 0
+	waitFor(t, "every writable layer (disks/*.qcow2) and VM directory to go with its VM", func() bool {
+		left, _ := filepath.Glob(filepath.Join(state, "disks", "*.qcow2"))
+		dirs, _ := filepath.Glob(filepath.Join(qemu.DefaultRunDir(state), "*"))
+		return len(left) == 0 && len(dirs) == 0
 	})
 }
 
 // vmDisk is the writable layer of VM id in the daemon's state.
 func vmDisk(t *testing.T, state, id string) string {
 	t.Helper()
-	m, _ := filepath.Glob(filepath.Join(state, "vms", id, "disk.qcow2"))
+	m, _ := filepath.Glob(filepath.Join(state, "disks", id+".qcow2"))
 	if len(m) != 1 {
 		t.Fatalf("writable layer of vm %s: found %v", id, m)
 	}

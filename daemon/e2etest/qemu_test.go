@@ -23,6 +23,7 @@ import (
 
 	"github.com/warmpool/warmpool/api"
 	"github.com/warmpool/warmpool/internal/paths"
+	"github.com/warmpool/warmpool/provider/qemu"
 	"github.com/warmpool/warmpool/store"
 )
 
@@ -260,7 +261,7 @@ func qemuProcesses(t *testing.T, state string) map[int]string {
 			continue
 		}
 		cmdline := strings.ReplaceAll(string(b), "\x00", " ")
-		if strings.Contains(cmdline, "qemu-system") && strings.Contains(cmdline, state) {
+		if strings.Contains(cmdline, "qemu-system") && ofState(cmdline, state) {
 			out[pid] = cmdline
 		}
 	}
@@ -333,6 +334,13 @@ func assertProcessesMatchState(t *testing.T, state string) {
 	t.Errorf("process table and state disagree:\n%s", problem)
 }
 
+// ofState: a QEMU command line names the daemon's state directory or its
+// VMs' run directory.
+func ofState(cmdline, state string) bool {
+	run := qemu.DefaultRunDir(state)
+	return strings.Contains(cmdline, state) || run != "" && strings.Contains(cmdline, run)
+}
+
 func killStrays(state string) {
 	ents, _ := os.ReadDir("/proc")
 	for _, e := range ents {
@@ -341,7 +349,7 @@ func killStrays(state string) {
 			continue
 		}
 		b, _ := os.ReadFile(filepath.Join("/proc", e.Name(), "cmdline"))
-		if bytes.Contains(b, []byte("qemu-system")) && bytes.Contains(b, []byte(state)) {
+		if bytes.Contains(b, []byte("qemu-system")) && ofState(string(b), state) {
 			_ = syscall.Kill(pid, syscall.SIGKILL)
 		}
 	}
@@ -420,12 +428,16 @@ func waitProcesses(t *testing.T, state string, want ...string) {
 
 // ramFiles lists the shared-memory files of state's VMs (QEMU's
 // memory-backend-file mem-path=...).
-func ramFiles(t *testing.T, ids []string) []string {
+func ramFiles(t *testing.T, state string, ids []string) []string {
 	t.Helper()
 	var left []string
 	for _, id := range ids {
 		m, _ := filepath.Glob("/dev/shm/*" + id + "*")
 		left = append(left, m...)
+		if run := qemu.DefaultRunDir(state); run != "" {
+			m, _ = filepath.Glob(filepath.Join(run, id, "*"))
+			left = append(left, m...)
+		}
 	}
 	return left
 }
@@ -502,7 +514,11 @@ func qemuState(t *testing.T, what, prefix string) string {
 		if t.Failed() {
 			t.Logf("daemon log:\n%s", tail(state))
 		}
+		run := qemu.DefaultRunDir(state)
 		os.RemoveAll(state)
+		if run != "" {
+			os.RemoveAll(filepath.Dir(run))
+		}
 	})
 	return state
 }
@@ -519,7 +535,7 @@ func TestQEMUDaemonSurvivesKill9(t *testing.T) {
 	}
 	t.Cleanup(func() {
 		killStrays(state)
-		if left := ramFiles(t, slices.Collect(maps.Keys(seen))); len(left) > 0 {
+		if left := ramFiles(t, state, slices.Collect(maps.Keys(seen))); len(left) > 0 {
 			t.Errorf("RAM files left behind: %v", left)
 			for _, f := range left {
 				os.Remove(f)

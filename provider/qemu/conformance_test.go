@@ -15,6 +15,7 @@ import (
 	"github.com/warmpool/warmpool/agent"
 	"github.com/warmpool/warmpool/guest"
 	"github.com/warmpool/warmpool/internal/realvm"
+	"github.com/warmpool/warmpool/provider/qemu"
 	"github.com/warmpool/warmpool/rootfs"
 	"github.com/warmpool/warmpool/template"
 	"github.com/warmpool/warmpool/vm"
@@ -25,11 +26,14 @@ func TestConformance(t *testing.T) {
 	spec := testSpec(t)
 	disk := diskFixture(t, realvm.Image(t))
 	providertest.Run(t, func(t *testing.T) (vm.Provider, providertest.Fixture) {
-		state := realvm.StateDir(t)
-		p := newProvider(t, state)
+		// The VMs' directories away from the state directory, as the
+		// daemon keeps them, so that the suite's leak checks cover both.
+		state, run := realvm.StateDir(t), realvm.StateDir(t)
+		withRun := func(o *qemu.Options) { o.RunDir = run }
+		p := newProvider(t, state, withRun)
 		t.Cleanup(func() { p.Close() })
 		disk.Reopen = func(t *testing.T) vm.Provider {
-			p2 := newProvider(t, state)
+			p2 := newProvider(t, state, withRun)
 			t.Cleanup(func() { p2.Close() })
 			return p2
 		}

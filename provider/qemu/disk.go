@@ -2,7 +2,9 @@ package qemu
 
 import (
 	"context"
+	"errors"
 	"fmt"
+	"io/fs"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -20,9 +22,9 @@ const (
 	// snapCloneDiskFile is an empty qcow2 layer over snapDiskFile, made
 	// once per snapshot; each clone starts from a copy of it.
 	snapCloneDiskFile = "clone-disk.qcow2"
-	// vmDiskFile is a clone's private copy-on-write layer in its own
-	// directory, removed with it.
-	vmDiskFile = "disk.qcow2"
+	// cloneDiskExt ends a clone's private copy-on-write layer,
+	// StateDir/disks/<id>.qcow2, removed with the clone.
+	cloneDiskExt = ".qcow2"
 )
 
 // Meta keys of a snapshot with a writable disk.
@@ -96,12 +98,43 @@ func checkWritableDisk(snap vm.Snapshot) (layer string, err error) {
 	return filepath.Join(snap.Dir, name), nil
 }
 
-// copyCloneLayer puts a clone's own copy of the snapshot's empty qcow2
-// layer into its directory: its writes land there, the frozen base under
-// it is shared.
-func copyCloneLayer(layer, dir string) error {
-	if err := sparse.Copy(layer, filepath.Join(dir, vmDiskFile)); err != nil {
+// cloneDiskPath is where the clone id keeps its writable layer: on the
+// state disk, since what a tenant writes may be large, while the VM's
+// directory may be on tmpfs.
+func (p *Provider) cloneDiskPath(id string) string {
+	return filepath.Join(p.disksDir, id+cloneDiskExt)
+}
+
+// copyCloneLayer makes a clone's own copy of the snapshot's empty qcow2
+// layer: its writes land there, the frozen base under it is shared.
+func copyCloneLayer(layer, path string) error {
+	if err := sparse.Copy(layer, path); err != nil {
 		return fmt.Errorf("clone's writable disk: %w", err)
+	}
+	return nil
+}
+
+// sweepOrphanDisks removes clone disks whose VM directory is gone: the run
+// directory was on tmpfs and the host rebooted, or a process died between
+// the two removals. A disk is made after its VM's directory, so a VM being
+// started by a process on the same directories keeps its disk.
+func (p *Provider) sweepOrphanDisks() error {
+	entries, err := os.ReadDir(p.disksDir)
+	if err != nil {
+		return fmt.Errorf("list clone disks in %s: %w", p.disksDir, err)
+	}
+	for _, e := range entries {
+		id, ok := strings.CutSuffix(e.Name(), cloneDiskExt)
+		if !ok || vm.ValidateName("id", id) != nil {
+			continue
+		}
+		if _, err := os.Stat(filepath.Join(p.vmsDir, id)); !errors.Is(err, fs.ErrNotExist) {
+			continue
+		}
+		if err := os.Remove(filepath.Join(p.disksDir, e.Name())); err != nil && !errors.Is(err, fs.ErrNotExist) {
+			return fmt.Errorf("remove orphan clone disk: %w", err)
+		}
+		p.log.Info("orphan clone disk removed", "id", id)
 	}
 	return nil
 }

@@ -1,11 +1,12 @@
 // Package qemu runs warmpool's VMs with QEMU's microvm machine, controlled
 // over QMP on a Unix socket.
 //
-// Every VM lives in its own directory StateDir/vms/<id>/ (record, pid file,
-// QMP and agent sockets, console and QEMU logs, and its RAM file when the
-// state directory is on tmpfs). QEMU runs in its own session, so VMs outlive
-// the process that started them; a later Provider on the same StateDir finds
-// them again in List.
+// Every VM lives in its own directory RunDir/<id>/ (record, pid file, QMP
+// and agent sockets, console and QEMU logs, and its RAM file when RunDir is
+// on tmpfs); RunDir is StateDir/vms unless the caller puts it elsewhere. A
+// clone's writable disk is StateDir/disks/<id>.qcow2. QEMU runs in its own
+// session, so VMs outlive the process that started them; a later Provider
+// on the same directories finds them again in List.
 //
 // Templates share memory with their clones: a VM's RAM is a file mapped
 // shared, a snapshot writes only device state (migration capability
@@ -20,6 +21,8 @@ package qemu
 import (
 	"context"
 	"crypto/rand"
+	"crypto/sha256"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -65,9 +68,16 @@ const DefaultTBSizeMiB = 32
 
 // Options configures a Provider.
 type Options struct {
-	// StateDir holds one directory per VM under vms/. Required. Socket paths
-	// inside it must fit in 108 bytes, so keep it short.
+	// StateDir holds the clones' writable disks under disks/, and the VMs'
+	// directories under vms/ unless RunDir is set. Required.
 	StateDir string
+	// RunDir holds one directory per VM; StateDir/vms when empty. Socket
+	// paths inside it must fit in 108 bytes, so keep it short. On tmpfs
+	// (see DefaultRunDir) the files every VM start and stop creates and
+	// removes stay out of the state disk's journal, whose commits the state
+	// database's fsyncs would otherwise wait behind. Close removes it when
+	// no VM is left in it, and its parent too when that is DefaultRunDir's.
+	RunDir string
 	// Binary is the QEMU executable; qemu-system-x86_64 from PATH when empty.
 	Binary string
 	// Accel is "auto" (default: KVM when a probe boot under KVM answers,
@@ -91,10 +101,12 @@ type Options struct {
 // Provider runs VMs with QEMU. It implements vm.Provider, vm.Snapshotter,
 // vm.Suspender, vm.Ballooner and vm.AgentDialer.
 type Provider struct {
-	opts    Options
-	log     *slog.Logger
-	vmsDir  string
-	version string // "7.2.22", from qemu --version
+	opts     Options
+	log      *slog.Logger
+	vmsDir   string
+	disksDir string
+	ownRun   bool   // vmsDir is outside StateDir: Close removes it when empty
+	version  string // "7.2.22", from qemu --version
 
 	accelOnce sync.Once
 	accel     string
@@ -183,8 +195,13 @@ func New(opts Options) (*Provider, error) {
 	}
 	opts.StateDir = abs
 	vmsDir := filepath.Join(abs, "vms")
+	if opts.RunDir != "" {
+		if vmsDir, err = filepath.Abs(opts.RunDir); err != nil {
+			return nil, fmt.Errorf("qemu run dir %s: %w", opts.RunDir, err)
+		}
+	}
 	if n := len(filepath.Join(vmsDir, strings.Repeat("x", idLen), agentSocket)); n > maxSocketPath {
-		return nil, &vm.FieldError{Field: "state_dir", Value: abs, Reason: fmt.Sprintf("too long: VM socket paths would be %d bytes, Unix sockets allow %d", n, maxSocketPath)}
+		return nil, &vm.FieldError{Field: "run_dir", Value: vmsDir, Reason: fmt.Sprintf("too long: VM socket paths would be %d bytes, Unix sockets allow %d", n, maxSocketPath)}
 	}
 	switch opts.Accel {
 	case "":
@@ -225,20 +242,42 @@ func New(opts Options) (*Provider, error) {
 	if m == nil {
 		return nil, fmt.Errorf("run %s --version: no version in %q", bin, out)
 	}
-	if err := os.MkdirAll(vmsDir, 0o700); err != nil {
-		return nil, fmt.Errorf("qemu state dir: %w", err)
+	disksDir := filepath.Join(abs, "disks")
+	for _, d := range []string{vmsDir, disksDir} {
+		if err := os.MkdirAll(d, 0o700); err != nil {
+			return nil, fmt.Errorf("qemu state dir: %w", err)
+		}
 	}
 	log := opts.Logger
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	return &Provider{
-		opts:    opts,
-		log:     log.With("provider", "qemu"),
-		vmsDir:  vmsDir,
-		version: string(m[1]),
-		vms:     make(map[string]*machine),
-	}, nil
+	p := &Provider{
+		opts:     opts,
+		log:      log.With("provider", "qemu"),
+		vmsDir:   vmsDir,
+		disksDir: disksDir,
+		ownRun:   vmsDir != filepath.Join(abs, "vms"),
+		version:  string(m[1]),
+		vms:      make(map[string]*machine),
+	}
+	if err := p.sweepOrphanDisks(); err != nil {
+		return nil, err
+	}
+	return p, nil
+}
+
+// DefaultRunDir is where a daemon on stateDir keeps its VMs' directories:
+// stateDir/vms when that is on tmpfs already, else a directory of its own
+// on /dev/shm named after stateDir, so that two state directories never
+// share one. Empty means StateDir/vms.
+func DefaultRunDir(stateDir string) string {
+	abs, err := filepath.Abs(stateDir)
+	if err != nil || onTmpfs(abs) || !onTmpfs("/dev/shm") {
+		return ""
+	}
+	sum := sha256.Sum256([]byte(abs))
+	return filepath.Join("/dev/shm", "warmpool-"+hex.EncodeToString(sum[:6]), "vms")
 }
 
 // Name is "qemu".
@@ -293,6 +332,12 @@ func (p *Provider) Close() error {
 		}
 		if stopWatch != nil {
 			stopWatch()
+		}
+	}
+	if p.ownRun {
+		// Fails, as it should, while VMs are left running for a successor.
+		if os.Remove(p.vmsDir) == nil && strings.HasPrefix(filepath.Base(filepath.Dir(p.vmsDir)), "warmpool-") {
+			os.Remove(filepath.Dir(p.vmsDir))
 		}
 	}
 	return nil
@@ -609,6 +654,11 @@ func (p *Provider) remove(m *machine) error {
 	if cfg.OwnsMem && cfg.MemPath != "" {
 		if err := os.Remove(cfg.MemPath); err != nil && !errors.Is(err, os.ErrNotExist) {
 			return fmt.Errorf("remove ram file: %w", err)
+		}
+	}
+	if cfg.WritableFormat == "qcow2" && filepath.Dir(cfg.WritableDisk) == p.disksDir {
+		if err := os.Remove(cfg.WritableDisk); err != nil && !errors.Is(err, os.ErrNotExist) {
+			return fmt.Errorf("remove clone disk: %w", err)
 		}
 	}
 	if err := os.RemoveAll(m.dir); err != nil {

@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"os"
+	osexec "os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -189,5 +190,63 @@ func assertEmpty(t *testing.T, dir string) {
 	}
 	for _, e := range entries {
 		t.Errorf("left behind in %s: %s", dir, e.Name())
+	}
+}
+
+// A run directory outside the state directory holds the VMs' directories;
+// a clone disk without its VM's directory (the run directory was on tmpfs
+// and the host rebooted) is removed when a provider starts; Close removes
+// the run directory it owns once no VM is left in it.
+func TestRunDirAndOrphanCloneDisks(t *testing.T) {
+	if _, err := osexec.LookPath("qemu-system-x86_64"); err != nil {
+		t.Skip("SKIPPING: qemu-system-x86_64 is not installed (make deps installs it)")
+	}
+	state := t.TempDir()
+	run := filepath.Join(t.TempDir(), "warmpool-host", "vms")
+	disks := filepath.Join(state, "disks")
+	if err := os.MkdirAll(filepath.Join(run, "livevm000001"), 0o700); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.MkdirAll(disks, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	for _, f := range []string{"orphan000001.qcow2", "livevm000001.qcow2", "notes.txt"} {
+		if err := os.WriteFile(filepath.Join(disks, f), []byte("x"), 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	p := newProvider(t, state, func(o *qemu.Options) { o.RunDir = run })
+	for f, want := range map[string]bool{"orphan000001.qcow2": false, "livevm000001.qcow2": true, "notes.txt": true} {
+		if _, err := os.Stat(filepath.Join(disks, f)); (err == nil) != want {
+			t.Errorf("disks/%s exists: %v, want %v", f, err == nil, want)
+		}
+	}
+	if _, err := os.Stat(filepath.Join(state, "vms")); err == nil {
+		t.Errorf("state/vms made although the VMs' directories are in %s", run)
+	}
+	p.Close()
+	if _, err := os.Stat(run); err != nil {
+		t.Errorf("Close removed the run directory while a VM's directory is in it: %v", err)
+	}
+	if err := os.Remove(filepath.Join(run, "livevm000001")); err != nil {
+		t.Fatal(err)
+	}
+	newProvider(t, state, func(o *qemu.Options) { o.RunDir = run }).Close()
+	if _, err := os.Stat(filepath.Dir(run)); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("the empty run directory outlives Close: %v", err)
+	}
+	if _, err := os.Stat(filepath.Join(disks, "livevm000001.qcow2")); err == nil {
+		t.Errorf("the clone disk of a VM whose directory is gone was kept")
+	}
+	shm, err := os.MkdirTemp("/dev/shm", "wp-state-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer os.RemoveAll(shm)
+	if got := qemu.DefaultRunDir(shm); got != "" {
+		t.Errorf("DefaultRunDir of a state directory on tmpfs: %q, want its own vms/", got)
+	}
+	if a, b := qemu.DefaultRunDir("/var/lib/a"), qemu.DefaultRunDir("/var/lib/b"); a == b || !strings.HasPrefix(a, "/dev/shm/warmpool-") {
+		t.Errorf("DefaultRunDir: %q and %q, want two directories on /dev/shm", a, b)
 	}
 }

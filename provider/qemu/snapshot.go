@@ -268,9 +268,9 @@ func (p *Provider) Restore(ctx context.Context, snap vm.Snapshot) (vm.VM, error)
 	}
 	var prepare func(dir string) error
 	if layer != "" {
-		cfg.WritableDisk, cfg.WritableFormat = filepath.Join(p.vmsDir, id, vmDiskFile), "qcow2"
+		cfg.WritableDisk, cfg.WritableFormat = p.cloneDiskPath(id), "qcow2"
 		spec.WritableDisk = cfg.WritableDisk
-		prepare = func(dir string) error { return copyCloneLayer(layer, dir) }
+		prepare = func(string) error { return copyCloneLayer(layer, cfg.WritableDisk) }
 	}
 	rec := record{ID: id, Spec: spec, CreatedAt: time.Now().UTC(), Snapshot: snap.ID, Config: cfg}
 	start := time.Now()
