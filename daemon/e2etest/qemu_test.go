@@ -431,10 +431,11 @@ func waitProcesses(t *testing.T, state string, want ...string) {
 func ramFiles(t *testing.T, state string, ids []string) []string {
 	t.Helper()
 	var left []string
+	run := qemu.DefaultRunDir(state)
 	for _, id := range ids {
 		m, _ := filepath.Glob("/dev/shm/*" + id + "*")
 		left = append(left, m...)
-		if run := qemu.DefaultRunDir(state); run != "" {
+		if run != "" {
 			m, _ = filepath.Glob(filepath.Join(run, id, "*"))
 			left = append(left, m...)
 		}

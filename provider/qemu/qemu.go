@@ -201,7 +201,11 @@ func New(opts Options) (*Provider, error) {
 		}
 	}
 	if n := len(filepath.Join(vmsDir, strings.Repeat("x", idLen), agentSocket)); n > maxSocketPath {
-		return nil, &vm.FieldError{Field: "run_dir", Value: vmsDir, Reason: fmt.Sprintf("too long: VM socket paths would be %d bytes, Unix sockets allow %d", n, maxSocketPath)}
+		field, value := "state_dir", abs
+		if opts.RunDir != "" {
+			field, value = "run_dir", vmsDir
+		}
+		return nil, &vm.FieldError{Field: field, Value: value, Reason: fmt.Sprintf("too long: VM socket paths would be %d bytes, Unix sockets allow %d", n, maxSocketPath)}
 	}
 	switch opts.Accel {
 	case "":
@@ -493,7 +497,14 @@ func (p *Provider) start(ctx context.Context, rec record) (*machine, error) {
 // QEMU starts (to put files there that QEMU opens).
 func (p *Provider) startPrepared(ctx context.Context, rec record, prepare func(dir string) error) (_ *machine, err error) {
 	dir := filepath.Join(p.vmsDir, rec.ID)
-	if err := os.Mkdir(dir, 0o700); err != nil {
+	err = os.Mkdir(dir, 0o700)
+	if errors.Is(err, os.ErrNotExist) {
+		// Another Provider on this run directory closed it empty.
+		if err = os.MkdirAll(p.vmsDir, 0o700); err == nil {
+			err = os.Mkdir(dir, 0o700)
+		}
+	}
+	if err != nil {
 		return nil, fmt.Errorf("make vm dir: %w", err)
 	}
 	m := &machine{id: rec.ID, dir: dir, rec: rec, creating: true}
@@ -656,7 +667,7 @@ func (p *Provider) remove(m *machine) error {
 			return fmt.Errorf("remove ram file: %w", err)
 		}
 	}
-	if cfg.WritableFormat == "qcow2" && filepath.Dir(cfg.WritableDisk) == p.disksDir {
+	if cfg.WritableDisk == p.cloneDiskPath(m.id) {
 		if err := os.Remove(cfg.WritableDisk); err != nil && !errors.Is(err, os.ErrNotExist) {
 			return fmt.Errorf("remove clone disk: %w", err)
 		}
@@ -848,6 +859,9 @@ func (p *Provider) Inspect(ctx context.Context, id string) (vm.VM, error) {
 // process started. VMs whose QEMU is gone are StatusStopped until destroyed.
 func (p *Provider) List(ctx context.Context) ([]vm.VM, error) {
 	entries, err := os.ReadDir(p.vmsDir)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, nil // another Provider on this run directory closed it empty
+	}
 	if err != nil {
 		return nil, fmt.Errorf("list qemu vms in %s: %w", p.vmsDir, err)
 	}
