@@ -146,7 +146,9 @@ func (h *Handoffer) warm(ctx context.Context, id string) {
 		return
 	}
 	defer s.Close()
-	_, _ = s.Run(wctx, ProcessRequest{Argv: h.WarmExec, Timeout: warmExecTimeout}, nil, nil, nil)
+	// A shell warm-up stays as the agent's spare: the tenant's first
+	// command of its shape then starts without reading the profile.
+	_, _ = s.Run(wctx, ProcessRequest{Argv: h.WarmExec, Timeout: warmExecTimeout, Spare: CanSpare(h.WarmExec)}, nil, nil, nil)
 }
 
 // Validate wraps a pool's validation (pass the result as

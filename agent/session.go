@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"path"
 	"sync"
 	"syscall"
 	"time"
@@ -270,6 +271,19 @@ type ProcessRequest struct {
 	Keep    bool
 	Timeout time.Duration
 	Tag     string
+	// Spare starts Argv, a `bash [flags] -c SCRIPT` (see CanSpare), as the
+	// agent's spare shell: the call returns once the shell has read its
+	// profile, without running SCRIPT, and the next command of the same
+	// shape (flags, environment, user) runs in that shell at once. The agent
+	// then keeps a spare of the last such command's shape.
+	Spare bool
+}
+
+// CanSpare says whether argv is a command a spare shell can run: bash, its
+// flags, -c and a script.
+func CanSpare(argv []string) bool {
+	n := len(argv)
+	return n >= 3 && argv[n-2] == "-c" && path.Base(argv[0]) == "bash"
 }
 
 func (r ProcessRequest) spec() (*proto.ProcessSpec, error) {
@@ -283,7 +297,7 @@ func (r ProcessRequest) spec() (*proto.ProcessSpec, error) {
 		return nil, &vm.FieldError{Field: "rows/cols", Value: fmt.Sprintf("%dx%d", r.Rows, r.Cols), Reason: "must be between 0 and 65535"}
 	}
 	sp := &proto.ProcessSpec{Argv: r.Argv, Env: r.Env, Dir: r.Dir, User: r.User, TTY: r.TTY, Rows: r.Rows, Cols: r.Cols,
-		Detach: r.Detach, Keep: r.Keep && !r.Detach, Stdin: r.Stdin, Tag: r.Tag}
+		Detach: r.Detach, Keep: r.Keep && !r.Detach, Stdin: r.Stdin, Tag: r.Tag, Spare: r.Spare}
 	if r.Timeout > 0 {
 		sp.TimeoutMillis = max(1, r.Timeout.Milliseconds())
 	}

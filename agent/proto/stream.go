@@ -168,6 +168,12 @@ type ProcessSpec struct {
 	TimeoutMillis int64 `json:"timeout_ms,omitempty"`
 	// Tag is free text the caller keeps with the process (listed by ps).
 	Tag string `json:"tag,omitempty"`
+	// Spare starts Argv, a `bash [flags] -c SCRIPT`, as the agent's spare
+	// shell instead: the exec ends with exit 0 once the shell's profile
+	// has run, and the next command of that shape runs in it (SCRIPT is
+	// not run). From then on the agent keeps a spare of the last such
+	// command's shape.
+	Spare bool `json:"spare,omitempty"`
 }
 
 // StreamResult answers a stream's request or ends the stream.

@@ -273,6 +273,9 @@ func (s *session) serveExec(st *stream, spec *proto.ProcessSpec) error {
 	if spec == nil {
 		return st.fail(&codedError{code: proto.CodeBadRequest, err: errors.New("exec without a process")})
 	}
+	if spec.Spare {
+		return s.serveSpare(st, spec)
+	}
 	p, cur, err := s.startProcess(spec, !spec.Detach)
 	if err != nil {
 		return st.fail(err)

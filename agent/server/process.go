@@ -130,7 +130,14 @@ func (s *session) startProcess(spec *proto.ProcessSpec, hold bool) (*process, *o
 		cur = p.out.cursor(true, true)
 	}
 	var pumps []io.Reader
-	if spec.TTY {
+	wait := cmd.Wait
+	if sp := s.opts.State.spares.take(spec, cmd.Env); sp != nil {
+		if pumps, err = sp.run(spec); err != nil {
+			return nil, nil, &codedError{code: proto.CodeExecFailed, err: err}
+		}
+		cmd, wait = sp.cmd, sp.wait
+		p.cmd = cmd
+	} else if spec.TTY {
 		rows, cols := spec.Rows, spec.Cols
 		if rows <= 0 || cols <= 0 {
 			rows, cols = 24, 80
@@ -200,7 +207,7 @@ func (s *session) startProcess(spec *proto.ProcessSpec, hold bool) (*process, *o
 			wg.Go(func() { pump(p.out, fd, r) })
 		}
 		wg.Wait()
-		err := cmd.Wait()
+		err := wait()
 		if p.ptmx != nil {
 			p.ptmx.Close()
 		}
@@ -212,6 +219,7 @@ func (s *session) startProcess(spec *proto.ProcessSpec, hold bool) (*process, *o
 		}
 		close(p.done)
 		p.out.close()
+		s.replenish(spec)
 		t.mu.Lock()
 		t.exited = append(t.exited, p.pid)
 		for len(t.exited) > keptExited {

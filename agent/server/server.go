@@ -70,6 +70,8 @@ type State struct {
 	env map[string]string
 	// procs outlive the connection that started them.
 	procs *processTable
+	// spares is the parked shell a command may take over.
+	spares spares
 }
 
 // NewState returns an empty state to share between Serve calls.
