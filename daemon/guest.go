@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"sync"
+	"time"
 
 	"github.com/warmpool/warmpool/agent"
 	"github.com/warmpool/warmpool/api"
@@ -63,6 +64,29 @@ func (g *guestSessions) get(ctx context.Context, id string) (*agent.Session, err
 	e.s = s
 	return s, nil
 }
+
+// openGuestSession dials the agent session of a VM just handed to a
+// tenant while the tenant reads the acquire's answer, so that its first
+// exec or file call does not wait for the dial (a tenant that makes none
+// leaves an idle connection, closed with the lease). A failed dial is
+// only logged: the first call dials again and reports its own error.
+func (d *Daemon) openGuestSession(vmID string) {
+	if d.checkOpen() != nil {
+		return
+	}
+	d.bg.Add(1)
+	go func() {
+		defer d.bg.Done()
+		ctx, cancel := context.WithTimeout(context.Background(), guestDialTimeout)
+		defer cancel()
+		if _, err := d.guests.get(ctx, vmID); err != nil {
+			d.log.Debug("open the agent session of a new lease", "vm", vmID, "err", err)
+		}
+	}()
+}
+
+// guestDialTimeout bounds openGuestSession's dial.
+const guestDialTimeout = 10 * time.Second
 
 // open returns VM id's session if one is open, else nil.
 func (g *guestSessions) open(id string) *agent.Session {

@@ -139,6 +139,7 @@ func (d *Daemon) Acquire(ctx context.Context, poolName string, req api.AcquireRe
 		return api.Lease{}, fmt.Errorf("acquire from pool %s: %w", poolName, err)
 	}
 	d.bus.Publish(events.Event{Kind: "lease.acquired", Subject: id, Detail: map[string]any{"pool": poolName, "vm_id": pl.VM.ID}})
+	d.openGuestSession(pl.VM.ID)
 	// The recorded total stops before the write that records it; the
 	// acquire's answer includes it.
 	rec.TotalMS = time.Since(now.Add(-pl.Timings.Total)).Milliseconds()

@@ -188,6 +188,9 @@ func (s *session) startSpare(key spareKey) (*spare, error) {
 	for _, f := range []*os.File{scriptR, readyW, outW, errW} {
 		f.Close()
 	}
+	if err := setSparePriority(cmd.Process.Pid, true); err != nil {
+		s.opts.Logger.Debug("spare shell keeps its priority", "pid", cmd.Process.Pid, "err", err)
+	}
 	sp.script, sp.stdout, sp.stderr = scriptW, outR, errR
 	go func() {
 		sp.waitErr = cmd.Wait()
@@ -303,13 +306,29 @@ func dirUsable(have, want string) bool {
 	return err == nil && fi.IsDir()
 }
 
-// replenish starts a spare of spec's shape after a command of that shape
-// ended, if the host asked for spares and none is parked.
+// replenishDelay is how long after a command of a spare's shape ended the
+// next spare starts: a command that follows at once (a script's next
+// step) runs without competing with a shell reading its profile.
+const replenishDelay = 100 * time.Millisecond
+
+// replenish starts, after replenishDelay, a spare of spec's shape once a
+// command of that shape ended, if the host asked for spares and none is
+// parked.
 func (s *session) replenish(spec *proto.ProcessSpec) {
 	key, ok := spareShape(spec)
 	if !ok {
 		return
 	}
+	h := &s.opts.State.spares
+	h.mu.Lock()
+	wanted := h.want != nil && !h.closed
+	h.mu.Unlock()
+	if wanted {
+		time.AfterFunc(replenishDelay, func() { s.startReplenish(key) })
+	}
+}
+
+func (s *session) startReplenish(key spareKey) {
 	h := &s.opts.State.spares
 	h.mu.Lock()
 	if h.want == nil || h.cur != nil {
@@ -339,6 +358,8 @@ func (s *session) replenish(spec *proto.ProcessSpec) {
 // output; its process is then the command's.
 func (sp *spare) run(spec *proto.ProcessSpec) ([]io.Reader, error) {
 	script := spec.Argv[len(spec.Argv)-1]
+	// Best effort: a shell left in the idle class only runs slower.
+	_ = setSparePriority(sp.cmd.Process.Pid, false)
 	var b strings.Builder
 	b.WriteString("exec 3<&-; ")
 	if host, err := os.Hostname(); err == nil {
