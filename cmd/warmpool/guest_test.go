@@ -165,7 +165,9 @@ func TestGuestWatch(t *testing.T) {
 	defer cancel()
 	var out, errb syncWriter
 	done := make(chan int, 1)
-	go func() { done <- run(ctx, []string{s, "watch", "-r", "-o", "json", id, dir}, strings.NewReader(""), &out, &errb) }()
+	go func() {
+		done <- run(ctx, []string{s, "watch", "-r", "-o", "json", id, dir}, strings.NewReader(""), &out, &errb)
+	}()
 	deadline := time.Now().Add(10 * time.Second)
 	for !strings.Contains(errb.String(), "watching "+dir) {
 		if time.Now().After(deadline) {
