@@ -178,6 +178,13 @@ func TestGuestWatch(t *testing.T) {
 	if err := os.MkdirAll(dir+"/sub", 0o755); err != nil {
 		t.Fatal(err)
 	}
+	// Once its create is printed, the new directory is watched too.
+	for !strings.Contains(out.String(), `{"type":"create","name":"sub","dir":true}`) {
+		if time.Now().After(deadline) {
+			t.Fatalf("watch printed %q, no create of sub", out.String())
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
 	if err := os.WriteFile(dir+"/sub/f", []byte("x"), 0o644); err != nil {
 		t.Fatal(err)
 	}
