@@ -10,6 +10,9 @@ import (
 	"time"
 
 	"connectrpc.com/connect"
+
+	"github.com/warmpool/warmpool/agent"
+	"github.com/warmpool/warmpool/agent/proto"
 )
 
 // The fake backend's guest agent runs in this process, so its watches are
@@ -253,5 +256,15 @@ func TestPollingWatcherBound(t *testing.T) {
 	}
 	if n != maxWatcherEvents {
 		t.Errorf("collected %d events before the error, want the %d kept", n, maxWatcherEvents)
+	}
+}
+
+// A guest at its inotify limits, and an agent older than watching, are
+// told apart from a failure of warmpool's.
+func TestWatchErrorCodes(t *testing.T) {
+	for code, want := range map[string]connect.Code{proto.CodeLimit: connect.CodeResourceExhausted, proto.CodeUnknownOp: connect.CodeUnimplemented} {
+		if got := connect.CodeOf(guestError("sbx", &agent.RemoteError{Op: proto.SOpFSWatch, Code: code, Message: "m"})); got != want {
+			t.Errorf("agent code %s answers %v, want %v", code, got, want)
+		}
 	}
 }
