@@ -102,13 +102,6 @@ func (s *Server) envdHandler() http.Handler {
 	return mux
 }
 
-// writeConnectError answers an RPC this server has no handler for, in
-// the Connect protocol of the request (unary or streaming).
-func writeConnectError(w http.ResponseWriter, r *http.Request, err *connect.Error) {
-	ew := connect.NewErrorWriter(connect.WithCodec(jsonCodec{}))
-	_ = ew.Write(w, r, err)
-}
-
 // rpcError maps a Backend error to the Connect code the SDK turns into
 // its own error: a sandbox that is gone is Unavailable (the SDK says it is
 // not running any more), a missing file NotFound.
