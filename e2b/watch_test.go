@@ -268,3 +268,30 @@ func TestWatchErrorCodes(t *testing.T) {
 		}
 	}
 }
+
+// A lease that ends other than by the SDK's kill (its TTL, a native
+// release) takes its sandbox's watchers with it.
+func TestPollingWatchersEndWithTheLease(t *testing.T) {
+	w := newWorld(t)
+	sb := w.create(`{"templateID":"web"}`)
+	base := inotifyFDs(t)
+	r, err := call[watchRequest, createWatcherResponse](t, w, sb, "/filesystem.Filesystem/CreateWatcher", &watchRequest{Path: t.TempDir()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := w.b.Release(t.Context(), sb.SandboxID); err != nil {
+		t.Fatal(err)
+	}
+	waitInotifyFDs(t, base, "after the lease was released")
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		_, err := call[watcherRequest, getWatcherEventsResponse](t, w, sb, "/filesystem.Filesystem/GetWatcherEvents", &watcherRequest{WatcherID: r.WatcherID})
+		if connect.CodeOf(err) == connect.CodeNotFound {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("events of an ended lease's watcher: %v, want not found", err)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
