@@ -56,8 +56,11 @@ func (e *RemoteError) Unwrap() error {
 		return vm.ErrNotFound
 	case proto.CodeExists, proto.CodeNotEmpty:
 		return vm.ErrInvalidState
-	case proto.CodeNoSpace:
+	case proto.CodeNoSpace, proto.CodeLimit:
 		return vm.ErrExhausted
+	case proto.CodeUnknownOp:
+		// An agent older than the operation (a template built before it).
+		return vm.ErrUnsupported
 	}
 	return nil
 }

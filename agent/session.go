@@ -712,3 +712,87 @@ func fileOf(r proto.StreamResult, err error) (FileInfo, error) {
 	}
 	return *r.File, nil
 }
+
+// WatchEvent is one change below a watched directory.
+type WatchEvent = proto.WatchEvent
+
+// Watch is a running watch of a guest directory; read its events with
+// Next and end it with Close.
+type Watch struct {
+	st   *stream
+	ctx  context.Context
+	path string
+	// Dir describes the watched directory.
+	Dir     FileInfo
+	pending []WatchEvent
+	err     error
+}
+
+// ErrWatchEnded is what Next returns once the watched directory went away
+// (its removal or move was the last event).
+var ErrWatchEnded = errors.New("the watched directory went away")
+
+// Watch starts watching the guest directory path (every directory below
+// it too, with recursive) and returns once the guest's kernel watches it:
+// every change from then on is reported. A missing path wraps
+// vm.ErrNotFound, a file vm.ErrInvalid, a guest at its inotify limits
+// vm.ErrExhausted. ctx ending ends the watch.
+func (s *Session) Watch(ctx context.Context, path string, recursive bool) (*Watch, error) {
+	st, err := s.open(ctx, &proto.StreamRequest{Op: proto.SOpFSWatch, Path: path, Recursive: recursive})
+	if err != nil {
+		return nil, err
+	}
+	r, err := st.result(ctx, proto.SOpFSWatch)
+	if err != nil {
+		st.close()
+		return nil, err
+	}
+	w := &Watch{st: st, ctx: ctx, path: path}
+	if r.File != nil {
+		w.Dir = *r.File
+	}
+	return w, nil
+}
+
+// Next returns the next event, waiting for it. It returns ErrWatchEnded
+// once the directory went away, an error wrapping vm.ErrExhausted when the
+// guest's queue overflowed (events were lost), and ctx's error once ctx
+// ended.
+func (w *Watch) Next() (WatchEvent, error) {
+	for len(w.pending) == 0 {
+		if w.err != nil {
+			return WatchEvent{}, w.err
+		}
+		typ, data, err := w.st.fr.Next()
+		switch {
+		case err != nil:
+			w.err = w.st.readErr(w.ctx, "watch "+w.path, err)
+		case typ == proto.FrameEvents:
+			var evs proto.WatchEvents
+			if err := json.Unmarshal(data, &evs); err != nil {
+				w.err = fmt.Errorf("agent watch %s: decode events: %w", w.path, err)
+				continue
+			}
+			w.pending = evs.Events
+		case typ == proto.FrameResult:
+			var r proto.StreamResult
+			_ = json.Unmarshal(data, &r)
+			if r.Error != "" || r.Code != "" {
+				w.err = &RemoteError{Op: proto.SOpFSWatch, Code: r.Code, Message: r.Error}
+			} else {
+				w.err = fmt.Errorf("watch %s: %w", w.path, ErrWatchEnded)
+			}
+		}
+	}
+	ev := w.pending[0]
+	w.pending = w.pending[1:]
+	return ev, nil
+}
+
+// Close ends the watch, and a Next waiting in another goroutine; the
+// guest's watch is gone once the agent sees the stream end.
+func (w *Watch) Close() error {
+	w.st.stop()
+	w.st.abort()
+	return nil
+}

@@ -71,7 +71,22 @@ type (
 	FileInfo    = agent.FileInfo
 	ProcessInfo = agent.ProcessInfo
 	ExitStatus  = agent.ExitStatus
+	WatchEvent  = agent.WatchEvent
 )
+
+// ErrWatchEnded ends a watch whose directory went away.
+var ErrWatchEnded = agent.ErrWatchEnded
+
+// WatchFrame is one line of GET .../files/watch: an event (Type, Name,
+// Dir), or the last line, End (the directory went away, after its own
+// event) or Error.
+type WatchFrame struct {
+	Type  string `json:"type,omitempty"`
+	Name  string `json:"name,omitempty"`
+	Dir   bool   `json:"dir,omitempty"`
+	End   bool   `json:"end,omitempty"`
+	Error *Error `json:"error,omitempty"`
+}
 
 // ProcessRequest starts a process in a VM: over the exec WebSocket
 // (attached) or POST .../processes (detached).
@@ -266,6 +281,7 @@ func (s *Server) guestRoutes(handle func(method, path string, h http.HandlerFunc
 		handle("GET", prefix+"/files/list", g(s.listFiles))
 		handle("POST", prefix+"/files/mkdir", g(s.mkdir))
 		handle("POST", prefix+"/files/rename", g(s.renameFile))
+		handle("GET", prefix+"/files/watch", g(s.watchFiles))
 	}
 }
 
@@ -693,4 +709,55 @@ func (s *Server) renameFile(w http.ResponseWriter, r *http.Request, sess *Guest)
 		return
 	}
 	writeJSON(w, http.StatusOK, fi)
+}
+
+// watchFiles streams the changes below a guest directory as WatchFrame
+// lines, each flushed as it comes, until the client goes away or the
+// directory does. The status and headers go out as soon as the guest
+// watches the directory, so a client knows from then on nothing is missed.
+func (s *Server) watchFiles(w http.ResponseWriter, r *http.Request, sess *Guest) {
+	p, ok := queryPath(w, r)
+	if !ok {
+		return
+	}
+	noDeadline(w)
+	ctx := r.Context()
+	wt, err := sess.Watch(ctx, p, queryBool(r, "recursive"))
+	if err != nil {
+		s.fail(w, r, err)
+		return
+	}
+	defer wt.Close()
+	info, _ := json.Marshal(wt.Dir)
+	w.Header().Set(FileHeader, string(info))
+	w.Header().Set("Content-Type", "application/x-ndjson")
+	w.Header().Set("X-Content-Type-Options", "nosniff")
+	w.WriteHeader(http.StatusOK)
+	rc := http.NewResponseController(w)
+	enc := json.NewEncoder(w)
+	send := func(f WatchFrame) error {
+		if err := enc.Encode(f); err != nil {
+			return err
+		}
+		return rc.Flush()
+	}
+	if rc.Flush() != nil {
+		return
+	}
+	for {
+		ev, err := wt.Next()
+		switch {
+		case errors.Is(err, agent.ErrWatchEnded):
+			_ = send(WatchFrame{End: true})
+			return
+		case err != nil:
+			if ctx.Err() == nil {
+				_ = send(WatchFrame{Error: ErrorFor(err)})
+			}
+			return
+		}
+		if send(WatchFrame{Type: ev.Type, Name: ev.Name, Dir: ev.Dir}) != nil {
+			return
+		}
+	}
 }

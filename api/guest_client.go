@@ -400,3 +400,64 @@ func (c *Client) Rename(ctx context.Context, t Target, from, to string) (FileInf
 	var fi FileInfo
 	return fi, c.call(ctx, http.MethodPost, t.path()+"/files/rename", RenameRequest{From: from, To: to}, &fi)
 }
+
+// FileWatch is a running watch of a guest directory (Client.Watch).
+type FileWatch struct {
+	// Dir describes the watched directory.
+	Dir  FileInfo
+	resp *http.Response
+	dec  *json.Decoder
+	ctx  context.Context
+	what string
+	err  error
+}
+
+// Watch starts watching the guest directory path (and every directory
+// below it, with recursive) and returns once the guest watches it: every
+// change from then on is reported by Next. ctx ending ends the watch.
+func (c *Client) Watch(ctx context.Context, t Target, path string, recursive bool) (*FileWatch, error) {
+	q := url.Values{"path": {path}}
+	if recursive {
+		q.Set("recursive", "true")
+	}
+	resp, err := c.do(ctx, http.MethodGet, t.path()+"/files/watch?"+q.Encode(), nil, "application/x-ndjson")
+	if err != nil {
+		return nil, err
+	}
+	w := &FileWatch{resp: resp, dec: json.NewDecoder(bufio.NewReaderSize(resp.Body, 64<<10)), ctx: ctx, what: fmt.Sprintf("watch %s in %s", path, t)}
+	if h := resp.Header.Get(FileHeader); h != "" {
+		_ = json.Unmarshal([]byte(h), &w.Dir)
+	}
+	return w, nil
+}
+
+// Next waits for the next event. It returns an error wrapping
+// ErrWatchEnded once the directory went away (its own event came last),
+// the guest's error when the watch broke (one wrapping vm.ErrExhausted
+// when events were lost), or ctx's.
+func (w *FileWatch) Next() (WatchEvent, error) {
+	if w.err != nil {
+		return WatchEvent{}, w.err
+	}
+	var f WatchFrame
+	if err := w.dec.Decode(&f); err != nil {
+		if w.ctx.Err() != nil {
+			w.err = fmt.Errorf("%s: %w", w.what, w.ctx.Err())
+		} else {
+			w.err = fmt.Errorf("%s: stream ended early: %w", w.what, err)
+		}
+		return WatchEvent{}, w.err
+	}
+	switch {
+	case f.Error != nil:
+		w.err = f.Error
+		return WatchEvent{}, w.err
+	case f.End:
+		w.err = fmt.Errorf("%s: %w", w.what, ErrWatchEnded)
+		return WatchEvent{}, w.err
+	}
+	return WatchEvent{Type: f.Type, Name: f.Name, Dir: f.Dir}, nil
+}
+
+// Close ends the watch.
+func (w *FileWatch) Close() error { return w.resp.Body.Close() }

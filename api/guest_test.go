@@ -12,6 +12,7 @@ import (
 
 	"github.com/warmpool/warmpool/api"
 	"github.com/warmpool/warmpool/api/apitest"
+	"github.com/warmpool/warmpool/vm"
 )
 
 // A process cut short because the daemon shuts down tells the client why,
@@ -177,4 +178,84 @@ func status(err error) int {
 		return e.Status
 	}
 	return 0
+}
+
+// A watch answers once the directory is watched, reports a file written
+// through the API by its name, reports the directory's removal last, and
+// refuses a missing directory with a 404.
+func TestWatchFiles(t *testing.T) {
+	b := apitest.New()
+	srv := httptest.NewServer(api.NewServer(api.ServerOptions{Backend: b}))
+	defer srv.Close()
+	c := api.NewClient(srv.URL, "")
+	ctx := t.Context()
+	l, err := c.Acquire(ctx, "web", 0, api.AcquireRequest{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	target := api.Target{Lease: l.ID}
+	// The test's guest agent runs in this process: its paths are ours.
+	dir := t.TempDir() + "/w"
+	if _, err := c.Watch(ctx, target, dir, false); !errors.Is(err, vm.ErrNotFound) {
+		t.Fatalf("watch of a missing directory = %v, want not found", err)
+	}
+	if _, err := c.Mkdir(ctx, target, api.MkdirRequest{Path: dir}); err != nil {
+		t.Fatal(err)
+	}
+	w, err := c.Watch(ctx, target, dir, true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer w.Close()
+	if w.Dir.Path != dir || w.Dir.Type != "dir" {
+		t.Errorf("watched %+v, want the directory %s", w.Dir, dir)
+	}
+	if _, err := c.WriteFile(ctx, target, api.WriteFileOptions{Path: dir + "/sub/f.txt", Parents: true}, strings.NewReader("hi")); err != nil {
+		t.Fatal(err)
+	}
+	next := func() api.WatchEvent {
+		t.Helper()
+		ev, err := w.Next()
+		if err != nil {
+			t.Fatal(err)
+		}
+		return ev
+	}
+	var seen []api.WatchEvent
+	for ev := next(); ev != (api.WatchEvent{Type: "create", Name: "sub/f.txt"}); ev = next() {
+		seen = append(seen, ev)
+	}
+	if len(seen) == 0 || seen[0] != (api.WatchEvent{Type: "create", Name: "sub", Dir: true}) {
+		t.Errorf("events before the file's create: %+v, want the create of sub first", seen)
+	}
+	if err := c.Remove(ctx, target, dir, true); err != nil {
+		t.Fatal(err)
+	}
+	for {
+		ev, err := w.Next()
+		if errors.Is(err, api.ErrWatchEnded) {
+			break
+		}
+		if err != nil {
+			t.Fatalf("watch of a removed directory ended with %v, want ErrWatchEnded", err)
+		}
+		seen = append(seen, ev)
+	}
+	if last := seen[len(seen)-1]; last != (api.WatchEvent{Type: "remove", Name: ".", Dir: true}) {
+		t.Errorf("last event %+v, want the removal of the directory itself", last)
+	}
+	// A watch the client ends is ended in the guest too.
+	if _, err := c.Mkdir(ctx, target, api.MkdirRequest{Path: dir}); err != nil {
+		t.Fatal(err)
+	}
+	cctx, cancel := context.WithCancel(ctx)
+	w2, err := c.Watch(cctx, target, dir, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cancel()
+	if _, err := w2.Next(); !errors.Is(err, context.Canceled) {
+		t.Errorf("Next after cancel = %v, want canceled", err)
+	}
+	w2.Close()
 }

@@ -90,29 +90,16 @@ func (s *Server) envdHandler() http.Handler {
 	unary("/filesystem.Filesystem/MakeDir", connect.NewUnaryHandler("/filesystem.Filesystem/MakeDir", s.makeDir, opt))
 	unary("/filesystem.Filesystem/Move", connect.NewUnaryHandler("/filesystem.Filesystem/Move", s.move, opt))
 	unary("/filesystem.Filesystem/Remove", connect.NewUnaryHandler("/filesystem.Filesystem/Remove", s.remove, opt))
-	for _, m := range []string{"WatchDir", "CreateWatcher", "GetWatcherEvents", "RemoveWatcher"} {
-		proc := "/filesystem.Filesystem/" + m
-		mux.HandleFunc(proc, func(w http.ResponseWriter, r *http.Request) {
-			writeConnectError(w, r, errNoWatch)
-		})
-	}
+	unary("/filesystem.Filesystem/WatchDir", connect.NewServerStreamHandler("/filesystem.Filesystem/WatchDir", s.watchDir, opt))
+	unary("/filesystem.Filesystem/CreateWatcher", connect.NewUnaryHandler("/filesystem.Filesystem/CreateWatcher", s.createWatcher, opt))
+	unary("/filesystem.Filesystem/GetWatcherEvents", connect.NewUnaryHandler("/filesystem.Filesystem/GetWatcherEvents", s.getWatcherEvents, opt))
+	unary("/filesystem.Filesystem/RemoveWatcher", connect.NewUnaryHandler("/filesystem.Filesystem/RemoveWatcher", s.removeWatcher, opt))
 	mux.HandleFunc("GET /files", s.readFile)
 	mux.HandleFunc("POST /files", s.writeFile)
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		writeAPIError(w, http.StatusNotFound, fmt.Sprintf("warmpool's envd has no endpoint %s %s", r.Method, r.URL.Path))
 	})
 	return mux
-}
-
-// errNoWatch answers the watcher RPCs: the guest agent has no file
-// watching to map them onto.
-var errNoWatch = connect.NewError(connect.CodeUnimplemented, errors.New("watching directories (watchDir, createWatcher) is not supported by warmpool: its guest agent has no file watcher; poll files.list or run inotifywait through commands.run instead"))
-
-// writeConnectError answers an RPC this server has no handler for, in
-// the Connect protocol of the request (unary or streaming).
-func writeConnectError(w http.ResponseWriter, r *http.Request, err *connect.Error) {
-	ew := connect.NewErrorWriter(connect.WithCodec(jsonCodec{}))
-	_ = ew.Write(w, r, err)
 }
 
 // rpcError maps a Backend error to the Connect code the SDK turns into

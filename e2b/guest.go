@@ -56,8 +56,11 @@ func guestError(sbx string, err error) error {
 			code = connect.CodeInvalidArgument
 		case proto.CodePermitted:
 			code = connect.CodePermissionDenied
-		case proto.CodeNoSpace:
+		case proto.CodeNoSpace, proto.CodeLimit:
 			code = connect.CodeResourceExhausted
+		case proto.CodeUnknownOp:
+			// An agent older than the operation: a template built before.
+			code = connect.CodeUnimplemented
 		case proto.CodeTimeout:
 			code = connect.CodeDeadlineExceeded
 		}

@@ -248,6 +248,9 @@ func (s *Server) kill(w http.ResponseWriter, r *http.Request) {
 		s.failAPI(w, r, err)
 		return
 	}
+	// A lease that ends otherwise takes its watchers' agent session with
+	// it, which ends them too (runWatcher).
+	s.watchers.removeSandbox(id)
 	w.WriteHeader(http.StatusNoContent)
 }
 

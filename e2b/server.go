@@ -62,6 +62,9 @@ type Server struct {
 	// guests reaches inside a sandbox's VM: processes and files.
 	guests api.GuestBackend
 
+	// watchers are the polling watchers (CreateWatcher) of each sandbox.
+	watchers watchers
+
 	// fallbackMu serialises the creation of fallback pools.
 	fallbackMu sync.Mutex
 }

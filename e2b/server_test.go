@@ -406,19 +406,3 @@ func TestSignalOfAnUnknownProcessIsNotFound(t *testing.T) {
 		t.Fatalf("not a connect error: %v", err)
 	}
 }
-
-func TestWatchDirIsUnimplemented(t *testing.T) {
-	w := newWorld(t)
-	sb := w.create(`{"templateID":"web"}`)
-	c := connectClient[pathRequest, entryResponse](w, "/filesystem.Filesystem/WatchDir", sb.SandboxID, sb.EnvdAccessToken)
-	stream, err := c.CallServerStream(context.Background(), connect.NewRequest(&pathRequest{Path: "/tmp"}))
-	if err == nil {
-		for stream.Receive() {
-		}
-		err = stream.Err()
-		stream.Close()
-	}
-	if connect.CodeOf(err) != connect.CodeUnimplemented || !strings.Contains(err.Error(), "watching") {
-		t.Errorf("WatchDir: %v, want unimplemented saying so", err)
-	}
-}

@@ -300,3 +300,70 @@ type writeInfo struct {
 	Type string `json:"type"`
 	Path string `json:"path"`
 }
+
+// envd: watching directories (WatchDir, and the polling CreateWatcher,
+// GetWatcherEvents, RemoveWatcher).
+
+// watchRequest is WatchDirRequest and CreateWatcherRequest alike.
+type watchRequest struct {
+	Path      string `json:"path"`
+	Recursive bool   `json:"recursive,omitempty"`
+	// IncludeEntry (envd 0.6.3) asks for each event's EntryInfo.
+	IncludeEntry bool `json:"includeEntry,omitempty"`
+	// AllowNetworkMounts (envd 0.6.4): warmpool watches any directory.
+	AllowNetworkMounts bool `json:"allowNetworkMounts,omitempty"`
+}
+
+// eventType is filesystem.EventType.
+type eventType int32
+
+const (
+	eventTypeUnspecified eventType = 0
+	eventTypeCreate      eventType = 1
+	eventTypeWrite       eventType = 2
+	eventTypeRemove      eventType = 3
+	eventTypeRename      eventType = 4
+	eventTypeChmod       eventType = 5
+)
+
+var eventTypeNames = map[string]int32{"EVENT_TYPE_UNSPECIFIED": 0, "EVENT_TYPE_CREATE": 1, "EVENT_TYPE_WRITE": 2,
+	"EVENT_TYPE_REMOVE": 3, "EVENT_TYPE_RENAME": 4, "EVENT_TYPE_CHMOD": 5}
+
+func (t eventType) MarshalJSON() ([]byte, error) {
+	for name, v := range eventTypeNames {
+		if v == int32(t) {
+			return json.Marshal(name)
+		}
+	}
+	return json.Marshal(int32(t))
+}
+
+func (t *eventType) UnmarshalJSON(b []byte) error {
+	return unmarshalEnum(b, (*int32)(t), eventTypeNames)
+}
+
+// filesystemEvent is one change; Name is relative to the watched
+// directory.
+type filesystemEvent struct {
+	Name string    `json:"name"`
+	Type eventType `json:"type"`
+}
+
+type watchDirResponse struct {
+	Start      *struct{}        `json:"start,omitempty"`
+	Filesystem *filesystemEvent `json:"filesystem,omitempty"`
+	Keepalive  *struct{}        `json:"keepalive,omitempty"`
+}
+
+type createWatcherResponse struct {
+	WatcherID string `json:"watcherId"`
+}
+
+// watcherRequest is GetWatcherEventsRequest and RemoveWatcherRequest.
+type watcherRequest struct {
+	WatcherID string `json:"watcherId"`
+}
+
+type getWatcherEventsResponse struct {
+	Events []filesystemEvent `json:"events"`
+}

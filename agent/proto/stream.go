@@ -34,6 +34,12 @@ package proto
 //   - fs.write: the host sends FrameData chunks and FrameEnd; the agent
 //     answers FrameResult once the file is in place. A stream that ends
 //     without FrameEnd is an aborted upload and leaves nothing behind.
+//   - fs.watch: FrameResult (the FileInfo of the watched directory, or
+//     an error) once the directory is watched, then FrameEvents frames as
+//     the guest's kernel reports changes (see WatchEvent), until the host
+//     closes the stream or the directory goes away: the agent then sends
+//     the event for the directory itself (Name ".") and a FrameResult
+//     (with an error when events were lost or the watch broke).
 //   - everything else: one FrameResult.
 
 import (
@@ -76,6 +82,7 @@ const (
 	SOpFSMkdir  = "fs.mkdir"
 	SOpFSRemove = "fs.remove"
 	SOpFSRename = "fs.rename"
+	SOpFSWatch  = "fs.watch" // stream changes below a directory (inotify)
 )
 
 // Frame types.
@@ -89,6 +96,7 @@ const (
 	FrameExit     byte = 'x'
 	FrameData     byte = 'd'
 	FrameEnd      byte = 'e'
+	FrameEvents   byte = 'v' // WatchEvents as JSON
 )
 
 // MaxStreamFrame bounds one frame's payload. Data is sent in chunks of at
@@ -108,6 +116,9 @@ const (
 	CodeNoProcess = "no_process"
 	CodePermitted = "not_permitted"
 	CodeNotEmpty  = "not_empty"
+	// CodeLimit is a kernel limit reached (inotify instances or watches)
+	// or a watch's event queue that overflowed, so that events were lost.
+	CodeLimit = "limit"
 )
 
 // StreamRequest opens a stream.
@@ -134,7 +145,8 @@ type StreamRequest struct {
 	ModTimeUnixNano int64 `json:"mtime,omitempty"`
 	// Parents creates missing parent directories (write, mkdir).
 	Parents bool `json:"parents,omitempty"`
-	// Recursive removes a directory with its contents.
+	// Recursive removes a directory with its contents, or makes a watch
+	// cover every directory below Path (those made later too).
 	Recursive bool `json:"recursive,omitempty"`
 	// Archive makes read send a tar stream of Path (file or directory) and
 	// write unpack one into the directory Path.
@@ -233,6 +245,33 @@ func FileType(mode fs.FileMode) string {
 		return "symlink"
 	}
 	return "other"
+}
+
+// Watch event types (WatchEvent.Type), as inotify reports changes: a file
+// moved into the watched tree is a create, one moved out of it (or to a
+// new name, whose create follows) a rename.
+const (
+	WatchCreate = "create"
+	WatchWrite  = "write"
+	WatchRemove = "remove"
+	WatchRename = "rename"
+	WatchChmod  = "chmod"
+)
+
+// WatchEvent is one change below a watched directory.
+type WatchEvent struct {
+	Type string `json:"type"`
+	// Name is the changed path relative to the watched directory ("sub/f");
+	// "." is the directory itself, whose removal or move ends the watch.
+	Name string `json:"name"`
+	// Dir is set when the path is a directory.
+	Dir bool `json:"dir,omitempty"`
+}
+
+// WatchEvents is the payload of a FrameEvents frame: what one read of
+// the kernel's queue returned, in order.
+type WatchEvents struct {
+	Events []WatchEvent `json:"events"`
 }
 
 // ProcessInfo describes one process the agent started.

@@ -159,6 +159,8 @@ func (s *session) serveFS(st *stream, req *proto.StreamRequest) error {
 			return st.fail(err)
 		}
 		return st.result(proto.StreamResult{File: fileInfo(to, fi)})
+	case proto.SOpFSWatch:
+		return s.serveWatch(st, path, req.Recursive)
 	case proto.SOpFSRead:
 		if req.Archive {
 			return s.readArchive(st, path)

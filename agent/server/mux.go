@@ -110,7 +110,7 @@ func (s *session) serveStream(ys *yamux.Stream) (bye bool) {
 			break
 		}
 		err = s.serveProcessOp(st, &req, p)
-	case proto.SOpFSRead, proto.SOpFSWrite, proto.SOpFSStat, proto.SOpFSList, proto.SOpFSMkdir, proto.SOpFSRemove, proto.SOpFSRename:
+	case proto.SOpFSRead, proto.SOpFSWrite, proto.SOpFSStat, proto.SOpFSList, proto.SOpFSMkdir, proto.SOpFSRemove, proto.SOpFSRename, proto.SOpFSWatch:
 		err = s.serveFS(st, &req)
 	default:
 		err = st.fail(&codedError{code: proto.CodeUnknownOp, err: fmt.Errorf("unknown stream operation %q", req.Op)})

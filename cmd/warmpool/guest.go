@@ -2,6 +2,8 @@ package main
 
 import (
 	"context"
+	"encoding/json"
+	"errors"
 	"fmt"
 	"os"
 	"os/signal"
@@ -379,4 +381,70 @@ func newWaitCommand(g *globals) *cobra.Command {
 			})
 		},
 	}
+}
+
+func newWatchCommand(g *globals) *cobra.Command {
+	var recursive bool
+	cmd := &cobra.Command{
+		Use:               "watch LEASE|machine:NAME PATH",
+		ValidArgsFunction: completeNames(g, leaseIDs),
+		Short:             "Print the changes below a directory in the VM as they happen, until Ctrl-C",
+		Long: `Print the changes below a directory in the VM (or a machine, as
+machine:NAME) as the guest's kernel reports them (inotify), one line each:
+the type (create, write, remove, rename, chmod) and the path relative to
+PATH, a directory's with a trailing /. A file moved in is a create, one
+moved away or renamed a rename (its new name's create follows). Files
+written through warmpool (cp, the API, the E2B SDK) land in a temporary
+file renamed into place, so they show as the temporary file's create,
+writes and rename, then the create of their name.
+
+-r also watches every directory below PATH, those made later too.
+-o json prints one JSON object per line: {"type":T,"name":N,"dir":true}.
+"warmpool: watching PATH" on stderr says the watch is in place. Ctrl-C
+ends it (exit 0); so does the removal or move of PATH itself, after its
+event (name ".").`,
+		Args: args("TARGET", "PATH"),
+		RunE: func(cmd *cobra.Command, a []string) error {
+			t, err := parseTarget(a[0])
+			if err != nil {
+				return err
+			}
+			ctx := cmd.Context()
+			return g.withClient(func(c *api.Client) error {
+				w, err := c.Watch(ctx, t, a[1], recursive)
+				if err != nil {
+					return wrapf(err, "watch %s in %s", a[1], t)
+				}
+				defer w.Close()
+				fmt.Fprintf(cmd.ErrOrStderr(), "warmpool: watching %s\n", w.Dir.Path)
+				out := cmd.OutOrStdout()
+				enc := json.NewEncoder(out)
+				for {
+					ev, err := w.Next()
+					switch {
+					case errors.Is(err, api.ErrWatchEnded):
+						return nil
+					case err != nil && ctx.Err() != nil:
+						return nil // Ctrl-C
+					case err != nil:
+						return wrapf(err, "watch %s in %s", a[1], t)
+					}
+					if g.json() {
+						err = enc.Encode(ev)
+					} else {
+						name := ev.Name
+						if ev.Dir && name != "." {
+							name += "/"
+						}
+						_, err = fmt.Fprintf(out, "%-6s %s\n", ev.Type, name)
+					}
+					if err != nil {
+						return fmt.Errorf("watch %s in %s: write output: %w", a[1], t, err)
+					}
+				}
+			})
+		},
+	}
+	cmd.Flags().BoolVarP(&recursive, "recursive", "r", false, "watch every directory below PATH too, those made later included")
+	return cmd
 }

@@ -2,12 +2,14 @@ package main
 
 import (
 	"bytes"
+	"context"
 	"crypto/sha256"
 	"encoding/hex"
 	"os"
 	"path/filepath"
 	"regexp"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -148,4 +150,77 @@ func must(t *testing.T, err error) {
 	if err != nil {
 		t.Fatal(err)
 	}
+}
+
+// watch prints a change as it happens and ends cleanly when its context
+// does (what Ctrl-C does to run's).
+func TestGuestWatch(t *testing.T) {
+	state := startDaemon(t, apitest.New())
+	s := "--state=" + state
+	id := strings.TrimSpace(cli(t, "", s, "acquire", "web", "-q").stdout)
+	dir := t.TempDir()
+	assertFailure(t, cli(t, "", s, "watch", id, dir+"/missing"), exitFailure, dir+"/missing")
+
+	ctx, cancel := context.WithCancel(t.Context())
+	defer cancel()
+	var out, errb syncWriter
+	done := make(chan int, 1)
+	go func() {
+		done <- run(ctx, []string{s, "watch", "-r", "-o", "json", id, dir}, strings.NewReader(""), &out, &errb)
+	}()
+	deadline := time.Now().Add(10 * time.Second)
+	for !strings.Contains(errb.String(), "watching "+dir) {
+		if time.Now().After(deadline) {
+			t.Fatalf("watch did not start: %q", errb.String())
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	if err := os.MkdirAll(dir+"/sub", 0o755); err != nil {
+		t.Fatal(err)
+	}
+	// Once its create is printed, the new directory is watched too.
+	for !strings.Contains(out.String(), `{"type":"create","name":"sub","dir":true}`) {
+		if time.Now().After(deadline) {
+			t.Fatalf("watch printed %q, no create of sub", out.String())
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	if err := os.WriteFile(dir+"/sub/f", []byte("x"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	for !strings.Contains(out.String(), `{"type":"write","name":"sub/f"}`) {
+		if time.Now().After(deadline) {
+			t.Fatalf("watch printed %q, no write of sub/f", out.String())
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	if !strings.HasPrefix(out.String(), `{"type":"create","name":"sub","dir":true}`+"\n") {
+		t.Errorf("watch printed %q, want the create of sub first", out.String())
+	}
+	cancel()
+	select {
+	case code := <-done:
+		if code != 0 {
+			t.Errorf("watch ended by its context exits %d (stderr %q), want 0", code, errb.String())
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("watch did not end with its context")
+	}
+}
+
+type syncWriter struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (w *syncWriter) Write(p []byte) (int, error) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return w.b.Write(p)
+}
+
+func (w *syncWriter) String() string {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return w.b.String()
 }

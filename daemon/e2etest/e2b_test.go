@@ -85,7 +85,7 @@ pools:
 		}
 		t.Logf("SDK: %s", sc.Text())
 	}
-	if runErr != nil || checks < 16 {
+	if runErr != nil || checks < 17 {
 		t.Errorf("node sdk.mjs: %v after %d checks\nstderr:\n%s", runErr, checks, stderr.String())
 	}
 	// Every sandbox the script made it killed; none may be left.

@@ -173,6 +173,30 @@ await check('files list, exists, makeDir, rename, remove', async () => {
   expect(readErr instanceof NotFoundError, `read of a removed file: ${readErr?.name}: ${readErr?.message}`)
 })
 
+await check('files.watchDir reports a files.write', async () => {
+  const dir = `/tmp/e2b-watch-${run}`
+  await sbx.files.makeDir(dir)
+  const seen = []
+  let resolve
+  const arrived = new Promise((r) => { resolve = r })
+  let wrote = 0
+  const h = await sbx.files.watchDir(dir, (ev) => {
+    seen.push(ev)
+    if (ev.name === 'w.txt' && (ev.type === 'write' || ev.type === 'create')) resolve(performance.now() - wrote)
+  })
+  wrote = performance.now()
+  await sbx.files.write(`${dir}/w.txt`, 'watched\n')
+  const writeMs = performance.now() - wrote
+  const ms = await Promise.race([arrived, sleep(5000).then(() => -1)])
+  await h.stop()
+  expect(ms >= 0, `no create or write of w.txt within 5 s: ${JSON.stringify(seen)}`)
+  let missing
+  try { await sbx.files.watchDir(`${dir}/nope`, () => {}) } catch (err) { missing = err }
+  expect(missing instanceof NotFoundError, `watchDir of a missing directory: ${missing?.name}: ${missing?.message}`)
+  await sbx.files.remove(dir)
+  return { writeToEventMs: Math.round(ms), writeMs: Math.round(writeMs), events: seen.map((e) => `${e.type} ${e.name}`) }
+})
+
 await check('Sandbox.list shows the sandbox', async () => {
   const page = await Sandbox.list({ query: { metadata: { run } } }).nextItems()
   const me = page.find((s) => s.sandboxId === sbx.sandboxId)
