@@ -273,9 +273,10 @@ type ProcessRequest struct {
 	Tag     string
 	// Spare starts Argv, a `bash [flags] -c SCRIPT` (see CanSpare), as the
 	// agent's spare shell: the call returns once the shell has read its
-	// profile, without running SCRIPT, and the next command of the same
-	// shape (flags, environment, user) runs in that shell at once. The agent
-	// then keeps a spare of the last such command's shape.
+	// profile and run SCRIPT in a subshell (its output discarded), and the
+	// next command of the same shape (flags, environment, user) runs in
+	// that shell at once. The agent then keeps a spare of the last such
+	// command's shape.
 	Spare bool
 }
 

@@ -79,11 +79,15 @@ func TestSpareShellRunsTheNextCommandOfItsShape(t *testing.T) {
 	s := spareSession(t, env)
 	login := func(script string) []string { return []string{"bash", "-l", "-c", script} }
 
-	if out, e := run(t, s, agent.ProcessRequest{Argv: login("echo never"), Spare: true}); e.Code != 0 || out != "" {
-		t.Fatalf("spare: exit %+v, output %q (its script must not run)", e, out)
+	warmup := `echo warm-up output; echo warmed > "$HOME/warmed"; LEAK=1; cd /`
+	if out, e := run(t, s, agent.ProcessRequest{Argv: login(warmup), Spare: true}); e.Code != 0 || out != "" {
+		t.Fatalf("spare: exit %+v, output %q; want 0 and nothing", e, out)
 	}
 	if n := profileRuns(t, home); n != 1 {
 		t.Fatalf("the spare returned after %d profile runs, want 1 (it must answer once its profile ran)", n)
+	}
+	if b, err := os.ReadFile(filepath.Join(home, "warmed")); err != nil || string(b) != "warmed\n" {
+		t.Fatalf("the spare's script did not run before it answered: %q, %v", b, err)
 	}
 	ctx := context.Background()
 	ps, err := s.Processes(ctx)
@@ -100,9 +104,9 @@ func TestSpareShellRunsTheNextCommandOfItsShape(t *testing.T) {
 	if err := os.Mkdir(sub, 0o755); err != nil {
 		t.Fatal(err)
 	}
-	out, e := run(t, s, agent.ProcessRequest{Argv: login(`greet; echo "$FROM_PROFILE $(wc -l < "$HOME/runs") $(pwd) $SECONDS"; exit 3`), Dir: sub})
-	if e.Code != 3 || out != "hello-from-profile\nyes 1 "+sub+" 0\n" {
-		t.Fatalf("command in the spare: exit %d, output %q; want exit 3 and the profile's function and variable, 1 profile run, cwd %s and SECONDS 0", e.Code, out, sub)
+	out, e := run(t, s, agent.ProcessRequest{Argv: login(`greet; echo "$FROM_PROFILE $(wc -l < "$HOME/runs") $(pwd) $SECONDS [$LEAK]"; exit 3`), Dir: sub})
+	if e.Code != 3 || out != "hello-from-profile\nyes 1 "+sub+" 0 []\n" {
+		t.Fatalf("command in the spare: exit %d, output %q; want exit 3 and the profile's function and variable, 1 profile run, cwd %s, SECONDS 0, nothing of the warm-up", e.Code, out, sub)
 	}
 
 	// A spare of the same shape is started again once that one ended. A

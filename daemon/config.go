@@ -41,7 +41,7 @@ type Config struct {
 	// Firecracker holds that provider's binaries.
 	Firecracker FirecrackerConfig `yaml:"firecracker" doc:"Firecracker provider settings."`
 	// WarmExec replaces the warm-up command of restored VMs.
-	WarmExec []string `yaml:"warm_exec" doc:"Command every restored VM runs once before it enters its pool, so that under TCG a tenant's first command finds its code translated. Default [true]; [/bin/bash, -l, -c, 'true'] readies the shell E2B's commands.run starts (a command the image lacks only loses the warm-up)."`
+	WarmExec []string `yaml:"warm_exec" doc:"Command every restored VM runs once before it enters its pool, so that under TCG a tenant's first command finds its code translated. Default [true]. A bash [flags] -c SCRIPT form, e.g. [/bin/bash, -l, -c, 'true'] for E2B's commands.run, runs SCRIPT in a subshell of that shell and leaves the shell parked with its profile read: the tenant's next command of that shape runs in it (a command the image lacks only loses the warm-up)."`
 	// Intervals tune the background loops.
 	Intervals Intervals `yaml:"intervals" doc:"How often background loops run."`
 	// Limits bound what the daemon does at once.

@@ -181,10 +181,10 @@ type ProcessSpec struct {
 	// Tag is free text the caller keeps with the process (listed by ps).
 	Tag string `json:"tag,omitempty"`
 	// Spare starts Argv, a `bash [flags] -c SCRIPT`, as the agent's spare
-	// shell instead: the exec ends with exit 0 once the shell's profile
-	// has run, and the next command of that shape runs in it (SCRIPT is
-	// not run). From then on the agent keeps a spare of the last such
-	// command's shape.
+	// shell instead: the shell reads its profile, runs SCRIPT in a subshell
+	// (output discarded) and parks; the exec ends with exit 0 then, and the
+	// next command of that shape runs in it. From then on the agent keeps a
+	// spare of the last such command's shape.
 	Spare bool `json:"spare,omitempty"`
 }
 

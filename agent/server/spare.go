@@ -140,9 +140,14 @@ func (sp *spare) kill() {
 }
 
 // startSpare starts a spare of key's shape; it does not wait for it to be
-// ready.
-func (s *session) startSpare(key spareKey) (*spare, error) {
-	argv := append(slices.Clone(key.argv), spareScript)
+// ready. A warm-up script runs first, in a subshell whose output is
+// discarded, so that it leaves nothing in the shell or its output.
+func (s *session) startSpare(key spareKey, warmup string) (*spare, error) {
+	script := spareScript
+	if warmup != "" {
+		script = "( " + warmup + "\n) </dev/null >/dev/null 2>&1\n" + spareScript
+	}
+	argv := append(slices.Clone(key.argv), script)
 	cmd, err := s.command(argv, key.env, key.dir, key.user)
 	if err != nil {
 		return nil, err
@@ -207,14 +212,15 @@ func (s *session) startSpare(key spareKey) (*spare, error) {
 }
 
 // serveSpare starts the spare spec asks for, replacing the agent's, and
-// answers once its profile has run: the exit of a process that did
-// nothing, or an error when the shell exited or hung instead.
+// answers once its profile and spec's script have run: exit 0 (the
+// script's own status is not kept), or an error when the shell exited or
+// hung instead.
 func (s *session) serveSpare(st *stream, spec *proto.ProcessSpec) error {
 	key, ok := spareShape(spec)
 	if !ok {
 		return st.fail(&codedError{code: proto.CodeBadRequest, err: fmt.Errorf("a spare must be bash [flags] -c SCRIPT without a terminal or stdin, not %q", spec.Argv)})
 	}
-	sp, err := s.startSpare(key)
+	sp, err := s.startSpare(key, spec.Argv[len(spec.Argv)-1])
 	if err != nil {
 		return st.fail(&codedError{code: proto.CodeExecFailed, err: err})
 	}
@@ -339,7 +345,7 @@ func (s *session) startReplenish(key spareKey) {
 	// user changes it.
 	h.want = &key
 	h.mu.Unlock()
-	sp, err := s.startSpare(key)
+	sp, err := s.startSpare(key, "")
 	if err != nil {
 		s.opts.Logger.Debug("spare not replenished", "err", err)
 		return

@@ -217,12 +217,17 @@ await check('setTimeout moves the end', async () => {
 
 await check('two sandboxes share neither hostname nor /dev/urandom', async () => {
   sbx2 = await Sandbox.create(template, { timeoutMs: 120_000 })
-  const probe = 'hostname; head -c 32 /dev/urandom | od -An -tx1 | tr -d " \\n"'
+  // sbx2's first command runs in the shell its VM's warm-up left parked
+  // (started before the hand-off, in every clone alike): bash's HOSTNAME
+  // and RANDOM must still be this sandbox's own.
+  const probe = 'hostname; head -c 32 /dev/urandom | od -An -tx1 | tr -d " \\n"; echo; echo "$HOSTNAME"; echo "$RANDOM$RANDOM$RANDOM"'
   const [a, b] = await Promise.all([sbx.commands.run(probe), sbx2.commands.run(probe)])
-  const [ha, ra] = a.stdout.trim().split('\n')
-  const [hb, rb] = b.stdout.trim().split('\n')
+  const [ha, ra, hva, na] = a.stdout.trim().split('\n')
+  const [hb, rb, hvb, nb] = b.stdout.trim().split('\n')
   expect(ha && hb && ha !== hb, `hostnames ${ha} and ${hb}`)
+  expect(hva === ha && hvb === hb && hb === sbx2.sandboxId, `$HOSTNAME ${hva} and ${hvb}, hostnames ${ha} and ${hb}, sandbox ${sbx2.sandboxId}`)
   expect(ra && rb && ra.length === 64 && ra !== rb, `urandom ${ra} and ${rb}`)
+  expect(na && nb && na !== nb, `bash's $RANDOM ${na} and ${nb}`)
   return { hostnames: [ha, hb] }
 })
 
