@@ -199,6 +199,11 @@ func TestSessionWatchEndsFreeTheDescriptor(t *testing.T) {
 	s := pipeSession(t, server.Options{})
 	dir := t.TempDir()
 	base := inotifyFDs(t)
+	// The count starts once the agent's side of the session serves
+	// streams: its goroutines start after DialSession has returned.
+	if err := s.Ping(context.Background()); err != nil {
+		t.Fatal(err)
+	}
 	goroutines := runtime.NumGoroutine()
 	for i := range 50 {
 		ctx, cancel := context.WithCancel(context.Background())
