@@ -28,7 +28,7 @@ func newProvider(cfg Config, stateDir string, log *slog.Logger) (vm.Provider, er
 	}
 	switch cfg.Provider {
 	case "qemu":
-		p, err := qemu.New(qemu.Options{StateDir: stateDir, RunDir: qemu.DefaultRunDir(stateDir), Accel: cfg.Accel, TBSizeMiB: cfg.local.tbSizeMiB, Logger: log.With("component", "qemu")})
+		p, err := qemu.New(qemu.Options{StateDir: stateDir, RunDir: qemu.DefaultRunDir(stateDir), Accel: cfg.Accel, AccelCache: qemu.DefaultAccelCache(), TBSizeMiB: cfg.local.tbSizeMiB, Logger: log.With("component", "qemu")})
 		if err != nil {
 			return nil, fmt.Errorf("provider qemu: %w", err)
 		}

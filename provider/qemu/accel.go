@@ -72,11 +72,17 @@ func (p *Provider) probeAccel(ctx context.Context, spec vm.Spec) (string, error)
 	var uts unix.Utsname
 	unix.Uname(&uts)
 	key := p.version + " " + unix.ByteSliceToString(uts.Release[:])
-	cachePath := filepath.Join(p.opts.StateDir, accelCacheFile)
-	if b, err := os.ReadFile(cachePath); err == nil {
-		var c accelCache
-		if json.Unmarshal(b, &c) == nil && c.Key == key && (c.Accel == AccelKVM || c.Accel == AccelTCG) {
-			return c.Accel, nil
+	caches := []string{filepath.Join(p.opts.StateDir, accelCacheFile)}
+	if p.opts.AccelCache != "" {
+		caches = append(caches, p.opts.AccelCache)
+	}
+	for _, path := range caches {
+		if accel, ok := readAccelCache(path, key); ok {
+			if path != caches[0] {
+				p.log.Info("accelerator from this host's probe", "accel", accel, "cache", path)
+				p.writeAccelCache(caches[0], key, accel)
+			}
+			return accel, nil
 		}
 	}
 	ok, err := p.probeKVM(ctx, spec)
@@ -88,10 +94,28 @@ func (p *Provider) probeAccel(ctx context.Context, spec vm.Spec) (string, error)
 		accel = AccelKVM
 	}
 	p.log.Info("accelerator probed", "accel", accel)
-	if err := atomicfile.WriteJSON(cachePath, 0o600, accelCache{Key: key, Accel: accel, At: time.Now().UTC()}); err != nil {
-		p.log.Warn("cannot cache accelerator probe", "err", err)
+	for _, path := range caches {
+		p.writeAccelCache(path, key, accel)
 	}
 	return accel, nil
+}
+
+func readAccelCache(path, key string) (string, bool) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return "", false
+	}
+	var c accelCache
+	if json.Unmarshal(b, &c) != nil || c.Key != key || (c.Accel != AccelKVM && c.Accel != AccelTCG) {
+		return "", false
+	}
+	return c.Accel, true
+}
+
+func (p *Provider) writeAccelCache(path, key, accel string) {
+	if err := atomicfile.WriteJSON(path, 0o600, accelCache{Key: key, Accel: accel, At: time.Now().UTC()}); err != nil {
+		p.log.Warn("cannot cache accelerator probe", "path", path, "err", err)
+	}
 }
 
 // probeKVM boots spec's kernel under KVM and reports whether the guest came

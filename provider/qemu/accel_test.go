@@ -78,4 +78,45 @@ func TestAutoAccel(t *testing.T) {
 			t.Errorf("second provider chose %q, want the cached kvm", a)
 		}
 	})
+
+	t.Run("a host-wide cache serves a new state directory", func(t *testing.T) {
+		kvmDevice = filepath.Join(t.TempDir(), "kvm")
+		os.WriteFile(kvmDevice, nil, 0o600)
+		host := filepath.Join(t.TempDir(), "accel.json")
+		p, err := New(Options{StateDir: realvm.StateDir(t), AccelCache: host})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if a, err := p.resolveAccel(ctx, spec); err != nil || a != AccelTCG {
+			t.Fatalf("resolveAccel = %q, %v; want tcg", a, err)
+		}
+		// The host's answer, made kvm so that only a read of it explains
+		// the choice; a second state directory takes it without probing.
+		b, err := os.ReadFile(host)
+		if err != nil {
+			t.Fatalf("host-wide cache not written: %v", err)
+		}
+		var c accelCache
+		json.Unmarshal(b, &c)
+		c.Accel = AccelKVM
+		atomicfile.WriteJSON(host, 0o600, c)
+		dir2 := realvm.StateDir(t)
+		p2, _ := New(Options{StateDir: dir2, AccelCache: host})
+		start := time.Now()
+		if a, _ := p2.resolveAccel(ctx, spec); a != AccelKVM {
+			t.Errorf("provider on a new state dir chose %q, want the host's kvm", a)
+		}
+		if d := time.Since(start); d > probeDeadline/2 {
+			t.Errorf("it took %v: it probed", d)
+		}
+		if a, ok := readAccelCache(filepath.Join(dir2, accelCacheFile), c.Key); !ok || a != AccelKVM {
+			t.Errorf("state dir cache after the host's answer: %q %v", a, ok)
+		}
+		// Another QEMU or kernel is another key: not trusted.
+		c.Key += "-other"
+		atomicfile.WriteJSON(host, 0o600, c)
+		if _, ok := readAccelCache(host, c.Key[:len(c.Key)-len("-other")]); ok {
+			t.Error("a cache of another key was trusted")
+		}
+	})
 }

@@ -82,7 +82,12 @@ type Options struct {
 	Binary string
 	// Accel is "auto" (default: KVM when a probe boot under KVM answers,
 	// else TCG), "kvm" or "tcg".
-	Accel string
+	// AccelCache, when set, is a file where the "auto" probe's answer is
+	// kept for every provider of this host (DefaultAccelCache), beside the
+	// copy in StateDir: a probe that cannot tell by a failure takes its
+	// whole deadline of CPU, and each new state directory paid it again.
+	Accel      string
+	AccelCache string
 	// TBSizeMiB bounds TCG's translation cache; DefaultTBSizeMiB when 0,
 	// QEMU's default when negative.
 	TBSizeMiB int
@@ -282,6 +287,16 @@ func DefaultRunDir(stateDir string) string {
 	}
 	sum := sha256.Sum256([]byte(abs))
 	return filepath.Join("/dev/shm", "warmpool-"+hex.EncodeToString(sum[:6]), "vms")
+}
+
+// DefaultAccelCache is the host-wide file for the accelerator probe's
+// answer: on /dev/shm, so it lasts until the host reboots (a new boot
+// probes again), one per user. Empty when /dev/shm is no tmpfs.
+func DefaultAccelCache() string {
+	if !onTmpfs("/dev/shm") {
+		return ""
+	}
+	return filepath.Join("/dev/shm", fmt.Sprintf("warmpool-accel-%d.json", os.Getuid()))
 }
 
 // Name is "qemu".
