@@ -12,6 +12,7 @@ import (
 
 	"github.com/warmpool/warmpool/agent"
 	"github.com/warmpool/warmpool/agent/server"
+	"github.com/warmpool/warmpool/internal/procfs"
 	"github.com/warmpool/warmpool/vm"
 )
 
@@ -169,15 +170,9 @@ func TestSessionWatchErrors(t *testing.T) {
 // it.
 func inotifyFDs(t *testing.T) int {
 	t.Helper()
-	ents, err := os.ReadDir("/proc/self/fd")
+	n, err := procfs.InotifyFDs()
 	if err != nil {
 		t.Skipf("no /proc/self/fd: %v", err)
-	}
-	n := 0
-	for _, e := range ents {
-		if l, _ := os.Readlink(filepath.Join("/proc/self/fd", e.Name())); l == "anon_inode:inotify" {
-			n++
-		}
 	}
 	return n
 }

@@ -13,6 +13,7 @@ import (
 
 	"github.com/warmpool/warmpool/agent"
 	"github.com/warmpool/warmpool/agent/proto"
+	"github.com/warmpool/warmpool/internal/procfs"
 )
 
 // The fake backend's guest agent runs in this process, so its watches are
@@ -113,15 +114,9 @@ func TestWatchDirStreamsEvents(t *testing.T) {
 
 func inotifyFDs(t *testing.T) int {
 	t.Helper()
-	ents, err := os.ReadDir("/proc/self/fd")
+	n, err := procfs.InotifyFDs()
 	if err != nil {
 		t.Skipf("no /proc/self/fd: %v", err)
-	}
-	n := 0
-	for _, e := range ents {
-		if l, _ := os.Readlink(filepath.Join("/proc/self/fd", e.Name())); l == "anon_inode:inotify" {
-			n++
-		}
 	}
 	return n
 }
