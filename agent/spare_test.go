@@ -7,6 +7,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"strings"
 	"testing"
 	"time"
@@ -19,6 +20,9 @@ import (
 // and defines what only a shell that read it has.
 func spareHome(t *testing.T, extra string) (home string, env []string) {
 	t.Helper()
+	if runtime.GOOS != "linux" {
+		t.Skip("spare shells are a Linux guest's")
+	}
 	if _, err := exec.LookPath("bash"); err != nil {
 		t.Skip("no bash on this host")
 	}
@@ -108,22 +112,29 @@ func TestSpareShellRunsTheNextCommandOfItsShape(t *testing.T) {
 	if e.Code != 3 || out != "hello-from-profile\nyes 1 "+sub+" 0 []\n" {
 		t.Fatalf("command in the spare: exit %d, output %q; want exit 3 and the profile's function and variable, 1 profile run, cwd %s, SECONDS 0, nothing of the warm-up", e.Code, out, sub)
 	}
+	// The spare waited in the idle scheduling class; the command it runs
+	// does not.
+	waitRuns(t, home, 2)
+	out, _ = run(t, s, agent.ProcessRequest{Argv: login(`sed -n 's/^policy *: *//p' /proc/$$/sched`)})
+	if strings.TrimSpace(out) != "0" {
+		t.Errorf("a command in a spare runs in scheduling policy %q, want 0 (normal)", out)
+	}
+	waitRuns(t, home, 3)
 
 	// A spare of the same shape is started again once that one ended. A
 	// request that names a variable the shell has anyway (an image's PATH,
 	// say) asks for the same environment.
-	waitRuns(t, home, 2)
 	same := []string{"PATH=" + os.Getenv("PATH")}
-	if out, _ := run(t, s, agent.ProcessRequest{Argv: login(`wc -l < "$HOME/runs"`), Env: same}); strings.TrimSpace(out) != "2" {
-		t.Errorf("second command saw %q profile runs, want 2 (the replenished spare's)", out)
+	if out, _ := run(t, s, agent.ProcessRequest{Argv: login(`wc -l < "$HOME/runs"`), Env: same}); strings.TrimSpace(out) != "3" {
+		t.Errorf("the next command saw %q profile runs, want 3 (the replenished spare's)", out)
 	}
 
 	// Another environment is another shape: that command gets a shell of
 	// its own, which reads the profile with its environment.
-	waitRuns(t, home, 3)
+	waitRuns(t, home, 4)
 	out, _ = run(t, s, agent.ProcessRequest{Argv: login(`echo "[$EXTRA] $(wc -l < "$HOME/runs")"`), Env: []string{"EXTRA=1"}})
-	if out != "[1] 4\n" {
-		t.Errorf("command with another environment printed %q, want [1] 4 (a fresh shell with EXTRA)", out)
+	if out != "[1] 5\n" {
+		t.Errorf("command with another environment printed %q, want [1] 5 (a fresh shell with EXTRA)", out)
 	}
 	// Not a login bash -c: never a spare.
 	if out, _ := run(t, s, agent.ProcessRequest{Argv: []string{"sh", "-c", `echo sh`}}); out != "sh\n" {

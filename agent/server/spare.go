@@ -366,6 +366,11 @@ func (sp *spare) run(spec *proto.ProcessSpec) ([]io.Reader, error) {
 	script := spec.Argv[len(spec.Argv)-1]
 	// Best effort: a shell left in the idle class only runs slower.
 	_ = setSparePriority(sp.cmd.Process.Pid, false)
+	select {
+	case <-sp.ready:
+	default:
+		normalPriorityGroup(sp.cmd.Process.Pid)
+	}
 	var b strings.Builder
 	b.WriteString("exec 3<&-; ")
 	if host, err := os.Hostname(); err == nil {
