@@ -173,3 +173,46 @@ func TestCanSpare(t *testing.T) {
 		}
 	}
 }
+
+// A spare whose profile hangs fails the request at its timeout, and
+// nothing the profile started is left running.
+func TestSpareShellThatHangsIsEndedWithItsChildren(t *testing.T) {
+	_, env := spareHome(t, "sleep 31.4159\n")
+	s := spareSession(t, env)
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	_, err := s.Run(ctx, agent.ProcessRequest{Argv: []string{"bash", "-l", "-c", "true"}, Spare: true, Timeout: 500 * time.Millisecond}, nil, nil, nil)
+	if err == nil || !strings.Contains(err.Error(), "not ready after") {
+		t.Fatalf("spare with a hanging profile: %v, want a timeout", err)
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		left := processesRunning(t, "sleep 31.4159")
+		if left == 0 {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%d processes of the spare's profile left running", left)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// processesRunning counts this host's processes whose command line is cmd.
+func processesRunning(t *testing.T, cmd string) int {
+	t.Helper()
+	ents, err := os.ReadDir("/proc")
+	if err != nil {
+		t.Skipf("no /proc: %v", err)
+	}
+	n := 0
+	for _, e := range ents {
+		b, err := os.ReadFile(filepath.Join("/proc", e.Name(), "cmdline"))
+		if err == nil && strings.TrimRight(strings.ReplaceAll(string(b), "\x00", " "), " ") == cmd {
+			if st, err := os.ReadFile(filepath.Join("/proc", e.Name(), "stat")); err == nil && !strings.Contains(string(st), ") Z ") {
+				n++
+			}
+		}
+	}
+	return n
+}

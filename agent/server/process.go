@@ -132,11 +132,16 @@ func (s *session) startProcess(spec *proto.ProcessSpec, hold bool) (*process, *o
 	var pumps []io.Reader
 	wait := cmd.Wait
 	if sp := s.opts.State.spares.take(spec, cmd.Env); sp != nil {
-		if pumps, err = sp.run(spec); err != nil {
-			return nil, nil, &codedError{code: proto.CodeExecFailed, err: err}
+		if pumps, err = sp.run(spec); err == nil {
+			cmd, wait = sp.cmd, sp.wait
+			p.cmd = cmd
+		} else {
+			// The spare died as it was taken: the command starts as usual.
+			s.opts.Logger.Debug("spare shell lost", "err", err)
 		}
-		cmd, wait = sp.cmd, sp.wait
-		p.cmd = cmd
+	}
+	if pumps != nil {
+		// Runs in the spare.
 	} else if spec.TTY {
 		rows, cols := spec.Rows, spec.Cols
 		if rows <= 0 || cols <= 0 {

@@ -13,6 +13,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/warmpool/warmpool/agent/proto"
@@ -128,12 +129,15 @@ func (sp *spare) close() {
 	sp.stderr.Close()
 }
 
-// kill ends a spare nobody took.
+// kill ends a spare nobody took, and what its profile started: the shell
+// leads its own process group.
 func (sp *spare) kill() {
 	select {
 	case <-sp.exited:
 	default:
-		_ = sp.cmd.Process.Kill()
+		if err := syscall.Kill(-sp.cmd.Process.Pid, syscall.SIGKILL); err != nil {
+			_ = sp.cmd.Process.Kill()
+		}
 		<-sp.exited
 	}
 	sp.close()
