@@ -83,7 +83,7 @@ func TestSpareShellRunsTheNextCommandOfItsShape(t *testing.T) {
 	s := spareSession(t, env)
 	login := func(script string) []string { return []string{"bash", "-l", "-c", script} }
 
-	warmup := `echo warm-up output; echo warmed > "$HOME/warmed"; LEAK=1; cd /`
+	warmup := `echo warm-up output; echo warmed > "$HOME/warmed"; readlink /proc/$BASHPID/fd/3 /proc/$BASHPID/fd/4 > "$HOME/fds"; LEAK=1; cd /`
 	if out, e := run(t, s, agent.ProcessRequest{Argv: login(warmup), Spare: true}); e.Code != 0 || out != "" {
 		t.Fatalf("spare: exit %+v, output %q; want 0 and nothing", e, out)
 	}
@@ -92,6 +92,9 @@ func TestSpareShellRunsTheNextCommandOfItsShape(t *testing.T) {
 	}
 	if b, err := os.ReadFile(filepath.Join(home, "warmed")); err != nil || string(b) != "warmed\n" {
 		t.Fatalf("the spare's script did not run before it answered: %q, %v", b, err)
+	}
+	if b, err := os.ReadFile(filepath.Join(home, "fds")); err != nil || len(b) != 0 {
+		t.Errorf("the warm-up script ran with the spare's fds 3 or 4 open: %q, %v", b, err)
 	}
 	ctx := context.Background()
 	ps, err := s.Processes(ctx)

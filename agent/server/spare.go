@@ -149,7 +149,9 @@ func (sp *spare) kill() {
 func (s *session) startSpare(key spareKey, warmup string) (*spare, error) {
 	script := spareScript
 	if warmup != "" {
-		script = "( " + warmup + "\n) </dev/null >/dev/null 2>&1\n" + spareScript
+		// Without fds 3 and 4: nothing it leaves running reads the
+		// command's script or holds the ready pipe.
+		script = "( " + warmup + "\n) </dev/null >/dev/null 2>&1 3<&- 4>&-\n" + spareScript
 	}
 	argv := append(slices.Clone(key.argv), script)
 	cmd, err := s.command(argv, key.env, key.dir, key.user)
