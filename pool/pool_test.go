@@ -915,6 +915,9 @@ func TestUnregisterDestroysWarmVMsAndFailsWaiters(t *testing.T) {
 		t.Fatal(err)
 	}
 	waitReady(t, p, "web", 3)
+	// The hung stack's first restore has begun (its VM is half made) by
+	// the time web's are gone; on a busy host it may start later.
+	waitFor(t, "the hung stack's restore to begin", func() bool { return len(listIDs(t, prov)) >= 4 })
 	waiterErr := make(chan error, 1)
 	go func() {
 		ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)

@@ -89,11 +89,12 @@ func diskFixture(t *testing.T, base guest.Image) *providertest.DiskFixture {
 		if !ok {
 			return "", errors.New("provider has no agent")
 		}
-		conn, err := d.DialAgent(ctx, v.ID)
+		// As the daemon dials: the hello, retried, resynchronises a line
+		// protocol the previous connection may have left mid-answer.
+		c, err := agent.Dial(ctx, d, v.ID)
 		if err != nil {
-			return "", err
+			return "", fmt.Errorf("%w (guest console: %s)", err, consoleTail(v.Dir))
 		}
-		c := agent.NewClient(conn)
 		defer c.Close()
 		var out, errOut bytes.Buffer
 		code, err := c.Exec(ctx, agent.ExecRequest{Argv: append([]string{"/bin/sh", "-c", script, "sh"}, args...)}, &out, &errOut)
