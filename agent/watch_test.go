@@ -12,7 +12,7 @@ import (
 
 	"github.com/warmpool/warmpool/agent"
 	"github.com/warmpool/warmpool/agent/server"
-	"github.com/warmpool/warmpool/internal/procfs"
+	"github.com/warmpool/warmpool/internal/procfs/procfstest"
 	"github.com/warmpool/warmpool/vm"
 )
 
@@ -166,34 +166,12 @@ func TestSessionWatchErrors(t *testing.T) {
 	}
 }
 
-// inotifyFDs counts this process's inotify descriptors: the agent runs in
-// it.
-func inotifyFDs(t *testing.T) int {
-	t.Helper()
-	n, err := procfs.InotifyFDs()
-	if err != nil {
-		t.Skipf("no /proc/self/fd: %v", err)
-	}
-	return n
-}
-
-func waitFDs(t *testing.T, want int, what string) {
-	t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
-	for inotifyFDs(t) != want {
-		if time.Now().After(deadline) {
-			t.Fatalf("%s: %d inotify descriptors open, want %d", what, inotifyFDs(t), want)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
-}
-
 // Every way a watch ends closes its inotify descriptor and ends its
 // goroutines: Close, a cancelled ctx, the directory's removal.
 func TestSessionWatchEndsFreeTheDescriptor(t *testing.T) {
 	s := pipeSession(t, server.Options{})
 	dir := t.TempDir()
-	base := inotifyFDs(t)
+	base := procfstest.InotifyFDs(t)
 	// The count starts once the agent's side of the session serves
 	// streams: its goroutines start after DialSession has returned.
 	if err := s.Ping(context.Background()); err != nil {
@@ -216,7 +194,7 @@ func TestSessionWatchEndsFreeTheDescriptor(t *testing.T) {
 		}
 		cancel()
 	}
-	waitFDs(t, base, "after 50 watches ended by the host")
+	procfstest.WaitInotifyFDs(t, base, "after 50 watches ended by the host")
 	gone := filepath.Join(dir, "gone")
 	if err := os.Mkdir(gone, 0o755); err != nil {
 		t.Fatal(err)
@@ -225,8 +203,8 @@ func TestSessionWatchEndsFreeTheDescriptor(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if inotifyFDs(t) != base+1 {
-		t.Errorf("a running watch holds %d inotify descriptors, want %d", inotifyFDs(t), base+1)
+	if procfstest.InotifyFDs(t) != base+1 {
+		t.Errorf("a running watch holds %d inotify descriptors, want %d", procfstest.InotifyFDs(t), base+1)
 	}
 	evs, end := watchEvents(w)
 	if err := os.Remove(gone); err != nil {
@@ -242,7 +220,7 @@ func TestSessionWatchEndsFreeTheDescriptor(t *testing.T) {
 		t.Fatal("the watch did not end with its directory")
 	}
 	w.Close()
-	waitFDs(t, base, "after the watched directory was removed")
+	procfstest.WaitInotifyFDs(t, base, "after the watched directory was removed")
 	deadline := time.Now().Add(10 * time.Second)
 	for runtime.NumGoroutine() > goroutines+2 && time.Now().Before(deadline) {
 		time.Sleep(10 * time.Millisecond)

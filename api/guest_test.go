@@ -15,6 +15,20 @@ import (
 	"github.com/warmpool/warmpool/vm"
 )
 
+// leasedClient is a client of an API server on a fake backend and the
+// target of a lease it acquired there.
+func leasedClient(t *testing.T) (*api.Client, api.Target) {
+	t.Helper()
+	srv := httptest.NewServer(api.NewServer(api.ServerOptions{Backend: apitest.New()}))
+	t.Cleanup(srv.Close)
+	c := api.NewClient(srv.URL, "")
+	l, err := c.Acquire(t.Context(), "web", 0, api.AcquireRequest{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return c, api.Target{Lease: l.ID}
+}
+
 // A process cut short because the daemon shuts down tells the client why,
 // over the exec WebSocket as over the legacy exec.
 func TestExecStreamSaysShuttingDown(t *testing.T) {
@@ -53,15 +67,8 @@ func TestExecStreamSaysShuttingDown(t *testing.T) {
 // Stdin streams, a terminal is resized, a signal reaches the process, and
 // the exit code comes back, over the WebSocket.
 func TestExecStreamTerminalResizeSignal(t *testing.T) {
-	b := apitest.New()
-	srv := httptest.NewServer(api.NewServer(api.ServerOptions{Backend: b}))
-	defer srv.Close()
-	c := api.NewClient(srv.URL, "")
+	c, tg := leasedClient(t)
 	ctx := t.Context()
-	l, err := c.Acquire(ctx, "web", 0, api.AcquireRequest{})
-	if err != nil {
-		t.Fatal(err)
-	}
 	resize := make(chan [2]int, 1)
 	sigs := make(chan string, 1)
 	out := &syncBuf{}
@@ -69,7 +76,7 @@ func TestExecStreamTerminalResizeSignal(t *testing.T) {
 	defer pw.Close()
 	done := make(chan api.ExitStatus, 1)
 	go func() {
-		e, err := c.ExecStream(ctx, api.Target{Lease: l.ID}, api.ProcessRequest{Argv: []string{"sh", "-c", "stty size; read x; stty size; sleep 100"}, TTY: true, Rows: 20, Cols: 70, Stdin: true},
+		e, err := c.ExecStream(ctx, tg, api.ProcessRequest{Argv: []string{"sh", "-c", "stty size; read x; stty size; sleep 100"}, TTY: true, Rows: 20, Cols: 70, Stdin: true},
 			api.ExecIO{Stdin: pr, Stdout: out, Resize: resize, Signal: sigs})
 		if err != nil {
 			t.Error(err)
@@ -122,16 +129,8 @@ func waitOut(t *testing.T, s *syncBuf, want string) {
 
 // Attach sees what a detached process writes after it attached, and its exit.
 func TestAttachFromNow(t *testing.T) {
-	b := apitest.New()
-	srv := httptest.NewServer(api.NewServer(api.ServerOptions{Backend: b}))
-	defer srv.Close()
-	c := api.NewClient(srv.URL, "")
+	c, tg := leasedClient(t)
 	ctx := t.Context()
-	l, err := c.Acquire(ctx, "web", 0, api.AcquireRequest{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	tg := api.Target{Lease: l.ID}
 	pid, err := c.StartProcess(ctx, tg, api.ProcessRequest{Argv: []string{"sh", "-c", "echo before; read x; echo after; exit 4"}, Stdin: true})
 	if err != nil {
 		t.Fatal(err)
@@ -184,16 +183,8 @@ func status(err error) int {
 // through the API by its name, reports the directory's removal last, and
 // refuses a missing directory with a 404.
 func TestWatchFiles(t *testing.T) {
-	b := apitest.New()
-	srv := httptest.NewServer(api.NewServer(api.ServerOptions{Backend: b}))
-	defer srv.Close()
-	c := api.NewClient(srv.URL, "")
+	c, target := leasedClient(t)
 	ctx := t.Context()
-	l, err := c.Acquire(ctx, "web", 0, api.AcquireRequest{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	target := api.Target{Lease: l.ID}
 	// The test's guest agent runs in this process: its paths are ours.
 	dir := t.TempDir() + "/w"
 	if _, err := c.Watch(ctx, target, dir, false); !errors.Is(err, vm.ErrNotFound) {

@@ -13,7 +13,7 @@ import (
 
 	"github.com/warmpool/warmpool/agent"
 	"github.com/warmpool/warmpool/agent/proto"
-	"github.com/warmpool/warmpool/internal/procfs"
+	"github.com/warmpool/warmpool/internal/procfs/procfstest"
 )
 
 // The fake backend's guest agent runs in this process, so its watches are
@@ -112,33 +112,13 @@ func TestWatchDirStreamsEvents(t *testing.T) {
 	}
 }
 
-func inotifyFDs(t *testing.T) int {
-	t.Helper()
-	n, err := procfs.InotifyFDs()
-	if err != nil {
-		t.Skipf("no /proc/self/fd: %v", err)
-	}
-	return n
-}
-
-func waitInotifyFDs(t *testing.T, want int, what string) {
-	t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
-	for inotifyFDs(t) != want {
-		if time.Now().After(deadline) {
-			t.Fatalf("%s: %d inotify descriptors, want %d", what, inotifyFDs(t), want)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
-}
-
 // A polling watcher buffers events until they are collected, is gone
 // after RemoveWatcher, and every watcher of a sandbox ends with it.
 func TestPollingWatchers(t *testing.T) {
 	w := newWorld(t)
 	sb := w.create(`{"templateID":"web"}`)
 	dir := t.TempDir()
-	base := inotifyFDs(t)
+	base := procfstest.InotifyFDs(t)
 	create := func(p string) string {
 		t.Helper()
 		r, err := call[watchRequest, createWatcherResponse](t, w, sb, "/filesystem.Filesystem/CreateWatcher", &watchRequest{Path: p})
@@ -195,13 +175,13 @@ func TestPollingWatchers(t *testing.T) {
 	if _, err := call[watcherRequest, empty](t, w, sb, "/filesystem.Filesystem/RemoveWatcher", &watcherRequest{WatcherID: id}); connect.CodeOf(err) != connect.CodeNotFound {
 		t.Errorf("removing a watcher twice: %v, want not found", err)
 	}
-	waitInotifyFDs(t, base, "after RemoveWatcher")
+	procfstest.WaitInotifyFDs(t, base, "after RemoveWatcher")
 	ids := []string{create(dir), create(dir)}
-	if n := inotifyFDs(t); n != base+2 {
+	if n := procfstest.InotifyFDs(t); n != base+2 {
 		t.Errorf("two watchers hold %d inotify descriptors, want %d", n, base+2)
 	}
 	w.rest("DELETE", "/sandboxes/"+sb.SandboxID, "", nil)
-	waitInotifyFDs(t, base, "after the sandbox was killed")
+	procfstest.WaitInotifyFDs(t, base, "after the sandbox was killed")
 	for _, id := range ids {
 		if _, err := events(id); connect.CodeOf(err) != connect.CodeNotFound {
 			t.Errorf("events of a killed sandbox's watcher: %v, want not found", err)
@@ -269,7 +249,7 @@ func TestWatchErrorCodes(t *testing.T) {
 func TestPollingWatchersEndWithTheLease(t *testing.T) {
 	w := newWorld(t)
 	sb := w.create(`{"templateID":"web"}`)
-	base := inotifyFDs(t)
+	base := procfstest.InotifyFDs(t)
 	r, err := call[watchRequest, createWatcherResponse](t, w, sb, "/filesystem.Filesystem/CreateWatcher", &watchRequest{Path: t.TempDir()})
 	if err != nil {
 		t.Fatal(err)
@@ -277,7 +257,7 @@ func TestPollingWatchersEndWithTheLease(t *testing.T) {
 	if err := w.b.Release(t.Context(), sb.SandboxID); err != nil {
 		t.Fatal(err)
 	}
-	waitInotifyFDs(t, base, "after the lease was released")
+	procfstest.WaitInotifyFDs(t, base, "after the lease was released")
 	deadline := time.Now().Add(10 * time.Second)
 	for {
 		_, err := call[watcherRequest, getWatcherEventsResponse](t, w, sb, "/filesystem.Filesystem/GetWatcherEvents", &watcherRequest{WatcherID: r.WatcherID})

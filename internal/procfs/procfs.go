@@ -45,20 +45,3 @@ func ParseKiB(r io.Reader) (map[string]uint64, error) {
 	}
 	return vals, sc.Err()
 }
-
-// InotifyFDs counts the inotify descriptors this process holds open (the
-// entries of /proc/self/fd that link to anon_inode:inotify), for tests
-// that check a watch gives its descriptor back.
-func InotifyFDs() (int, error) {
-	ents, err := os.ReadDir("/proc/self/fd")
-	if err != nil {
-		return 0, err
-	}
-	n := 0
-	for _, e := range ents {
-		if l, _ := os.Readlink("/proc/self/fd/" + e.Name()); l == "anon_inode:inotify" {
-			n++
-		}
-	}
-	return n, nil
-}
