@@ -140,9 +140,10 @@ func (s *session) startProcess(spec *proto.ProcessSpec, hold bool) (*process, *o
 			s.opts.Logger.Debug("spare shell lost", "err", err)
 		}
 	}
-	if pumps != nil {
-		// Runs in the spare.
-	} else if spec.TTY {
+	switch {
+	case pumps != nil:
+		// It runs in the spare.
+	case spec.TTY:
 		rows, cols := spec.Rows, spec.Cols
 		if rows <= 0 || cols <= 0 {
 			rows, cols = 24, 80
@@ -159,7 +160,7 @@ func (s *session) startProcess(spec *proto.ProcessSpec, hold bool) (*process, *o
 			p.stdin = nopCloser{ptmx}
 		}
 		pumps = append(pumps, ptmx)
-	} else {
+	default:
 		stdout, err := cmd.StdoutPipe()
 		if err != nil {
 			return nil, nil, err

@@ -50,7 +50,7 @@ const spareReadyTimeout = 10 * time.Second
 type spareKey struct {
 	argv []string // the command's argv up to and with "-c"
 	env  []string // the request's, to start another spare of this shape
-	dir  string
+	dir  string   // where it starts ("" is the agent's own)
 	user string
 }
 
@@ -92,7 +92,6 @@ type spare struct {
 	key     spareKey
 	cmd     *exec.Cmd
 	env     []string // the shell's whole environment, as command built it
-	dir     string   // its working directory ("" is the agent's)
 	script  *os.File // write end of the shell's fd 3
 	stdout  *os.File // read ends of its output
 	stderr  *os.File
@@ -158,7 +157,7 @@ func (s *session) startSpare(key spareKey, warmup string) (*spare, error) {
 	if err != nil {
 		return nil, err
 	}
-	sp := &spare{key: key, cmd: cmd, env: cmd.Env, dir: key.dir, ready: make(chan struct{}), exited: make(chan struct{})}
+	sp := &spare{key: key, cmd: cmd, env: cmd.Env, ready: make(chan struct{}), exited: make(chan struct{})}
 	var toClose []*os.File
 	fail := func(err error) (*spare, error) {
 		for _, f := range toClose {
@@ -293,7 +292,7 @@ func (h *spares) take(spec *proto.ProcessSpec, env []string) *spare {
 		alive = false
 	default:
 	}
-	if !alive || !sp.key.equal(key) || !sameEnv(sp.env, env) || !dirUsable(sp.dir, spec.Dir) {
+	if !alive || !sp.key.equal(key) || !sameEnv(sp.env, env) || !dirUsable(sp.key.dir, spec.Dir) {
 		sp.kill()
 		return nil
 	}
@@ -387,7 +386,7 @@ func (sp *spare) run(spec *proto.ProcessSpec) ([]io.Reader, error) {
 		fmt.Fprintf(&b, "RANDOM=%d; ", binary.LittleEndian.Uint32(seed[:]))
 	}
 	b.WriteString("SECONDS=0; ")
-	if dir := spec.Dir; dir != sp.dir {
+	if dir := spec.Dir; dir != sp.key.dir {
 		if dir == "" {
 			dir, _ = os.Getwd() // dirUsable checked it
 		}
