@@ -82,11 +82,11 @@ type Options struct {
 	Binary string
 	// Accel is "auto" (default: KVM when a probe boot under KVM answers,
 	// else TCG), "kvm" or "tcg".
+	Accel string
 	// AccelCache, when set, is a file where the "auto" probe's answer is
 	// kept for every provider of this host (DefaultAccelCache), beside the
 	// copy in StateDir: a probe that cannot tell by a failure takes its
 	// whole deadline of CPU, and each new state directory paid it again.
-	Accel      string
 	AccelCache string
 	// TBSizeMiB bounds TCG's translation cache; DefaultTBSizeMiB when 0,
 	// QEMU's default when negative.
