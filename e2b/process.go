@@ -62,6 +62,12 @@ func (e *eventStream) output(stderr bool) io.Writer {
 // keepalive sends a keepalive event every interval the client asked for
 // (Keepalive-Ping-Interval) until ctx ends.
 func (e *eventStream) keepalive(ctx context.Context, every time.Duration) {
+	sendKeepalives(ctx, every, func() error { return e.send(processEvent{Keepalive: &struct{}{}}) })
+}
+
+// sendKeepalives calls send every interval (none when it is not positive)
+// on a goroutine of its own, until ctx ends or send fails.
+func sendKeepalives(ctx context.Context, every time.Duration, send func() error) {
 	if every <= 0 {
 		return
 	}
@@ -73,7 +79,7 @@ func (e *eventStream) keepalive(ctx context.Context, every time.Duration) {
 			case <-ctx.Done():
 				return
 			case <-t.C:
-				if e.send(processEvent{Keepalive: &struct{}{}}) != nil {
+				if send() != nil {
 					return
 				}
 			}

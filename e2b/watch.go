@@ -88,24 +88,9 @@ func (s *Server) watchDir(ctx context.Context, req *connect.Request[watchRequest
 	if err := send(&watchDirResponse{Start: &struct{}{}}); err != nil {
 		return err
 	}
-	if every := keepaliveInterval(req.Header()); every > 0 {
-		kctx, stop := context.WithCancel(ctx)
-		defer stop()
-		go func() {
-			t := time.NewTicker(every)
-			defer t.Stop()
-			for {
-				select {
-				case <-kctx.Done():
-					return
-				case <-t.C:
-					if send(&watchDirResponse{Keepalive: &struct{}{}}) != nil {
-						return
-					}
-				}
-			}
-		}()
-	}
+	kctx, stop := context.WithCancel(ctx)
+	defer stop()
+	sendKeepalives(kctx, keepaliveInterval(req.Header()), func() error { return send(&watchDirResponse{Keepalive: &struct{}{}}) })
 	for {
 		ev, err := w.Next()
 		if err != nil {
